@@ -1,0 +1,1 @@
+//! Certificate tooling: an internal CA, server and BroadWorks client certificates, CSRs, inspection.

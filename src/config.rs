@@ -1,0 +1,686 @@
+//! Configuration: one TOML file, parsed once at start-up into typed, validated structs.
+//!
+//! Every error names the file, the line and the key, and says how to fix it: an operator reads
+//! these at 3 a.m. with a broken deployment. Unknown keys are errors (a typo must not silently
+//! fall back to a default). Secrets are never read here: the config holds where they come from
+//! ([`SecretSource`]), and the component that needs one resolves it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::mapping::{LanguageTable, Template};
+use crate::secret::PasswordAccount;
+
+/// The whole configuration. Sections that a subcommand does not need may be absent: `translate`
+/// needs only templates, overrides and languages; a tunnel-only `serve` needs no `[webex]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Template used by `POST /provisioning` when neither an override nor the user map decides.
+    #[serde(default)]
+    pub default_template: Option<String>,
+    #[serde(default)]
+    pub server: Option<ServerConfig>,
+    #[serde(default)]
+    pub client_policy: ClientPolicyConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub webex: Option<WebexConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// BroadWorks language name → ISO-639-1 code, merged over the built-in defaults.
+    #[serde(default)]
+    pub languages: BTreeMap<String, String>,
+    #[serde(default)]
+    pub templates: BTreeMap<String, Template>,
+    /// serviceProviderId → template name.
+    #[serde(default)]
+    pub template_overrides: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tunnel: Option<TunnelConfig>,
+}
+
+/// `[server]`: the provisioning listener and the certificates both listeners use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Empty: no provisioning listener (tunnel-only deployment).
+    #[serde(default = "default_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// Certificate chain, leaf first (PEM).
+    #[serde(default = "default_certificate")]
+    pub certificate: PathBuf,
+    #[serde(default = "default_private_key")]
+    pub private_key: PathBuf,
+    /// CA bundle the AS client certificate must chain to.
+    #[serde(default = "default_client_ca")]
+    pub client_ca: PathBuf,
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// Client addresses allowed to connect, checked before TLS; empty = any.
+    #[serde(default)]
+    pub allowed_networks: Vec<IpNet>,
+    /// The name the AS connects to; `doctor` checks it is in the server certificate.
+    #[serde(default)]
+    pub public_name: Option<String>,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// How long the AS waits for Webex before it gets 7020 and delivery continues in background.
+    #[serde(default = "default_ack_deadline_ms")]
+    pub ack_deadline_ms: u64,
+    /// Connections older than this are closed after their current request, so long keep-alive
+    /// connections pick up revocations and new CRLs.
+    #[serde(default = "default_max_connection_age_s")]
+    pub max_connection_age_s: u64,
+    /// TLS session resumption skips certificate verification, so revocation would not bite on a
+    /// resumed session: off unless an operator turns it on knowingly.
+    #[serde(default)]
+    pub session_resumption: bool,
+    /// On SIGTERM, how long in-flight requests get before their work is left to the outbox.
+    #[serde(default = "default_drain_seconds")]
+    pub drain_seconds: u64,
+}
+
+/// `[client_policy]`: the rules of SPEC §6 applied to the AS's client certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientPolicyConfig {
+    #[serde(default = "yes")]
+    pub require_broadworks_oid: bool,
+    #[serde(default = "yes")]
+    pub require_client_auth: bool,
+    /// Exact names or `*.suffix` patterns. Empty = any CN.
+    #[serde(default = "default_common_names")]
+    pub allowed_common_names: Vec<String>,
+    #[serde(default)]
+    pub allow_san: bool,
+}
+
+impl Default for ClientPolicyConfig {
+    fn default() -> Self {
+        ClientPolicyConfig {
+            require_broadworks_oid: true,
+            require_client_auth: true,
+            allowed_common_names: default_common_names(),
+            allow_san: false,
+        }
+    }
+}
+
+/// `[admin]`: metrics, health, readiness, status and reload. Loopback by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+/// `[store]`: where the outbox, user map, audit and tokens live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    #[serde(default = "default_audit_retention_days")]
+    pub audit_retention_days: u32,
+    /// Upper bound on audit records whatever their age, so a flood cannot fill the disk.
+    #[serde(default = "default_audit_max_records")]
+    pub audit_max_records: u64,
+    /// An outbox entry still undelivered after this long becomes dead.
+    #[serde(default = "default_max_entry_age_hours")]
+    pub max_entry_age_hours: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: default_store_path(),
+            audit_retention_days: default_audit_retention_days(),
+            audit_max_records: default_audit_max_records(),
+            max_entry_age_hours: default_max_entry_age_hours(),
+        }
+    }
+}
+
+/// `[webex]`: the upstream API and the partner's OAuth credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebexConfig {
+    #[serde(default = "default_api_base")]
+    pub api_base: String,
+    #[serde(default = "default_token_url")]
+    pub token_url: String,
+    /// Extra CA certificates to trust for the API; empty = the system roots only.
+    #[serde(default, deserialize_with = "empty_path_is_none")]
+    pub ca_bundle: Option<PathBuf>,
+    pub client_id: String,
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// The initial refresh token; later ones live in the store.
+    #[serde(default)]
+    pub refresh_token_file: Option<PathBuf>,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    #[serde(default = "default_block_seconds")]
+    pub block_seconds: u64,
+    #[serde(default = "default_max_parallel_users")]
+    pub max_parallel_users: usize,
+    /// Upper bound on any `Retry-After` Webex sends.
+    #[serde(default = "default_retry_after_cap_s")]
+    pub retry_after_cap_s: u64,
+    /// How long an accepted subscriber is followed up with GET until its status settles.
+    #[serde(default = "default_follow_up_s")]
+    pub follow_up_s: u64,
+    /// Refresh the access token this long before it expires.
+    #[serde(default = "default_refresh_ahead_s")]
+    pub refresh_ahead_s: u64,
+}
+
+impl WebexConfig {
+    /// Where the client secret comes from: `FLOWTHROUGH_CLIENT_SECRET`, else the file.
+    pub fn client_secret_source(&self) -> SecretSource {
+        SecretSource {
+            env: "FLOWTHROUGH_CLIENT_SECRET",
+            file: self.client_secret_file.clone(),
+            key: "webex.client_secret_file",
+        }
+    }
+
+    /// Where the initial refresh token comes from: `FLOWTHROUGH_REFRESH_TOKEN`, else the file.
+    pub fn refresh_token_source(&self) -> SecretSource {
+        SecretSource {
+            env: "FLOWTHROUGH_REFRESH_TOKEN",
+            file: self.refresh_token_file.clone(),
+            key: "webex.refresh_token_file",
+        }
+    }
+}
+
+/// Where a secret is read from when it is needed: an environment variable wins over the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretSource {
+    pub env: &'static str,
+    pub file: Option<PathBuf>,
+    /// The config key that names the file, for error messages.
+    pub key: &'static str,
+}
+
+/// `[log]`: human-readable or JSON lines, and the default level filter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `flowthrough=debug,info`; `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// `[tunnel]`: the CONNECT tunnel of SPEC §10 (the Provisioning Adapter Proxy role).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    #[serde(default = "default_tunnel_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// mTLS with `[server]`'s certificate and `[client_policy]`.
+    #[serde(default = "yes")]
+    pub tls: bool,
+    /// Required (non-empty) when `tls = false`.
+    #[serde(default)]
+    pub allowed_networks: Vec<IpNet>,
+    #[serde(default = "default_allowed_destinations")]
+    pub allowed_destinations: Vec<String>,
+    #[serde(default)]
+    pub allow_private_destinations: bool,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+    /// 0 = no limit.
+    #[serde(default)]
+    pub max_tunnel_seconds: u64,
+    #[serde(default = "default_max_tunnels")]
+    pub max_tunnels: usize,
+    /// How long blocked destination addresses stay out of rotation.
+    #[serde(default = "default_block_seconds")]
+    pub block_seconds: u64,
+    #[serde(default)]
+    pub proxy_account: Option<PasswordAccount>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::from(([0, 0, 0, 0], 8443))]
+}
+fn default_certificate() -> PathBuf {
+    PathBuf::from("certs/server.pem")
+}
+fn default_private_key() -> PathBuf {
+    PathBuf::from("certs/server.key")
+}
+fn default_client_ca() -> PathBuf {
+    PathBuf::from("certs/ca.pem")
+}
+fn default_max_body_bytes() -> usize {
+    256 * 1024
+}
+fn default_ack_deadline_ms() -> u64 {
+    5000
+}
+fn default_max_connection_age_s() -> u64 {
+    600
+}
+fn default_drain_seconds() -> u64 {
+    10
+}
+fn default_common_names() -> Vec<String> {
+    vec!["bwcticlient.webex.com".to_owned()]
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_store_path() -> PathBuf {
+    PathBuf::from("/var/lib/flowthrough")
+}
+fn default_audit_retention_days() -> u32 {
+    90
+}
+fn default_audit_max_records() -> u64 {
+    1_000_000
+}
+fn default_max_entry_age_hours() -> u64 {
+    72
+}
+fn default_api_base() -> String {
+    "https://webexapis.com/v1".to_owned()
+}
+fn default_token_url() -> String {
+    "https://webexapis.com/v1/access_token".to_owned()
+}
+fn default_request_timeout_ms() -> u64 {
+    2000
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_block_seconds() -> u64 {
+    60
+}
+fn default_max_parallel_users() -> usize {
+    32
+}
+fn default_retry_after_cap_s() -> u64 {
+    300
+}
+fn default_follow_up_s() -> u64 {
+    600
+}
+fn default_refresh_ahead_s() -> u64 {
+    300
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_tunnel_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::from(([0, 0, 0, 0], 8080))]
+}
+fn default_allowed_destinations() -> Vec<String> {
+    vec!["*.wbx2.com:443".to_owned(), "webexapis.com:443".to_owned()]
+}
+fn default_connect_timeout_ms() -> u64 {
+    2000
+}
+fn default_idle_timeout_s() -> u64 {
+    300
+}
+fn default_max_tunnels() -> usize {
+    1024
+}
+
+fn empty_path_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let raw = Option::<String>::deserialize(d)?;
+    Ok(raw.filter(|s| !s.trim().is_empty()).map(PathBuf::from))
+}
+
+/// A configuration error, located in the file. `Display` reads like a compiler diagnostic:
+/// `flowthrough.toml:12: templates.acme.country: "USA" is not …; write a two-letter ISO-3166 code`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the config file: {reason}; check the path given to --config")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Invalid {
+        path: PathBuf,
+        line: Option<usize>,
+        /// Dotted key path, e.g. `templates.acme.country`; part of `message` too.
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The dotted key the error is about, when there is one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } if !key.is_empty() => Some(key),
+            _ => None,
+        }
+    }
+}
+
+impl Config {
+    /// Read and validate the config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Unreadable {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parse and validate config text; `origin` is only used in error messages.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            ConfigError::Invalid {
+                path: origin.to_owned(),
+                line,
+                key: String::new(),
+                message: format!(
+                    "{}; see deploy/flowthrough.example.toml for every key and its form",
+                    e.message().trim_end()
+                ),
+            }
+        })?;
+        config.validate().map_err(|Problem { key, message }| {
+            let line = key_line(text, &key);
+            ConfigError::Invalid {
+                path: origin.to_owned(),
+                line,
+                message: format!("{key}: {message}"),
+                key,
+            }
+        })?;
+        Ok(config)
+    }
+
+    /// The language table: built-in defaults with `[languages]` on top.
+    pub fn language_table(&self) -> LanguageTable {
+        LanguageTable::with_overrides(&self.languages)
+    }
+
+    /// The checks that serde cannot express. Each failing check names its key and says how to
+    /// fix it.
+    fn validate(&self) -> Result<(), Problem> {
+        for (name, template) in &self.templates {
+            template.validate().map_err(|e| Problem {
+                key: format!("templates.{name}.{}", e.key),
+                message: e.message,
+            })?;
+        }
+        if let Some(name) = &self.default_template {
+            if !self.templates.contains_key(name) {
+                return Err(Problem::new(
+                    "default_template",
+                    format!(
+                        "names template \"{name}\", which is not defined; add [templates.{name}] or name one of: {}",
+                        self.template_names()
+                    ),
+                ));
+            }
+        }
+        for (sp, name) in &self.template_overrides {
+            if !self.templates.contains_key(name) {
+                return Err(Problem::new(
+                    format!("template_overrides.{}", quote_key(sp)),
+                    format!(
+                        "names template \"{name}\", which is not defined; define [templates.{name}] or use one of: {}",
+                        self.template_names()
+                    ),
+                ));
+            }
+        }
+        for (language, code) in &self.languages {
+            if !crate::mapping::is_language_code(code) {
+                return Err(Problem::new(
+                    format!("languages.{}", quote_key(language)),
+                    format!(
+                        "\"{code}\" is not a two-letter ISO-639-1 code; write e.g. \"fr\" for French"
+                    ),
+                ));
+            }
+        }
+        if let Some(server) = &self.server {
+            if server.max_body_bytes < 1024 {
+                return Err(Problem::new(
+                    "server.max_body_bytes",
+                    format!(
+                        "{} bytes cannot hold an OCI-P document; use at least 1024 (default 262144)",
+                        server.max_body_bytes
+                    ),
+                ));
+            }
+            if server.ack_deadline_ms == 0 {
+                return Err(Problem::new(
+                    "server.ack_deadline_ms",
+                    "must be greater than 0 (default 5000)",
+                ));
+            }
+        }
+        for (i, cn) in self.client_policy.allowed_common_names.iter().enumerate() {
+            if cn.is_empty() || (cn.contains('*') && !(cn.starts_with("*.") && cn[2..].find('*').is_none())) {
+                return Err(Problem::new(
+                    "client_policy.allowed_common_names",
+                    format!(
+                        "entry {} (\"{cn}\") is not an exact name or a \"*.suffix\" pattern",
+                        i + 1
+                    ),
+                ));
+            }
+        }
+        if let Some(webex) = &self.webex {
+            for (key, url) in [("webex.api_base", &webex.api_base), ("webex.token_url", &webex.token_url)] {
+                if !url.starts_with("https://") {
+                    return Err(Problem::new(
+                        key,
+                        format!("\"{url}\" must be an https:// URL: Webex is only reachable over TLS"),
+                    ));
+                }
+            }
+            if webex.client_id.trim().is_empty() {
+                return Err(Problem::new(
+                    "webex.client_id",
+                    "is empty; copy the client id of your Webex integration from the Developer Portal",
+                ));
+            }
+            if webex.attempts == 0 {
+                return Err(Problem::new("webex.attempts", "must be at least 1 (default 3)"));
+            }
+            if webex.max_parallel_users == 0 {
+                return Err(Problem::new(
+                    "webex.max_parallel_users",
+                    "must be at least 1 (default 32)",
+                ));
+            }
+            if webex.request_timeout_ms == 0 {
+                return Err(Problem::new(
+                    "webex.request_timeout_ms",
+                    "must be greater than 0 (default 2000)",
+                ));
+            }
+        }
+        if let Some(tunnel) = &self.tunnel {
+            if !tunnel.tls && tunnel.allowed_networks.is_empty() {
+                return Err(Problem::new(
+                    "tunnel.allowed_networks",
+                    "must list the AS addresses when tunnel.tls = false: a plain tunnel open to any address would be an open proxy in the DMZ",
+                ));
+            }
+            if tunnel.allowed_destinations.is_empty() {
+                return Err(Problem::new(
+                    "tunnel.allowed_destinations",
+                    "is empty, so every CONNECT would be refused; list e.g. \"*.wbx2.com:443\"",
+                ));
+            }
+            for dest in &tunnel.allowed_destinations {
+                if let Err(why) = check_destination_pattern(dest) {
+                    return Err(Problem::new(
+                        "tunnel.allowed_destinations",
+                        format!("\"{dest}\" {why}; write host:port or *.suffix:port"),
+                    ));
+                }
+            }
+            if tunnel.max_tunnels == 0 {
+                return Err(Problem::new("tunnel.max_tunnels", "must be at least 1 (default 1024)"));
+            }
+            if tunnel.connect_timeout_ms == 0 {
+                return Err(Problem::new(
+                    "tunnel.connect_timeout_ms",
+                    "must be greater than 0 (default 2000)",
+                ));
+            }
+        }
+        if let Some(account) = self.tunnel.as_ref().and_then(|t| t.proxy_account.as_ref()) {
+            check_password_hash(account).map_err(|m| Problem::new("tunnel.proxy_account.password_hash", m))?;
+        }
+        Ok(())
+    }
+
+    fn template_names(&self) -> String {
+        if self.templates.is_empty() {
+            "(none defined)".to_owned()
+        } else {
+            self.templates.keys().cloned().collect::<Vec<_>>().join(", ")
+        }
+    }
+}
+
+/// `host:port` or `*.suffix:port`, port 1–65535.
+fn check_destination_pattern(dest: &str) -> Result<(), &'static str> {
+    let (host, port) = dest.rsplit_once(':').ok_or("has no port")?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err("has an invalid port"),
+    }
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    if name.is_empty() || name.contains('*') {
+        return Err("is not a host name or a *.suffix pattern");
+    }
+    Ok(())
+}
+
+/// A password hash must be a PHC string (`$argon2id$v=19$m=…`), as `flowthrough hash-password`
+/// prints; a plain password in the config is refused so it can never be stored in clear.
+pub fn check_password_hash(account: &PasswordAccount) -> Result<(), String> {
+    if account.user.is_empty() {
+        return Err("the account has an empty user name".to_owned());
+    }
+    argon2::PasswordHash::new(account.password_hash.expose())
+        .map(|_| ())
+        .map_err(|_| {
+            "is not an Argon2 PHC hash ($argon2id$…); generate one with `flowthrough hash-password` and paste its output — never the plain password".to_owned()
+        })
+}
+
+struct Problem {
+    key: String,
+    message: String,
+}
+
+impl Problem {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Problem {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Debug for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+fn quote_key(key: &str) -> String {
+    if key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        key.to_owned()
+    } else {
+        format!("\"{key}\"")
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The line where a dotted key is written, found by walking the spanned document.
+fn key_line(text: &str, dotted: &str) -> Option<usize> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let path = split_key_path(dotted);
+    let mut table = doc.get_ref();
+    let mut last_span = None;
+    for (i, part) in path.iter().enumerate() {
+        let (key, value) = table.get_key_value(part.as_str())?;
+        last_span = Some(key.span().start);
+        if i + 1 < path.len() {
+            match value.get_ref() {
+                toml::de::DeValue::Table(t) => table = t,
+                _ => break,
+            }
+        }
+    }
+    last_span.map(|s| line_of(text, s))
+}
+
+fn split_key_path(dotted: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    for c in dotted.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            '.' if !quoted => parts.push(std::mem::take(&mut current)),
+            _ => current.push(c),
+        }
+    }
+    parts.push(current);
+    parts
+}

@@ -1,0 +1,16 @@
+//! flowthrough: a DMZ adapter between a Cisco BroadWorks Application Server (OCI-P over mTLS) and
+//! the Webex for BroadWorks subscriber API, plus an allow-listed CONNECT tunnel.
+//!
+//! Data flows one way: bytes → [`oci`] command → [`mapping`] plan → [`webex`] delivery (through the
+//! [`store`] outbox) → OCI-P response. See `ARCHITECTURE.md` for the code map and invariants.
+
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod mapping;
+pub mod oci;
+pub mod secret;
+pub mod sim;
+pub mod store;
+pub mod tls;
+pub mod webex;

@@ -1,0 +1,1 @@
+//! Parsing OCI-P request documents.

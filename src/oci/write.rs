@@ -1,0 +1,1 @@
+//! Writing OCI-P response documents.

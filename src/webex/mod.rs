@@ -1,0 +1,1 @@
+//! The Webex for BroadWorks API client, its OAuth token manager and address failover.
