@@ -45,11 +45,20 @@ pub enum Command {
     /// `UserDeleteRequest`.
     UserDelete { user_id: String },
     /// `UserServiceAssignListRequest`: the `serviceName` values (entities unescaped).
-    ServiceAssign { user_id: String, services: Vec<String> },
+    ServiceAssign {
+        user_id: String,
+        services: Vec<String>,
+    },
     /// `UserServiceUnassignListRequest`.
-    ServiceUnassign { user_id: String, services: Vec<String> },
+    ServiceUnassign {
+        user_id: String,
+        services: Vec<String>,
+    },
     /// `UserIntegratedIMPModifyRequest`; `is_active` absent means "no change".
-    IntegratedImpModify { user_id: String, is_active: Option<bool> },
+    IntegratedImpModify {
+        user_id: String,
+        is_active: Option<bool>,
+    },
     /// `GroupAddRequest`.
     GroupAdd {
         service_provider_id: String,
@@ -63,7 +72,10 @@ pub enum Command {
         is_enterprise: bool,
     },
     /// `GroupDeleteRequest`.
-    GroupDelete { service_provider_id: String, group_id: String },
+    GroupDelete {
+        service_provider_id: String,
+        group_id: String,
+    },
     /// `ServiceProviderDeleteRequest`.
     ServiceProviderDelete { service_provider_id: String },
     /// A well-formed command flowthrough does not handle (answered 7002).
@@ -73,8 +85,9 @@ pub enum Command {
     Invalid { reason: String },
 }
 
-/// The user fields flowthrough reads from a `UserAddRequest*`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The user fields flowthrough reads from a `UserAddRequest*`. Serializable because the last
+/// profile seen for a user is stored (an IM&P assignment provisions from it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UserProfile {
     pub service_provider_id: String,
     pub group_id: String,

@@ -2,7 +2,20 @@
 //! customers, audit, tokens). sled is the embedded backend; no sled type leaves this module, so a
 //! PostgreSQL backend for two-node deployments (SPEC §11) is an addition, not a rewrite.
 
+mod audit;
+mod outbox;
+mod users;
+
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use audit::{AuditQuery, AuditRecord};
+pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry};
+pub use users::{Customer, UserRecord};
 
 /// The on-disk layout version. Bumped whenever a tree's key or value encoding changes; a store
 /// written by another version is refused at open rather than misread.
@@ -14,9 +27,13 @@ const SCHEMA_KEY: &[u8] = b"schema_version";
 /// A failure of the store. The message says what to do next.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the store at {path}: {reason}; check that the directory exists, is writable by the flowthrough user, and that no other flowthrough process uses it")]
+    #[error(
+        "cannot open the store at {path}: {reason}; check that the directory exists, is writable by the flowthrough user, and that no other flowthrough process uses it"
+    )]
     Open { path: PathBuf, reason: String },
-    #[error("the store at {path} has schema version {found}, this flowthrough understands {expected}; run the flowthrough release that wrote it, or move the directory aside to start empty")]
+    #[error(
+        "the store at {path} has schema version {found}, this flowthrough understands {expected}; run the flowthrough release that wrote it, or move the directory aside to start empty"
+    )]
     SchemaMismatch {
         path: PathBuf,
         found: u32,
@@ -24,8 +41,14 @@ pub enum StoreError {
     },
     #[error("store I/O error: {0}; check disk space and the health of the data volume")]
     Io(String),
-    #[error("a record in the store is corrupt ({what}): {reason}")]
+    #[error(
+        "a record in the store is corrupt ({what}): {reason}; keep a copy of the store directory for support and restore from backup"
+    )]
     Corrupt { what: &'static str, reason: String },
+    #[error(
+        "outbox entry {0} does not exist; `flowthrough outbox list` shows the entries there are"
+    )]
+    NotFound(u64),
 }
 
 impl From<sled::Error> for StoreError {
@@ -39,6 +62,18 @@ impl From<sled::Error> for StoreError {
 pub struct Store {
     db: sled::Db,
     path: PathBuf,
+    commit: Arc<GroupCommit>,
+}
+
+/// Group commit: concurrent callers of [`Store::flush`] share one sled flush. A caller registers
+/// (its writes are already in sled), then either runs a flush that covers every caller registered
+/// before it started, or waits for one that does.
+#[derive(Default)]
+struct GroupCommit {
+    requested: AtomicU64,
+    flushed: AtomicU64,
+    flusher: tokio::sync::Mutex<()>,
+    done: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Store {
@@ -82,6 +117,7 @@ impl Store {
         Ok(Store {
             db,
             path: path.to_owned(),
+            commit: Arc::default(),
         })
     }
 
@@ -89,13 +125,111 @@ impl Store {
         &self.path
     }
 
-    /// Make every write so far durable. The AS is answered only after this returns.
+    /// Make every write made before this call durable. The AS is answered only after this
+    /// returns. Concurrent callers share flushes (group commit), so durability does not cost one
+    /// fsync per request.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let commit = &self.commit;
+        let ticket = commit.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        loop {
+            let notified = commit.done.notified();
+            if commit.flushed.load(Ordering::SeqCst) >= ticket {
+                return Ok(());
+            }
+            match commit.flusher.try_lock() {
+                Ok(_guard) => {
+                    // Every ticket up to `covers` belongs to writes that happened before this
+                    // load, hence before the flush below starts.
+                    let covers = commit.requested.load(Ordering::SeqCst);
+                    let result = self.db.flush_async().await;
+                    if result.is_ok() {
+                        commit.flushed.fetch_max(covers, Ordering::SeqCst);
+                    }
+                    commit.done.notify_waiters();
+                    result?;
+                    return Ok(());
+                }
+                Err(_) => notified.await,
+            }
+        }
+    }
+
+    /// Blocking flush for the CLI and shutdown paths that have no runtime at hand.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
         Ok(())
     }
 
     fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
         Ok(self.db.open_tree(name)?)
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Io(format!("cannot encode a record: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(raw: &[u8], what: &'static str) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|e| StoreError::Corrupt {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+/// Milliseconds since the Unix epoch, the time unit of every record.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_with_another_schema_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .tree(META_TREE)
+                .unwrap()
+                .insert(SCHEMA_KEY, &99u32.to_be_bytes())
+                .unwrap();
+            store.flush_blocking().unwrap();
+        }
+        match Store::open(dir.path()) {
+            Err(StoreError::SchemaMismatch {
+                found: 99,
+                expected,
+                ..
+            }) => {
+                assert_eq!(expected, SCHEMA_VERSION)
+            }
+            other => panic!("expected a schema mismatch, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_flushes_all_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..64u32 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .tree("t")
+                    .unwrap()
+                    .insert(i.to_be_bytes(), &[])
+                    .unwrap();
+                store.flush().await
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert!(store.commit.flushed.load(Ordering::SeqCst) >= 64);
     }
 }

@@ -1,0 +1,508 @@
+//! The outbox: every Webex call the AS asked for, written before Webex is called, kept in
+//! per-user arrival order until it is delivered or dead.
+//!
+//! Layout: `outbox` maps the entry id (u64, big-endian, monotonic) to the entry; `user_queue` holds
+//! one key `userId 0x00 id` per *pending* entry, so the head of a user's queue is the first key
+//! under its prefix and per-user order is the key order. Both trees change in one transaction.
+
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+
+use super::{Store, StoreError, decode, encode};
+
+const OUTBOX: &str = "outbox";
+const USER_QUEUE: &str = "user_queue";
+
+/// The id of an outbox entry; ids grow in arrival order.
+pub type EntryId = u64;
+
+/// What Webex is asked to do. The body is the mapped JSON, opaque to the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Call {
+    Provision { body: serde_json::Value },
+    Update { body: serde_json::Value },
+    Remove,
+}
+
+impl Call {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Call::Provision { .. } => "provision",
+            Call::Update { .. } => "update",
+            Call::Remove => "remove",
+        }
+    }
+}
+
+/// An entry to enqueue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewEntry {
+    pub user_id: String,
+    pub template: String,
+    pub command: String,
+    pub call: Call,
+    /// Who asked: the client certificate subject and serial, for the audit.
+    pub client: String,
+}
+
+/// Where an entry is in its life.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum EntryState {
+    Pending,
+    Delivered {
+        at_ms: u64,
+        subscriber_id: Option<String>,
+        /// The subscriber status once the follow-up settled (`provisioned`, `error`, …).
+        webex_status: Option<String>,
+    },
+    Dead {
+        at_ms: u64,
+        reason: String,
+    },
+}
+
+/// A stored entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub id: EntryId,
+    pub created_ms: u64,
+    #[serde(flatten)]
+    pub new: NewEntry,
+    pub state: EntryState,
+    /// Delivery attempts so far. Non-zero means a request may have reached Webex, so a provision
+    /// must look the user up before it is sent again.
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// The TrackingID of the last attempt.
+    pub tracking_id: Option<String>,
+}
+
+impl Entry {
+    pub fn is_pending(&self) -> bool {
+        matches!(self.state, EntryState::Pending)
+    }
+}
+
+/// Which entries `list` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    All,
+    Pending,
+    Dead,
+    Delivered,
+}
+
+impl Filter {
+    fn matches(self, entry: &Entry) -> bool {
+        match self {
+            Filter::All => true,
+            Filter::Pending => entry.is_pending(),
+            Filter::Dead => matches!(entry.state, EntryState::Dead { .. }),
+            Filter::Delivered => matches!(entry.state, EntryState::Delivered { .. }),
+        }
+    }
+}
+
+fn queue_key(user_id: &str, id: EntryId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(user_id.len() + 9);
+    key.extend_from_slice(user_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn queue_prefix(user_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(user_id.len() + 1);
+    key.extend_from_slice(user_id.as_bytes());
+    key.push(0);
+    key
+}
+
+fn id_from(raw: &[u8]) -> Result<EntryId, StoreError> {
+    <[u8; 8]>::try_from(raw)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            what: "outbox key",
+            reason: format!("{} bytes instead of 8", raw.len()),
+        })
+}
+
+type TxResult<T> = Result<T, sled::transaction::ConflictableTransactionError<StoreError>>;
+
+impl Store {
+    /// Store new entries, pending, in the given order. Not durable until [`Store::flush`].
+    pub fn enqueue(&self, entries: Vec<NewEntry>, now_ms: u64) -> Result<Vec<EntryId>, StoreError> {
+        let outbox = self.tree(OUTBOX)?;
+        let queue = self.tree(USER_QUEUE)?;
+        let mut stored = Vec::with_capacity(entries.len());
+        for new in entries {
+            let id = self.db.generate_id()?;
+            let entry = Entry {
+                id,
+                created_ms: now_ms,
+                new,
+                state: EntryState::Pending,
+                attempts: 0,
+                last_error: None,
+                tracking_id: None,
+            };
+            stored.push(entry);
+        }
+        let ids = stored.iter().map(|e| e.id).collect();
+        let encoded: Vec<(EntryId, Vec<u8>, Vec<u8>)> = stored
+            .iter()
+            .map(|e| Ok((e.id, encode(e)?, queue_key(&e.new.user_id, e.id))))
+            .collect::<Result<_, StoreError>>()?;
+        (&outbox, &queue)
+            .transaction(|(o, q)| -> TxResult<()> {
+                for (id, value, qkey) in &encoded {
+                    o.insert(&id.to_be_bytes(), value.as_slice())?;
+                    q.insert(qkey.as_slice(), &[])?;
+                }
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        Ok(ids)
+    }
+
+    /// One entry by id.
+    pub fn entry(&self, id: EntryId) -> Result<Option<Entry>, StoreError> {
+        self.tree(OUTBOX)?
+            .get(id.to_be_bytes())?
+            .map(|raw| decode(&raw, "outbox entry"))
+            .transpose()
+    }
+
+    /// The oldest pending entry of a user: the only one that may be delivered now.
+    pub fn head_of(&self, user_id: &str) -> Result<Option<Entry>, StoreError> {
+        let queue = self.tree(USER_QUEUE)?;
+        let Some(first) = queue.scan_prefix(queue_prefix(user_id)).next() else {
+            return Ok(None);
+        };
+        let (key, _) = first?;
+        let id = id_from(&key[key.len() - 8..])?;
+        match self.entry(id)? {
+            Some(entry) => Ok(Some(entry)),
+            None => Err(StoreError::Corrupt {
+                what: "user queue",
+                reason: format!("entry {id} is queued for {user_id} but missing from the outbox"),
+            }),
+        }
+    }
+
+    /// Every user with pending work, each once, in key order. Used at start-up to recover.
+    pub fn users_with_pending(&self) -> Result<Vec<String>, StoreError> {
+        let mut users: Vec<String> = Vec::new();
+        for item in self.tree(USER_QUEUE)?.iter() {
+            let (key, _) = item?;
+            let user = String::from_utf8_lossy(&key[..key.len().saturating_sub(9)]).into_owned();
+            if users.last() != Some(&user) {
+                users.push(user);
+            }
+        }
+        Ok(users)
+    }
+
+    /// Record an attempt that is about to be made (before the request leaves), so a crash after
+    /// sending is known to have maybe reached Webex.
+    pub fn record_attempt(&self, id: EntryId, tracking_id: &str) -> Result<Entry, StoreError> {
+        self.update_entry(id, |entry| {
+            entry.attempts += 1;
+            entry.tracking_id = Some(tracking_id.to_owned());
+        })
+    }
+
+    /// Note a failed attempt that will be retried.
+    pub fn record_failure(&self, id: EntryId, error: &str) -> Result<Entry, StoreError> {
+        self.update_entry(id, |entry| entry.last_error = Some(error.to_owned()))
+    }
+
+    /// The entry reached its end: delivered or dead. It leaves the user's queue in the same
+    /// transaction, so the next entry of that user becomes the head.
+    pub fn finish(&self, id: EntryId, state: EntryState) -> Result<Entry, StoreError> {
+        let outbox = self.tree(OUTBOX)?;
+        let queue = self.tree(USER_QUEUE)?;
+        let entry = (&outbox, &queue)
+            .transaction(|(o, q)| -> TxResult<Entry> {
+                let raw = o.get(id.to_be_bytes())?.ok_or_else(|| {
+                    sled::transaction::ConflictableTransactionError::Abort(StoreError::NotFound(id))
+                })?;
+                let mut entry: Entry = decode(&raw, "outbox entry")
+                    .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                entry.state = state.clone();
+                let value = encode(&entry)
+                    .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                o.insert(&id.to_be_bytes(), value)?;
+                q.remove(queue_key(&entry.new.user_id, id))?;
+                Ok(entry)
+            })
+            .map_err(tx_error)?;
+        Ok(entry)
+    }
+
+    /// Put a dead entry back in its user's queue. Returns false if it was not dead.
+    pub fn retry(&self, id: EntryId) -> Result<bool, StoreError> {
+        let outbox = self.tree(OUTBOX)?;
+        let queue = self.tree(USER_QUEUE)?;
+        (&outbox, &queue)
+            .transaction(|(o, q)| -> TxResult<bool> {
+                let Some(raw) = o.get(id.to_be_bytes())? else {
+                    return Ok(false);
+                };
+                let mut entry: Entry = decode(&raw, "outbox entry")
+                    .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                if !matches!(entry.state, EntryState::Dead { .. }) {
+                    return Ok(false);
+                }
+                entry.state = EntryState::Pending;
+                entry.last_error = None;
+                let value = encode(&entry)
+                    .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                o.insert(&id.to_be_bytes(), value)?;
+                q.insert(queue_key(&entry.new.user_id, id), &[])?;
+                Ok(true)
+            })
+            .map_err(tx_error)
+    }
+
+    /// Remove an entry for good (operator's `outbox drop`). Returns the removed entry.
+    pub fn drop_entry(&self, id: EntryId) -> Result<Option<Entry>, StoreError> {
+        let outbox = self.tree(OUTBOX)?;
+        let queue = self.tree(USER_QUEUE)?;
+        (&outbox, &queue)
+            .transaction(|(o, q)| -> TxResult<Option<Entry>> {
+                let Some(raw) = o.remove(&id.to_be_bytes())? else {
+                    return Ok(None);
+                };
+                let entry: Entry = decode(&raw, "outbox entry")
+                    .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                q.remove(queue_key(&entry.new.user_id, id))?;
+                Ok(Some(entry))
+            })
+            .map_err(tx_error)
+    }
+
+    /// Entries matching `filter`, oldest first, at most `limit`.
+    pub fn list(&self, filter: Filter, limit: usize) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(OUTBOX)?.iter() {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, raw) = item?;
+            let entry: Entry = decode(&raw, "outbox entry")?;
+            if filter.matches(&entry) {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many entries are pending, and the creation time of the oldest (for the age metric).
+    pub fn pending_summary(&self) -> Result<(u64, Option<u64>), StoreError> {
+        let queue = self.tree(USER_QUEUE)?;
+        let mut count = 0;
+        let mut oldest: Option<EntryId> = None;
+        for item in queue.iter() {
+            let (key, _) = item?;
+            count += 1;
+            let id = id_from(&key[key.len() - 8..])?;
+            oldest = Some(oldest.map_or(id, |o| o.min(id)));
+        }
+        let oldest_ms = match oldest {
+            Some(id) => self.entry(id)?.map(|e| e.created_ms),
+            None => None,
+        };
+        Ok((count, oldest_ms))
+    }
+
+    /// Delete finished (delivered or dead) entries created before `cutoff_ms`.
+    pub fn prune_finished(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+        let outbox = self.tree(OUTBOX)?;
+        let mut removed = 0;
+        for item in outbox.iter() {
+            let (key, raw) = item?;
+            let entry: Entry = decode(&raw, "outbox entry")?;
+            if entry.created_ms >= cutoff_ms {
+                break;
+            }
+            if !entry.is_pending() {
+                outbox.remove(key)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn update_entry(&self, id: EntryId, change: impl Fn(&mut Entry)) -> Result<Entry, StoreError> {
+        let outbox = self.tree(OUTBOX)?;
+        let mut result = None;
+        outbox.fetch_and_update(id.to_be_bytes(), |old| {
+            let raw = old?;
+            match decode::<Entry>(raw, "outbox entry") {
+                Ok(mut entry) => {
+                    change(&mut entry);
+                    let value = encode(&entry).ok();
+                    result = Some(Ok(entry));
+                    value.or_else(|| Some(raw.to_vec()))
+                }
+                Err(e) => {
+                    result = Some(Err(e));
+                    Some(raw.to_vec())
+                }
+            }
+        })?;
+        result.unwrap_or(Err(StoreError::NotFound(id)))
+    }
+}
+
+fn tx_error(e: sled::transaction::TransactionError<StoreError>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Abort(e) => e,
+        sled::transaction::TransactionError::Storage(e) => StoreError::from(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(user: &str, command: &str) -> NewEntry {
+        NewEntry {
+            user_id: user.to_owned(),
+            template: "acme".to_owned(),
+            command: command.to_owned(),
+            call: Call::Remove,
+            client: "CN=bwcticlient.webex.com".to_owned(),
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn per_user_order_is_arrival_order_and_finishing_advances_the_head() {
+        let (_dir, store) = store();
+        let ids = store
+            .enqueue(
+                vec![
+                    entry("alice", "add"),
+                    entry("bob", "add"),
+                    entry("alice", "modify"),
+                ],
+                1,
+            )
+            .unwrap();
+        assert_eq!(store.head_of("alice").unwrap().unwrap().id, ids[0]);
+        assert_eq!(store.users_with_pending().unwrap(), vec!["alice", "bob"]);
+        let done = EntryState::Delivered {
+            at_ms: 2,
+            subscriber_id: Some("sub-1".into()),
+            webex_status: None,
+        };
+        store.finish(ids[0], done.clone()).unwrap();
+        let head = store.head_of("alice").unwrap().unwrap();
+        assert_eq!(head.id, ids[2]);
+        assert_eq!(head.new.command, "modify");
+        assert_eq!(store.entry(ids[0]).unwrap().unwrap().state, done);
+        assert_eq!(store.pending_summary().unwrap(), (2, Some(1)));
+    }
+
+    #[test]
+    fn a_user_id_that_prefixes_another_does_not_see_its_queue() {
+        let (_dir, store) = store();
+        store.enqueue(vec![entry("al", "x")], 1).unwrap();
+        let ids = store.enqueue(vec![entry("a", "y")], 1).unwrap();
+        assert_eq!(store.head_of("a").unwrap().unwrap().id, ids[0]);
+        assert!(store.head_of("").unwrap().is_none());
+    }
+
+    #[test]
+    fn dead_entries_leave_the_queue_and_retry_puts_them_back() {
+        let (_dir, store) = store();
+        let ids = store.enqueue(vec![entry("alice", "add")], 1).unwrap();
+        assert!(
+            !store.retry(ids[0]).unwrap(),
+            "a pending entry is not retried"
+        );
+        store
+            .finish(
+                ids[0],
+                EntryState::Dead {
+                    at_ms: 5,
+                    reason: "400 bad".into(),
+                },
+            )
+            .unwrap();
+        assert!(store.head_of("alice").unwrap().is_none());
+        assert_eq!(store.list(Filter::Dead, 10).unwrap().len(), 1);
+        assert!(store.retry(ids[0]).unwrap());
+        assert_eq!(store.head_of("alice").unwrap().unwrap().id, ids[0]);
+        let dropped = store.drop_entry(ids[0]).unwrap().unwrap();
+        assert_eq!(dropped.id, ids[0]);
+        assert!(store.head_of("alice").unwrap().is_none());
+        assert!(store.entry(ids[0]).unwrap().is_none());
+        assert!(matches!(
+            store.finish(ids[0], EntryState::Pending),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn attempts_are_counted_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let store = Store::open(dir.path()).unwrap();
+            let ids = store.enqueue(vec![entry("alice", "add")], 1).unwrap();
+            store.record_attempt(ids[0], "FLOWTHROUGH_1").unwrap();
+            store.record_failure(ids[0], "timeout").unwrap();
+            store.flush().await.unwrap();
+            ids[0]
+        };
+        let store = Store::open(dir.path()).unwrap();
+        let entry = store.head_of("alice").unwrap().unwrap();
+        assert_eq!(entry.id, id);
+        assert_eq!(entry.attempts, 1);
+        assert_eq!(entry.tracking_id.as_deref(), Some("FLOWTHROUGH_1"));
+        assert_eq!(entry.last_error.as_deref(), Some("timeout"));
+    }
+
+    #[test]
+    fn prune_removes_only_old_finished_entries() {
+        let (_dir, store) = store();
+        let ids = store
+            .enqueue(vec![entry("a", "1"), entry("b", "2")], 10)
+            .unwrap();
+        let late = store.enqueue(vec![entry("c", "3")], 100).unwrap();
+        store
+            .finish(
+                ids[0],
+                EntryState::Dead {
+                    at_ms: 11,
+                    reason: "x".into(),
+                },
+            )
+            .unwrap();
+        store
+            .finish(
+                late[0],
+                EntryState::Dead {
+                    at_ms: 101,
+                    reason: "x".into(),
+                },
+            )
+            .unwrap();
+        assert_eq!(store.prune_finished(50).unwrap(), 1);
+        assert!(store.entry(ids[0]).unwrap().is_none());
+        assert!(
+            store.entry(ids[1]).unwrap().is_some(),
+            "pending entries are never pruned"
+        );
+        assert!(store.entry(late[0]).unwrap().is_some());
+    }
+}

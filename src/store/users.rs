@@ -1,0 +1,151 @@
+//! What the adapter remembers about users and customers: the userId → subscriber map, the
+//! template each user was provisioned with, the last profile seen (an IM&P assignment provisions
+//! from it), and customers recorded from group and service-provider adds.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Store, StoreError, decode, encode};
+use crate::oci::UserProfile;
+
+const USERS: &str = "users";
+const PROFILES: &str = "profiles";
+const CUSTOMERS: &str = "customers";
+
+/// A user known to the adapter.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// The Webex subscriber id, once known.
+    pub subscriber_id: Option<String>,
+    /// The template the user was provisioned with; `POST /provisioning` uses it for commands that
+    /// carry only a userId.
+    pub template: Option<String>,
+}
+
+/// A BroadWorks customer (enterprise or group) recorded from an add command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Customer {
+    pub service_provider_id: String,
+    pub group_id: Option<String>,
+    pub name: Option<String>,
+    pub enterprise: bool,
+    pub template: String,
+}
+
+impl Store {
+    pub fn user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.tree(USERS)?
+            .get(user_id)?
+            .map(|raw| decode(&raw, "user record"))
+            .transpose()
+    }
+
+    /// Remember the subscriber id and/or template of a user; `None` keeps what is stored.
+    pub fn map_user(
+        &self,
+        user_id: &str,
+        subscriber_id: Option<&str>,
+        template: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut record = self.user(user_id)?.unwrap_or_default();
+        if let Some(id) = subscriber_id {
+            record.subscriber_id = Some(id.to_owned());
+        }
+        if let Some(t) = template {
+            record.template = Some(t.to_owned());
+        }
+        self.tree(USERS)?.insert(user_id, encode(&record)?)?;
+        Ok(())
+    }
+
+    /// Forget the subscriber id (after a remove); the template and profile stay, so a later IM&P
+    /// assignment can provision the user again.
+    pub fn unmap_subscriber(&self, user_id: &str) -> Result<(), StoreError> {
+        if let Some(mut record) = self.user(user_id)? {
+            record.subscriber_id = None;
+            self.tree(USERS)?.insert(user_id, encode(&record)?)?;
+        }
+        Ok(())
+    }
+
+    pub fn profile(&self, user_id: &str) -> Result<Option<UserProfile>, StoreError> {
+        self.tree(PROFILES)?
+            .get(user_id)?
+            .map(|raw| decode(&raw, "user profile"))
+            .transpose()
+    }
+
+    pub fn save_profile(&self, profile: &UserProfile) -> Result<(), StoreError> {
+        self.tree(PROFILES)?
+            .insert(profile.user_id.as_bytes(), encode(profile)?)?;
+        Ok(())
+    }
+
+    pub fn record_customer(&self, customer: &Customer) -> Result<(), StoreError> {
+        let key = match &customer.group_id {
+            Some(group) => format!("{}\0{}", customer.service_provider_id, group),
+            None => customer.service_provider_id.clone(),
+        };
+        self.tree(CUSTOMERS)?.insert(key, encode(customer)?)?;
+        Ok(())
+    }
+
+    pub fn customers(&self) -> Result<Vec<Customer>, StoreError> {
+        self.tree(CUSTOMERS)?
+            .iter()
+            .map(|item| {
+                let (_, raw) = item?;
+                decode(&raw, "customer")
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_map_keeps_fields_not_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.user("alice").unwrap(), None);
+        store.map_user("alice", None, Some("acme")).unwrap();
+        store.map_user("alice", Some("sub-1"), None).unwrap();
+        let record = store.user("alice").unwrap().unwrap();
+        assert_eq!(record.subscriber_id.as_deref(), Some("sub-1"));
+        assert_eq!(record.template.as_deref(), Some("acme"));
+        store.unmap_subscriber("alice").unwrap();
+        let record = store.user("alice").unwrap().unwrap();
+        assert_eq!(record.subscriber_id, None);
+        assert_eq!(record.template.as_deref(), Some("acme"));
+    }
+
+    #[test]
+    fn profiles_and_customers_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let profile = UserProfile {
+            user_id: "müller@acme.example".into(),
+            last_name: "Müller".into(),
+            ..UserProfile::default()
+        };
+        store.save_profile(&profile).unwrap();
+        assert_eq!(store.profile("müller@acme.example").unwrap(), Some(profile));
+        let group = Customer {
+            service_provider_id: "acme-ent".into(),
+            group_id: Some("hq".into()),
+            name: Some("Acme HQ".into()),
+            enterprise: false,
+            template: "acme".into(),
+        };
+        let enterprise = Customer {
+            group_id: None,
+            enterprise: true,
+            ..group.clone()
+        };
+        store.record_customer(&group).unwrap();
+        store.record_customer(&enterprise).unwrap();
+        store.record_customer(&group).unwrap();
+        assert_eq!(store.customers().unwrap(), vec![enterprise, group]);
+    }
+}
