@@ -679,7 +679,10 @@ fn key_line(text: &str, dotted: &str) -> Option<usize> {
     let mut table = doc.get_ref();
     let mut last_span = None;
     for (i, part) in path.iter().enumerate() {
-        let (key, value) = table.get_key_value(part.as_str())?;
+        // A missing key (a required one left out) is reported at its table.
+        let Some((key, value)) = table.get_key_value(part.as_str()) else {
+            break;
+        };
         last_span = Some(key.span().start);
         if i + 1 < path.len() {
             match value.get_ref() {
@@ -704,4 +707,126 @@ fn split_key_path(dotted: &str) -> Vec<String> {
     }
     parts.push(current);
     parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEMPLATE: &str = r#"
+[templates.acme]
+provisioning_id = "prov-1"
+package = "standard"
+enterprise_mode = true
+user_verification = "trusted_email"
+country = "US"
+calling_code = "+1"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    fn invalid(text: &str) -> (Option<usize>, String, String) {
+        match parse(text) {
+            Err(ConfigError::Invalid { line, key, message, .. }) => (line, key, message),
+            other => panic!("expected an invalid config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid_and_documents_every_section() {
+        let text = include_str!("../deploy/flowthrough.example.toml");
+        let config = parse(text).unwrap();
+        assert_eq!(config.default_template.as_deref(), Some("acme"));
+        let server = config.server.as_ref().unwrap();
+        assert_eq!(server.max_body_bytes, 262_144);
+        assert_eq!(server.ack_deadline_ms, 5000);
+        assert!(!server.session_resumption);
+        assert_eq!(config.webex.as_ref().unwrap().attempts, 3);
+        assert_eq!(config.tunnel.as_ref().unwrap().max_tunnels, 1024);
+        assert_eq!(config.template_overrides["acme-ent"], "acme");
+        assert!(config.templates["acme"].provisioning_account.is_some());
+    }
+
+    #[test]
+    fn translate_needs_only_templates() {
+        let config = parse(TEMPLATE).unwrap();
+        assert!(config.server.is_none() && config.webex.is_none() && config.tunnel.is_none());
+        assert_eq!(config.client_policy, ClientPolicyConfig::default());
+        assert_eq!(config.templates["acme"].default_language, "en_US");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_located_at_their_line() {
+        let text = format!("{TEMPLATE}countyr = \"US\"\n");
+        let (line, _, message) = invalid(&text);
+        assert_eq!(line, Some(9));
+        assert!(message.contains("countyr"), "{message}");
+        let rendered = parse(&text).unwrap_err().to_string();
+        assert!(rendered.starts_with("test.toml:9: "), "{rendered}");
+    }
+
+    #[test]
+    fn wrong_types_and_enum_values_name_the_line() {
+        let text = TEMPLATE.replace("\"standard\"", "\"gold\"");
+        let (line, _, message) = invalid(&text);
+        assert_eq!(line, Some(4));
+        assert!(message.contains("gold") || message.contains("variant"), "{message}");
+    }
+
+    #[test]
+    fn references_to_missing_templates_name_the_key_and_the_choices() {
+        let text = format!("default_template = \"nope\"\n{TEMPLATE}");
+        let (line, key, message) = invalid(&text);
+        assert_eq!((line, key.as_str()), (Some(1), "default_template"));
+        assert!(message.contains("acme"), "{message}");
+
+        let text = format!("{TEMPLATE}\n[template_overrides]\n\"sp.one\" = \"missing\"\n");
+        let (line, key, _) = invalid(&text);
+        assert_eq!(key, "template_overrides.\"sp.one\"");
+        assert_eq!(line, Some(11));
+    }
+
+    #[test]
+    fn a_plain_tunnel_must_be_restricted_to_networks() {
+        let text = format!("{TEMPLATE}\n[tunnel]\ntls = false\n");
+        let (line, key, message) = invalid(&text);
+        assert_eq!(key, "tunnel.allowed_networks");
+        assert_eq!(line, Some(10), "points at the [tunnel] table when the key is absent");
+        assert!(message.contains("open proxy"), "{message}");
+        let ok = format!("{TEMPLATE}\n[tunnel]\ntls = false\nallowed_networks = [\"192.0.2.0/24\"]\n");
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn destination_patterns_and_accounts_are_checked() {
+        let text = format!("{TEMPLATE}\n[tunnel]\nallowed_destinations = [\"*.wbx2.com\"]\n");
+        let (_, key, message) = invalid(&text);
+        assert_eq!(key, "tunnel.allowed_destinations");
+        assert!(message.contains("no port"), "{message}");
+
+        let text = format!(
+            "{TEMPLATE}\n[tunnel]\nproxy_account = {{ user = \"p\", password_hash = \"secret123\" }}\n"
+        );
+        let (_, key, message) = invalid(&text);
+        assert_eq!(key, "tunnel.proxy_account.password_hash");
+        assert!(!message.contains("secret123"), "the value is never echoed: {message}");
+    }
+
+    #[test]
+    fn webex_urls_must_be_https() {
+        let text = format!("{TEMPLATE}\n[webex]\nclient_id = \"c\"\napi_base = \"http://x\"\n");
+        let (line, key, _) = invalid(&text);
+        assert_eq!((line, key.as_str()), (Some(12), "webex.api_base"));
+    }
+
+    #[test]
+    fn secret_sources_prefer_the_environment_name() {
+        let text = format!("{TEMPLATE}\n[webex]\nclient_id = \"c\"\nclient_secret_file = \"/s\"\n");
+        let config = parse(&text).unwrap();
+        let source = config.webex.unwrap().client_secret_source();
+        assert_eq!(source.env, "FLOWTHROUGH_CLIENT_SECRET");
+        assert_eq!(source.file.as_deref(), Some(Path::new("/s")));
+    }
 }
