@@ -1,8 +1,51 @@
 //! The thin command-line layer: argument parsing, output formatting and exit codes. Nothing in the
 //! library imports this module.
+//!
+//! Exit codes are the same for every subcommand: 0 success, 1 usage, config or I/O error, 2 the
+//! input was processed and something in it was refused (a rejected command, a certificate that
+//! fails the policy).
+
+mod tools;
 
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
+/// flowthrough: BroadWorks OCI-P to Webex for BroadWorks, in the DMZ.
+///
+/// The Application Server sends OCI-P over mutual TLS; flowthrough checks its client certificate,
+/// maps each user command through a customer template onto the Webex subscriber API, delivers it
+/// durably and answers in OCI-P. Every subcommand takes `--config FILE` where it needs one; see
+/// deploy/flowthrough.example.toml for every key.
+#[derive(Debug, Parser)]
+#[command(name = "flowthrough", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Hash a password for a provisioning or proxy account (read from stdin).
+    HashPassword(tools::HashPasswordArgs),
+    /// Print shell completions for bash, zsh, fish, elvish or powershell.
+    Completions(tools::CompletionsArgs),
+    /// Print the man page (roff) generated from these definitions.
+    Man,
+}
+
+/// Parse the command line and run the subcommand.
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    match cli.command {
+        Command::HashPassword(args) => tools::hash_password(args),
+        Command::Completions(args) => tools::completions(args),
+        Command::Man => tools::man(),
+    }
+}
+
+/// Print an operator-facing error and return the exit code for usage/config/I/O problems.
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(1)
 }
