@@ -729,7 +729,9 @@ calling_code = "+1"
 
     fn invalid(text: &str) -> (Option<usize>, String, String) {
         match parse(text) {
-            Err(ConfigError::Invalid { line, key, message, .. }) => (line, key, message),
+            Err(ConfigError::Invalid {
+                line, key, message, ..
+            }) => (line, key, message),
             other => panic!("expected an invalid config, got {other:?}"),
         }
     }
@@ -772,7 +774,10 @@ calling_code = "+1"
         let text = TEMPLATE.replace("\"standard\"", "\"gold\"");
         let (line, _, message) = invalid(&text);
         assert_eq!(line, Some(4));
-        assert!(message.contains("gold") || message.contains("variant"), "{message}");
+        assert!(
+            message.contains("gold") || message.contains("variant"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -793,9 +798,14 @@ calling_code = "+1"
         let text = format!("{TEMPLATE}\n[tunnel]\ntls = false\n");
         let (line, key, message) = invalid(&text);
         assert_eq!(key, "tunnel.allowed_networks");
-        assert_eq!(line, Some(10), "points at the [tunnel] table when the key is absent");
+        assert_eq!(
+            line,
+            Some(10),
+            "points at the [tunnel] table when the key is absent"
+        );
         assert!(message.contains("open proxy"), "{message}");
-        let ok = format!("{TEMPLATE}\n[tunnel]\ntls = false\nallowed_networks = [\"192.0.2.0/24\"]\n");
+        let ok =
+            format!("{TEMPLATE}\n[tunnel]\ntls = false\nallowed_networks = [\"192.0.2.0/24\"]\n");
         assert!(parse(&ok).is_ok());
     }
 
@@ -811,7 +821,10 @@ calling_code = "+1"
         );
         let (_, key, message) = invalid(&text);
         assert_eq!(key, "tunnel.proxy_account.password_hash");
-        assert!(!message.contains("secret123"), "the value is never echoed: {message}");
+        assert!(
+            !message.contains("secret123"),
+            "the value is never echoed: {message}"
+        );
     }
 
     #[test]

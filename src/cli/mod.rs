@@ -18,7 +18,12 @@ use clap::{Parser, Subcommand};
 /// durably and answers in OCI-P. Every subcommand takes `--config FILE` where it needs one; see
 /// deploy/flowthrough.example.toml for every key.
 #[derive(Debug, Parser)]
-#[command(name = "flowthrough", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "flowthrough",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

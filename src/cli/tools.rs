@@ -41,7 +41,12 @@ pub struct CompletionsArgs {
 
 pub fn completions(args: CompletionsArgs) -> ExitCode {
     let mut command = Cli::command();
-    clap_complete::generate(args.shell, &mut command, "flowthrough", &mut std::io::stdout());
+    clap_complete::generate(
+        args.shell,
+        &mut command,
+        "flowthrough",
+        &mut std::io::stdout(),
+    );
     ExitCode::SUCCESS
 }
 

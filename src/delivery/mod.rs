@@ -1,0 +1,559 @@
+//! Delivery scheduling: takes pending outbox entries to Webex in per-user arrival order, users in
+//! parallel up to a bound, with backoff, a global pause on rate limits, and dead letters.
+//!
+//! The scheduler knows nothing about Webex: it is handed an `attempt` function that tries one
+//! entry once and says what happened ([`Attempt`]). That keeps the ordering and concurrency rules
+//! here, testable on their own, and the Webex specifics in [`crate::delivery::webex`].
+
+pub mod webex;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::time::Instant;
+
+use crate::store::{Entry, EntryId, EntryState, Store, StoreError, now_ms};
+
+/// What one try of one entry came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attempt {
+    /// Webex accepted it; the entry is done.
+    Delivered {
+        subscriber_id: Option<String>,
+        webex_status: Option<String>,
+    },
+    /// Try this user again after the delay (5xx, timeout, 423 for this user).
+    RetryUser { after: Duration, reason: String },
+    /// Webex's rate limit (429): every delivery pauses, since the limit is shared.
+    PauseAll { after: Duration, reason: String },
+    /// A permanent failure: the entry is dead and stays for the operator.
+    Dead { reason: String },
+}
+
+/// How an entry ended, for whoever waits on it (the AS's request, until its deadline).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finished {
+    Delivered {
+        subscriber_id: Option<String>,
+        webex_status: Option<String>,
+    },
+    Dead {
+        reason: String,
+    },
+}
+
+/// The future an attempt function returns.
+pub type AttemptFuture = Pin<Box<dyn Future<Output = Attempt> + Send>>;
+
+/// Tries one entry once. `Arc` so it can be shared by the worker tasks.
+pub type AttemptFn = Arc<dyn Fn(Entry) -> AttemptFuture + Send + Sync>;
+
+/// Limits of the scheduler.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Users delivered concurrently.
+    pub max_parallel_users: usize,
+    /// An entry older than this is dead instead of tried again.
+    pub max_entry_age: Duration,
+}
+
+#[derive(Default)]
+struct Schedule {
+    /// Users whose head entry may be tried now, in the order they became ready.
+    ready: VecDeque<String>,
+    /// Users whose head entry is being tried.
+    busy: HashSet<String>,
+    /// Users to try again later, by due time.
+    later: BTreeMap<Instant, Vec<String>>,
+    /// Users in `later`: new work for them waits for their retry time, so backoff holds.
+    delayed: HashSet<String>,
+    /// Users made ready while busy: looked at again when their attempt ends.
+    again: HashSet<String>,
+    /// No delivery starts before this (a 429 from Webex).
+    paused_until: Option<Instant>,
+    waiters: HashMap<EntryId, Vec<oneshot::Sender<Finished>>>,
+    stopping: bool,
+}
+
+/// The delivery engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    attempt: AttemptFn,
+    limits: Limits,
+    schedule: Mutex<Schedule>,
+    wake: Notify,
+    slots: Arc<Semaphore>,
+}
+
+impl Engine {
+    pub fn new(store: Store, attempt: AttemptFn, limits: Limits) -> Engine {
+        let slots = Arc::new(Semaphore::new(limits.max_parallel_users.max(1)));
+        Engine {
+            inner: Arc::new(Inner {
+                store,
+                attempt,
+                limits,
+                schedule: Mutex::new(Schedule::default()),
+                wake: Notify::new(),
+                slots,
+            }),
+        }
+    }
+
+    /// Start the scheduler loop on the current runtime, after queueing every user that has
+    /// pending entries in the store (recovery after a restart or crash).
+    pub fn start(&self) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+        for user in self.inner.store.users_with_pending()? {
+            self.submit(&user);
+        }
+        let engine = self.clone();
+        Ok(tokio::spawn(async move { engine.run().await }))
+    }
+
+    /// A user has new pending work.
+    pub fn submit(&self, user_id: &str) {
+        {
+            let mut s = self.lock();
+            if s.busy.contains(user_id) {
+                s.again.insert(user_id.to_owned());
+            } else if !s.delayed.contains(user_id) && !s.ready.iter().any(|u| u == user_id) {
+                s.ready.push_back(user_id.to_owned());
+            }
+        }
+        self.inner.wake.notify_one();
+    }
+
+    /// Wait for an entry to end. The caller bounds the wait (the AS deadline).
+    pub fn watch(&self, id: EntryId) -> oneshot::Receiver<Finished> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().waiters.entry(id).or_default().push(tx);
+        rx
+    }
+
+    /// Stop starting new attempts; attempts under way finish and their results are stored.
+    pub fn stop(&self) {
+        self.lock().stopping = true;
+        self.inner.wake.notify_one();
+    }
+
+    /// When deliveries are paused for a rate limit, until when.
+    pub fn paused_until(&self) -> Option<Instant> {
+        self.lock().paused_until.filter(|t| *t > Instant::now())
+    }
+
+    /// Wait until no attempt is under way (used by shutdown after [`Engine::stop`]).
+    pub async fn idle(&self) {
+        let max = self.inner.limits.max_parallel_users.max(1) as u32;
+        if let Ok(all) = self.inner.slots.acquire_many(max).await {
+            drop(all);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Schedule> {
+        // A poisoned lock means a panic while holding it; the schedule is plain data that stays
+        // consistent between statements, so carrying on is safe.
+        self.inner
+            .schedule
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn run(&self) {
+        loop {
+            let next = self.next_user();
+            let user = match next {
+                Next::Stop => return,
+                Next::User(user) => user,
+                Next::Sleep(until) => {
+                    let wake = self.inner.wake.notified();
+                    match until {
+                        Some(at) => {
+                            tokio::select! {
+                                _ = wake => {}
+                                _ = tokio::time::sleep_until(at) => {}
+                            }
+                        }
+                        None => wake.await,
+                    }
+                    continue;
+                }
+            };
+            let Ok(permit) = self.inner.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let engine = self.clone();
+            tokio::spawn(async move {
+                engine.deliver_head(&user).await;
+                drop(permit);
+                engine.inner.wake.notify_one();
+            });
+        }
+    }
+
+    /// The next user to work on, or how long to sleep.
+    fn next_user(&self) -> Next {
+        let mut s = self.lock();
+        if s.stopping {
+            return Next::Stop;
+        }
+        let now = Instant::now();
+        // Move due retries to the ready queue.
+        let due: Vec<Instant> = s.later.range(..=now).map(|(t, _)| *t).collect();
+        for t in due {
+            for user in s.later.remove(&t).unwrap_or_default() {
+                s.delayed.remove(&user);
+                if !s.ready.contains(&user) && !s.busy.contains(&user) {
+                    s.ready.push_back(user);
+                }
+            }
+        }
+        if let Some(until) = s.paused_until {
+            if until > now {
+                return Next::Sleep(Some(until));
+            }
+            s.paused_until = None;
+        }
+        if self.inner.slots.available_permits() == 0 {
+            return Next::Sleep(s.later.keys().next().copied());
+        }
+        match s.ready.pop_front() {
+            Some(user) => {
+                s.busy.insert(user.clone());
+                Next::User(user)
+            }
+            None => Next::Sleep(s.later.keys().next().copied()),
+        }
+    }
+
+    /// Try the head entry of a user once, store the result, and reschedule the user.
+    async fn deliver_head(&self, user: &str) {
+        let store = &self.inner.store;
+        let reschedule = match store.head_of(user) {
+            Ok(Some(entry)) => self.try_entry(entry).await,
+            Ok(None) => Reschedule::Idle,
+            Err(e) => {
+                tracing::error!(user_id = user, error = %e, "cannot read the outbox; will retry");
+                Reschedule::After(Duration::from_secs(5))
+            }
+        };
+        let mut s = self.lock();
+        s.busy.remove(user);
+        let again = s.again.remove(user);
+        match reschedule {
+            Reschedule::Now => s.ready.push_back(user.to_owned()),
+            Reschedule::Idle if again => s.ready.push_back(user.to_owned()),
+            Reschedule::Idle => {}
+            Reschedule::After(delay) => {
+                s.delayed.insert(user.to_owned());
+                s.later
+                    .entry(Instant::now() + delay)
+                    .or_default()
+                    .push(user.to_owned())
+            }
+            Reschedule::PauseAll(delay) => {
+                let until = Instant::now() + delay;
+                s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
+                s.ready.push_front(user.to_owned());
+            }
+        }
+    }
+
+    async fn try_entry(&self, entry: Entry) -> Reschedule {
+        let age = Duration::from_millis(now_ms().saturating_sub(entry.created_ms));
+        let id = entry.id;
+        let attempt = if age > self.inner.limits.max_entry_age {
+            Attempt::Dead {
+                reason: format!(
+                    "undelivered after {} hours (store.max_entry_age_hours); last error: {}",
+                    age.as_secs() / 3600,
+                    entry.last_error.as_deref().unwrap_or("none")
+                ),
+            }
+        } else {
+            (self.inner.attempt)(entry).await
+        };
+        let store = &self.inner.store;
+        let (state, finished, reschedule) = match attempt {
+            Attempt::Delivered {
+                subscriber_id,
+                webex_status,
+            } => (
+                EntryState::Delivered {
+                    at_ms: now_ms(),
+                    subscriber_id: subscriber_id.clone(),
+                    webex_status: webex_status.clone(),
+                },
+                Finished::Delivered {
+                    subscriber_id,
+                    webex_status,
+                },
+                Reschedule::Now,
+            ),
+            Attempt::Dead { reason } => (
+                EntryState::Dead {
+                    at_ms: now_ms(),
+                    reason: reason.clone(),
+                },
+                Finished::Dead { reason },
+                Reschedule::Now,
+            ),
+            Attempt::RetryUser { after, reason } => {
+                if let Err(e) = store.record_failure(id, &reason) {
+                    tracing::error!(entry = id, error = %e, "cannot record a failed attempt");
+                }
+                return Reschedule::After(after);
+            }
+            Attempt::PauseAll { after, reason } => {
+                if let Err(e) = store.record_failure(id, &reason) {
+                    tracing::error!(entry = id, error = %e, "cannot record a failed attempt");
+                }
+                return Reschedule::PauseAll(after);
+            }
+        };
+        if let Err(e) = store.finish(id, state) {
+            tracing::error!(entry = id, error = %e, "cannot record the end of an outbox entry; it will be tried again");
+            return Reschedule::After(Duration::from_secs(5));
+        }
+        if let Err(e) = store.flush().await {
+            tracing::error!(entry = id, error = %e, "cannot flush the store");
+        }
+        let waiters = self.lock().waiters.remove(&id).unwrap_or_default();
+        for waiter in waiters {
+            let _ = waiter.send(finished.clone());
+        }
+        reschedule
+    }
+}
+
+enum Next {
+    User(String),
+    Sleep(Option<Instant>),
+    Stop,
+}
+
+enum Reschedule {
+    /// Look at the user's next entry now.
+    Now,
+    /// Nothing pending.
+    Idle,
+    After(Duration),
+    PauseAll(Duration),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Call, NewEntry};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn new_entry(user: &str, command: &str) -> NewEntry {
+        NewEntry {
+            user_id: user.into(),
+            template: "acme".into(),
+            command: command.into(),
+            call: Call::Remove,
+            client: "test".into(),
+        }
+    }
+
+    fn limits(parallel: usize) -> Limits {
+        Limits {
+            max_parallel_users: parallel,
+            max_entry_age: Duration::from_secs(3600),
+        }
+    }
+
+    /// An attempt function that records the order of calls and answers from a script.
+    fn scripted(
+        log: Arc<Mutex<Vec<String>>>,
+        answer: impl Fn(&Entry, usize) -> Attempt + Send + Sync + 'static,
+    ) -> AttemptFn {
+        let calls = Arc::new(AtomicUsize::new(0));
+        Arc::new(move |entry: Entry| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            log.lock()
+                .unwrap()
+                .push(format!("{}:{}", entry.new.user_id, entry.new.command));
+            let result = answer(&entry, n);
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                result
+            })
+        })
+    }
+
+    fn delivered() -> Attempt {
+        Attempt::Delivered {
+            subscriber_id: Some("sub".into()),
+            webex_status: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_user_order_holds_across_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        // The first try of alice's add fails; her modify must still come after it.
+        let attempt = scripted(log.clone(), |e, n| {
+            if n == 0 && e.new.command == "add" {
+                Attempt::RetryUser {
+                    after: Duration::from_secs(2),
+                    reason: "503".into(),
+                }
+            } else {
+                delivered()
+            }
+        });
+        let ids = store
+            .enqueue(
+                vec![new_entry("alice", "add"), new_entry("alice", "modify")],
+                now_ms(),
+            )
+            .unwrap();
+        let engine = Engine::new(store.clone(), attempt, limits(4));
+        let last = engine.watch(ids[1]);
+        engine.start().unwrap();
+        assert!(matches!(last.await.unwrap(), Finished::Delivered { .. }));
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec!["alice:add", "alice:add", "alice:modify"]
+        );
+        assert_eq!(
+            store.entry(ids[0]).unwrap().unwrap().last_error.as_deref(),
+            Some("503")
+        );
+        assert!(store.head_of("alice").unwrap().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dead_entries_end_and_the_next_one_proceeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let attempt = scripted(log, |e, _| {
+            if e.new.command == "bad" {
+                Attempt::Dead {
+                    reason: "400: invalid".into(),
+                }
+            } else {
+                delivered()
+            }
+        });
+        let ids = store
+            .enqueue(
+                vec![new_entry("bob", "bad"), new_entry("bob", "good")],
+                now_ms(),
+            )
+            .unwrap();
+        let engine = Engine::new(store.clone(), attempt, limits(1));
+        let first = engine.watch(ids[0]);
+        let second = engine.watch(ids[1]);
+        engine.start().unwrap();
+        assert_eq!(
+            first.await.unwrap(),
+            Finished::Dead {
+                reason: "400: invalid".into()
+            }
+        );
+        assert!(matches!(second.await.unwrap(), Finished::Delivered { .. }));
+        assert!(matches!(
+            store.entry(ids[0]).unwrap().unwrap().state,
+            EntryState::Dead { .. }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_past_the_maximum_age_die_without_a_try() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let attempt = scripted(log.clone(), |_, _| delivered());
+        let ids = store.enqueue(vec![new_entry("carol", "add")], 1).unwrap();
+        let engine = Engine::new(store, attempt, limits(1));
+        let done = engine.watch(ids[0]);
+        engine.start().unwrap();
+        match done.await.unwrap() {
+            Finished::Dead { reason } => {
+                assert!(reason.contains("max_entry_age_hours"), "{reason}")
+            }
+            other => panic!("expected dead, got {other:?}"),
+        }
+        assert!(log.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_pauses_every_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let attempt = scripted(log.clone(), |_, n| {
+            if n == 0 {
+                Attempt::PauseAll {
+                    after: Duration::from_secs(30),
+                    reason: "429".into(),
+                }
+            } else {
+                delivered()
+            }
+        });
+        let ids = store
+            .enqueue(
+                vec![new_entry("u1", "add"), new_entry("u2", "add")],
+                now_ms(),
+            )
+            .unwrap();
+        let engine = Engine::new(store, attempt, limits(1));
+        let second = engine.watch(ids[1]);
+        let started = Instant::now();
+        engine.start().unwrap();
+        second.await.unwrap();
+        // With the clock paused, time only moves when every task sleeps: u2 cannot have been
+        // tried before the pause ended.
+        assert!(Instant::now() - started >= Duration::from_secs(30));
+        assert_eq!(
+            log.lock().unwrap()[..2],
+            ["u1:add".to_string(), "u1:add".to_string()]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn users_run_in_parallel_up_to_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (r, p) = (running.clone(), peak.clone());
+        let attempt: AttemptFn = Arc::new(move |_entry| {
+            let (r, p) = (r.clone(), p.clone());
+            Box::pin(async move {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                p.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                r.fetch_sub(1, Ordering::SeqCst);
+                delivered()
+            })
+        });
+        let entries: Vec<NewEntry> = (0..20)
+            .map(|i| new_entry(&format!("user{i}"), "add"))
+            .collect();
+        let ids = store.enqueue(entries, now_ms()).unwrap();
+        let engine = Engine::new(store.clone(), attempt, limits(4));
+        let waits: Vec<_> = ids.iter().map(|id| engine.watch(*id)).collect();
+        engine.start().unwrap();
+        for w in waits {
+            w.await.unwrap();
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 4);
+        assert_eq!(store.pending_summary().unwrap().0, 0);
+    }
+}
