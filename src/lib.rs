@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod mapping;
+pub mod metrics;
 pub mod oci;
 pub mod secret;
 pub mod sim;

@@ -5,6 +5,7 @@
 //! input was processed and something in it was refused (a rejected command, a certificate that
 //! fails the policy).
 
+mod logging;
 mod tools;
 
 use std::process::ExitCode;
