@@ -1,0 +1,464 @@
+//! `POST /provisioning[/{template}]`: one OCI-P document in, one OCI-P document out.
+//!
+//! Per command: choose the template, map, and either answer at once (customer records, no-ops,
+//! rejections) or store a Webex call in the outbox. The store is flushed before any answer, then the
+//! request waits for its deliveries up to the ack deadline; what is not done by then is answered
+//! 7020 and continues in the background.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderMap};
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine as _;
+use subtle::ConstantTimeEq;
+
+use super::AppState;
+use crate::delivery::Finished;
+use crate::mapping::{self, MapContext, OciError, Plan, Selection};
+use crate::oci::{self, Command, ErrorClass, ParseLimits, Request, ResponseCommand, Session};
+use crate::secret::{PasswordAccount, Secret};
+use crate::store::{AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, now_ms};
+
+/// How much of a document the audit keeps when flowthrough cannot use it.
+const EXCERPT_BYTES: usize = 64 * 1024;
+
+/// Basic credentials from the request, if any.
+struct Credentials {
+    user: String,
+    password: Secret,
+}
+
+fn basic_credentials(headers: &HeaderMap) -> Option<Credentials> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some(Credentials {
+        user: user.to_owned(),
+        password: Secret::new(password),
+    })
+}
+
+/// Constant time on the user name, Argon2 on the password: neither leaks how close a guess was.
+fn account_matches(account: &PasswordAccount, credentials: Option<&Credentials>) -> bool {
+    let Some(c) = credentials else {
+        return false;
+    };
+    let user_ok: bool = account.user.as_bytes().ct_eq(c.user.as_bytes()).into();
+    let password_ok = argon2::PasswordHash::new(account.password_hash.expose())
+        .and_then(|hash| {
+            argon2::PasswordVerifier::verify_password(
+                &argon2::Argon2::default(),
+                c.password.expose().as_bytes(),
+                &hash,
+            )
+        })
+        .is_ok();
+    user_ok & password_ok
+}
+
+fn content_type_ok(req: &HttpRequest) -> bool {
+    let Some(value) = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let media = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    media == "text/xml" || media == "application/xml"
+}
+
+fn plain(status: StatusCode, message: &str) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("text/plain; charset=utf-8")
+        .body(format!("{message}\n"))
+}
+
+fn oci_reply(session: &Session, responses: &[ResponseCommand]) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/xml; charset=UTF-8")
+        .body(oci::write(session, responses))
+}
+
+/// What one command came to before delivery.
+enum Step {
+    /// Answered without Webex.
+    Answered(ResponseCommand),
+    /// Stored in the outbox; answered when delivered, dead, or at the deadline.
+    Queued {
+        id: EntryId,
+        plan: Plan,
+        echo: Option<String>,
+    },
+}
+
+pub async fn handle(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+    path: Option<web::Path<String>>,
+) -> HttpResponse {
+    let started = Instant::now();
+    let state = state.get_ref();
+    let response = process(&req, &body, state, path.as_deref().map(String::as_str), started).await;
+    state
+        .metrics
+        .request_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let mut response = response;
+    if super::listener::connection_too_old(&req, state.settings.max_connection_age) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    }
+    state
+        .metrics
+        .http_responses
+        .get_or_create(&crate::metrics::StatusLabels {
+            status: response.status().as_u16().to_string(),
+        })
+        .inc();
+    response
+}
+
+async fn process(
+    req: &HttpRequest,
+    body: &[u8],
+    state: &AppState,
+    explicit: Option<&str>,
+    started: Instant,
+) -> HttpResponse {
+    if state.shutting_down() {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "flowthrough is shutting down; the AS should retry on another node or in a moment",
+        );
+    }
+    if !content_type_ok(req) {
+        return plain(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be text/xml or application/xml for an OCI-P document",
+        );
+    }
+    let client = super::client_label(req);
+    let limits = ParseLimits {
+        max_bytes: state.settings.max_body_bytes,
+        ..ParseLimits::default()
+    };
+    let document = match oci::parse(body, &limits) {
+        Ok(document) => document,
+        Err(error) => {
+            keep_document(state, &client, &error.to_string(), body);
+            return match error.class() {
+                ErrorClass::TooLarge => plain(StatusCode::PAYLOAD_TOO_LARGE, &error.to_string()),
+                ErrorClass::NotOci => plain(
+                    StatusCode::BAD_REQUEST,
+                    &format!("not an OCI-P document: {error}"),
+                ),
+                ErrorClass::Malformed => {
+                    let session = error
+                        .session()
+                        .cloned()
+                        .unwrap_or_else(|| Session::SessionId(String::new()));
+                    let response = OciError::Malformed.response(None, Some(error.to_string()));
+                    state.metrics.count_command("document", "error_7001");
+                    oci_reply(&session, &[response])
+                }
+            };
+        }
+    };
+
+    let config = &state.config;
+    let credentials = basic_credentials(req.headers());
+    let mut steps = Vec::with_capacity(document.commands.len());
+    let mut user_ids: Vec<String> = Vec::new();
+    let mut audit_pending = Vec::new();
+    for request in &document.commands {
+        let remembered = match mapping::command_user_id(&request.command) {
+            Some(user) => state.store.user(user).ok().flatten().and_then(|u| u.template),
+            None => None,
+        };
+        let selection = Selection {
+            explicit,
+            templates: &config.templates,
+            overrides: &config.template_overrides,
+            remembered: remembered.as_deref(),
+            default: config.default_template.as_deref(),
+        };
+        let template_name = match mapping::select_template(&request.command, &selection) {
+            Ok(name) => name,
+            Err(reject) => {
+                if matches!(request.command, Command::Unsupported) {
+                    keep_document(state, &client, &format!("unsupported command {}", request.name), body);
+                }
+                steps.push((request, None, Step::Answered(reject.response(request.echo.clone()))));
+                continue;
+            }
+        };
+        let Some(template) = config.templates.get(&template_name) else {
+            // select_template only returns configured names; answer rather than drop a command.
+            let response = OciError::UnknownTemplate.response(request.echo.clone(), None);
+            steps.push((request, None, Step::Answered(response)));
+            continue;
+        };
+        if let Some(account) = &template.provisioning_account {
+            if !account_matches(account, credentials.as_ref()) {
+                return HttpResponse::Unauthorized()
+                    .insert_header((
+                        header::WWW_AUTHENTICATE,
+                        format!("Basic realm=\"flowthrough {template_name}\", charset=\"UTF-8\""),
+                    ))
+                    .content_type("text/plain; charset=utf-8")
+                    .body(format!(
+                        "template \"{template_name}\" requires the provisioning account's HTTP Basic credentials; configure them on the AS\n"
+                    ));
+            }
+        }
+        let user_id = mapping::command_user_id(&request.command).map(str::to_owned);
+        let last_profile = match &user_id {
+            Some(user) => state.store.profile(user).ok().flatten(),
+            None => None,
+        };
+        let languages = &state.languages;
+        let ctx = MapContext {
+            template_name: &template_name,
+            template,
+            languages,
+            last_profile: last_profile.as_ref(),
+        };
+        let plan = mapping::plan(&request.command, &ctx);
+        for note in plan.notes() {
+            tracing::info!(command = %request.name, user_id = user_id.as_deref().unwrap_or(""), "{note}");
+        }
+        let step = match remember(state, request, &template_name, last_profile.as_ref(), &plan) {
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write to the store");
+                return plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the store cannot be written; nothing was accepted — check the data volume, then the AS can retry",
+                );
+            }
+            Ok(Some(call)) => {
+                let user = plan.user_id().unwrap_or_default().to_owned();
+                let entry = NewEntry {
+                    user_id: user.clone(),
+                    template: template_name.clone(),
+                    command: request.name.clone(),
+                    call,
+                    client: client.clone(),
+                };
+                match state.store.enqueue(vec![entry], now_ms()) {
+                    Ok(ids) => {
+                        user_ids.push(user);
+                        Step::Queued {
+                            id: ids[0],
+                            plan,
+                            echo: request.echo.clone(),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot write to the outbox");
+                        return plain(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "the outbox cannot be written; nothing was accepted — check the data volume, then the AS can retry",
+                        );
+                    }
+                }
+            }
+            Ok(None) => Step::Answered(plan.response(request.echo.clone())),
+        };
+        steps.push((request, Some(template_name), step));
+    }
+
+    // Durable before the AS hears anything.
+    if let Err(e) = state.store.flush().await {
+        tracing::error!(error = %e, "cannot flush the store");
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the store cannot be flushed to disk; the AS should retry — check the data volume",
+        );
+    }
+
+    let credentials_invalid = state.credentials_invalid();
+    let mut watches = Vec::new();
+    for (_, _, step) in &steps {
+        if let Step::Queued { id, .. } = step {
+            watches.push((*id, state.engine.watch(*id)));
+        }
+    }
+    for user in &user_ids {
+        state.engine.submit(user);
+    }
+    let deadline = tokio::time::Instant::from_std(started) + state.settings.ack_deadline;
+    let mut finished = std::collections::HashMap::new();
+    if !credentials_invalid {
+        for (id, watch) in watches {
+            if let Ok(Ok(result)) = tokio::time::timeout_at(deadline, watch).await {
+                finished.insert(id, result);
+            }
+        }
+    }
+
+    let mut responses = Vec::with_capacity(steps.len());
+    for (request, template, step) in steps {
+        let (response, outbox_id) = match step {
+            Step::Answered(response) => (response, None),
+            Step::Queued { id, plan, echo } => {
+                let response = match finished.get(&id) {
+                    Some(Finished::Delivered { .. }) => plan.response(echo),
+                    Some(Finished::Dead { reason }) => {
+                        OciError::WebexRejected.response(echo, Some(reason.clone()))
+                    }
+                    None if credentials_invalid => OciError::UpstreamCredentials.response(
+                        echo,
+                        Some(format!(
+                            "the Webex refresh token was rejected; the command is kept in the outbox as entry {id} and is delivered once an operator installs a new token with `flowthrough token set`"
+                        )),
+                    ),
+                    None => OciError::Pending.response(
+                        echo,
+                        Some(format!("outbox entry {id}: Webex has not answered yet; delivery continues")),
+                    ),
+                };
+                (response, Some(id))
+            }
+        };
+        let outcome = outcome_label(&response);
+        state
+            .metrics
+            .count_command(command_kind(&request.command), &outcome);
+        audit_pending.push(AuditRecord {
+            at_ms: now_ms(),
+            client: client.clone(),
+            event: AuditEvent::Command {
+                template,
+                command: request.name.clone(),
+                user_id: mapping::command_user_id(&request.command).map(str::to_owned),
+                outcome,
+                webex_status: None,
+                tracking_id: None,
+                outbox_id,
+                latency_ms: started.elapsed().as_millis() as u64,
+            },
+        });
+        responses.push(response);
+    }
+    for record in &audit_pending {
+        if let Err(e) = state.store.append_audit(record) {
+            tracing::warn!(error = %e, "cannot write an audit record");
+        }
+    }
+    oci_reply(&document.session, &responses)
+}
+
+/// Update what the adapter remembers about the user and customer, and return the Webex call to
+/// store for this plan, if any.
+fn remember(
+    state: &AppState,
+    request: &Request,
+    template: &str,
+    last_profile: Option<&oci::UserProfile>,
+    plan: &Plan,
+) -> Result<Option<Call>, crate::store::StoreError> {
+    let store = &state.store;
+    match &request.command {
+        Command::UserAdd(profile) => {
+            store.save_profile(profile)?;
+            store.map_user(&profile.user_id, None, Some(template))?;
+        }
+        Command::UserModify(changes) => {
+            if let Some(profile) = last_profile {
+                store.save_profile(&mapping::apply_changes(profile, changes))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(match plan {
+        Plan::Provision { body, .. } => Some(Call::Provision {
+            body: serde_json::to_value(body).unwrap_or_default(),
+        }),
+        Plan::Update { body, .. } if !body.is_empty() => Some(Call::Update {
+            body: serde_json::to_value(body).unwrap_or_default(),
+        }),
+        Plan::Remove { .. } => Some(Call::Remove),
+        Plan::RecordCustomer(customer) => {
+            if let Some(warning) = &customer.mode_mismatch {
+                tracing::warn!(service_provider_id = %customer.service_provider_id, "{warning}");
+            }
+            store.record_customer(&Customer {
+                service_provider_id: customer.service_provider_id.clone(),
+                group_id: customer.group_id.clone(),
+                name: customer.name.clone(),
+                enterprise: customer.enterprise,
+                template: template.to_owned(),
+            })?;
+            None
+        }
+        Plan::NoOp { reason } => {
+            tracing::info!(command = %request.name, "no Webex call: {reason}");
+            None
+        }
+        Plan::Update { .. } | Plan::Reject { .. } => None,
+    })
+}
+
+/// The metric label of a command: its kind, not its name, so release suffixes and unknown names
+/// cannot grow the label set.
+fn command_kind(command: &Command) -> &'static str {
+    match command {
+        Command::UserAdd(_) => "UserAddRequest",
+        Command::UserModify(_) => "UserModifyRequest",
+        Command::UserDelete { .. } => "UserDeleteRequest",
+        Command::ServiceAssign { .. } => "UserServiceAssignListRequest",
+        Command::ServiceUnassign { .. } => "UserServiceUnassignListRequest",
+        Command::IntegratedImpModify { .. } => "UserIntegratedIMPModifyRequest",
+        Command::GroupAdd { .. } => "GroupAddRequest",
+        Command::ServiceProviderAdd { .. } => "ServiceProviderAddRequest",
+        Command::GroupDelete { .. } => "GroupDeleteRequest",
+        Command::ServiceProviderDelete { .. } => "ServiceProviderDeleteRequest",
+        Command::Unsupported => "unsupported",
+        Command::Invalid { .. } => "invalid",
+    }
+}
+
+fn outcome_label(response: &ResponseCommand) -> String {
+    match response {
+        ResponseCommand::Success { .. } => "success".to_owned(),
+        ResponseCommand::Error(e) => format!("{}_{}", e.severity.as_str().to_ascii_lowercase(), e.code),
+    }
+}
+
+/// Keep a document (or a command) flowthrough could not use, redacted, for the operator.
+fn keep_document(state: &AppState, client: &str, reason: &str, body: &[u8]) {
+    let record = AuditRecord {
+        at_ms: now_ms(),
+        client: client.to_owned(),
+        event: AuditEvent::Document {
+            reason: reason.to_owned(),
+            excerpt: oci::redacted_excerpt(body, EXCERPT_BYTES),
+        },
+    };
+    if let Err(e) = state.store.append_audit(&record) {
+        tracing::warn!(error = %e, "cannot keep the unreadable document in the audit");
+    }
+}
+
+/// Shared settings of the provisioning handler, from `[server]`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_body_bytes: usize,
+    pub ack_deadline: Duration,
+    pub max_connection_age: Duration,
+}
+
+impl Settings {
+    pub fn from_config(server: &crate::config::ServerConfig) -> Settings {
+        Settings {
+            max_body_bytes: server.max_body_bytes,
+            ack_deadline: Duration::from_millis(server.ack_deadline_ms),
+            max_connection_age: Duration::from_secs(server.max_connection_age_s),
+        }
+    }
+}
+
+pub type SharedSettings = Arc<Settings>;
