@@ -219,6 +219,15 @@ impl Store {
         self.update_entry(id, |entry| entry.last_error = Some(error.to_owned()))
     }
 
+    /// The final subscriber status found by the follow-up of a delivered entry.
+    pub fn set_webex_status(&self, id: EntryId, status: &str) -> Result<Entry, StoreError> {
+        self.update_entry(id, |entry| {
+            if let EntryState::Delivered { webex_status, .. } = &mut entry.state {
+                *webex_status = Some(status.to_owned());
+            }
+        })
+    }
+
     /// The entry reached its end: delivered or dead. It leaves the user's queue in the same
     /// transaction, so the next entry of that user becomes the head.
     pub fn finish(&self, id: EntryId, state: EntryState) -> Result<Entry, StoreError> {
