@@ -1,0 +1,296 @@
+//! The admin listener (loopback by default, plain HTTP): metrics, health, readiness, status,
+//! certificate reload, and the outbox operations of a running instance (sled admits one process
+//! per store, so `flowthrough outbox` talks to a running server through here).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{AppState, CurrentTls, ServeError};
+use crate::config::{ClientPolicyConfig, ServerConfig};
+use crate::metrics::{FileLabels, Metrics, OutcomeLabels};
+use crate::store::{Filter, now_ms};
+use crate::tls::{LoadedTls, Observer};
+use crate::webex::TokenState;
+
+/// Reloads the TLS material: validates the whole new set, then swaps it in atomically.
+#[derive(Clone)]
+pub struct Reloader {
+    pub server: ServerConfig,
+    pub policy: ClientPolicyConfig,
+    pub observer: Observer,
+    pub tls: CurrentTls,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Reloader {
+    pub fn reload(&self) -> Result<(), String> {
+        let outcome = |o: &str| OutcomeLabels {
+            outcome: o.to_owned(),
+        };
+        match crate::tls::server_config(&self.server, &self.policy, self.observer.clone()) {
+            Ok(loaded) => {
+                self.tls.store(loaded.config.clone());
+                export_tls_metrics(&self.metrics, &loaded);
+                self.metrics.reloads.get_or_create(&outcome("ok")).inc();
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reloads.get_or_create(&outcome("refused")).inc();
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+fn seconds_until(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::now()) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+/// Certificate expiry and CRL freshness, after every (re)load.
+pub fn export_tls_metrics(metrics: &Metrics, loaded: &LoadedTls) {
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    for (file, not_after) in &loaded.certificate_expiry {
+        metrics
+            .certificate_expiry_seconds
+            .get_or_create(&FileLabels { file: file.clone() })
+            .set(seconds_until(*not_after));
+    }
+    for crl in &loaded.crls {
+        let labels = FileLabels {
+            file: crl.file.clone(),
+        };
+        if let Some(next) = crl.next_update {
+            metrics
+                .crl_next_update_seconds
+                .get_or_create(&labels)
+                .set(seconds_until(next));
+        }
+        metrics
+            .crl_age_seconds
+            .get_or_create(&labels)
+            .set(-seconds_until(crl.this_update));
+    }
+}
+
+/// Readiness and its reasons.
+fn readiness(state: &AppState) -> (bool, Vec<String>) {
+    let mut reasons = Vec::new();
+    if state.shutting_down() {
+        reasons.push("shutting down".to_owned());
+    }
+    if !state.tls_loaded.load(Ordering::SeqCst) {
+        reasons.push("certificates not loaded".to_owned());
+    }
+    if let Some(tokens) = &state.tokens {
+        if let TokenState::CredentialsInvalid { reason } = tokens.state() {
+            reasons.push(format!(
+                "Webex refresh token rejected ({reason}); install a new one with `flowthrough token set`"
+            ));
+        }
+    }
+    (reasons.is_empty(), reasons)
+}
+
+fn refresh_gauges(state: &AppState) {
+    let m = &state.metrics;
+    if let Ok((pending, oldest)) = state.store.pending_summary() {
+        m.outbox_pending.set(pending as i64);
+        let age = oldest.map_or(0, |t| now_ms().saturating_sub(t)) as f64 / 1000.0;
+        m.outbox_oldest_age_seconds.set(age);
+    }
+    if let Ok(dead) = state.store.list(Filter::Dead, usize::MAX) {
+        m.outbox_dead.set(dead.len() as i64);
+    }
+    m.deliveries_paused
+        .set(i64::from(state.engine.paused_until().is_some()));
+    if let Some(tokens) = &state.tokens {
+        let status = tokens.status();
+        let now = now_ms() / 1000;
+        m.token_valid.set(i64::from(!matches!(
+            status.state,
+            TokenState::CredentialsInvalid { .. }
+        )));
+        if let Some(at) = status.access_expires_at {
+            m.access_token_expiry_seconds.set(at as i64 - now as i64);
+        }
+        if let Some(at) = status.refresh_expires_at {
+            m.refresh_token_expiry_seconds.set(at as i64 - now as i64);
+        }
+    }
+    let (ready, _) = readiness(state);
+    m.ready.set(i64::from(ready));
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    refresh_gauges(&state);
+    HttpResponse::Ok()
+        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(state.metrics.render())
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok\n")
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let (ready, reasons) = readiness(&state);
+    if ready {
+        HttpResponse::Ok().content_type("text/plain").body("ready\n")
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body(format!("not ready: {}\n", reasons.join("; ")))
+    }
+}
+
+async fn status(state: web::Data<AppState>) -> HttpResponse {
+    let (ready, reasons) = readiness(&state);
+    let (pending, oldest) = state.store.pending_summary().unwrap_or((0, None));
+    let dead = state.store.list(Filter::Dead, 100).unwrap_or_default();
+    let token = state.tokens.as_ref().map(|t| t.status());
+    HttpResponse::Ok().json(json!({
+        "ready": ready,
+        "not_ready_reasons": reasons,
+        "outbox": {
+            "pending": pending,
+            "oldest_pending_ms": oldest,
+            "dead": dead.len(),
+            "paused_for_rate_limit": state.engine.paused_until().is_some(),
+        },
+        "token": token,
+        "recent_unreadable_documents": state.store.audit(&crate::store::AuditQuery {
+            documents_only: true,
+            limit: 5,
+            ..Default::default()
+        }).unwrap_or_default(),
+    }))
+}
+
+async fn reload(reloader: web::Data<Reloader>) -> HttpResponse {
+    match reloader.reload() {
+        Ok(()) => HttpResponse::Ok().json(json!({"reloaded": true})),
+        Err(e) => HttpResponse::UnprocessableEntity().json(json!({
+            "reloaded": false,
+            "error": e,
+            "note": "the previous certificates stay in use",
+        })),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+fn filter_from(name: Option<&str>) -> Result<Filter, String> {
+    match name.unwrap_or("active") {
+        "all" => Ok(Filter::All),
+        "pending" => Ok(Filter::Pending),
+        "dead" => Ok(Filter::Dead),
+        "delivered" => Ok(Filter::Delivered),
+        "active" => Ok(Filter::All),
+        other => Err(format!(
+            "unknown state {other:?}; use all, pending, dead or delivered"
+        )),
+    }
+}
+
+async fn outbox_list(state: web::Data<AppState>, q: web::Query<ListQuery>) -> HttpResponse {
+    let filter = match filter_from(q.state.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return HttpResponse::BadRequest().json(json!({ "error": e })),
+    };
+    match state.store.list(filter, q.limit.unwrap_or(100)) {
+        Ok(entries) => HttpResponse::Ok().json(entries),
+        Err(e) => HttpResponse::InternalServerError().json(json!({ "error": e.to_string() })),
+    }
+}
+
+async fn outbox_show(state: web::Data<AppState>, id: web::Path<u64>) -> HttpResponse {
+    match state.store.entry(*id) {
+        Ok(Some(entry)) => HttpResponse::Ok().json(entry),
+        Ok(None) => HttpResponse::NotFound().json(json!({ "error": format!("no outbox entry {id}") })),
+        Err(e) => HttpResponse::InternalServerError().json(json!({ "error": e.to_string() })),
+    }
+}
+
+async fn outbox_retry(state: web::Data<AppState>, id: web::Path<u64>) -> HttpResponse {
+    match state.store.retry(*id) {
+        Ok(true) => {
+            if let Ok(Some(entry)) = state.store.entry(*id) {
+                let _ = state.store.flush().await;
+                state.engine.submit(&entry.new.user_id);
+            }
+            HttpResponse::Ok().json(json!({ "retried": *id }))
+        }
+        Ok(false) => HttpResponse::Conflict().json(json!({
+            "error": format!("outbox entry {id} is not dead (or does not exist); only dead entries are retried")
+        })),
+        Err(e) => HttpResponse::InternalServerError().json(json!({ "error": e.to_string() })),
+    }
+}
+
+async fn outbox_drop(state: web::Data<AppState>, id: web::Path<u64>) -> HttpResponse {
+    match state.store.drop_entry(*id) {
+        Ok(Some(entry)) => {
+            let _ = state.store.flush().await;
+            HttpResponse::Ok().json(entry)
+        }
+        Ok(None) => HttpResponse::NotFound().json(json!({ "error": format!("no outbox entry {id}") })),
+        Err(e) => HttpResponse::InternalServerError().json(json!({ "error": e.to_string() })),
+    }
+}
+
+type Started = (
+    SocketAddr,
+    actix_server::ServerHandle,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+);
+
+/// Start the admin listener.
+pub fn start(
+    addr: SocketAddr,
+    state: web::Data<AppState>,
+    reloader: Reloader,
+) -> Result<Started, ServeError> {
+    let reloader = web::Data::new(reloader);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(reloader.clone())
+            .route("/metrics", web::get().to(metrics))
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/status", web::get().to(status))
+            .route("/admin/reload", web::post().to(reload))
+            .route("/admin/outbox", web::get().to(outbox_list))
+            .route("/admin/outbox/{id}", web::get().to(outbox_show))
+            .route("/admin/outbox/{id}", web::delete().to(outbox_drop))
+            .route("/admin/outbox/{id}/retry", web::post().to(outbox_retry))
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(addr)
+    .map_err(|e| ServeError::Bind {
+        addr,
+        reason: e.to_string(),
+    })?;
+    let bound = server.addrs().first().copied().unwrap_or(addr);
+    let server = server.run();
+    let handle = server.handle();
+    Ok((bound, handle, tokio::spawn(server)))
+}

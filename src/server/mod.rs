@@ -1,0 +1,290 @@
+//! `serve`: the provisioning listener(s), the admin listener, the delivery engine and the tunnel,
+//! wired together; certificate reload on SIGHUP and drain on SIGTERM.
+//!
+//! Start-up validates everything once (config, certificates, store, credentials) and refuses to
+//! start with a message that says what to fix; after that nothing is re-parsed on the hot path.
+
+mod admin;
+pub mod listener;
+mod provisioning;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use actix_web::{App, web};
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::delivery::{Engine, Limits, webex::Deliverer};
+use crate::mapping::LanguageTable;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::webex::{TokenManager, TokenState, WebexClient};
+
+pub use listener::{CurrentTls, address_allowed};
+pub use provisioning::Settings;
+
+/// Why `serve` could not start or stopped abnormally. Each says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot listen on {addr}: {reason}; check that no other process uses the port and that flowthrough may bind it")]
+    Bind { addr: SocketAddr, reason: String },
+    #[error("{0}")]
+    Webex(String),
+    #[error("the server stopped with an error: {0}")]
+    Runtime(String),
+}
+
+/// What every request handler shares.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub languages: LanguageTable,
+    pub settings: Settings,
+    pub store: Store,
+    pub engine: Engine,
+    pub metrics: Arc<Metrics>,
+    pub tokens: Option<TokenManager>,
+    pub shutting_down: Arc<AtomicBool>,
+    /// What `/readyz` looks at besides the token.
+    pub tls_loaded: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// True when Webex rejected the refresh token: commands are queued and answered 7030.
+    pub fn credentials_invalid(&self) -> bool {
+        self.tokens
+            .as_ref()
+            .is_some_and(|t| matches!(t.state(), TokenState::CredentialsInvalid { .. }))
+    }
+}
+
+/// The label of the client of a request, for the audit: certificate subject and serial.
+pub fn client_label(req: &actix_web::HttpRequest) -> String {
+    match listener::client_identity(req) {
+        Some(id) => format!("{} serial={}", id.subject, id.serial),
+        None => "unknown".to_owned(),
+    }
+}
+
+/// The provisioning app: both routes, the body limit, the shared state.
+pub fn provisioning_app(
+    state: web::Data<AppState>,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let limit = state.settings.max_body_bytes;
+    App::new()
+        .app_data(state)
+        .app_data(web::PayloadConfig::new(limit))
+        .route(
+            "/provisioning",
+            web::post().to(|req, body, state| provisioning::handle(req, body, state, None)),
+        )
+        .route(
+            "/provisioning/{template}",
+            web::post().to(|req, body, state, path| provisioning::handle(req, body, state, Some(path))),
+        )
+}
+
+/// Handles the pieces `serve` starts, so tests and `sandbox` can run the same thing in-process.
+pub struct Running {
+    pub provisioning_addrs: Vec<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    handle: actix_server::ServerHandle,
+    admin: actix_server::ServerHandle,
+    engine: Engine,
+    store: Store,
+    shutting_down: Arc<AtomicBool>,
+    reload: admin::Reloader,
+    server_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    admin_task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Reload certificates, key, CA bundle and CRLs; the old set stays if the new one is bad.
+    pub fn reload(&self) -> Result<(), String> {
+        self.reload.reload()
+    }
+
+    /// Drain: stop accepting, let in-flight requests finish (their work is in the outbox either
+    /// way), stop deliveries, flush the store.
+    pub async fn shutdown(self, grace: Duration) -> Result<(), ServeError> {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.handle.stop(true).await;
+        self.engine.stop();
+        let _ = tokio::time::timeout(grace, self.engine.idle()).await;
+        self.store.flush().await?;
+        self.admin.stop(true).await;
+        let _ = self.server_task.await;
+        let _ = self.admin_task.await;
+        Ok(())
+    }
+}
+
+/// Start everything in the current actix/tokio runtime and return once listening.
+pub async fn start(config: Config) -> Result<Running, ServeError> {
+    let config = Arc::new(config);
+    let server = config.server.clone().ok_or_else(|| {
+        ServeError::Config(
+            "the config has no [server] section; serve needs its certificate, key and client CA (see deploy/flowthrough.example.toml)".to_owned(),
+        )
+    })?;
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open(&config.store.path)?;
+
+    let observer_metrics = metrics.clone();
+    let observer: crate::tls::Observer = Arc::new(move |refusal: &crate::tls::Refusal| {
+        tracing::warn!(reason = refusal.label(), "client certificate refused: {refusal}");
+        observer_metrics.count_refusal(refusal.label());
+    });
+    let loaded = crate::tls::server_config(&server, &config.client_policy, observer.clone())?;
+    let tls: CurrentTls = Arc::new(ArcSwap::new(loaded.config.clone()));
+    admin::export_tls_metrics(&metrics, &loaded);
+
+    let webex = config.webex.clone().ok_or_else(|| {
+        ServeError::Config(
+            "the config has no [webex] section; the provisioning listener needs the Webex API and credentials (remove [server].listen entries for a tunnel-only node)".to_owned(),
+        )
+    })?;
+    let tokens = TokenManager::new(&webex, store.clone()).map_err(|e| ServeError::Webex(e.to_string()))?;
+    let transport = crate::webex::Transport::new(
+        crate::webex::TransportOptions::from_config(&webex, crate::failover::Resolver::System)
+            .map_err(|e| ServeError::Webex(e.to_string()))?,
+    )
+    .map_err(|e| ServeError::Webex(e.to_string()))?;
+    let client = WebexClient::new(&webex, transport, tokens.clone()).map_err(|e| ServeError::Webex(e.to_string()))?;
+    let deliverer = Deliverer {
+        client,
+        store: store.clone(),
+        metrics: metrics.clone(),
+        follow_up: Duration::from_secs(webex.follow_up_s),
+    };
+    let engine = Engine::new(
+        store.clone(),
+        deliverer.attempt_fn(),
+        Limits {
+            max_parallel_users: webex.max_parallel_users,
+            max_entry_age: Duration::from_secs(config.store.max_entry_age_hours * 3600),
+        },
+    );
+    engine.start()?;
+
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let tls_loaded = Arc::new(AtomicBool::new(true));
+    let state = web::Data::new(AppState {
+        languages: config.language_table(),
+        settings: Settings::from_config(&server),
+        store: store.clone(),
+        engine: engine.clone(),
+        metrics: metrics.clone(),
+        tokens: Some(tokens.clone()),
+        shutting_down: shutting_down.clone(),
+        tls_loaded: tls_loaded.clone(),
+        config: config.clone(),
+    });
+
+    let refused_metrics = metrics.clone();
+    let settings = listener::ListenerSettings {
+        tls: tls.clone(),
+        allowed_networks: Arc::new(server.allowed_networks.clone()),
+        on_refused: Arc::new(move |addr, reason| {
+            tracing::warn!(peer = %addr, reason, "connection refused before TLS");
+            refused_metrics.count_refusal(reason);
+        }),
+    };
+    let mut builder = actix_server::Server::build()
+        .workers(2)
+        .shutdown_timeout(server.drain_seconds)
+        .disable_signals();
+    let mut provisioning_addrs = Vec::new();
+    for addr in &server.listen {
+        let std_listener = std::net::TcpListener::bind(addr).map_err(|e| ServeError::Bind {
+            addr: *addr,
+            reason: e.to_string(),
+        })?;
+        provisioning_addrs.push(std_listener.local_addr().unwrap_or(*addr));
+        let state = state.clone();
+        builder = listener::listen(builder, "provisioning", std_listener, settings.clone(), move || {
+            provisioning_app(state.clone())
+        })
+        .map_err(|e| ServeError::Bind {
+            addr: *addr,
+            reason: e.to_string(),
+        })?;
+    }
+    let server_handle = builder.run();
+    let handle = server_handle.handle();
+    let server_task = tokio::spawn(server_handle);
+
+    let reload = admin::Reloader {
+        server: server.clone(),
+        policy: config.client_policy.clone(),
+        observer,
+        tls,
+        metrics: metrics.clone(),
+    };
+    let (admin_addr, admin_handle, admin_task) =
+        admin::start(config.admin.listen, state.clone(), reload.clone())?;
+
+    Ok(Running {
+        provisioning_addrs,
+        admin_addr,
+        handle,
+        admin: admin_handle,
+        engine,
+        store,
+        shutting_down,
+        reload,
+        server_task,
+        admin_task,
+    })
+}
+
+/// `flowthrough serve`: start, then reload on SIGHUP and drain on SIGTERM/SIGINT.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let grace = Duration::from_secs(config.server.as_ref().map_or(10, |s| s.drain_seconds));
+    let running = start(config).await?;
+    tracing::info!(
+        provisioning = ?running.provisioning_addrs,
+        admin = %running.admin_addr,
+        "flowthrough is serving"
+    );
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| ServeError::Runtime(e.to_string()))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| ServeError::Runtime(e.to_string()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| ServeError::Runtime(e.to_string()))?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                match running.reload() {
+                    Ok(()) => tracing::info!("certificates reloaded"),
+                    Err(e) => tracing::error!("reload refused, the previous certificates stay: {e}"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("draining: no new connections; in-flight work finishes or stays in the outbox");
+    running.shutdown(grace).await?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
