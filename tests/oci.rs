@@ -53,7 +53,11 @@ fn session() -> Session {
 }
 
 fn req(name: &str, echo: Option<&str>, command: Command) -> Request {
-    Request { name: name.to_owned(), echo: echo.map(str::to_owned), command }
+    Request {
+        name: name.to_owned(),
+        echo: echo.map(str::to_owned),
+        command,
+    }
 }
 
 fn s(v: &str) -> String {
@@ -123,8 +127,14 @@ fn every_sample_parses_to_what_the_spec_says() {
         is_enterprise: Some(true),
     };
     let cases: Vec<(&str, Vec<Request>)> = vec![
-        ("error-response.xml", vec![req("ErrorResponse", Some(""), Command::Unsupported)]),
-        ("success-response.xml", vec![req("SuccessResponse", Some(""), Command::Unsupported)]),
+        (
+            "error-response.xml",
+            vec![req("ErrorResponse", Some(""), Command::Unsupported)],
+        ),
+        (
+            "success-response.xml",
+            vec![req("SuccessResponse", Some(""), Command::Unsupported)],
+        ),
         (
             "group-add.xml",
             vec![req(
@@ -159,11 +169,23 @@ fn every_sample_parses_to_what_the_spec_says() {
                 },
             )],
         ),
-        ("user-add-17sp4.xml", vec![req("UserAddRequest17sp4", None, Command::UserAdd(alice))]),
-        ("user-add-22v2.xml", vec![req("UserAddRequest22V2", None, Command::UserAdd(bob))]),
+        (
+            "user-add-17sp4.xml",
+            vec![req("UserAddRequest17sp4", None, Command::UserAdd(alice))],
+        ),
+        (
+            "user-add-22v2.xml",
+            vec![req("UserAddRequest22V2", None, Command::UserAdd(bob))],
+        ),
         (
             "user-delete.xml",
-            vec![req("UserDeleteRequest", None, Command::UserDelete { user_id: s("bob.jones@acme.example") })],
+            vec![req(
+                "UserDeleteRequest",
+                None,
+                Command::UserDelete {
+                    user_id: s("bob.jones@acme.example"),
+                },
+            )],
         ),
         (
             "user-modify-22.xml",
@@ -196,20 +218,36 @@ fn every_sample_parses_to_what_the_spec_says() {
                 }),
             )],
         ),
-        ("user-add-latin1-mueller.xml", vec![req("UserAddRequest17sp4", Some("add-1"), Command::UserAdd(juergen))]),
-        ("user-add-utf8-mueller.xml", vec![req("UserAddRequest22V2", None, Command::UserAdd(zoe))]),
+        (
+            "user-add-latin1-mueller.xml",
+            vec![req(
+                "UserAddRequest17sp4",
+                Some("add-1"),
+                Command::UserAdd(juergen),
+            )],
+        ),
+        (
+            "user-add-utf8-mueller.xml",
+            vec![req("UserAddRequest22V2", None, Command::UserAdd(zoe))],
+        ),
         (
             "impp-modify.xml",
             vec![
                 req(
                     "UserIntegratedIMPModifyRequest",
                     Some("imp"),
-                    Command::IntegratedImpModify { user_id: s("alice.smith@acme.example"), is_active: Some(true) },
+                    Command::IntegratedImpModify {
+                        user_id: s("alice.smith@acme.example"),
+                        is_active: Some(true),
+                    },
                 ),
                 req(
                     "UserIntegratedIMPModifyRequest",
                     None,
-                    Command::IntegratedImpModify { user_id: s("bob.jones@acme.example"), is_active: Some(false) },
+                    Command::IntegratedImpModify {
+                        user_id: s("bob.jones@acme.example"),
+                        is_active: Some(false),
+                    },
                 ),
             ],
         ),
@@ -230,7 +268,10 @@ fn every_sample_parses_to_what_the_spec_says() {
             vec![req(
                 "GroupDeleteRequest",
                 None,
-                Command::GroupDelete { service_provider_id: s("acme-ent"), group_id: s("acme-hq") },
+                Command::GroupDelete {
+                    service_provider_id: s("acme-ent"),
+                    group_id: s("acme-hq"),
+                },
             )],
         ),
         (
@@ -238,7 +279,9 @@ fn every_sample_parses_to_what_the_spec_says() {
             vec![req(
                 "ServiceProviderDeleteRequest",
                 None,
-                Command::ServiceProviderDelete { service_provider_id: s("acme-ent") },
+                Command::ServiceProviderDelete {
+                    service_provider_id: s("acme-ent"),
+                },
             )],
         ),
     ];
@@ -249,18 +292,33 @@ fn every_sample_parses_to_what_the_spec_says() {
     names.sort();
     let mut covered: Vec<String> = cases.iter().map(|(n, _)| n.to_string()).collect();
     covered.sort();
-    assert_eq!(names, covered, "every file in schemas/samples has an expected value here");
+    assert_eq!(
+        names, covered,
+        "every file in schemas/samples has an expected value here"
+    );
     for (name, commands) in cases {
-        assert_eq!(ok(&sample(name)), Document { session: session(), commands }, "{name}");
+        assert_eq!(
+            ok(&sample(name)),
+            Document {
+                session: session(),
+                commands
+            },
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn latin1_mueller_survives_the_round_trip() {
     let bytes = sample("user-add-latin1-mueller.xml");
-    assert!(bytes.windows(6).any(|w| w == b"M\xFCller"), "the sample really is Latin-1");
+    assert!(
+        bytes.windows(6).any(|w| w == b"M\xFCller"),
+        "the sample really is Latin-1"
+    );
     let d = ok(&bytes);
-    let Command::UserAdd(profile) = &d.commands[0].command else { panic!("{d:?}") };
+    let Command::UserAdd(profile) = &d.commands[0].command else {
+        panic!("{d:?}")
+    };
     assert_eq!(profile.last_name, "Müller");
 
     // Back to the AS: the name travels in a response, as UTF-8.
@@ -270,7 +328,10 @@ fn latin1_mueller_survives_the_round_trip() {
             echo: d.commands[0].echo.clone(),
             severity: Severity::Warning,
             code: 7021,
-            summary: format!("{} {} added; language not carried", profile.first_name, profile.last_name),
+            summary: format!(
+                "{} {} added; language not carried",
+                profile.first_name, profile.last_name
+            ),
             summary_english: "language not carried".to_owned(),
             detail: None,
         })],
@@ -279,7 +340,11 @@ fn latin1_mueller_survives_the_round_trip() {
     assert!(!out.contains(&0xFC));
 
     // And forward again: the same user re-sent as UTF-8 parses to the same profile.
-    let reencoded: String = bytes.iter().map(|&b| char::from(b)).collect::<String>().replace("ISO-8859-1", "UTF-8");
+    let reencoded: String = bytes
+        .iter()
+        .map(|&b| char::from(b))
+        .collect::<String>()
+        .replace("ISO-8859-1", "UTF-8");
     let again = ok(reencoded.as_bytes());
     assert_eq!(again.commands[0].command, d.commands[0].command);
     let reparsed = ok(&out);
@@ -289,23 +354,51 @@ fn latin1_mueller_survives_the_round_trip() {
 
 #[test]
 fn prefixed_xsi_type_names_the_command() {
-    let r = one(r#"<command xmlns="" xmlns:c="C" echo="7" xsi:type="c:UserDeleteRequest"><userId>u1</userId></command>"#);
-    assert_eq!(r, req("UserDeleteRequest", Some("7"), Command::UserDelete { user_id: s("u1") }));
+    let r = one(
+        r#"<command xmlns="" xmlns:c="C" echo="7" xsi:type="c:UserDeleteRequest"><userId>u1</userId></command>"#,
+    );
+    assert_eq!(
+        r,
+        req(
+            "UserDeleteRequest",
+            Some("7"),
+            Command::UserDelete { user_id: s("u1") }
+        )
+    );
     // Another prefix for the XSI namespace works too.
-    let r = one(r#"<command xmlns="" xmlns:i="http://www.w3.org/2001/XMLSchema-instance" i:type="UserDeleteRequest"><userId>u2</userId></command>"#);
+    let r = one(
+        r#"<command xmlns="" xmlns:i="http://www.w3.org/2001/XMLSchema-instance" i:type="UserDeleteRequest"><userId>u2</userId></command>"#,
+    );
     assert_eq!(r.command, Command::UserDelete { user_id: s("u2") });
 }
 
 #[test]
 fn release_suffixes_match_and_lookalikes_do_not() {
     let body = "<serviceProviderId>sp</serviceProviderId><groupId>g</groupId><userId>u</userId><lastName>L</lastName><firstName>F</firstName>";
-    for name in ["UserAddRequest", "UserAddRequest14sp9", "UserAddRequest17sp4", "UserAddRequest22", "UserAddRequest22V2"] {
-        let r = one(&format!(r#"<command xmlns="" xsi:type="{name}">{body}</command>"#));
+    for name in [
+        "UserAddRequest",
+        "UserAddRequest14sp9",
+        "UserAddRequest17sp4",
+        "UserAddRequest22",
+        "UserAddRequest22V2",
+    ] {
+        let r = one(&format!(
+            r#"<command xmlns="" xsi:type="{name}">{body}</command>"#
+        ));
         assert!(matches!(r.command, Command::UserAdd(_)), "{name}: {r:?}");
         assert_eq!(r.name, name);
     }
-    for name in ["UserAddRequestFoo", "UserAddRequest17sp", "UserAddRequestV2", "UserAddRequest22v2", "XUserAddRequest", "GroupDnGetListRequest"] {
-        let r = one(&format!(r#"<command xmlns="" xsi:type="{name}">{body}</command>"#));
+    for name in [
+        "UserAddRequestFoo",
+        "UserAddRequest17sp",
+        "UserAddRequestV2",
+        "UserAddRequest22v2",
+        "XUserAddRequest",
+        "GroupDnGetListRequest",
+    ] {
+        let r = one(&format!(
+            r#"<command xmlns="" xsi:type="{name}">{body}</command>"#
+        ));
         assert_eq!(r.command, Command::Unsupported, "{name}");
     }
 }
@@ -315,17 +408,25 @@ fn nil_clears_on_modify_and_means_absent_on_add() {
     let r = one(
         r#"<command xmlns="" xsi:type="UserModifyRequest22"><userId>u</userId><emailAddress xsi:nil="true"/><language>French</language><phoneNumber></phoneNumber></command>"#,
     );
-    let Command::UserModify(c) = r.command else { panic!() };
+    let Command::UserModify(c) = r.command else {
+        panic!()
+    };
     assert_eq!(c.email_address, Change::Clear);
     assert_eq!(c.language, Change::Set(s("French")));
-    assert_eq!(c.phone_number, Change::Clear, "an empty element blanks the field");
+    assert_eq!(
+        c.phone_number,
+        Change::Clear,
+        "an empty element blanks the field"
+    );
     assert_eq!(c.first_name, Change::Absent);
     assert!(c.mobile_phone_number.is_absent());
 
     let r = one(
         r#"<command xmlns="" xsi:type="UserAddRequest17sp4"><serviceProviderId>sp</serviceProviderId><groupId>g</groupId><userId>u</userId><lastName>L</lastName><firstName>F</firstName><phoneNumber xsi:nil="true"/><emailAddress xsi:nil="false">a@b.example</emailAddress></command>"#,
     );
-    let Command::UserAdd(p) = r.command else { panic!() };
+    let Command::UserAdd(p) = r.command else {
+        panic!()
+    };
     assert_eq!(p.phone_number, None);
     assert_eq!(p.email_address.as_deref(), Some("a@b.example"));
 }
@@ -338,7 +439,10 @@ fn entities_and_character_references_are_unescaped() {
     assert_eq!(r.echo.as_deref(), Some("a&b\""));
     assert_eq!(
         r.command,
-        Command::ServiceAssign { user_id: s("Mülleré<x>"), services: vec![s("Integrated IM&P"), s("A&B <raw>")] }
+        Command::ServiceAssign {
+            user_id: s("Mülleré<x>"),
+            services: vec![s("Integrated IM&P"), s("A&B <raw>")]
+        }
     );
 }
 
@@ -350,7 +454,9 @@ fn unknown_elements_are_skipped_however_deep() {
     ));
     assert_eq!(r.command, Command::UserDelete { user_id: s("real") });
     // Unknown envelope children are skipped too.
-    let d = ok(&doc(r#"<extra><command xsi:type="UserDeleteRequest"/></extra><command xmlns="" xsi:type="UserDeleteRequest"><userId>u</userId></command>"#));
+    let d = ok(&doc(
+        r#"<extra><command xsi:type="UserDeleteRequest"/></extra><command xmlns="" xsi:type="UserDeleteRequest"><userId>u</userId></command>"#,
+    ));
     assert_eq!(d.commands.len(), 1);
 }
 
@@ -358,13 +464,26 @@ fn unknown_elements_are_skipped_however_deep() {
 fn complex_alternate_user_id_takes_the_inner_id() {
     let base = r#"<serviceProviderId>sp</serviceProviderId><groupId>g</groupId><userId>u</userId><lastName>L</lastName><firstName>F</firstName>"#;
     for (alt, want) in [
-        ("<alternateUserId><alternateUserId>alt1</alternateUserId><description>d</description></alternateUserId>", Some("alt1")),
-        ("<alternateUserId><description>d</description><alternateUserId>alt2</alternateUserId></alternateUserId>", Some("alt2")),
+        (
+            "<alternateUserId><alternateUserId>alt1</alternateUserId><description>d</description></alternateUserId>",
+            Some("alt1"),
+        ),
+        (
+            "<alternateUserId><description>d</description><alternateUserId>alt2</alternateUserId></alternateUserId>",
+            Some("alt2"),
+        ),
         ("<alternateUserId>plain</alternateUserId>", Some("plain")),
-        ("<alternateUserId><description>only</description></alternateUserId>", None),
+        (
+            "<alternateUserId><description>only</description></alternateUserId>",
+            None,
+        ),
     ] {
-        let r = one(&format!(r#"<command xmlns="" xsi:type="UserAddRequest22V2">{base}{alt}</command>"#));
-        let Command::UserAdd(p) = r.command else { panic!("{alt}") };
+        let r = one(&format!(
+            r#"<command xmlns="" xsi:type="UserAddRequest22V2">{base}{alt}</command>"#
+        ));
+        let Command::UserAdd(p) = r.command else {
+            panic!("{alt}")
+        };
         assert_eq!(p.alternate_user_id.as_deref(), want, "{alt}");
     }
 }
@@ -385,12 +504,31 @@ fn a_bad_command_is_invalid_and_the_others_still_parse() {
             other => panic!("{other:?}"),
         })
         .collect();
-    assert!(reasons[0].contains("`UserAddRequest17sp4` has no `userId`"), "{}", reasons[0]);
-    assert!(reasons[1].contains("`isActive` is `yes`, not an XML boolean"), "{}", reasons[1]);
-    assert!(reasons[2].contains("`userId` more than once"), "{}", reasons[2]);
+    assert!(
+        reasons[0].contains("`UserAddRequest17sp4` has no `userId`"),
+        "{}",
+        reasons[0]
+    );
+    assert!(
+        reasons[1].contains("`isActive` is `yes`, not an XML boolean"),
+        "{}",
+        reasons[1]
+    );
+    assert!(
+        reasons[2].contains("`userId` more than once"),
+        "{}",
+        reasons[2]
+    );
     assert!(reasons[3].contains("has no `userId`"), "{}", reasons[3]);
-    assert_eq!(d.commands[4].command, Command::UserDelete { user_id: s("ok") });
-    let echoes: Vec<_> = d.commands.iter().map(|r| r.echo.as_deref().unwrap()).collect();
+    assert_eq!(
+        d.commands[4].command,
+        Command::UserDelete { user_id: s("ok") }
+    );
+    let echoes: Vec<_> = d
+        .commands
+        .iter()
+        .map(|r| r.echo.as_deref().unwrap())
+        .collect();
     assert_eq!(echoes, ["1", "2", "3", "4", "5"]);
 }
 
@@ -399,7 +537,11 @@ fn legacy_user_id_envelope() {
     let bytes = br#"<BroadsoftDocument xmlns="C" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" protocol="OCI"><userId xmlns="">admin</userId><command xmlns="" xsi:type="UserDeleteRequest"><userId>u</userId></command></BroadsoftDocument>"#;
     let d = ok(bytes);
     assert_eq!(d.session, Session::UserId(s("admin")));
-    let out = String::from_utf8(write(&d.session, &[ResponseCommand::Success { echo: None }])).unwrap();
+    let out = String::from_utf8(write(
+        &d.session,
+        &[ResponseCommand::Success { echo: None }],
+    ))
+    .unwrap();
     assert!(out.contains(r#"<userId xmlns="">admin</userId>"#), "{out}");
 }
 
@@ -413,7 +555,10 @@ fn more_than_fifteen_commands_are_refused() {
     let c = r#"<command xmlns="" xsi:type="UserDeleteRequest"><userId>u</userId></command>"#;
     assert_eq!(ok(&doc(&c.repeat(15))).commands.len(), 15);
     let (k, class, sess) = kind(&doc(&c.repeat(16)));
-    assert!(matches!(k, ParseErrorKind::TooManyCommands { max: 15, .. }), "{k:?}");
+    assert!(
+        matches!(k, ParseErrorKind::TooManyCommands { max: 15, .. }),
+        "{k:?}"
+    );
     assert_eq!(class, ErrorClass::Malformed);
     assert_eq!(sess, Some(Session::SessionId(s("s-1"))));
     assert!(k.to_string().contains("more than 15 commands"), "{k}");
@@ -431,8 +576,16 @@ fn no_command_is_refused() {
 fn missing_xsi_type_names_line_and_column() {
     let bytes = doc("\n  <command xmlns=\"\"><userId>u</userId></command>");
     let e = err(&bytes);
-    assert_eq!(e.to_string().lines().next().unwrap().split(':').next(), Some("line 3, column 3"), "{e}");
-    assert!(e.to_string().starts_with("line 3, column 3: `command` has no xsi:type"), "{e}");
+    assert_eq!(
+        e.to_string().lines().next().unwrap().split(':').next(),
+        Some("line 3, column 3"),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .starts_with("line 3, column 3: `command` has no xsi:type"),
+        "{e}"
+    );
     assert_eq!(e.class(), ErrorClass::Malformed);
 }
 
@@ -442,19 +595,38 @@ fn doctype_xxe_and_billion_laughs_are_refused_unexpanded() {
 <!DOCTYPE BroadsoftDocument [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
 <BroadsoftDocument xmlns="C" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" protocol="OCI"><sessionId xmlns="">&xxe;</sessionId><command xmlns="" xsi:type="UserDeleteRequest"><userId>u</userId></command></BroadsoftDocument>"#;
     let e = err(xxe);
-    assert!(matches!(e.kind(), ParseErrorKind::DocType { at } if at.line == 2 && at.column == 1), "{e:?}");
+    assert!(
+        matches!(e.kind(), ParseErrorKind::DocType { at } if at.line == 2 && at.column == 1),
+        "{e:?}"
+    );
     assert_eq!(e.class(), ErrorClass::NotOci);
-    assert!(!e.to_string().contains("root:"), "nothing was read from /etc/passwd");
+    assert!(
+        !e.to_string().contains("root:"),
+        "nothing was read from /etc/passwd"
+    );
 
     let laughs = format!(
         "<?xml version=\"1.0\"?><!DOCTYPE lolz [<!ENTITY lol \"lol\">{}]><lolz>&lol9;</lolz>",
-        (1..10).map(|i| format!("<!ENTITY lol{i} \"{}\">", format!("&lol{};", i - 1).repeat(10))).collect::<String>()
+        (1..10)
+            .map(|i| format!(
+                "<!ENTITY lol{i} \"{}\">",
+                format!("&lol{};", i - 1).repeat(10)
+            ))
+            .collect::<String>()
     );
-    assert!(matches!(err(laughs.as_bytes()).kind(), ParseErrorKind::DocType { .. }));
+    assert!(matches!(
+        err(laughs.as_bytes()).kind(),
+        ParseErrorKind::DocType { .. }
+    ));
 
     // An entity reference without any DTD is an unknown entity, never a fetch.
-    let (k, class, _) = kind(&doc(r#"<command xmlns="" xsi:type="UserDeleteRequest"><userId>&xxe;</userId></command>"#));
-    assert!(matches!(&k, ParseErrorKind::UnknownEntity { name, .. } if name == "xxe"), "{k:?}");
+    let (k, class, _) = kind(&doc(
+        r#"<command xmlns="" xsi:type="UserDeleteRequest"><userId>&xxe;</userId></command>"#,
+    ));
+    assert!(
+        matches!(&k, ParseErrorKind::UnknownEntity { name, .. } if name == "xxe"),
+        "{k:?}"
+    );
     assert_eq!(class, ErrorClass::Malformed);
 }
 
@@ -467,7 +639,13 @@ fn truncated_documents_are_malformed_with_the_session() {
         assert_eq!(e.session(), Some(&session()), "cut {cut}");
     }
     let e = err(&full[..full.len() - 20]);
-    assert!(matches!(e.kind(), ParseErrorKind::Truncated { .. } | ParseErrorKind::Syntax { .. }), "{e:?}");
+    assert!(
+        matches!(
+            e.kind(),
+            ParseErrorKind::Truncated { .. } | ParseErrorKind::Syntax { .. }
+        ),
+        "{e:?}"
+    );
     // Cut inside the prolog: not (yet) an OCI document.
     assert_eq!(err(&full[..30]).class(), ErrorClass::NotOci);
 }
@@ -489,26 +667,50 @@ fn not_oci_documents_are_refused_as_such() {
     ];
     for (bytes, expected) in cases {
         let e = err(bytes);
-        assert!(expected(e.kind()), "{}: {e:?}", String::from_utf8_lossy(bytes));
+        assert!(
+            expected(e.kind()),
+            "{}: {e:?}",
+            String::from_utf8_lossy(bytes)
+        );
         assert_eq!(e.class(), ErrorClass::NotOci, "{e}");
         assert_eq!(e.session(), None);
     }
     let e = err(br#"<BroadsoftDocument xmlns="C"/>"#);
-    assert!(e.to_string().contains("protocol missing, expected `OCI`"), "{e}");
+    assert!(
+        e.to_string().contains("protocol missing, expected `OCI`"),
+        "{e}"
+    );
 }
 
 #[test]
 fn encodings_other_than_utf8_and_latin1_are_refused() {
     let e = err(b"<?xml version='1.0' encoding='Shift_JIS'?><BroadsoftDocument/>");
-    assert!(e.to_string().contains("`Shift_JIS`") && e.to_string().contains("UTF-8 and ISO-8859-1"), "{e}");
+    assert!(
+        e.to_string().contains("`Shift_JIS`") && e.to_string().contains("UTF-8 and ISO-8859-1"),
+        "{e}"
+    );
     assert_eq!(e.class(), ErrorClass::NotOci);
-    let utf16: Vec<u8> = "\u{FEFF}<BroadsoftDocument/>".encode_utf16().flat_map(u16::to_le_bytes).collect();
-    assert!(matches!(err(&utf16).kind(), ParseErrorKind::UnsupportedEncoding { .. }));
+    let utf16: Vec<u8> = "\u{FEFF}<BroadsoftDocument/>"
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    assert!(matches!(
+        err(&utf16).kind(),
+        ParseErrorKind::UnsupportedEncoding { .. }
+    ));
     // Latin-1 bytes in a document that says UTF-8: positioned, and malformed once inside OCI.
-    let bytes = doc("<command xmlns=\"\" xsi:type=\"UserDeleteRequest\"><userId>M\u{1}ller</userId></command>");
-    let bytes: Vec<u8> = bytes.into_iter().map(|b| if b == 1 { 0xFC } else { b }).collect();
+    let bytes = doc(
+        "<command xmlns=\"\" xsi:type=\"UserDeleteRequest\"><userId>M\u{1}ller</userId></command>",
+    );
+    let bytes: Vec<u8> = bytes
+        .into_iter()
+        .map(|b| if b == 1 { 0xFC } else { b })
+        .collect();
     let e = err(&bytes);
-    assert!(matches!(e.kind(), ParseErrorKind::InvalidBytes { encoding: "UTF-8", at } if at.line == 2), "{e:?}");
+    assert!(
+        matches!(e.kind(), ParseErrorKind::InvalidBytes { encoding: "UTF-8", at } if at.line == 2),
+        "{e:?}"
+    );
     assert_eq!(e.class(), ErrorClass::Malformed);
     // A UTF-8 BOM is fine.
     let mut bom = b"\xEF\xBB\xBF".to_vec();
@@ -518,29 +720,50 @@ fn encodings_other_than_utf8_and_latin1_are_refused() {
 
 #[test]
 fn limits_are_enforced() {
-    let limits = ParseLimits { max_bytes: 100, ..ParseLimits::default() };
+    let limits = ParseLimits {
+        max_bytes: 100,
+        ..ParseLimits::default()
+    };
     let e = parse(&sample("user-delete.xml"), &limits).unwrap_err();
     assert_eq!(e.class(), ErrorClass::TooLarge);
-    assert!(matches!(e.kind(), ParseErrorKind::TooLarge { max: 100, .. }));
+    assert!(matches!(
+        e.kind(),
+        ParseErrorKind::TooLarge { max: 100, .. }
+    ));
 
     let deep = "<x>".repeat(40) + &"</x>".repeat(40);
-    let (k, class, _) = kind(&doc(&format!(r#"<command xmlns="" xsi:type="UserDeleteRequest">{deep}</command>"#)));
-    assert!(matches!(k, ParseErrorKind::TooDeep { max: 32, .. }), "{k:?}");
+    let (k, class, _) = kind(&doc(&format!(
+        r#"<command xmlns="" xsi:type="UserDeleteRequest">{deep}</command>"#
+    )));
+    assert!(
+        matches!(k, ParseErrorKind::TooDeep { max: 32, .. }),
+        "{k:?}"
+    );
     assert_eq!(class, ErrorClass::Malformed);
 
     let long = "a".repeat(ParseLimits::default().max_text_len + 1);
-    let (k, _, _) = kind(&doc(&format!(r#"<command xmlns="" xsi:type="UserDeleteRequest"><userId>{long}</userId></command>"#)));
+    let (k, _, _) = kind(&doc(&format!(
+        r#"<command xmlns="" xsi:type="UserDeleteRequest"><userId>{long}</userId></command>"#
+    )));
     assert!(matches!(k, ParseErrorKind::TextTooLong { .. }), "{k:?}");
     // Long text in an element nobody reads is not collected, so not limited beyond max_bytes.
-    let d = ok(&doc(&format!(r#"<command xmlns="" xsi:type="UserDeleteRequest"><note>{long}</note><userId>u</userId></command>"#)));
-    assert_eq!(d.commands[0].command, Command::UserDelete { user_id: s("u") });
+    let d = ok(&doc(&format!(
+        r#"<command xmlns="" xsi:type="UserDeleteRequest"><note>{long}</note><userId>u</userId></command>"#
+    )));
+    assert_eq!(
+        d.commands[0].command,
+        Command::UserDelete { user_id: s("u") }
+    );
 }
 
 #[test]
 fn content_outside_the_root_is_refused() {
     let mut bytes = sample("user-delete.xml");
     bytes.extend_from_slice(b"<again/>");
-    assert!(matches!(err(&bytes).kind(), ParseErrorKind::TrailingContent { .. }));
+    assert!(matches!(
+        err(&bytes).kind(),
+        ParseErrorKind::TrailingContent { .. }
+    ));
     let mut bytes = sample("user-delete.xml");
     bytes.extend_from_slice(b"\n<!-- a comment is fine -->\n");
     assert_eq!(ok(&bytes).commands.len(), 1);
@@ -550,7 +773,10 @@ fn content_outside_the_root_is_refused() {
 fn session_must_come_first_and_be_present() {
     let bytes = br#"<BroadsoftDocument xmlns="C" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" protocol="OCI"><command xmlns="" xsi:type="UserDeleteRequest"><userId>u</userId></command></BroadsoftDocument>"#;
     let e = err(bytes);
-    assert!(matches!(e.kind(), ParseErrorKind::MissingSession { .. }), "{e:?}");
+    assert!(
+        matches!(e.kind(), ParseErrorKind::MissingSession { .. }),
+        "{e:?}"
+    );
     assert_eq!(e.class(), ErrorClass::Malformed);
     assert_eq!(e.session(), None);
 }
@@ -562,8 +788,16 @@ fn redacted_excerpt_hides_passwords_of_real_samples() {
     assert!(out.contains("<password>[redacted]</password>"), "{out}");
     assert!(out.contains("alice.smith@acme.example"));
     let latin = redacted_excerpt(&sample("user-add-latin1-mueller.xml"), 64 * 1024);
-    assert!(latin.contains("Müller") && !latin.contains("Geh31m!"), "{latin}");
-    assert_eq!(redacted_excerpt(&sample("user-add-17sp4.xml"), 40).chars().count(), 40);
+    assert!(
+        latin.contains("Müller") && !latin.contains("Geh31m!"),
+        "{latin}"
+    );
+    assert_eq!(
+        redacted_excerpt(&sample("user-add-17sp4.xml"), 40)
+            .chars()
+            .count(),
+        40
+    );
 }
 
 #[test]
@@ -571,7 +805,9 @@ fn writer_output_is_exact() {
     let out = write(
         &Session::SessionId(s("s<1>")),
         &[
-            ResponseCommand::Success { echo: Some(s("e\"1&")) },
+            ResponseCommand::Success {
+                echo: Some(s("e\"1&")),
+            },
             ResponseCommand::Error(ErrorResponse {
                 echo: None,
                 severity: Severity::Warning,
@@ -615,7 +851,10 @@ fn writer_output_is_exact() {
 fn xmllint_validate(name: &str, bytes: &[u8]) -> Result<(), String> {
     let mut text = bytes.to_vec();
     for (from, to) in [
-        (&b"<BroadsoftDocument xmlns=\"C\""[..], &b"<ocins:BroadsoftDocument xmlns:ocins=\"C\""[..]),
+        (
+            &b"<BroadsoftDocument xmlns=\"C\""[..],
+            &b"<ocins:BroadsoftDocument xmlns:ocins=\"C\""[..],
+        ),
         (b"</BroadsoftDocument>", b"</ocins:BroadsoftDocument>"),
         (b" xmlns=\"\"", b""),
     ] {
@@ -625,9 +864,17 @@ fn xmllint_validate(name: &str, bytes: &[u8]) -> Result<(), String> {
     let path = dir.path().join(name);
     std::fs::write(&path, &text).unwrap();
     let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/flowthrough-oci.xsd");
-    let output = match Process::new("xmllint").arg("--noout").arg("--schema").arg(&schema).arg(&path).output() {
+    let output = match Process::new("xmllint")
+        .arg("--noout")
+        .arg("--schema")
+        .arg(&schema)
+        .arg(&path)
+        .output()
+    {
         Ok(o) => o,
-        Err(e) => panic!("cannot run xmllint ({e}): install it with `apt-get install -y libxml2-utils`"),
+        Err(e) => {
+            panic!("cannot run xmllint ({e}): install it with `apt-get install -y libxml2-utils`")
+        }
     };
     if output.status.success() {
         Ok(())
@@ -662,7 +909,9 @@ fn samples_and_written_responses_validate_against_the_schema() {
     }
     let responses = [
         ResponseCommand::Success { echo: None },
-        ResponseCommand::Success { echo: Some(s("x&y")) },
+        ResponseCommand::Success {
+            echo: Some(s("x&y")),
+        },
         ResponseCommand::Error(ErrorResponse {
             echo: Some(s("2")),
             severity: Severity::Warning,
@@ -683,7 +932,10 @@ fn samples_and_written_responses_validate_against_the_schema() {
     for session in [session(), Session::UserId(s("admin"))] {
         let out = write(&session, &responses);
         if let Err(e) = xmllint_validate("response.xml", &out) {
-            panic!("written response does not validate:\n{e}\n{}", String::from_utf8_lossy(&out));
+            panic!(
+                "written response does not validate:\n{e}\n{}",
+                String::from_utf8_lossy(&out)
+            );
         }
     }
 }
@@ -692,14 +944,46 @@ fn samples_and_written_responses_validate_against_the_schema() {
 fn the_schema_rejects_what_it_should() {
     // Guards against a schema (or the libxml2 workaround) that accepts anything.
     let bad = [
-        ("no-user-id.xml", doc(r#"<command xmlns="" xsi:type="UserDeleteRequest"><groupId>g</groupId></command>"#)),
-        ("unknown-type.xml", doc(r#"<command xmlns="" xsi:type="UserAddRequestFoo"/>"#)),
-        ("sixteen.xml", doc(&r#"<command xmlns="" xsi:type="UserDeleteRequest"><userId>u</userId></command>"#.repeat(16))),
-        ("bad-protocol.xml", replace_bytes(&sample("user-delete.xml"), b"protocol=\"OCI\"", b"protocol=\"NSOCI\"")),
-        ("bad-error-type.xml", doc(r#"<command xmlns="" type="Fatal" echo="" xsi:type="ErrorResponse"><summary>s</summary><summaryEnglish>s</summaryEnglish></command>"#)),
-        ("not-boolean.xml", doc(r#"<command xmlns="" xsi:type="UserIntegratedIMPModifyRequest"><userId>u</userId><isActive>yes</isActive></command>"#)),
+        (
+            "no-user-id.xml",
+            doc(r#"<command xmlns="" xsi:type="UserDeleteRequest"><groupId>g</groupId></command>"#),
+        ),
+        (
+            "unknown-type.xml",
+            doc(r#"<command xmlns="" xsi:type="UserAddRequestFoo"/>"#),
+        ),
+        (
+            "sixteen.xml",
+            doc(
+                &r#"<command xmlns="" xsi:type="UserDeleteRequest"><userId>u</userId></command>"#
+                    .repeat(16),
+            ),
+        ),
+        (
+            "bad-protocol.xml",
+            replace_bytes(
+                &sample("user-delete.xml"),
+                b"protocol=\"OCI\"",
+                b"protocol=\"NSOCI\"",
+            ),
+        ),
+        (
+            "bad-error-type.xml",
+            doc(
+                r#"<command xmlns="" type="Fatal" echo="" xsi:type="ErrorResponse"><summary>s</summary><summaryEnglish>s</summaryEnglish></command>"#,
+            ),
+        ),
+        (
+            "not-boolean.xml",
+            doc(
+                r#"<command xmlns="" xsi:type="UserIntegratedIMPModifyRequest"><userId>u</userId><isActive>yes</isActive></command>"#,
+            ),
+        ),
     ];
     for (name, bytes) in bad {
-        assert!(xmllint_validate(name, &bytes).is_err(), "{name} validated but must not");
+        assert!(
+            xmllint_validate(name, &bytes).is_err(),
+            "{name} validated but must not"
+        );
     }
 }

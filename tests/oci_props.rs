@@ -12,9 +12,15 @@ use quick_xml::events::Event;
 
 fn samples() -> Vec<Vec<u8>> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/samples");
-    let mut paths: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     paths.sort();
-    paths.into_iter().map(|p| std::fs::read(p).unwrap()).collect()
+    paths
+        .into_iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect()
 }
 
 /// Parses and checks the invariants every outcome must hold.
@@ -27,7 +33,10 @@ fn parse_checked(bytes: &[u8]) {
         Err(e) => {
             assert!(!e.to_string().is_empty());
             if e.class() == ErrorClass::NotOci {
-                assert!(e.session().is_none(), "a session means the document was OCI-P");
+                assert!(
+                    e.session().is_none(),
+                    "a session means the document was OCI-P"
+                );
             }
         }
     }
@@ -122,7 +131,11 @@ fn response() -> impl Strategy<Value = ResponseCommand> {
             .prop_map(|(echo, warning, code, summary, summary_english, detail)| {
                 ResponseCommand::Error(ErrorResponse {
                     echo,
-                    severity: if warning { Severity::Warning } else { Severity::Error },
+                    severity: if warning {
+                        Severity::Warning
+                    } else {
+                        Severity::Error
+                    },
                     code,
                     summary,
                     summary_english,
@@ -140,7 +153,12 @@ fn response_texts(bytes: &[u8]) -> Vec<String> {
     let mut current: Option<String> = None;
     loop {
         match reader.read_event().unwrap() {
-            Event::Start(e) if matches!(e.local_name().as_ref(), b"summary" | b"summaryEnglish" | b"detail") => {
+            Event::Start(e)
+                if matches!(
+                    e.local_name().as_ref(),
+                    b"summary" | b"summaryEnglish" | b"detail"
+                ) =>
+            {
                 current = Some(String::new());
             }
             Event::Text(t) => {

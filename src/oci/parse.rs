@@ -413,7 +413,9 @@ impl Fields {
             return;
         }
         let slot = &mut self.values[field as usize];
-        if slot.is_some() {
+        if slot.is_some() && field == Field::AlternateUserId {
+            // Up to four entries since R22; the first is the user's primary alternate id.
+        } else if slot.is_some() {
             self.repeated.get_or_insert(field);
         } else {
             *slot = Some(value);
@@ -656,6 +658,9 @@ struct Parser<'i, 'l> {
 impl<'i> Parser<'i, '_> {
     fn run(&mut self) -> Result<Document, ParseErrorKind> {
         loop {
+            // Events are contiguous (text is not trimmed), so where the reader stands before an
+            // event is where that event starts: the `<` of a tag, the `&` of a reference.
+            let start = self.reader.buffer_position() as usize;
             let (in_oci_namespace, event) = match self.reader.read_resolved_event() {
                 Ok((ns, event)) => (
                     matches!(ns, ResolveResult::Bound(Namespace(OCI_NAMESPACE))),
@@ -672,16 +677,16 @@ impl<'i> Parser<'i, '_> {
             };
             self.check_bytes_before(self.reader.buffer_position() as usize)?;
             match event {
-                Event::Start(e) => self.open(&e, in_oci_namespace)?,
+                Event::Start(e) => self.open(&e, in_oci_namespace, start)?,
                 Event::Empty(e) => {
-                    self.open(&e, in_oci_namespace)?;
+                    self.open(&e, in_oci_namespace, start)?;
                     self.close()?;
                 }
                 Event::End(_) => self.close()?,
-                Event::Text(t) => self.text(&t, false)?,
-                Event::CData(t) => self.text(&t, true)?,
+                Event::Text(t) => self.text(&t, false, start)?,
+                Event::CData(t) => self.text(&t, true, start)?,
                 Event::GeneralRef(r) => {
-                    let at = self.offset_of(&r);
+                    let at = start;
                     let ch = match r.resolve_char_ref() {
                         Ok(Some(c)) => c,
                         Ok(None) => match &*r {
@@ -692,14 +697,14 @@ impl<'i> Parser<'i, '_> {
                             b"quot" => '"',
                             other => {
                                 return Err(ParseErrorKind::UnknownEntity {
-                                    at: self.position(at.saturating_sub(1)),
+                                    at: self.position(at),
                                     name: String::from_utf8_lossy(other).into_owned(),
                                 });
                             }
                         },
                         Err(e) => {
                             return Err(ParseErrorKind::Syntax {
-                                at: self.position(at.saturating_sub(1)),
+                                at: self.position(at),
                                 message: e.to_string(),
                             });
                         }
@@ -710,9 +715,9 @@ impl<'i> Parser<'i, '_> {
                         self.check_text_len(at)?;
                     }
                 }
-                Event::DocType(d) => {
+                Event::DocType(_) => {
                     return Err(ParseErrorKind::DocType {
-                        at: self.position(self.offset_of(&d).saturating_sub(10)),
+                        at: self.position(start),
                     });
                 }
                 Event::Decl(_) | Event::PI(_) | Event::Comment(_) => {}
@@ -736,8 +741,12 @@ impl<'i> Parser<'i, '_> {
         }
     }
 
-    fn open(&mut self, e: &BytesStart<'i>, in_oci_namespace: bool) -> Result<(), ParseErrorKind> {
-        let at = self.offset_of(e.name().as_ref()).saturating_sub(1);
+    fn open(
+        &mut self,
+        e: &BytesStart<'i>,
+        in_oci_namespace: bool,
+        at: usize,
+    ) -> Result<(), ParseErrorKind> {
         if self.root == RootState::Closed {
             return Err(ParseErrorKind::TrailingContent {
                 at: self.position(at),
@@ -978,8 +987,7 @@ impl<'i> Parser<'i, '_> {
         Ok(())
     }
 
-    fn text(&mut self, raw: &[u8], cdata: bool) -> Result<(), ParseErrorKind> {
-        let at = self.offset_of(raw);
+    fn text(&mut self, raw: &[u8], cdata: bool, at: usize) -> Result<(), ParseErrorKind> {
         self.outside_root_check(at, cdata || !raw.iter().all(u8::is_ascii_whitespace))?;
         if self.capturing() {
             self.encoding
@@ -1034,18 +1042,6 @@ impl<'i> Parser<'i, '_> {
         ParseErrorKind::Syntax {
             at: self.position(at),
             message: err.to_string(),
-        }
-    }
-
-    /// Offset of a slice the reader borrowed from the input (they all are, with a slice reader);
-    /// the reader position is a safe fallback.
-    fn offset_of(&self, part: &[u8]) -> usize {
-        let start = self.input.as_ptr() as usize;
-        let p = part.as_ptr() as usize;
-        if p >= start && p <= start + self.input.len() {
-            p - start
-        } else {
-            self.reader.buffer_position() as usize
         }
     }
 
