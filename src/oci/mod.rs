@@ -9,3 +9,7 @@ mod parse;
 mod write;
 
 pub use model::*;
+pub use parse::{
+    ErrorClass, ParseError, ParseErrorKind, ParseLimits, Position, parse, redacted_excerpt,
+};
+pub use write::write;
