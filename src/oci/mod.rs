@@ -9,3 +9,5 @@ mod parse;
 mod write;
 
 pub use model::*;
+
+
