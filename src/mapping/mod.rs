@@ -2,28 +2,25 @@
 //! Webex plans out.
 //!
 //! Pure functions only: this module imports no I/O module, so every rule is tested without servers.
+//! The caller logs the plan's notes and keeps the state (last profile, remembered template).
 
+mod codes;
+mod email;
+mod locale;
+mod phone;
+mod plan;
+mod select;
 mod template;
+mod timezone;
 
-pub use template::*;
-
-use std::collections::BTreeMap;
-
-/// BroadWorks language names → ISO-639-1 codes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LanguageTable {
-    names: BTreeMap<String, String>,
-}
-
-impl LanguageTable {
-    pub fn with_overrides(overrides: &BTreeMap<String, String>) -> Self {
-        LanguageTable {
-            names: overrides.clone(),
-        }
-    }
-}
-
-/// True for a two-letter lowercase ISO-639-1 code.
-pub fn is_language_code(code: &str) -> bool {
-    code.len() == 2 && code.bytes().all(|b| b.is_ascii_lowercase())
-}
+pub use codes::OciError;
+pub use email::check_email;
+pub use locale::{LanguageTable, is_language_code, is_supported_locale, resolve_locale};
+pub use phone::phone_for_webex;
+pub use plan::{
+    Customer, IMP_SERVICE, MapContext, Method, Plan, ProvisionBody, SUBSCRIBER_PATH,
+    SUBSCRIBERS_PATH, UpdateBody, WebexBody, WebexCall, apply_changes, plan,
+};
+pub use select::{Selection, command_service_provider, command_user_id, select_template};
+pub use template::{Package, Template, TemplateError, UserVerification};
+pub use timezone::resolve_timezone;
