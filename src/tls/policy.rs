@@ -305,7 +305,7 @@ impl ClientPolicy {
         );
         match result {
             Ok(_) => Vec::new(),
-            Err(e) => vec![map_webpki_error(e, leaf, &self.ca_certs)],
+            Err(e) => vec![map_webpki_error(e, leaf, &chain[0], &self.ca_certs)],
         }
     }
 
@@ -341,6 +341,7 @@ impl ExtendedKeyUsageValidator for AnyEku {
 fn map_webpki_error(
     e: webpki::Error,
     leaf: &X509Certificate<'_>,
+    leaf_der: &[u8],
     ca_certs: &[CertificateDer<'_>],
 ) -> Refusal {
     use webpki::Error as E;
@@ -355,7 +356,7 @@ fn map_webpki_error(
             serial: leaf.raw_serial_as_string(),
         },
         E::UnknownIssuer => {
-            let in_bundle = ca_certs.iter().any(|c| c.as_ref() == leaf_raw(leaf));
+            let in_bundle = ca_certs.iter().any(|c| c.as_ref() == leaf_der);
             if leaf.subject().as_raw() == leaf.issuer().as_raw() && !in_bundle {
                 Refusal::SelfSigned {
                     subject: leaf.subject().to_string(),
@@ -373,10 +374,6 @@ fn map_webpki_error(
             detail: format!("{other:?}"),
         },
     }
-}
-
-fn leaf_raw<'a>(leaf: &'a X509Certificate<'_>) -> &'a [u8] {
-    leaf.as_raw()
 }
 
 /// The rules that look at the leaf alone: validity, EKU, SAN and CN. `certs inspect` reports
@@ -550,7 +547,7 @@ mod tests {
     fn empty_chain_is_no_certificate_and_garbage_is_bad_encoding() {
         let pki = crate::certs::DevPki::in_memory().unwrap();
         let policy =
-            ClientPolicy::new(ClientPolicyConfig::default(), vec![pki.ca.cert_der.clone()], &[])
+            ClientPolicy::new(ClientPolicyConfig::default(), vec![pki.ca.cert.cert_der.clone()], &[])
                 .unwrap();
         assert_eq!(
             policy.check(&[], SystemTime::now()),
