@@ -7,6 +7,7 @@
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod failover;
 pub mod mapping;
 pub mod oci;
 pub mod secret;
