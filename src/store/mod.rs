@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+mod tokens;
+pub use tokens::{TokenRecord, TokenState};
+
 /// The on-disk layout version. Bumped whenever a tree's key or value encoding changes; a store
 /// written by another version is refused at open rather than misread.
 pub const SCHEMA_VERSION: u32 = 1;
