@@ -1,1 +1,405 @@
 //! The Webex API simulator: a real HTTPS server for tests, benchmarks and the sandbox. Never used by `serve`.
+//!
+//! It answers the subscriber API and the token endpoint like Webex does (validation, duplicates,
+//! asynchronous provisioning, paging) and reproduces on demand the upstream behaviour flowthrough
+//! must survive (429/423/5xx, slow answers, dropped connections, filter-dropping `next` links,
+//! token rotation and revocation), controlled at run time through `POST /_sim/control`.
+
+mod state;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::Value;
+
+pub use state::{Control, RetryAfterMode};
+use state::{Reply, SimState};
+
+use crate::secret::Secret;
+
+/// How to start a simulator.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// Addresses to listen on. A port 0 takes the port the first address got, so several
+    /// loopback addresses (127.0.0.2, 127.0.0.3 …) share one port, as failover needs.
+    pub listen: Vec<SocketAddr>,
+    /// Extra DNS names for the server certificate (besides `localhost`).
+    pub extra_names: Vec<String>,
+    /// Extra IP addresses for the server certificate (besides 127.0.0.1 and the listen addresses).
+    pub extra_ips: Vec<IpAddr>,
+    /// Credentials to accept; random ones when absent.
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret>,
+    pub refresh_token: Option<Secret>,
+    pub control: Control,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            extra_names: Vec::new(),
+            extra_ips: Vec::new(),
+            client_id: None,
+            client_secret: None,
+            refresh_token: None,
+            control: Control::default(),
+        }
+    }
+}
+
+/// Starting the simulator failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("the simulator cannot listen on {addr}: {reason}; pick a free loopback address and port")]
+    Bind { addr: SocketAddr, reason: String },
+    #[error("the simulator cannot create its certificates: {0}")]
+    Certificates(String),
+    #[error("the simulator needs at least one listen address")]
+    NoListen,
+}
+
+/// A running simulator.
+pub struct SimHandle {
+    /// `https://<first listen IP>:<port>/v1`.
+    pub base_url: String,
+    pub port: u16,
+    pub addrs: Vec<SocketAddr>,
+    /// The CA that signed the server certificate (trust it as `webex.ca_bundle`).
+    pub ca_pem: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// The initial refresh token.
+    pub refresh_token: Secret,
+    state: Arc<Mutex<SimState>>,
+    server: actix_web::dev::ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl std::fmt::Debug for SimHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimHandle")
+            .field("base_url", &self.base_url)
+            .field("client_id", &self.client_id)
+            .finish()
+    }
+}
+
+impl SimHandle {
+    /// The same JSON as `GET /_sim/state`: subscribers and counters.
+    pub fn state(&self) -> Value {
+        lock(&self.state).snapshot()
+    }
+
+    /// A counter from the state (0 when never counted).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.state()["counters"][name].as_u64().unwrap_or(0)
+    }
+
+    /// Change fault settings (same keys as `POST /_sim/control`).
+    pub fn control(&self, patch: Value) -> Result<(), String> {
+        lock(&self.state).apply_control(patch)
+    }
+
+    /// Invalidate every access token issued so far (the next call gets 401).
+    pub fn expire_access_tokens(&self) {
+        lock(&self.state).expire_access_tokens();
+    }
+
+    /// Accept one more refresh token (e.g. the one an operator installs with `token set`).
+    pub fn add_refresh_token(&self, token: &Secret) {
+        lock(&self.state).add_refresh_token(token.expose().to_owned());
+    }
+
+    pub async fn stop(self) {
+        self.server.stop(true).await;
+        let _ = self.task.await;
+    }
+}
+
+fn lock(m: &Mutex<SimState>) -> std::sync::MutexGuard<'_, SimState> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The simulator's CA and a server certificate signed by it: `(ca_pem, server_chain_pem,
+/// server_key_pem)`. Kept to this one function so it can become `certs::DevPki` later.
+fn mint_certificates(names: &[String], ips: &[IpAddr]) -> Result<(String, String, String), SimError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+    let err = |e: rcgen::Error| SimError::Certificates(e.to_string());
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "flowthrough Webex API simulator CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let mut leaf = CertificateParams::new(names.to_vec()).map_err(err)?;
+    leaf.subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    leaf.distinguished_name
+        .push(DnType::CommonName, "flowthrough Webex API simulator");
+    let key = KeyPair::generate().map_err(err)?;
+    let cert = leaf.signed_by(&key, &issuer).map_err(err)?;
+    Ok((ca_cert.pem(), cert.pem(), key.serialize_pem()))
+}
+
+fn server_tls(chain_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, SimError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |e: String| SimError::Certificates(e);
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| bad(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+fn random_secret(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The simulator's entry point.
+pub struct Simulator;
+
+impl Simulator {
+    /// Bind every listen address, mint certificates and serve until [`SimHandle::stop`].
+    /// Must be called inside a tokio runtime.
+    pub async fn start(opts: SimOptions) -> Result<SimHandle, SimError> {
+        let first = *opts.listen.first().ok_or(SimError::NoListen)?;
+        let bind = |addr: SocketAddr| {
+            TcpListener::bind(addr).map_err(|e| SimError::Bind {
+                addr,
+                reason: e.to_string(),
+            })
+        };
+        let l0 = bind(first)?;
+        let port = l0
+            .local_addr()
+            .map_err(|e| SimError::Bind {
+                addr: first,
+                reason: e.to_string(),
+            })?
+            .port();
+        let mut listeners = vec![l0];
+        for addr in &opts.listen[1..] {
+            let addr = if addr.port() == 0 {
+                SocketAddr::new(addr.ip(), port)
+            } else {
+                *addr
+            };
+            listeners.push(bind(addr)?);
+        }
+        let addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+
+        let mut names = vec!["localhost".to_owned()];
+        names.extend(opts.extra_names.iter().cloned());
+        let mut ips: Vec<IpAddr> = vec![IpAddr::from([127, 0, 0, 1])];
+        ips.extend(opts.extra_ips.iter().copied());
+        ips.extend(addrs.iter().map(|a| a.ip()).filter(|ip| !ip.is_unspecified()));
+        ips.dedup();
+        let (ca_pem, chain_pem, key_pem) = mint_certificates(&names, &ips)?;
+        let tls = server_tls(&chain_pem, &key_pem)?;
+
+        let client_id = opts.client_id.clone().unwrap_or_else(|| random_secret("sim-client"));
+        let client_secret = opts
+            .client_secret
+            .clone()
+            .unwrap_or_else(|| Secret::new(random_secret("sim-secret")));
+        let refresh_token = opts
+            .refresh_token
+            .clone()
+            .unwrap_or_else(|| Secret::new(random_secret("sim-refresh")));
+        let state = Arc::new(Mutex::new(SimState::new(
+            opts.control.clone(),
+            client_id.clone(),
+            client_secret.expose().to_owned(),
+            refresh_token.expose().to_owned(),
+        )));
+
+        let host_ip = if first.ip().is_unspecified() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            first.ip()
+        };
+        let host = match host_ip {
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            IpAddr::V4(v4) => v4.to_string(),
+        };
+        let base_url = format!("https://{host}:{port}/v1");
+
+        let data = web::Data::new(state.clone());
+        let mut server = actix_web::HttpServer::new(move || {
+            actix_web::App::new()
+                .app_data(data.clone())
+                .app_data(web::PayloadConfig::new(1 << 20))
+                .service(
+                    web::scope("/v1")
+                        .route("/access_token", web::post().to(access_token))
+                        .route("/broadworks/subscribers/validate", web::post().to(validate))
+                        .route("/broadworks/subscribers", web::post().to(provision))
+                        .route("/broadworks/subscribers", web::get().to(list))
+                        .route("/broadworks/subscribers/{id}", web::get().to(get_one))
+                        .route("/broadworks/subscribers/{id}", web::put().to(update))
+                        .route("/broadworks/subscribers/{id}", web::delete().to(remove)),
+                )
+                .route("/_sim/control", web::post().to(control))
+                .route("/_sim/state", web::get().to(sim_state))
+        })
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(1);
+        for (l, addr) in listeners.into_iter().zip(&addrs) {
+            server = server
+                .listen_rustls_0_23(l, tls.clone())
+                .map_err(|e| SimError::Bind {
+                    addr: *addr,
+                    reason: e.to_string(),
+                })?;
+        }
+        let server = server.run();
+        let handle = server.handle();
+        let task = tokio::spawn(server);
+        tracing::info!(%base_url, "Webex API simulator listening");
+        Ok(SimHandle {
+            base_url,
+            port,
+            addrs,
+            ca_pem,
+            client_id,
+            client_secret,
+            refresh_token,
+            state,
+            server: handle,
+            task,
+        })
+    }
+}
+
+type Shared = web::Data<Arc<Mutex<SimState>>>;
+
+fn respond(reply: Reply) -> HttpResponse {
+    match reply {
+        Reply::Json {
+            status,
+            headers,
+            body,
+        } => {
+            let mut b = HttpResponse::build(
+                actix_web::http::StatusCode::from_u16(status)
+                    .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR),
+            );
+            for (k, v) in headers {
+                b.insert_header((k, v));
+            }
+            b.json(body)
+        }
+        Reply::Empty(status) => HttpResponse::build(
+            actix_web::http::StatusCode::from_u16(status)
+                .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR),
+        )
+        .finish(),
+        // A body stream that fails at once makes actix abort the connection without a
+        // complete answer: what a dropped connection looks like to the client.
+        Reply::Drop => HttpResponse::Ok().streaming(futures_util::stream::once(async {
+            Err::<bytes::Bytes, _>(actix_web::error::ErrorInternalServerError(
+                "simulated dropped connection",
+            ))
+        })),
+    }
+}
+
+/// The common path of every subscriber-API call: count, faults, bearer check, work, latency.
+async fn api(
+    state: &Shared,
+    req: &HttpRequest,
+    kind: &str,
+    work: impl FnOnce(&mut SimState) -> Reply,
+) -> HttpResponse {
+    let (reply, delay) = {
+        let mut s = lock(state);
+        s.count(kind);
+        let delay = s.take_latency();
+        let auth = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let reply = match s.fault() {
+            Some(r) => r,
+            None => match s.check_auth(auth) {
+                Err(r) => r,
+                Ok(()) => work(&mut s),
+            },
+        };
+        (reply, delay)
+    };
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
+    respond(reply)
+}
+
+fn json_body(body: &web::Bytes) -> Value {
+    serde_json::from_slice(body).unwrap_or(Value::Null)
+}
+
+async fn provision(state: Shared, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    let v = json_body(&body);
+    api(&state, &req, "provision", |s| s.provision(&v)).await
+}
+
+async fn validate(state: Shared, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    let v = json_body(&body);
+    api(&state, &req, "validate", |s| s.precheck(&v)).await
+}
+
+async fn update(state: Shared, req: HttpRequest, id: web::Path<String>, body: web::Bytes) -> HttpResponse {
+    let v = json_body(&body);
+    api(&state, &req, "update", |s| s.update(&id, &v)).await
+}
+
+async fn remove(state: Shared, req: HttpRequest, id: web::Path<String>) -> HttpResponse {
+    api(&state, &req, "remove", |s| s.remove(&id)).await
+}
+
+async fn get_one(state: Shared, req: HttpRequest, id: web::Path<String>) -> HttpResponse {
+    api(&state, &req, "get", |s| s.get(&id)).await
+}
+
+async fn list(state: Shared, req: HttpRequest, q: web::Query<HashMap<String, String>>) -> HttpResponse {
+    let info = req.connection_info().clone();
+    let base = format!("{}://{}{}", info.scheme(), info.host(), req.path());
+    api(&state, &req, "list", |s| s.list(&q, &base)).await
+}
+
+async fn access_token(state: Shared, form: web::Form<HashMap<String, String>>) -> HttpResponse {
+    let reply = lock(&state).refresh(&form);
+    respond(reply)
+}
+
+async fn control(state: Shared, body: web::Bytes) -> HttpResponse {
+    let patch = match serde_json::from_slice::<Value>(&body) {
+        Ok(v) => v,
+        Err(e) => return HttpResponse::BadRequest().body(format!("control body is not JSON: {e}")),
+    };
+    let mut s = lock(&state);
+    match s.apply_control(patch) {
+        Ok(()) => HttpResponse::Ok().json(&s.control),
+        Err(e) => HttpResponse::BadRequest().body(format!("bad control document: {e}")),
+    }
+}
+
+async fn sim_state(state: Shared) -> HttpResponse {
+    HttpResponse::Ok().json(lock(&state).snapshot())
+}

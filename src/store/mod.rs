@@ -17,6 +17,9 @@ pub use audit::{AuditQuery, AuditRecord};
 pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry};
 pub use users::{Customer, UserRecord};
 
+mod tokens;
+pub use tokens::{TokenRecord, TokenState};
+
 /// The on-disk layout version. Bumped whenever a tree's key or value encoding changes; a store
 /// written by another version is refused at open rather than misread.
 pub const SCHEMA_VERSION: u32 = 1;

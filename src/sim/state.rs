@@ -1,0 +1,522 @@
+//! The simulator's in-memory world: subscribers, issued tokens, fault settings and counters, with
+//! the Webex validation rules. Plain data behind one mutex; the HTTP layer only translates.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// How a 429 carries `Retry-After`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryAfterMode {
+    #[default]
+    Numeric,
+    HttpDate,
+    /// `rand(30),add(30)`, as seen in the wild.
+    Malformed,
+    Absent,
+}
+
+/// Fault injection and behaviour knobs; set at start, changed at run time with
+/// `POST /_sim/control` (any subset of the keys).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Control {
+    /// Requests per second on the subscriber API before 429; 0 = no limit.
+    pub rate_limit_per_s: u32,
+    pub retry_after: RetryAfterMode,
+    pub retry_after_s: u64,
+    /// Share of subscriber-API requests answered 423 (0.0–1.0).
+    pub locked_ratio: f64,
+    /// Share answered 503.
+    pub server_error_ratio: f64,
+    /// Added latency after the request is processed (so a client timeout leaves the work done).
+    pub latency_ms: u64,
+    /// Apply `latency_ms` only to the next N requests; absent = to all.
+    pub latency_count: Option<u32>,
+    /// Share of requests whose connection is dropped without an answer.
+    pub drop_ratio: f64,
+    /// List pages' `next` links leave out the `userId` filter.
+    pub drop_filter_on_next: bool,
+    /// Page size when the client does not send `max`.
+    pub page_size: usize,
+    pub token_lifetime_s: u64,
+    pub refresh_token_lifetime_s: u64,
+    /// Each refresh returns a new refresh token and invalidates the old one.
+    pub rotate_refresh_token: bool,
+    /// Every refresh is answered `invalid_grant`.
+    pub refresh_token_revoked: bool,
+    /// How long a new or updated subscriber stays `provisioning`/`updating`.
+    pub provisioning_delay_ms: u64,
+    /// userIds containing one of these end in `error` with `errors[]`.
+    pub error_user_ids: Vec<String>,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Control {
+            rate_limit_per_s: 0,
+            retry_after: RetryAfterMode::Numeric,
+            retry_after_s: 1,
+            locked_ratio: 0.0,
+            server_error_ratio: 0.0,
+            latency_ms: 0,
+            latency_count: None,
+            drop_ratio: 0.0,
+            drop_filter_on_next: false,
+            page_size: 100,
+            token_lifetime_s: 3600,
+            refresh_token_lifetime_s: 60 * 24 * 3600,
+            rotate_refresh_token: false,
+            refresh_token_revoked: false,
+            provisioning_delay_ms: 0,
+            error_user_ids: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Sub {
+    id: String,
+    fields: BTreeMap<String, String>,
+    settle_at: Instant,
+    updated: bool,
+    fails: bool,
+}
+
+/// What a handler answers.
+pub enum Reply {
+    Json {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Value,
+    },
+    Empty(u16),
+    Drop,
+}
+
+fn error(status: u16, message: &str, errors: &[(u32, &str)]) -> Reply {
+    Reply::Json {
+        status,
+        headers: Vec::new(),
+        body: json!({
+            "message": message,
+            "errors": errors.iter().map(|(c, d)| json!({"errorCode": c, "description": d})).collect::<Vec<_>>(),
+            "trackingId": format!("SIMULATOR_{}", uuid::Uuid::new_v4()),
+        }),
+    }
+}
+
+fn ok(body: Value) -> Reply {
+    Reply::Json {
+        status: 200,
+        headers: Vec::new(),
+        body,
+    }
+}
+
+const PACKAGES: [&str; 4] = ["softphone", "basic", "standard", "premium"];
+const REQUIRED: [&str; 6] = [
+    "provisioningId",
+    "userId",
+    "spEnterpriseId",
+    "firstName",
+    "lastName",
+    "package",
+];
+const OPTIONAL_POST: [&str; 6] = [
+    "primaryPhoneNumber",
+    "mobilePhoneNumber",
+    "extension",
+    "email",
+    "language",
+    "timezone",
+];
+const PUT_FIELDS: [&str; 8] = [
+    "userId",
+    "firstName",
+    "lastName",
+    "primaryPhoneNumber",
+    "mobilePhoneNumber",
+    "extension",
+    "timezone",
+    "package",
+];
+
+pub struct SimState {
+    pub control: Control,
+    pub client_id: String,
+    pub client_secret: String,
+    refresh_tokens: HashMap<String, Instant>,
+    access_tokens: HashMap<String, Instant>,
+    subs: Vec<Sub>,
+    counters: BTreeMap<String, u64>,
+    window: (Instant, u32),
+}
+
+impl SimState {
+    pub fn new(control: Control, client_id: String, client_secret: String, refresh: String) -> Self {
+        let lifetime = Duration::from_secs(control.refresh_token_lifetime_s);
+        let mut refresh_tokens = HashMap::new();
+        refresh_tokens.insert(refresh, Instant::now() + lifetime);
+        SimState {
+            control,
+            client_id,
+            client_secret,
+            refresh_tokens,
+            access_tokens: HashMap::new(),
+            subs: Vec::new(),
+            counters: BTreeMap::new(),
+            window: (Instant::now(), 0),
+        }
+    }
+
+    pub fn count(&mut self, what: &str) {
+        *self.counters.entry(what.to_owned()).or_default() += 1;
+    }
+
+    /// Merge a partial control document over the current settings.
+    pub fn apply_control(&mut self, patch: Value) -> Result<(), String> {
+        let mut current = serde_json::to_value(&self.control).map_err(|e| e.to_string())?;
+        let (Value::Object(cur), Value::Object(p)) = (&mut current, patch) else {
+            return Err("the control body must be a JSON object".to_owned());
+        };
+        cur.extend(p);
+        self.control = serde_json::from_value(current).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    pub fn expire_access_tokens(&mut self) {
+        self.access_tokens.clear();
+    }
+
+    /// Install an extra valid refresh token (tests use it to hand out a second credential).
+    pub fn add_refresh_token(&mut self, token: String) {
+        let at = Instant::now() + Duration::from_secs(self.control.refresh_token_lifetime_s);
+        self.refresh_tokens.insert(token, at);
+    }
+
+    /// The latency to add to this request, consuming one of `latency_count`.
+    pub fn take_latency(&mut self) -> Option<Duration> {
+        if self.control.latency_ms == 0 {
+            return None;
+        }
+        match &mut self.control.latency_count {
+            Some(0) => return None,
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        Some(Duration::from_millis(self.control.latency_ms))
+    }
+
+    /// Faults that answer before any work: drop, 429, 423, 503.
+    pub fn fault(&mut self) -> Option<Reply> {
+        let mut rng = rand::rng();
+        if rng.random_bool(self.control.drop_ratio.clamp(0.0, 1.0)) {
+            self.count("dropped");
+            return Some(Reply::Drop);
+        }
+        if self.control.rate_limit_per_s > 0 {
+            let now = Instant::now();
+            if now.duration_since(self.window.0) >= Duration::from_secs(1) {
+                self.window = (now, 0);
+            }
+            self.window.1 += 1;
+            if self.window.1 > self.control.rate_limit_per_s {
+                self.count("sent_429");
+                let mut reply = error(429, "Too many requests", &[]);
+                if let Reply::Json { headers, .. } = &mut reply
+                    && let Some(v) = self.retry_after_value()
+                {
+                    headers.push(("Retry-After".to_owned(), v));
+                }
+                return Some(reply);
+            }
+        }
+        if rng.random_bool(self.control.locked_ratio.clamp(0.0, 1.0)) {
+            self.count("sent_423");
+            return Some(error(423, "The subscriber is locked by another operation", &[]));
+        }
+        if rng.random_bool(self.control.server_error_ratio.clamp(0.0, 1.0)) {
+            self.count("sent_5xx");
+            return Some(error(503, "Service unavailable (simulated)", &[]));
+        }
+        None
+    }
+
+    fn retry_after_value(&self) -> Option<String> {
+        let secs = self.control.retry_after_s;
+        match self.control.retry_after {
+            RetryAfterMode::Numeric => Some(secs.to_string()),
+            RetryAfterMode::HttpDate => Some(httpdate::fmt_http_date(
+                SystemTime::now() + Duration::from_secs(secs),
+            )),
+            RetryAfterMode::Malformed => Some("rand(30),add(30)".to_owned()),
+            RetryAfterMode::Absent => None,
+        }
+    }
+
+    /// The bearer token must be one this simulator issued and not expired.
+    pub fn check_auth(&mut self, authorization: Option<&str>) -> Result<(), Reply> {
+        let token = authorization.and_then(|h| h.strip_prefix("Bearer "));
+        let valid = token
+            .and_then(|t| self.access_tokens.get(t))
+            .is_some_and(|exp| *exp > Instant::now());
+        if valid {
+            Ok(())
+        } else {
+            self.count("sent_401");
+            Err(error(401, "The request requires a valid access token", &[]))
+        }
+    }
+
+    /// `POST /access_token` with the refresh grant; answers like an OAuth server.
+    pub fn refresh(&mut self, form: &HashMap<String, String>) -> Reply {
+        self.count("refreshes");
+        let get = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
+        let oauth = |status: u16, code: &str, desc: &str| Reply::Json {
+            status,
+            headers: Vec::new(),
+            body: json!({"error": code, "error_description": desc}),
+        };
+        if get("grant_type") != "refresh_token" {
+            return oauth(400, "unsupported_grant_type", "only refresh_token is supported");
+        }
+        if get("client_id") != self.client_id || get("client_secret") != self.client_secret {
+            self.count("refresh_rejected");
+            return oauth(401, "invalid_client", "unknown client or wrong secret");
+        }
+        let presented = get("refresh_token").to_owned();
+        let now = Instant::now();
+        let valid = self
+            .refresh_tokens
+            .get(&presented)
+            .is_some_and(|exp| *exp > now);
+        if self.control.refresh_token_revoked || !valid {
+            self.count("refresh_rejected");
+            return oauth(400, "invalid_grant", "the refresh token is invalid or revoked");
+        }
+        let access = format!("sim-access-{}", uuid::Uuid::new_v4().simple());
+        self.access_tokens.insert(
+            access.clone(),
+            now + Duration::from_secs(self.control.token_lifetime_s),
+        );
+        let refresh = if self.control.rotate_refresh_token {
+            self.refresh_tokens.remove(&presented);
+            let new = format!("sim-refresh-{}", uuid::Uuid::new_v4().simple());
+            let at = now + Duration::from_secs(self.control.refresh_token_lifetime_s);
+            self.refresh_tokens.insert(new.clone(), at);
+            new
+        } else {
+            presented.clone()
+        };
+        let refresh_left = self
+            .refresh_tokens
+            .get(&refresh)
+            .map(|exp| exp.saturating_duration_since(now).as_secs())
+            .unwrap_or_default();
+        ok(json!({
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": self.control.token_lifetime_s,
+            "refresh_token": refresh,
+            "refresh_token_expires_in": refresh_left,
+        }))
+    }
+
+    fn sub_json(&self, s: &Sub) -> Value {
+        let now = Instant::now();
+        let status = if now < s.settle_at {
+            if s.updated { "updating" } else { "provisioning" }
+        } else if s.fails {
+            "error"
+        } else {
+            "provisioned"
+        };
+        let mut v = json!({"id": s.id, "personId": format!("person-{}", s.id), "status": status});
+        for (k, val) in &s.fields {
+            v[k] = json!(val);
+        }
+        v["errors"] = if status == "error" {
+            json!([{"errorCode": 4003, "description": "Simulated provisioning failure"}])
+        } else {
+            json!([])
+        };
+        v
+    }
+
+    fn validate(body: &Value, allowed: &[&str], required: &[&str]) -> Result<BTreeMap<String, String>, Reply> {
+        let Some(obj) = body.as_object() else {
+            return Err(error(400, "The body must be a JSON object", &[]));
+        };
+        let mut fields = BTreeMap::new();
+        for (k, v) in obj {
+            if !allowed.contains(&k.as_str()) {
+                return Err(error(400, &format!("{k} cannot be set here"), &[(4001, "Invalid field")]));
+            }
+            let Some(s) = v.as_str() else {
+                return Err(error(400, &format!("{k} must be a string"), &[(4001, "Invalid field")]));
+            };
+            fields.insert(k.clone(), s.to_owned());
+        }
+        for r in required {
+            if fields.get(*r).is_none_or(|v| v.is_empty()) {
+                return Err(error(400, &format!("{r} is required"), &[(4002, "Missing field")]));
+            }
+        }
+        if let Some(p) = fields.get("package")
+            && !PACKAGES.contains(&p.as_str())
+        {
+            return Err(error(400, &format!("package {p:?} is not one of {PACKAGES:?}"), &[(4001, "Invalid package")]));
+        }
+        Ok(fields)
+    }
+
+    fn post_fields(body: &Value) -> Result<BTreeMap<String, String>, Reply> {
+        let allowed: Vec<&str> = REQUIRED.iter().chain(OPTIONAL_POST.iter()).copied().collect();
+        Self::validate(body, &allowed, &REQUIRED)
+    }
+
+    fn duplicate(&self, user_id: &str, except: Option<&str>) -> bool {
+        self.subs
+            .iter()
+            .any(|s| s.fields.get("userId").map(String::as_str) == Some(user_id) && Some(s.id.as_str()) != except)
+    }
+
+    pub fn provision(&mut self, body: &Value) -> Reply {
+        let fields = match Self::post_fields(body) {
+            Ok(f) => f,
+            Err(r) => return r,
+        };
+        let user_id = fields.get("userId").cloned().unwrap_or_default();
+        if self.duplicate(&user_id, None) {
+            return error(409, "BroadWorks UserID already associated with an existing user", &[(10022, "BroadWorks UserID already associated with an existing user")]);
+        }
+        let fails = self.control.error_user_ids.iter().any(|p| user_id.contains(p.as_str()));
+        let sub = Sub {
+            id: format!("sim-sub-{}", uuid::Uuid::new_v4().simple()),
+            fields,
+            settle_at: Instant::now() + Duration::from_millis(self.control.provisioning_delay_ms),
+            updated: false,
+            fails,
+        };
+        let out = self.sub_json(&sub);
+        self.subs.push(sub);
+        ok(out)
+    }
+
+    pub fn precheck(&mut self, body: &Value) -> Reply {
+        let fields = match Self::post_fields(body) {
+            Ok(f) => f,
+            Err(r) => return r,
+        };
+        if self.duplicate(fields.get("userId").map(String::as_str).unwrap_or_default(), None) {
+            return error(409, "BroadWorks UserID already associated with an existing user", &[(10022, "BroadWorks UserID already associated with an existing user")]);
+        }
+        ok(json!({"message": "precheck passed (simulator)"}))
+    }
+
+    pub fn update(&mut self, id: &str, body: &Value) -> Reply {
+        let fields = match Self::validate(body, &PUT_FIELDS, &[]) {
+            Ok(f) => f,
+            Err(r) => return r,
+        };
+        if let Some(u) = fields.get("userId")
+            && self.duplicate(u, Some(id))
+        {
+            return error(409, "BroadWorks UserID already associated with an existing user", &[(10022, "BroadWorks UserID already associated with an existing user")]);
+        }
+        let delay = Duration::from_millis(self.control.provisioning_delay_ms);
+        let Some(sub) = self.subs.iter_mut().find(|s| s.id == id) else {
+            return error(404, "Subscriber not found", &[]);
+        };
+        for (k, v) in fields {
+            if v.is_empty() && k.ends_with("PhoneNumber") {
+                sub.fields.remove(&k);
+            } else {
+                sub.fields.insert(k, v);
+            }
+        }
+        sub.settle_at = Instant::now() + delay;
+        sub.updated = true;
+        let sub = sub.clone();
+        ok(self.sub_json(&sub))
+    }
+
+    pub fn remove(&mut self, id: &str) -> Reply {
+        let before = self.subs.len();
+        self.subs.retain(|s| s.id != id);
+        if self.subs.len() == before {
+            error(404, "Subscriber not found", &[])
+        } else {
+            Reply::Empty(204)
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Reply {
+        match self.subs.iter().find(|s| s.id == id) {
+            Some(s) => ok(self.sub_json(s)),
+            None => error(404, "Subscriber not found", &[]),
+        }
+    }
+
+    /// One page of the list. `base` is the absolute URL of the list endpoint, for `next` links.
+    pub fn list(&self, query: &HashMap<String, String>, base: &str) -> Reply {
+        let user_id = query.get("userId");
+        let max = query
+            .get("max")
+            .and_then(|m| m.parse::<usize>().ok())
+            .filter(|m| *m > 0)
+            .unwrap_or(self.control.page_size.max(1));
+        let start = query.get("start").and_then(|s| s.parse::<usize>().ok()).unwrap_or(0);
+        let matching: Vec<&Sub> = self
+            .subs
+            .iter()
+            .filter(|s| user_id.is_none_or(|u| s.fields.get("userId") == Some(u)))
+            .collect();
+        let items: Vec<Value> = matching.iter().skip(start).take(max).map(|s| self.sub_json(s)).collect();
+        let mut headers = Vec::new();
+        if start + max < matching.len() || (self.control.drop_filter_on_next && user_id.is_some() && start + max < self.subs.len()) {
+            if let Ok(mut next) = reqwest::Url::parse(base) {
+                {
+                    let mut q = next.query_pairs_mut();
+                    if let Some(u) = user_id
+                        && !self.control.drop_filter_on_next
+                    {
+                        q.append_pair("userId", u);
+                    }
+                    q.append_pair("max", &max.to_string());
+                    q.append_pair("start", &(start + max).to_string());
+                }
+                headers.push(("Link".to_owned(), format!("<{next}>; rel=\"next\"")));
+            }
+        }
+        Reply::Json {
+            status: 200,
+            headers,
+            body: json!({ "items": items }),
+        }
+    }
+
+    pub fn snapshot(&self) -> Value {
+        let subs: Vec<Value> = self
+            .subs
+            .iter()
+            .map(|s| {
+                let v = self.sub_json(s);
+                let mut out = json!({"id": s.id, "status": v["status"]});
+                for k in [
+                    "userId", "firstName", "lastName", "email", "primaryPhoneNumber", "mobilePhoneNumber",
+                    "extension", "language", "timezone", "package", "spEnterpriseId", "provisioningId",
+                ] {
+                    out[k] = s.fields.get(k).map(|v| json!(v)).unwrap_or(Value::Null);
+                }
+                out
+            })
+            .collect();
+        json!({"subscribers": subs, "counters": self.counters})
+    }
+}
