@@ -74,7 +74,6 @@ pub struct Metrics {
     pub refresh_token_expiry_seconds: Gauge,
     pub token_refreshes: Family<OutcomeLabels, Counter>,
     pub certificate_expiry_seconds: Family<FileLabels, Gauge>,
-    pub crl_age_seconds: Family<FileLabels, Gauge>,
     pub crl_next_update_seconds: Family<FileLabels, Gauge>,
     pub reloads: Family<OutcomeLabels, Counter>,
     pub tunnels_open: Gauge,
@@ -113,7 +112,6 @@ impl Metrics {
             refresh_token_expiry_seconds: Gauge::default(),
             token_refreshes: Family::default(),
             certificate_expiry_seconds: Family::default(),
-            crl_age_seconds: Family::default(),
             crl_next_update_seconds: Family::default(),
             reloads: Family::default(),
             tunnels_open: Gauge::default(),
@@ -213,11 +211,6 @@ impl Metrics {
             "certificate_expiry_seconds",
             "Seconds until a configured certificate expires",
             m.certificate_expiry_seconds.clone(),
-        );
-        r.register(
-            "crl_age_seconds",
-            "Seconds since a CRL was issued",
-            m.crl_age_seconds.clone(),
         );
         r.register(
             "crl_next_update_seconds",

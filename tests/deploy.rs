@@ -14,7 +14,6 @@ fn exported_metric_names() -> BTreeSet<String> {
     m.count_refusal("expired");
     let file = flowthrough::metrics::FileLabels { file: "x".into() };
     m.certificate_expiry_seconds.get_or_create(&file).set(1);
-    m.crl_age_seconds.get_or_create(&file).set(1);
     m.crl_next_update_seconds.get_or_create(&file).set(1);
     let status = flowthrough::metrics::StatusLabels {
         status: "200".into(),

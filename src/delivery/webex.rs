@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::{Attempt, AttemptFn};
 use crate::metrics::{CallLabels, Metrics, StatusLabels};
 use crate::store::{AuditEvent, AuditRecord, Call, Entry, Store, now_ms};
-use crate::webex::{Outcome, Subscriber, WebexClient, WebexError, backoff};
+use crate::webex::{Outcome, Subscriber, SubscriberStatus, WebexClient, WebexError, backoff};
 
 /// Backoff of a user's retries: 1 s doubling to 5 minutes, with jitter.
 const RETRY_BASE: Duration = Duration::from_secs(1);
@@ -215,7 +215,7 @@ impl Deliverer {
         let _ = self
             .store
             .map_user(&entry.new.user_id, Some(&subscriber.id), Some(&entry.new.template));
-        let status = subscriber.status.as_str().to_owned();
+        let status = status_name(subscriber.status);
         if !subscriber.status.is_settled() {
             self.follow_up(entry, subscriber.id.clone(), call);
         }
@@ -249,10 +249,10 @@ impl Deliverer {
                             .iter()
                             .map(|e| format!("{}: {}", e.error_code, e.description))
                             .collect();
-                        break (s.status.as_str().to_owned(), errors, outcome.tracking_id);
+                        break (status_name(s.status), errors, outcome.tracking_id);
                     }
                     Ok(_) | Err(_) if started.elapsed() < this.follow_up => continue,
-                    Ok(s) => break (s.status.as_str().to_owned(), Vec::new(), outcome.tracking_id),
+                    Ok(s) => break (status_name(s.status), Vec::new(), outcome.tracking_id),
                     Err(e) => break (format!("unknown ({e})"), Vec::new(), outcome.tracking_id),
                 }
             };
@@ -291,5 +291,13 @@ impl Deliverer {
             };
             let _ = this.store.append_audit(&record);
         });
+    }
+}
+
+/// The status as Webex spells it (`provisioned`, `pending_email_input`, …).
+fn status_name(status: SubscriberStatus) -> String {
+    match serde_json::to_value(status) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "unknown".to_owned(),
     }
 }

@@ -36,7 +36,7 @@ impl Reloader {
         match crate::tls::server_config(&self.server, &self.policy, self.observer.clone()) {
             Ok(loaded) => {
                 self.tls.store(loaded.config.clone());
-                export_tls_metrics(&self.metrics, &loaded);
+                export_tls_metrics(&self.metrics, &self.server, &loaded);
                 self.metrics.reloads.get_or_create(&outcome("ok")).inc();
                 Ok(())
             }
@@ -56,31 +56,38 @@ fn seconds_until(t: SystemTime) -> i64 {
 }
 
 /// Certificate expiry and CRL freshness, after every (re)load.
-pub fn export_tls_metrics(metrics: &Metrics, loaded: &LoadedTls) {
+pub fn export_tls_metrics(metrics: &Metrics, server: &ServerConfig, loaded: &LoadedTls) {
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
-    for (file, not_after) in &loaded.certificate_expiry {
-        metrics
-            .certificate_expiry_seconds
-            .get_or_create(&FileLabels { file: file.clone() })
-            .set(seconds_until(*not_after));
+    for path in [&server.certificate, &server.client_ca] {
+        if let Some(not_after) = first_not_after(path) {
+            metrics
+                .certificate_expiry_seconds
+                .get_or_create(&FileLabels {
+                    file: path.display().to_string(),
+                })
+                .set(seconds_until(not_after));
+        }
     }
-    for crl in &loaded.crls {
-        let labels = FileLabels {
-            file: crl.file.clone(),
-        };
-        if let Some(next) = crl.next_update {
+    for (path, next_update) in &loaded.crl_next_updates {
+        if let Some(next) = next_update {
             metrics
                 .crl_next_update_seconds
-                .get_or_create(&labels)
-                .set(seconds_until(next));
+                .get_or_create(&FileLabels {
+                    file: path.display().to_string(),
+                })
+                .set(seconds_until(*next));
         }
-        metrics
-            .crl_age_seconds
-            .get_or_create(&labels)
-            .set(-seconds_until(crl.this_update));
     }
+}
+
+/// The expiry of the first certificate of a PEM file (the leaf of a chain).
+fn first_not_after(path: &std::path::Path) -> Option<SystemTime> {
+    let certs = crate::tls::read_cert_file(path).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    let secs = cert.validity().not_after.timestamp();
+    Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).ok()?))
 }
 
 /// Readiness and its reasons.
@@ -122,10 +129,10 @@ fn refresh_gauges(state: &AppState) {
             TokenState::CredentialsInvalid { .. }
         )));
         if let Some(at) = status.access_expires_at {
-            m.access_token_expiry_seconds.set(at as i64 - now as i64);
+            m.access_token_expiry_seconds.set(at - now as i64);
         }
         if let Some(at) = status.refresh_expires_at {
-            m.refresh_token_expiry_seconds.set(at as i64 - now as i64);
+            m.refresh_token_expiry_seconds.set(at - now as i64);
         }
     }
     let (ready, _) = readiness(state);

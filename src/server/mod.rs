@@ -157,19 +157,20 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     });
     let loaded = crate::tls::server_config(&server, &config.client_policy, observer.clone())?;
     let tls: CurrentTls = Arc::new(ArcSwap::new(loaded.config.clone()));
-    admin::export_tls_metrics(&metrics, &loaded);
+    admin::export_tls_metrics(&metrics, &server, &loaded);
 
     let webex = config.webex.clone().ok_or_else(|| {
         ServeError::Config(
             "the config has no [webex] section; the provisioning listener needs the Webex API and credentials (remove [server].listen entries for a tunnel-only node)".to_owned(),
         )
     })?;
-    let tokens = TokenManager::new(&webex, store.clone()).map_err(|e| ServeError::Webex(e.to_string()))?;
     let transport = crate::webex::Transport::new(
         crate::webex::TransportOptions::from_config(&webex, crate::failover::Resolver::System)
             .map_err(|e| ServeError::Webex(e.to_string()))?,
     )
     .map_err(|e| ServeError::Webex(e.to_string()))?;
+    let tokens = TokenManager::new(&webex, store.clone(), transport.clone())
+        .map_err(|e| ServeError::Webex(e.to_string()))?;
     let client = WebexClient::new(&webex, transport, tokens.clone()).map_err(|e| ServeError::Webex(e.to_string()))?;
     let deliverer = Deliverer {
         client,

@@ -461,4 +461,3 @@ impl Settings {
     }
 }
 
-pub type SharedSettings = Arc<Settings>;

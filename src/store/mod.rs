@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use audit::{AuditQuery, AuditRecord};
+pub use audit::{AuditEvent, AuditQuery, AuditRecord};
 pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry};
 pub use users::{Customer, UserRecord};
 
