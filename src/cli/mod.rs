@@ -6,7 +6,10 @@
 //! fails the policy).
 
 mod logging;
+mod outbox;
+mod serve;
 mod tools;
+mod translate;
 
 use std::process::ExitCode;
 
@@ -32,6 +35,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the adapter: provisioning listener(s), admin listener, delivery, tunnel.
+    Serve(serve::ServeArgs),
+    /// Offline dry run: the Webex call each command of a document would cause.
+    ///
+    /// Exit status: 0 when no command is rejected, 2 otherwise, 1 on usage or I/O errors.
+    Translate(translate::TranslateArgs),
+    /// Inspect and repair undelivered work: list, show, retry, drop.
+    Outbox(outbox::OutboxArgs),
     /// Hash a password for a provisioning or proxy account (read from stdin).
     HashPassword(tools::HashPasswordArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
@@ -44,6 +55,9 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Translate(args) => translate::run(args),
+        Command::Outbox(args) => outbox::run(args),
         Command::HashPassword(args) => tools::hash_password(args),
         Command::Completions(args) => tools::completions(args),
         Command::Man => tools::man(),

@@ -222,7 +222,7 @@ fn print_table(entries: &[Entry]) {
         println!("the outbox is empty");
         return;
     }
-    println!("{:>8}  {:<9}  {:<8}  {:<32}  {:>3}  last error", "id", "state", "call", "user");
+    println!("{:>8}  {:<9}  {:<8}  {:<32}  {:>3}  last error", "id", "state", "call", "user", "try");
     for e in entries {
         let state = match &e.state {
             EntryState::Pending => "pending".to_owned(),

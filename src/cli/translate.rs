@@ -127,11 +127,7 @@ fn translate_document(
             "userId": plan.user_id().map(str::to_owned).or(user_id),
             "template": template_name,
             "action": plan.action(),
-            "webex": plan.webex_call().map(|call| json!({
-                "method": call.method.as_str(),
-                "path": call.path,
-                "body": call.body,
-            })),
+            "webex": plan.webex_call(),
             "response": response_json(&response),
             "notes": plan.notes(),
         }));

@@ -5,7 +5,6 @@
 //! request waits for its deliveries up to the ack deadline; what is not done by then is answered
 //! 7020 and continues in the background.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
