@@ -405,10 +405,10 @@ struct Fields {
 impl Fields {
     fn set(&mut self, field: Field, value: Value) {
         if field == Field::ServiceName {
-            if let Value::Text(s) = value {
-                if !s.is_empty() {
-                    self.services.push(s);
-                }
+            if let Value::Text(s) = value
+                && !s.is_empty()
+            {
+                self.services.push(s);
             }
             return;
         }
