@@ -1,0 +1,204 @@
+//! Shared set-up for the end-to-end tests: a development PKI, the Webex simulator on loopback, a
+//! config pointing flowthrough at it, and an mTLS HTTP client playing the Application Server.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use flowthrough::certs::{DevPki, DevPkiFiles};
+use flowthrough::sim::{SimHandle, SimOptions, Simulator};
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub pki: DevPkiFiles,
+    pub sim: SimHandle,
+}
+
+/// The template section every end-to-end test uses.
+pub const TEMPLATES: &str = r#"
+default_template = "acme"
+
+[templates.acme]
+provisioning_id = "prov-acme"
+package = "standard"
+enterprise_mode = true
+user_verification = "trusted_email"
+country = "US"
+calling_code = "+1"
+default_language = "en_US"
+default_timezone = "America/New_York"
+
+[templates.secured]
+provisioning_id = "prov-secured"
+package = "premium"
+enterprise_mode = true
+user_verification = "untrusted_email"
+country = "CA"
+calling_code = "+1"
+# the hash of "s3cret-prov"
+provisioning_account = { user = "bwprov", password_hash = "$argon2id$v=19$m=19456,t=2,p=1$HtZRe3yMJpIqn3mydWJc/g$WSRbdHsv8TkI2m0TaLxdy4DPuG6ewn0F14ClEuMvv+4" }
+
+[template_overrides]
+"acme-ent" = "acme"
+"#;
+
+impl World {
+    pub async fn new(options: SimOptions) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, pki) = DevPki::generate(&dir.path().join("pki")).unwrap();
+        let sim = Simulator::start(options).await.unwrap();
+        std::fs::write(dir.path().join("sim-ca.pem"), &sim.ca_pem).unwrap();
+        std::fs::write(dir.path().join("client_secret"), sim.client_secret.expose()).unwrap();
+        std::fs::write(dir.path().join("refresh_token"), sim.refresh_token.expose()).unwrap();
+        World { dir, pki, sim }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A complete config: loopback listeners on free ports, the store in the temp dir, Webex at
+    /// the simulator. `extra` is appended (more sections or keys).
+    pub fn config_text(&self, server_extra: &str, extra: &str) -> String {
+        let p = |path: &Path| path.display().to_string();
+        format!(
+            r#"{TEMPLATES}
+[server]
+listen = ["127.0.0.1:0"]
+certificate = "{cert}"
+private_key = "{key}"
+client_ca = "{ca}"
+public_name = "localhost"
+ack_deadline_ms = 3000
+{server_extra}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[store]
+path = "{store}"
+
+[webex]
+api_base = "{base}"
+token_url = "{base}/access_token"
+ca_bundle = "{sim_ca}"
+client_id = "{client_id}"
+client_secret_file = "{secret}"
+refresh_token_file = "{refresh}"
+request_timeout_ms = 1000
+follow_up_s = 5
+{extra}
+"#,
+            cert = p(&self.pki.server_cert),
+            key = p(&self.pki.server_key),
+            ca = p(&self.pki.ca_cert),
+            store = p(&self.path("store")),
+            base = self.sim.base_url,
+            sim_ca = p(&self.path("sim-ca.pem")),
+            client_id = self.sim.client_id,
+            secret = p(&self.path("client_secret")),
+            refresh = p(&self.path("refresh_token")),
+        )
+    }
+
+    pub fn config(&self, server_extra: &str, extra: &str) -> flowthrough::config::Config {
+        let text = self.config_text(server_extra, extra);
+        flowthrough::config::Config::parse(&text, Path::new("test.toml")).unwrap()
+    }
+
+    /// The AS: an HTTPS client presenting the BroadWorks client certificate.
+    pub fn as_client(&self) -> reqwest::Client {
+        self.client_with(&self.pki.client_cert, &self.pki.client_key)
+    }
+
+    pub fn client_with(&self, cert: &Path, key: &Path) -> reqwest::Client {
+        let mut pem = std::fs::read(cert).unwrap();
+        pem.extend(std::fs::read(key).unwrap());
+        let ca = std::fs::read(&self.pki.ca_cert).unwrap();
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .identity(reqwest::Identity::from_pem(&pem).unwrap())
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .pool_max_idle_per_host(4)
+            .build()
+            .unwrap()
+    }
+
+    /// The simulator's subscribers.
+    pub fn subscribers(&self) -> Vec<serde_json::Value> {
+        self.sim.state()["subscribers"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn subscriber(&self, user_id: &str) -> Option<serde_json::Value> {
+        self.subscribers()
+            .into_iter()
+            .find(|s| s["userId"].as_str() == Some(user_id))
+    }
+}
+
+/// A sample document from `schemas/samples`.
+pub fn sample(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/samples").join(name);
+    let bytes = std::fs::read(&path).unwrap();
+    // The samples are ISO-8859-1 and ASCII-only, so this is exact.
+    bytes.iter().map(|&b| b as char).collect()
+}
+
+/// A one-command OCI-P document.
+pub fn document(command: &str) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><BroadsoftDocument protocol="OCI" xmlns="C" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><sessionId xmlns="">sess-1</sessionId>{command}</BroadsoftDocument>"#
+    )
+}
+
+pub fn user_add(user_id: &str, email: Option<&str>) -> String {
+    let email = email.map(|e| format!("<emailAddress>{e}</emailAddress>")).unwrap_or_default();
+    format!(
+        r#"<command xsi:type="UserAddRequest17sp4" xmlns=""><serviceProviderId>acme-ent</serviceProviderId><groupId>hq</groupId><userId>{user_id}</userId><lastName>Test</lastName><firstName>User</firstName><password>x</password><extension>1234</extension><language>English</language>{email}</command>"#
+    )
+}
+
+/// One response command of an OCI-P answer: (xsi:type, errorCode, whole command text).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub kind: String,
+    pub code: Option<u16>,
+    pub severity: Option<String>,
+    pub text: String,
+}
+
+/// Split an OCI-P response document into its commands (a light reading: the parser's own tests
+/// and xmllint validate the writer; here the test only needs each command's type and code).
+pub fn answers(body: &str) -> Vec<Answer> {
+    body.split("<command")
+        .skip(1)
+        .map(|chunk| {
+            let kind = between(chunk, "xsi:type=\"", "\"").unwrap_or_default();
+            let code = between(chunk, "<errorCode>", "</errorCode>").and_then(|c| c.parse().ok());
+            let severity = between(chunk, " type=\"", "\"");
+            Answer {
+                kind,
+                code,
+                severity,
+                text: chunk.to_owned(),
+            }
+        })
+        .collect()
+}
+
+fn between(text: &str, start: &str, end: &str) -> Option<String> {
+    let from = text.find(start)? + start.len();
+    let len = text[from..].find(end)?;
+    Some(text[from..from + len].to_owned())
+}
+
+/// Poll `check` until it holds or `limit` passes (not a timing assertion: a bound against hangs).
+pub async fn eventually(limit: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let until = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < until {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    check()
+}
