@@ -232,11 +232,27 @@ pub struct MapContext<'a> {
     pub last_profile: Option<&'a UserProfile>,
 }
 
-/// Unsupported and malformed commands are refused whatever the template; [`select_template`]
-/// uses this too so they never turn into "unknown template".
+/// A command refused with an OCI-P error, before any plan exists (see [`select_template`]).
 ///
 /// [`select_template`]: super::select_template
-pub(crate) fn refusal(command: &Command) -> Option<Plan> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: OciError,
+    pub message: String,
+}
+
+impl From<Rejection> for Plan {
+    fn from(r: Rejection) -> Plan {
+        Plan::Reject {
+            code: r.code,
+            message: r.message,
+        }
+    }
+}
+
+/// Unsupported and malformed commands are refused whatever the template; template selection
+/// uses this too so they never turn into "unknown template".
+pub(crate) fn refusal(command: &Command) -> Option<Rejection> {
     match command {
         Command::Unsupported => Some(unsupported()),
         Command::Invalid { reason } => Some(malformed(reason)),
@@ -244,15 +260,19 @@ pub(crate) fn refusal(command: &Command) -> Option<Plan> {
     }
 }
 
-fn unsupported() -> Plan {
-    Plan::reject(
-        OciError::Unsupported,
-        "flowthrough does not carry this command to Webex; only the commands of the SPEC §2 table are handled",
-    )
+fn unsupported() -> Rejection {
+    Rejection {
+        code: OciError::Unsupported,
+        message: "flowthrough does not carry this command to Webex; only the commands of the SPEC §2 table are handled"
+            .to_owned(),
+    }
 }
 
-fn malformed(reason: &str) -> Plan {
-    Plan::reject(OciError::Malformed, reason)
+fn malformed(reason: &str) -> Rejection {
+    Rejection {
+        code: OciError::Malformed,
+        message: reason.to_owned(),
+    }
 }
 
 /// The plan for one command under one template (SPEC §2 table).
@@ -337,8 +357,8 @@ pub fn plan(command: &Command, ctx: &MapContext) -> Plan {
                 "service provider \"{service_provider_id}\" deleted; Webex users are removed per user"
             ),
         },
-        Command::Unsupported => unsupported(),
-        Command::Invalid { reason } => malformed(reason),
+        Command::Unsupported => unsupported().into(),
+        Command::Invalid { reason } => malformed(reason).into(),
     }
 }
 

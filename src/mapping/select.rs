@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::codes::OciError;
-use super::plan::{Plan, refusal};
+use super::plan::{Rejection, refusal};
 use super::template::Template;
 use crate::oci::Command;
 
@@ -69,10 +69,10 @@ pub struct Selection<'a> {
     pub default: Option<&'a str>,
 }
 
-/// The template name for `command`, or the plan that refuses it: 7004 when no configured template
+/// The template name for `command`, or why it is refused (turn it into a plan with `.into()`): 7004 when no configured template
 /// results, and 7002/7001 for unsupported or malformed commands whatever the templates (they never
 /// needed one).
-pub fn select_template(command: &Command, s: &Selection) -> Result<String, Plan> {
+pub fn select_template(command: &Command, s: &Selection) -> Result<String, Rejection> {
     if let Some(refused) = refusal(command) {
         return Err(refused);
     }
@@ -86,7 +86,7 @@ pub fn select_template(command: &Command, s: &Selection) -> Result<String, Plan>
         .or_else(by_customer)
         .or_else(|| s.default.map(|t| (t, Source::Default)));
     let Some((name, source)) = chosen else {
-        return Err(Plan::Reject {
+        return Err(Rejection {
             code: OciError::UnknownTemplate,
             message: "no template applies: the URL names none, no [template_overrides] entry or remembered template matches, and default_template is not set; POST to /provisioning/{template} or set default_template".to_owned(),
         });
@@ -101,7 +101,7 @@ pub fn select_template(command: &Command, s: &Selection) -> Result<String, Plan>
         Source::Default => "default_template names",
     };
     let known: Vec<&str> = s.templates.keys().map(String::as_str).collect();
-    Err(Plan::Reject {
+    Err(Rejection {
         code: OciError::UnknownTemplate,
         message: format!(
             "{origin} template \"{name}\", which is not configured; configured templates: {}",
@@ -147,7 +147,7 @@ mod tests {
         explicit: Option<&str>,
         remembered: Option<&str>,
         default: Option<&str>,
-    ) -> Result<String, Plan> {
+    ) -> Result<String, Rejection> {
         let (templates, overrides) = (templates(), overrides());
         select_template(
             command,
@@ -161,9 +161,9 @@ mod tests {
         )
     }
 
-    fn code(result: Result<String, Plan>) -> (u16, String) {
+    fn code(result: Result<String, Rejection>) -> (u16, String) {
         match result {
-            Err(Plan::Reject { code, message }) => (code.code(), message),
+            Err(Rejection { code, message }) => (code.code(), message),
             other => panic!("expected a reject, got {other:?}"),
         }
     }
