@@ -114,7 +114,7 @@ mod tests {
         let label63 = "b".repeat(63);
         assert_eq!(check_email(&format!("a@{label63}.example")), Ok(()));
         assert!(check_email(&format!("a@b{label63}.example")).is_err());
-        let long_domain = vec![label63.as_str(); 4].join(".");
+        let long_domain = [label63.as_str(); 4].join(".");
         assert!(
             check_email(&format!("a@{long_domain}")).is_err(),
             "over 254 in all"

@@ -18,7 +18,7 @@ pub use email::check_email;
 pub use locale::{LanguageTable, is_language_code, is_supported_locale, resolve_locale};
 pub use phone::phone_for_webex;
 pub use plan::{
-    Customer, IMP_SERVICE, MapContext, Method, Plan, ProvisionBody, SUBSCRIBER_PATH,
+    Customer, IMP_SERVICE, MapContext, Method, Plan, ProvisionBody, Rejection, SUBSCRIBER_PATH,
     SUBSCRIBERS_PATH, UpdateBody, WebexBody, WebexCall, apply_changes, plan,
 };
 pub use select::{Selection, command_service_provider, command_user_id, select_template};

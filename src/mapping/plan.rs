@@ -232,11 +232,27 @@ pub struct MapContext<'a> {
     pub last_profile: Option<&'a UserProfile>,
 }
 
-/// Unsupported and malformed commands are refused whatever the template; [`select_template`]
-/// uses this too so they never turn into "unknown template".
+/// A command refused with an OCI-P error, before any plan exists (see [`select_template`]).
 ///
 /// [`select_template`]: super::select_template
-pub(crate) fn refusal(command: &Command) -> Option<Plan> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: OciError,
+    pub message: String,
+}
+
+impl From<Rejection> for Plan {
+    fn from(r: Rejection) -> Plan {
+        Plan::Reject {
+            code: r.code,
+            message: r.message,
+        }
+    }
+}
+
+/// Unsupported and malformed commands are refused whatever the template; template selection
+/// uses this too so they never turn into "unknown template".
+pub(crate) fn refusal(command: &Command) -> Option<Rejection> {
     match command {
         Command::Unsupported => Some(unsupported()),
         Command::Invalid { reason } => Some(malformed(reason)),
@@ -244,15 +260,19 @@ pub(crate) fn refusal(command: &Command) -> Option<Plan> {
     }
 }
 
-fn unsupported() -> Plan {
-    Plan::reject(
-        OciError::Unsupported,
-        "flowthrough does not carry this command to Webex; only the commands of the SPEC §2 table are handled",
-    )
+fn unsupported() -> Rejection {
+    Rejection {
+        code: OciError::Unsupported,
+        message: "flowthrough does not carry this command to Webex; only the commands of the SPEC §2 table are handled"
+            .to_owned(),
+    }
 }
 
-fn malformed(reason: &str) -> Plan {
-    Plan::reject(OciError::Malformed, reason)
+fn malformed(reason: &str) -> Rejection {
+    Rejection {
+        code: OciError::Malformed,
+        message: reason.to_owned(),
+    }
 }
 
 /// The plan for one command under one template (SPEC §2 table).
@@ -337,8 +357,8 @@ pub fn plan(command: &Command, ctx: &MapContext) -> Plan {
                 "service provider \"{service_provider_id}\" deleted; Webex users are removed per user"
             ),
         },
-        Command::Unsupported => unsupported(),
-        Command::Invalid { reason } => malformed(reason),
+        Command::Unsupported => unsupported().into(),
+        Command::Invalid { reason } => malformed(reason).into(),
     }
 }
 
@@ -601,4 +621,764 @@ pub fn apply_changes(profile: &UserProfile, changes: &UserChanges) -> UserProfil
         p.is_enterprise = Some(e);
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::mapping::template::tests::template;
+    use crate::oci::{ErrorResponse, Severity};
+
+    /// The user of `samples/user-add-17sp4.xml`.
+    fn alice() -> UserProfile {
+        UserProfile {
+            service_provider_id: "acme-ent".into(),
+            group_id: "acme-hq".into(),
+            user_id: "alice.smith@acme.example".into(),
+            first_name: "Alice".into(),
+            last_name: "Smith".into(),
+            phone_number: Some("2025550101".into()),
+            extension: Some("0101".into()),
+            language: Some("English".into()),
+            time_zone: Some("America/New_York".into()),
+            email_address: Some("alice.smith@acme.example".into()),
+            ..UserProfile::default()
+        }
+    }
+
+    fn plan_with(command: &Command, t: &Template, last: Option<&UserProfile>) -> Plan {
+        let languages = LanguageTable::with_overrides(&BTreeMap::new());
+        plan(
+            command,
+            &MapContext {
+                template_name: "acme",
+                template: t,
+                languages: &languages,
+                last_profile: last,
+            },
+        )
+    }
+
+    fn run(command: &Command) -> Plan {
+        plan_with(command, &template(), None)
+    }
+
+    fn provision_body_of(plan: Plan) -> (ProvisionBody, Vec<String>) {
+        match plan {
+            Plan::Provision { body, notes, .. } => (body, notes),
+            other => panic!("expected a provision, got {other:?}"),
+        }
+    }
+
+    fn rejected(plan: &Plan) -> (u16, &str) {
+        match plan {
+            Plan::Reject { code, message } => (code.code(), message),
+            other => panic!("expected a reject, got {other:?}"),
+        }
+    }
+
+    fn modify(changes: UserChanges) -> Command {
+        Command::UserModify(UserChanges {
+            user_id: "alice.smith@acme.example".into(),
+            ..changes
+        })
+    }
+
+    #[test]
+    fn user_add_provisions_with_the_sample_values() {
+        let plan = run(&Command::UserAdd(alice()));
+        assert_eq!(plan.action(), "provision");
+        assert_eq!(plan.user_id(), Some("alice.smith@acme.example"));
+        let (body, notes) = provision_body_of(plan);
+        assert_eq!(
+            body,
+            ProvisionBody {
+                provisioning_id: "ZjViMzYx".into(),
+                user_id: "alice.smith@acme.example".into(),
+                sp_enterprise_id: "acme-ent".into(),
+                first_name: "Alice".into(),
+                last_name: "Smith".into(),
+                package: Package::Standard,
+                primary_phone_number: Some("+12025550101".into()),
+                mobile_phone_number: None,
+                extension: Some("0101".into()),
+                email: Some("alice.smith@acme.example".into()),
+                language: Some("en_US".into()),
+                timezone: Some("America/New_York".into()),
+            }
+        );
+        assert!(notes.is_empty(), "{notes:?}");
+    }
+
+    #[test]
+    fn provision_body_serialises_with_webex_names_and_skips_absent_fields() {
+        let (body, _) = provision_body_of(run(&Command::UserAdd(alice())));
+        let json = serde_json::to_value(&body).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "provisioningId": "ZjViMzYx",
+                "userId": "alice.smith@acme.example",
+                "spEnterpriseId": "acme-ent",
+                "firstName": "Alice",
+                "lastName": "Smith",
+                "package": "standard",
+                "primaryPhoneNumber": "+12025550101",
+                "extension": "0101",
+                "email": "alice.smith@acme.example",
+                "language": "en_US",
+                "timezone": "America/New_York"
+            })
+        );
+        let back: ProvisionBody = serde_json::from_value(json).unwrap();
+        assert_eq!(back, body);
+    }
+
+    #[test]
+    fn provision_in_group_mode_and_with_a_custom_pattern() {
+        let mut t = template();
+        t.enterprise_mode = false;
+        let (body, _) = provision_body_of(plan_with(&Command::UserAdd(alice()), &t, None));
+        assert_eq!(body.sp_enterprise_id, "acme-ent+acme-hq");
+        t.sp_enterprise_id = Some("bw.{groupId}".into());
+        let (body, _) = provision_body_of(plan_with(&Command::UserAdd(alice()), &t, None));
+        assert_eq!(body.sp_enterprise_id, "bw.acme-hq");
+        let mut p = alice();
+        p.group_id = String::new();
+        let plan = plan_with(&Command::UserAdd(p), &t, None);
+        let (code, message) = rejected(&plan);
+        assert_eq!(code, 7003);
+        assert!(message.contains("groupId"));
+    }
+
+    #[test]
+    fn package_is_always_the_templates() {
+        for package in [
+            Package::Softphone,
+            Package::Basic,
+            Package::Standard,
+            Package::Premium,
+        ] {
+            let mut t = template();
+            t.package = package;
+            let (body, _) = provision_body_of(plan_with(&Command::UserAdd(alice()), &t, None));
+            assert_eq!(body.package, package);
+        }
+    }
+
+    #[test]
+    fn trusted_email_is_required_and_checked() {
+        let mut p = alice();
+        p.email_address = None;
+        let plan = run(&Command::UserAdd(p.clone()));
+        let (code, message) = rejected(&plan);
+        assert_eq!(code, 7003);
+        assert!(
+            message.contains("emailAddress") && message.contains("trusted_email"),
+            "{message}"
+        );
+        p.email_address = Some("  ".into());
+        assert_eq!(rejected(&run(&Command::UserAdd(p.clone()))).0, 7003);
+        p.email_address = Some("alice at acme".into());
+        let plan = run(&Command::UserAdd(p));
+        assert_eq!(rejected(&plan).0, 7003);
+        assert!(rejected(&plan).1.contains("alice at acme"));
+    }
+
+    #[test]
+    fn untrusted_email_is_never_sent() {
+        let mut t = template();
+        t.user_verification = UserVerification::UntrustedEmail;
+        let (body, _) = provision_body_of(plan_with(&Command::UserAdd(alice()), &t, None));
+        assert_eq!(body.email, None);
+        assert!(!serde_json::to_string(&body).unwrap().contains("email"));
+        // Missing or malformed: no matter, it is not ours to send.
+        let mut p = alice();
+        p.email_address = Some("not an address".into());
+        let (body, _) = provision_body_of(plan_with(&Command::UserAdd(p), &t, None));
+        assert_eq!(body.email, None);
+    }
+
+    #[test]
+    fn a_user_needs_a_phone_number_or_an_extension() {
+        let mut p = alice();
+        p.phone_number = None;
+        let (body, _) = provision_body_of(run(&Command::UserAdd(p.clone())));
+        assert_eq!(
+            (body.primary_phone_number, body.extension.as_deref()),
+            (None, Some("0101"))
+        );
+        p.extension = Some(" ".into());
+        p.mobile_phone_number = Some("+1-514-555-0199".into());
+        let plan = run(&Command::UserAdd(p.clone()));
+        let (code, message) = rejected(&plan);
+        assert_eq!(code, 7003, "a mobile number alone is not enough");
+        assert!(message.contains("phoneNumber") && message.contains("extension"));
+        p.phone_number = Some("+44 20 7946 0000".into());
+        let (body, _) = provision_body_of(run(&Command::UserAdd(p)));
+        assert_eq!(
+            body.primary_phone_number.as_deref(),
+            Some("+44 20 7946 0000")
+        );
+        assert_eq!(body.mobile_phone_number.as_deref(), Some("+1-514-555-0199"));
+        assert_eq!(body.extension, None);
+    }
+
+    #[test]
+    fn a_malformed_phone_number_is_7003() {
+        let mut p = alice();
+        p.mobile_phone_number = Some("call me".into());
+        let plan = run(&Command::UserAdd(p));
+        let (code, message) = rejected(&plan);
+        assert_eq!(code, 7003);
+        assert!(message.starts_with("mobilePhoneNumber"));
+    }
+
+    #[test]
+    fn required_names_missing_is_7003() {
+        for field in ["userId", "firstName", "lastName"] {
+            let mut p = alice();
+            match field {
+                "userId" => p.user_id = String::new(),
+                "firstName" => p.first_name = " ".into(),
+                _ => p.last_name = String::new(),
+            }
+            let plan = run(&Command::UserAdd(p));
+            let (code, message) = rejected(&plan);
+            assert_eq!(code, 7003);
+            assert!(message.starts_with(field), "{message}");
+        }
+    }
+
+    #[test]
+    fn language_and_time_zone_fall_back_with_notes() {
+        let mut p = alice();
+        p.language = Some("Klingon".into());
+        p.time_zone = Some("Eastern".into());
+        let mut t = template();
+        t.default_language = "fr_CA".into();
+        let (body, notes) = provision_body_of(plan_with(&Command::UserAdd(p.clone()), &t, None));
+        assert_eq!(body.language.as_deref(), Some("fr_CA"));
+        assert_eq!(body.timezone.as_deref(), Some("America/New_York"));
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        p.language = Some("Portuguese".into());
+        p.time_zone = None;
+        let (body, notes) = provision_body_of(plan_with(&Command::UserAdd(p), &t, None));
+        assert_eq!(body.language.as_deref(), Some("pt_PT"));
+        assert_eq!(body.timezone.as_deref(), Some("America/New_York"));
+        assert!(notes.iter().any(|n| n.contains("Meetings")), "{notes:?}");
+    }
+
+    #[test]
+    fn is_enterprise_that_disagrees_with_the_template_is_noted() {
+        let mut p = alice();
+        p.is_enterprise = Some(false);
+        let (_, notes) = provision_body_of(run(&Command::UserAdd(p.clone())));
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("enterprise_mode = true"));
+        p.is_enterprise = Some(true);
+        assert!(provision_body_of(run(&Command::UserAdd(p))).1.is_empty());
+    }
+
+    #[test]
+    fn modify_carries_changed_fields_and_clears_phones_with_empty_strings() {
+        let plan = run(&modify(UserChanges {
+            last_name: Change::Set("Smith-Lee".into()),
+            phone_number: Change::Clear,
+            extension: Change::Set("0111".into()),
+            ..UserChanges::default()
+        }));
+        assert_eq!(plan.action(), "update");
+        assert_eq!(plan.response(None), ResponseCommand::Success { echo: None });
+        let Plan::Update {
+            user_id,
+            body,
+            uncarried,
+            ..
+        } = &plan
+        else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(user_id, "alice.smith@acme.example");
+        assert!(uncarried.is_empty());
+        assert_eq!(
+            serde_json::to_value(body).unwrap(),
+            serde_json::json!({"lastName": "Smith-Lee", "primaryPhoneNumber": "", "extension": "0111"})
+        );
+        let call = plan.webex_call().unwrap();
+        assert_eq!(
+            (call.method, call.path),
+            (Method::Put, "/broadworks/subscribers/{id}")
+        );
+    }
+
+    #[test]
+    fn modify_maps_every_carried_field() {
+        let plan = run(&modify(UserChanges {
+            new_user_id: Change::Set("alice.lee@acme.example".into()),
+            first_name: Change::Set("Alicia".into()),
+            last_name: Change::Set("Lee".into()),
+            phone_number: Change::Set("2025550102".into()),
+            mobile_phone_number: Change::Set("+1-514-555-0199".into()),
+            extension: Change::Clear,
+            time_zone: Change::Set("Europe/Paris".into()),
+            ..UserChanges::default()
+        }));
+        let Plan::Update {
+            body,
+            uncarried,
+            notes,
+            ..
+        } = plan
+        else {
+            panic!()
+        };
+        assert_eq!(
+            body,
+            UpdateBody {
+                user_id: Some("alice.lee@acme.example".into()),
+                first_name: Some("Alicia".into()),
+                last_name: Some("Lee".into()),
+                primary_phone_number: Some("+12025550102".into()),
+                mobile_phone_number: Some("+1-514-555-0199".into()),
+                extension: Some(String::new()),
+                timezone: Some("Europe/Paris".into()),
+                package: None,
+            }
+        );
+        assert!(uncarried.is_empty() && notes.is_empty());
+    }
+
+    #[test]
+    fn modify_never_carries_email_or_language() {
+        let plan = run(&modify(UserChanges {
+            first_name: Change::Set("Alicia".into()),
+            email_address: Change::Set("alicia@acme.example".into()),
+            language: Change::Set("French".into()),
+            ..UserChanges::default()
+        }));
+        let Plan::Update {
+            body, uncarried, ..
+        } = &plan
+        else {
+            panic!("{plan:?}")
+        };
+        let json = serde_json::to_string(body).unwrap();
+        assert_eq!(json, r#"{"firstName":"Alicia"}"#);
+        assert_eq!(uncarried.len(), 2);
+        let ResponseCommand::Error(ErrorResponse {
+            severity,
+            code,
+            detail,
+            echo,
+            ..
+        }) = plan.response(Some("7".into()))
+        else {
+            panic!("expected a warning")
+        };
+        assert_eq!(
+            (severity, code, echo.as_deref()),
+            (Severity::Warning, 7021, Some("7"))
+        );
+        let detail = detail.unwrap();
+        assert!(
+            detail.contains("emailAddress") && detail.contains("language"),
+            "{detail}"
+        );
+    }
+
+    #[test]
+    fn update_body_refuses_email_and_language_when_parsed() {
+        assert!(serde_json::from_str::<UpdateBody>(r#"{"email":"a@b.co"}"#).is_err());
+        assert!(serde_json::from_str::<UpdateBody>(r#"{"language":"fr_FR"}"#).is_err());
+        let body: UpdateBody =
+            serde_json::from_str(r#"{"extension":"","package":"premium"}"#).unwrap();
+        assert_eq!(body.extension.as_deref(), Some(""));
+        assert_eq!(body.package, Some(Package::Premium));
+    }
+
+    #[test]
+    fn only_uncarried_changes_make_an_empty_update_with_7021_and_no_call() {
+        let plan = run(&modify(UserChanges {
+            email_address: Change::Clear,
+            ..UserChanges::default()
+        }));
+        let Plan::Update {
+            body, uncarried, ..
+        } = &plan
+        else {
+            panic!("{plan:?}")
+        };
+        assert!(body.is_empty());
+        assert_eq!(uncarried.len(), 1);
+        assert_eq!(plan.webex_call(), None);
+        let ResponseCommand::Error(e) = plan.response(None) else {
+            panic!()
+        };
+        assert_eq!(e.code, 7021);
+    }
+
+    #[test]
+    fn a_modify_with_nothing_for_webex_is_a_noop() {
+        let plan = run(&modify(UserChanges {
+            is_enterprise: Some(true),
+            ..UserChanges::default()
+        }));
+        assert_eq!(plan.action(), "noop");
+        assert_eq!(plan.webex_call(), None);
+        assert_eq!(
+            plan.response(Some("x".into())),
+            ResponseCommand::Success {
+                echo: Some("x".into())
+            }
+        );
+    }
+
+    #[test]
+    fn clearing_names_or_the_user_id_is_uncarried() {
+        let plan = run(&modify(UserChanges {
+            first_name: Change::Clear,
+            last_name: Change::Set("  ".into()),
+            new_user_id: Change::Clear,
+            ..UserChanges::default()
+        }));
+        let Plan::Update {
+            body, uncarried, ..
+        } = plan
+        else {
+            panic!()
+        };
+        assert!(body.is_empty());
+        assert_eq!(uncarried.len(), 3, "{uncarried:?}");
+    }
+
+    #[test]
+    fn modify_time_zone_rules() {
+        let plan = run(&modify(UserChanges {
+            time_zone: Change::Set("Pacific".into()),
+            ..UserChanges::default()
+        }));
+        let Plan::Update { body, notes, .. } = plan else {
+            panic!()
+        };
+        assert_eq!(body.timezone.as_deref(), Some("America/New_York"));
+        assert_eq!(notes.len(), 1);
+        let plan = run(&modify(UserChanges {
+            time_zone: Change::Clear,
+            ..UserChanges::default()
+        }));
+        let Plan::Update { body, .. } = plan else {
+            panic!()
+        };
+        assert_eq!(body.timezone.as_deref(), Some("America/New_York"));
+    }
+
+    #[test]
+    fn modify_with_a_bad_phone_number_is_7003() {
+        let plan = run(&modify(UserChanges {
+            phone_number: Change::Set("12ab".into()),
+            ..UserChanges::default()
+        }));
+        assert_eq!(rejected(&plan).0, 7003);
+        assert_eq!(
+            plan.response(None),
+            OciError::InvalidField.response(None, Some(rejected(&plan).1.to_owned()))
+        );
+    }
+
+    #[test]
+    fn modify_that_leaves_no_number_is_7003() {
+        let both = UserChanges {
+            phone_number: Change::Clear,
+            extension: Change::Clear,
+            ..UserChanges::default()
+        };
+        assert_eq!(
+            rejected(&run(&modify(both))).0,
+            7003,
+            "without a profile, clearing both is still wrong"
+        );
+        // Alice has a phone number and an extension: clearing one is fine, clearing the other too
+        // only when the first is not already gone.
+        let mut profile = alice();
+        let only_ext = modify(UserChanges {
+            extension: Change::Clear,
+            ..UserChanges::default()
+        });
+        assert_eq!(
+            plan_with(&only_ext, &template(), Some(&profile)).action(),
+            "update"
+        );
+        profile.phone_number = None;
+        assert_eq!(
+            rejected(&plan_with(&only_ext, &template(), Some(&profile))).0,
+            7003
+        );
+        // Unknown profile: the number the request does not mention may exist.
+        assert_eq!(plan_with(&only_ext, &template(), None).action(), "update");
+    }
+
+    #[test]
+    fn user_delete_removes() {
+        let plan = run(&Command::UserDelete {
+            user_id: "bob@acme.example".into(),
+        });
+        assert_eq!(
+            plan,
+            Plan::Remove {
+                user_id: "bob@acme.example".into()
+            }
+        );
+        assert_eq!(plan.action(), "remove");
+        let call = plan.webex_call().unwrap();
+        assert_eq!(
+            (call.method, call.path, call.body),
+            (Method::Delete, "/broadworks/subscribers/{id}", None)
+        );
+        assert_eq!(plan.response(None), ResponseCommand::Success { echo: None });
+    }
+
+    fn services(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn imp_assignment_provisions_from_the_last_profile() {
+        let cmd = Command::ServiceAssign {
+            user_id: "alice.smith@acme.example".into(),
+            services: services(&["Voice Messaging User", "Integrated IM&P"]),
+        };
+        let profile = alice();
+        let plan = plan_with(&cmd, &template(), Some(&profile));
+        assert_eq!(plan, run(&Command::UserAdd(alice())));
+        let plan = run(&cmd);
+        let (code, message) = rejected(&plan);
+        assert_eq!(code, 7005);
+        assert!(message.contains("alice.smith@acme.example") && message.contains("UserAddRequest"));
+    }
+
+    #[test]
+    fn other_service_changes_are_noops() {
+        let user_id = "alice.smith@acme.example".to_owned();
+        let assign = Command::ServiceAssign {
+            user_id: user_id.clone(),
+            services: services(&["Voice Messaging User"]),
+        };
+        let unassign = Command::ServiceUnassign {
+            user_id,
+            services: services(&["Call Waiting", "Integrated IM&P 2"]),
+        };
+        for cmd in [assign, unassign] {
+            let plan = run(&cmd);
+            assert_eq!(plan.action(), "noop", "{cmd:?}");
+            assert_eq!(plan.webex_call(), None);
+        }
+    }
+
+    #[test]
+    fn imp_unassignment_removes() {
+        let cmd = Command::ServiceUnassign {
+            user_id: "a@b.co".into(),
+            services: services(&["Integrated IM&P"]),
+        };
+        assert_eq!(
+            run(&cmd),
+            Plan::Remove {
+                user_id: "a@b.co".into()
+            }
+        );
+    }
+
+    #[test]
+    fn integrated_imp_modify_follows_is_active() {
+        let user_id = "alice.smith@acme.example".to_owned();
+        let on = Command::IntegratedImpModify {
+            user_id: user_id.clone(),
+            is_active: Some(true),
+        };
+        let profile = alice();
+        assert_eq!(
+            plan_with(&on, &template(), Some(&profile)).action(),
+            "provision"
+        );
+        assert_eq!(rejected(&run(&on)).0, 7005);
+        let off = Command::IntegratedImpModify {
+            user_id: user_id.clone(),
+            is_active: Some(false),
+        };
+        assert_eq!(
+            run(&off),
+            Plan::Remove {
+                user_id: user_id.clone()
+            }
+        );
+        let unchanged = Command::IntegratedImpModify {
+            user_id,
+            is_active: None,
+        };
+        assert_eq!(run(&unchanged).action(), "noop");
+    }
+
+    #[test]
+    fn group_and_service_provider_adds_record_the_customer() {
+        let group = Command::GroupAdd {
+            service_provider_id: "acme-ent".into(),
+            group_id: "acme-hq".into(),
+            group_name: Some("ACME HQ".into()),
+        };
+        let plan = run(&group);
+        assert_eq!(
+            plan,
+            Plan::RecordCustomer(Customer {
+                service_provider_id: "acme-ent".into(),
+                group_id: Some("acme-hq".into()),
+                name: Some("ACME HQ".into()),
+                enterprise: false,
+                mode_mismatch: None,
+            })
+        );
+        assert_eq!((plan.action(), plan.webex_call()), ("record", None));
+
+        let ent = Command::ServiceProviderAdd {
+            service_provider_id: "acme-ent".into(),
+            name: None,
+            is_enterprise: true,
+        };
+        let Plan::RecordCustomer(c) = run(&ent) else {
+            panic!()
+        };
+        assert!(c.enterprise);
+        assert_eq!(c.mode_mismatch, None);
+        assert_eq!(
+            run(&ent).response(None),
+            ResponseCommand::Success { echo: None }
+        );
+    }
+
+    #[test]
+    fn customer_mode_mismatch_is_a_warning_text_not_an_oci_warning() {
+        let sp = Command::ServiceProviderAdd {
+            service_provider_id: "isp".into(),
+            name: None,
+            is_enterprise: false,
+        };
+        let plan = run(&sp);
+        let Plan::RecordCustomer(c) = &plan else {
+            panic!()
+        };
+        let warning = c.mode_mismatch.as_deref().unwrap();
+        assert!(
+            warning.contains("isp")
+                && warning.contains("\"acme\"")
+                && warning.contains("enterprise_mode = true")
+        );
+        assert_eq!(plan.response(None), ResponseCommand::Success { echo: None });
+
+        let mut group_template = template();
+        group_template.enterprise_mode = false;
+        let ent = Command::ServiceProviderAdd {
+            service_provider_id: "e".into(),
+            name: None,
+            is_enterprise: true,
+        };
+        let Plan::RecordCustomer(c) = plan_with(&ent, &group_template, None) else {
+            panic!()
+        };
+        assert!(c.mode_mismatch.is_some());
+        let Plan::RecordCustomer(c) = plan_with(&sp, &group_template, None) else {
+            panic!()
+        };
+        assert_eq!(c.mode_mismatch, None);
+    }
+
+    #[test]
+    fn deletes_of_groups_and_service_providers_are_noops() {
+        let cmds = [
+            Command::GroupDelete {
+                service_provider_id: "isp".into(),
+                group_id: "g".into(),
+            },
+            Command::ServiceProviderDelete {
+                service_provider_id: "isp".into(),
+            },
+        ];
+        for cmd in cmds {
+            let plan = run(&cmd);
+            assert_eq!(plan.action(), "noop");
+            assert_eq!(plan.response(None), ResponseCommand::Success { echo: None });
+        }
+    }
+
+    #[test]
+    fn unsupported_is_7002_and_invalid_is_7001() {
+        let plan = run(&Command::Unsupported);
+        assert_eq!((plan.action(), rejected(&plan).0), ("reject", 7002));
+        let plan = run(&Command::Invalid {
+            reason: "userId is missing".into(),
+        });
+        assert_eq!(rejected(&plan), (7001, "userId is missing"));
+        let ResponseCommand::Error(e) = plan.response(Some("3".into())) else {
+            panic!()
+        };
+        assert_eq!(
+            (e.severity, e.code, e.detail.as_deref()),
+            (Severity::Error, 7001, Some("userId is missing"))
+        );
+        assert_eq!(plan.webex_call(), None);
+    }
+
+    #[test]
+    fn webex_call_of_a_provision_serialises_for_translate() {
+        let call = run(&Command::UserAdd(alice())).webex_call().unwrap();
+        let json = serde_json::to_value(&call).unwrap();
+        assert_eq!(json["method"], "POST");
+        assert_eq!(json["path"], "/broadworks/subscribers");
+        assert_eq!(json["body"]["provisioningId"], "ZjViMzYx");
+        assert_eq!(json["body"]["primaryPhoneNumber"], "+12025550101");
+        let delete = serde_json::to_value(
+            run(&Command::UserDelete {
+                user_id: "u".into(),
+            })
+            .webex_call(),
+        )
+        .unwrap();
+        assert_eq!(
+            delete,
+            serde_json::json!({"method": "DELETE", "path": "/broadworks/subscribers/{id}", "body": null})
+        );
+    }
+
+    #[test]
+    fn apply_changes_keeps_the_last_profile_current() {
+        let changes = UserChanges {
+            user_id: "alice.smith@acme.example".into(),
+            new_user_id: Change::Set("alice.lee@acme.example".into()),
+            first_name: Change::Clear,
+            last_name: Change::Set("Lee".into()),
+            phone_number: Change::Clear,
+            mobile_phone_number: Change::Set("+1-514-555-0199".into()),
+            email_address: Change::Set("alice.lee@acme.example".into()),
+            language: Change::Clear,
+            is_enterprise: Some(true),
+            ..UserChanges::default()
+        };
+        let p = apply_changes(&alice(), &changes);
+        assert_eq!(
+            p,
+            UserProfile {
+                user_id: "alice.lee@acme.example".into(),
+                first_name: "Alice".into(),
+                last_name: "Lee".into(),
+                phone_number: None,
+                mobile_phone_number: Some("+1-514-555-0199".into()),
+                email_address: Some("alice.lee@acme.example".into()),
+                language: None,
+                is_enterprise: Some(true),
+                ..alice()
+            }
+        );
+        assert_eq!(apply_changes(&alice(), &UserChanges::default()), alice());
+    }
 }

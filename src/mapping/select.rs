@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::codes::OciError;
-use super::plan::{Plan, refusal};
+use super::plan::{Rejection, refusal};
 use super::template::Template;
 use crate::oci::Command;
 
@@ -69,10 +69,10 @@ pub struct Selection<'a> {
     pub default: Option<&'a str>,
 }
 
-/// The template name for `command`, or the plan that refuses it: 7004 when no configured template
+/// The template name for `command`, or why it is refused (turn it into a plan with `.into()`): 7004 when no configured template
 /// results, and 7002/7001 for unsupported or malformed commands whatever the templates (they never
 /// needed one).
-pub fn select_template(command: &Command, s: &Selection) -> Result<String, Plan> {
+pub fn select_template(command: &Command, s: &Selection) -> Result<String, Rejection> {
     if let Some(refused) = refusal(command) {
         return Err(refused);
     }
@@ -86,7 +86,7 @@ pub fn select_template(command: &Command, s: &Selection) -> Result<String, Plan>
         .or_else(by_customer)
         .or_else(|| s.default.map(|t| (t, Source::Default)));
     let Some((name, source)) = chosen else {
-        return Err(Plan::Reject {
+        return Err(Rejection {
             code: OciError::UnknownTemplate,
             message: "no template applies: the URL names none, no [template_overrides] entry or remembered template matches, and default_template is not set; POST to /provisioning/{template} or set default_template".to_owned(),
         });
@@ -101,7 +101,7 @@ pub fn select_template(command: &Command, s: &Selection) -> Result<String, Plan>
         Source::Default => "default_template names",
     };
     let known: Vec<&str> = s.templates.keys().map(String::as_str).collect();
-    Err(Plan::Reject {
+    Err(Rejection {
         code: OciError::UnknownTemplate,
         message: format!(
             "{origin} template \"{name}\", which is not configured; configured templates: {}",
@@ -112,4 +112,207 @@ pub fn select_template(command: &Command, s: &Selection) -> Result<String, Plan>
             }
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::template::tests::template;
+    use crate::oci::{UserChanges, UserProfile};
+
+    fn templates() -> BTreeMap<String, Template> {
+        ["acme", "isp", "fallback"]
+            .iter()
+            .map(|n| (n.to_string(), template()))
+            .collect()
+    }
+
+    fn overrides() -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("acme-ent".to_owned(), "acme".to_owned()),
+            ("gone-sp".to_owned(), "gone".to_owned()),
+        ])
+    }
+
+    fn user_add(sp: &str) -> Command {
+        Command::UserAdd(UserProfile {
+            service_provider_id: sp.into(),
+            user_id: "u@x.example".into(),
+            ..Default::default()
+        })
+    }
+
+    fn select(
+        command: &Command,
+        explicit: Option<&str>,
+        remembered: Option<&str>,
+        default: Option<&str>,
+    ) -> Result<String, Rejection> {
+        let (templates, overrides) = (templates(), overrides());
+        select_template(
+            command,
+            &Selection {
+                explicit,
+                templates: &templates,
+                overrides: &overrides,
+                remembered,
+                default,
+            },
+        )
+    }
+
+    fn code(result: Result<String, Rejection>) -> (u16, String) {
+        match result {
+            Err(Rejection { code, message }) => (code.code(), message),
+            other => panic!("expected a reject, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_url_template_wins() {
+        assert_eq!(
+            select(
+                &user_add("acme-ent"),
+                Some("isp"),
+                Some("acme"),
+                Some("fallback")
+            ),
+            Ok("isp".into())
+        );
+        let (c, m) = code(select(
+            &user_add("acme-ent"),
+            Some("nope"),
+            None,
+            Some("fallback"),
+        ));
+        assert_eq!(c, 7004);
+        assert!(
+            m.contains("\"nope\"") && m.contains("URL") && m.contains("acme, fallback, isp"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn commands_with_a_service_provider_use_the_override_table_then_the_default() {
+        assert_eq!(
+            select(&user_add("acme-ent"), None, Some("isp"), Some("fallback")),
+            Ok("acme".into())
+        );
+        assert_eq!(
+            select(&user_add("other"), None, Some("isp"), Some("fallback")),
+            Ok("fallback".into())
+        );
+        let group = Command::GroupAdd {
+            service_provider_id: "acme-ent".into(),
+            group_id: "g".into(),
+            group_name: None,
+        };
+        assert_eq!(select(&group, None, None, None), Ok("acme".into()));
+        let del = Command::ServiceProviderDelete {
+            service_provider_id: "acme-ent".into(),
+        };
+        assert_eq!(
+            select(&del, None, None, Some("fallback")),
+            Ok("acme".into())
+        );
+        let (c, m) = code(select(&user_add("gone-sp"), None, None, Some("fallback")));
+        assert_eq!(c, 7004);
+        assert!(
+            m.contains("[template_overrides]") && m.contains("\"gone\""),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn user_only_commands_use_the_remembered_template_then_the_default() {
+        let modify = Command::UserModify(UserChanges {
+            user_id: "u@x.example".into(),
+            ..Default::default()
+        });
+        let delete = Command::UserDelete {
+            user_id: "u@x.example".into(),
+        };
+        let imp = Command::IntegratedImpModify {
+            user_id: "u@x.example".into(),
+            is_active: Some(true),
+        };
+        for cmd in [modify, delete, imp] {
+            assert_eq!(
+                select(&cmd, None, Some("isp"), Some("fallback")),
+                Ok("isp".into())
+            );
+            assert_eq!(
+                select(&cmd, None, None, Some("fallback")),
+                Ok("fallback".into())
+            );
+            let (c, m) = code(select(&cmd, None, Some("removed"), Some("fallback")));
+            assert_eq!(c, 7004);
+            assert!(
+                m.contains("provisioned with") && m.contains("\"removed\""),
+                "{m}"
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_resolvable_is_7004() {
+        let (c, m) = code(select(&user_add("other"), None, None, None));
+        assert_eq!(c, 7004);
+        assert!(m.contains("default_template"));
+        let (c, m) = code(select(&user_add("other"), None, None, Some("missing")));
+        assert_eq!(c, 7004);
+        assert!(
+            m.contains("default_template names template \"missing\""),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn unsupported_and_invalid_commands_are_refused_before_any_template() {
+        assert_eq!(
+            code(select(&Command::Unsupported, None, None, None)).0,
+            7002
+        );
+        assert_eq!(
+            code(select(
+                &Command::Invalid {
+                    reason: "bad".into()
+                },
+                Some("nope"),
+                None,
+                None
+            ))
+            .0,
+            7001
+        );
+    }
+
+    #[test]
+    fn command_identifiers() {
+        assert_eq!(command_user_id(&user_add("sp")), Some("u@x.example"));
+        assert_eq!(command_service_provider(&user_add("sp")), Some("sp"));
+        let assign = Command::ServiceAssign {
+            user_id: "v".into(),
+            services: vec![],
+        };
+        assert_eq!(
+            (command_user_id(&assign), command_service_provider(&assign)),
+            (Some("v"), None)
+        );
+        let group = Command::GroupDelete {
+            service_provider_id: "sp".into(),
+            group_id: "g".into(),
+        };
+        assert_eq!(
+            (command_user_id(&group), command_service_provider(&group)),
+            (None, Some("sp"))
+        );
+        assert_eq!(
+            (
+                command_user_id(&Command::Unsupported),
+                command_service_provider(&Command::Unsupported)
+            ),
+            (None, None)
+        );
+    }
 }

@@ -43,7 +43,7 @@ mod tests {
     fn anything_else_takes_the_template_default_with_a_note() {
         for bad in [
             "Eastern",
-            "EST5EDT ",
+            "Eastern Standard Time ",
             "GMT+5",
             "america/new_york",
             "(GMT-05:00) Eastern Time",
