@@ -57,6 +57,7 @@ fn start(section: &ServerConfig, policy: &ClientPolicyConfig) -> Server {
     Server { tls, observed }
 }
 
+/// `ca` is the CA the client trusts for the server certificate.
 fn client_config(ca: &Ca, presented: Option<&[&Issued]>, tls12_only: bool) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.cert.cert_der.clone()).unwrap();
@@ -242,13 +243,13 @@ async fn handshake_matrix() {
     .await;
     assert_refused(
         &server,
-        &oid_ca,
+        ca,
         &[&leaf(&oid_ca, cn, vec![ExtendedKeyUsagePurpose::ClientAuth])],
         "broadworks_oid_only_on_ca",
     )
     .await;
     // The same CA's properly issued leaf passes: the refusal above is about the leaf.
-    let outcome = handshake(&server, client_config(&oid_ca, Some(&[&leaf(&oid_ca, cn, vec![oid(), ExtendedKeyUsagePurpose::ClientAuth])]), false)).await;
+    let outcome = handshake(&server, client_config(ca, Some(&[&leaf(&oid_ca, cn, vec![oid(), ExtendedKeyUsagePurpose::ClientAuth])]), false)).await;
     assert!(outcome.server.is_ok());
 
     // SAN and CN.
