@@ -19,7 +19,9 @@ fn flowthrough(dir: &Path, args: &[&str]) -> Output {
 fn openssl(dir: &Path, args: &[&str]) -> Output {
     match Command::new("openssl").current_dir(dir).args(args).output() {
         Ok(out) => out,
-        Err(e) => panic!("cannot run openssl ({e}): install openssl (e.g. apt-get install openssl)"),
+        Err(e) => {
+            panic!("cannot run openssl ({e}): install openssl (e.g. apt-get install openssl)")
+        }
     }
 }
 
@@ -33,7 +35,12 @@ fn stderr(out: &Output) -> String {
 
 #[track_caller]
 fn ok(out: Output) -> String {
-    assert!(out.status.success(), "stdout: {}\nstderr: {}", stdout(&out), stderr(&out));
+    assert!(
+        out.status.success(),
+        "stdout: {}\nstderr: {}",
+        stdout(&out),
+        stderr(&out)
+    );
     stdout(&out)
 }
 
@@ -44,7 +51,8 @@ fn mode(path: &Path) -> u32 {
 }
 
 fn inspect_labels(dir: &Path, file: &str) -> Vec<String> {
-    let json: serde_json::Value = serde_json::from_str(&ok(flowthrough(dir, &["certs", "inspect", "--json", file]))).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(flowthrough(dir, &["certs", "inspect", "--json", file]))).unwrap();
     json[0]["certificates"][0]["policy_refusals"]
         .as_array()
         .unwrap()
@@ -71,25 +79,54 @@ fn ca_server_client_csr_crl_with_openssl_agreeing() {
     let dir = tmp.path();
 
     // CA: files listed, key private, never overwritten without --force.
-    let out = ok(flowthrough(dir, &["certs", "ca", "--cn", "Test Internal CA", "--pathlen", "0"]));
-    assert!(out.contains("certs/ca.pem") && out.contains("certs/ca.key"), "{out}");
+    let out = ok(flowthrough(
+        dir,
+        &["certs", "ca", "--cn", "Test Internal CA", "--pathlen", "0"],
+    ));
+    assert!(
+        out.contains("certs/ca.pem") && out.contains("certs/ca.key"),
+        "{out}"
+    );
     #[cfg(unix)]
     assert_eq!(mode(&dir.join("certs/ca.key")), 0o600);
     let ca_before = std::fs::read(dir.join("certs/ca.pem")).unwrap();
     let again = flowthrough(dir, &["certs", "ca", "--cn", "Other"]);
     assert_eq!(again.status.code(), Some(1));
-    assert!(stderr(&again).contains("certs/ca.pem") && stderr(&again).contains("--force"), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("certs/ca.pem") && stderr(&again).contains("--force"),
+        "{}",
+        stderr(&again)
+    );
     assert_eq!(std::fs::read(dir.join("certs/ca.pem")).unwrap(), ca_before);
-    ok(flowthrough(dir, &["certs", "ca", "--cn", "Test Internal CA", "--force"]));
+    ok(flowthrough(
+        dir,
+        &["certs", "ca", "--cn", "Test Internal CA", "--force"],
+    ));
     assert_ne!(std::fs::read(dir.join("certs/ca.pem")).unwrap(), ca_before);
 
-    let text = ok(openssl(dir, &["x509", "-in", "certs/ca.pem", "-noout", "-text"]));
+    let text = ok(openssl(
+        dir,
+        &["x509", "-in", "certs/ca.pem", "-noout", "-text"],
+    ));
     assert!(text.contains("CA:TRUE"), "{text}");
     assert!(text.contains("pathlen:1"), "{text}");
     assert!(text.contains("Certificate Sign, CRL Sign"), "{text}");
 
     // Server and client certificates.
-    ok(flowthrough(dir, &["certs", "server", "--ca", "certs", "--dns", "prov.dmz.example.net", "localhost", "--ip", "127.0.0.1"]));
+    ok(flowthrough(
+        dir,
+        &[
+            "certs",
+            "server",
+            "--ca",
+            "certs",
+            "--dns",
+            "prov.dmz.example.net",
+            "localhost",
+            "--ip",
+            "127.0.0.1",
+        ],
+    ));
     let out = ok(flowthrough(dir, &["certs", "client", "--ca", "certs"]));
     assert!(out.contains("certs/client.pem") && out.contains("certs/client.key"));
     #[cfg(unix)]
@@ -101,74 +138,215 @@ fn ca_server_client_csr_crl_with_openssl_agreeing() {
         let out = ok(openssl(dir, &["verify", "-CAfile", "certs/ca.pem", cert]));
         assert!(out.contains(": OK"), "{out}");
     }
-    let text = ok(openssl(dir, &["x509", "-in", "certs/client.pem", "-noout", "-text"]));
+    let text = ok(openssl(
+        dir,
+        &["x509", "-in", "certs/client.pem", "-noout", "-text"],
+    ));
     assert!(text.contains("1.3.6.1.4.1.6431.1.1.8.2.1.3"), "{text}");
     assert!(text.contains("TLS Web Client Authentication"), "{text}");
-    assert!(text.contains("Subject: CN = bwcticlient.webex.com"), "{text}");
+    assert!(
+        text.contains("Subject: CN = bwcticlient.webex.com"),
+        "{text}"
+    );
     assert!(!text.contains("Subject Alternative Name"), "{text}");
-    let text = ok(openssl(dir, &["x509", "-in", "certs/server.pem", "-noout", "-text"]));
-    assert!(text.contains("DNS:prov.dmz.example.net, DNS:localhost, IP Address:127.0.0.1"), "{text}");
+    let text = ok(openssl(
+        dir,
+        &["x509", "-in", "certs/server.pem", "-noout", "-text"],
+    ));
+    assert!(
+        text.contains("DNS:prov.dmz.example.net, DNS:localhost, IP Address:127.0.0.1"),
+        "{text}"
+    );
     assert!(text.contains("TLS Web Server Authentication"), "{text}");
 
     // inspect: human and JSON.
     let out = ok(flowthrough(dir, &["certs", "inspect", "certs/client.pem"]));
-    assert!(out.contains("BroadWorks client (1.3.6.1.4.1.6431.1.1.8.2.1.3)"), "{out}");
+    assert!(
+        out.contains("BroadWorks client (1.3.6.1.4.1.6431.1.1.8.2.1.3)"),
+        "{out}"
+    );
     assert!(out.contains("BroadWorks client policy: PASS"), "{out}");
     assert!(out.contains("ECDSA P-256"), "{out}");
     assert_eq!(
         inspect_labels(dir, "certs/server.pem"),
-        ["missing_broadworks_oid", "missing_client_auth", "san_present", "common_name_not_allowed"]
+        [
+            "missing_broadworks_oid",
+            "missing_client_auth",
+            "san_present",
+            "common_name_not_allowed"
+        ]
     );
-    let der = ok(openssl(dir, &["x509", "-in", "certs/client.pem", "-outform", "DER", "-out", "client.der"]));
+    let der = ok(openssl(
+        dir,
+        &[
+            "x509",
+            "-in",
+            "certs/client.pem",
+            "-outform",
+            "DER",
+            "-out",
+            "client.der",
+        ],
+    ));
     assert!(der.is_empty());
     assert!(inspect_labels(dir, "client.der").is_empty());
     let bad = flowthrough(dir, &["certs", "inspect", "certs/ca.key.missing"]);
     assert_eq!(bad.status.code(), Some(1));
 
     // verify: 0 pass, 2 policy failure with every reason, 1 usage/I/O.
-    assert_eq!(verify_labels(dir, &["--ca", "certs/ca.pem", "certs/client.pem"]), (0, vec![]));
+    assert_eq!(
+        verify_labels(dir, &["--ca", "certs/ca.pem", "certs/client.pem"]),
+        (0, vec![])
+    );
     let (code, labels) = verify_labels(dir, &["--ca", "certs/ca.pem", "certs/server.pem"]);
     assert_eq!(code, 2);
-    assert_eq!(labels, ["missing_broadworks_oid", "missing_client_auth", "san_present", "common_name_not_allowed"]);
+    assert_eq!(
+        labels,
+        [
+            "missing_broadworks_oid",
+            "missing_client_auth",
+            "san_present",
+            "common_name_not_allowed"
+        ]
+    );
     let (code, _) = verify_labels(
         dir,
-        &["--ca", "certs/ca.pem", "--allow-san", "--no-broadworks-oid", "--no-client-auth", "--cn", "prov.dmz.example.net", "certs/server.pem"],
+        &[
+            "--ca",
+            "certs/ca.pem",
+            "--allow-san",
+            "--no-broadworks-oid",
+            "--no-client-auth",
+            "--cn",
+            "prov.dmz.example.net",
+            "certs/server.pem",
+        ],
     );
     assert_eq!(code, 0);
-    assert_eq!(verify_labels(dir, &["--ca", "nope.pem", "certs/client.pem"]).0, 1);
-    assert_eq!(verify_labels(dir, &["--ca", "certs/ca.pem", "certs/server.key"]).0, 1);
+    assert_eq!(
+        verify_labels(dir, &["--ca", "nope.pem", "certs/client.pem"]).0,
+        1
+    );
+    assert_eq!(
+        verify_labels(dir, &["--ca", "certs/ca.pem", "certs/server.key"]).0,
+        1
+    );
 
     // CRL: revoke the client certificate; verify and openssl both see it.
     let serial = {
-        let json: serde_json::Value =
-            serde_json::from_str(&ok(flowthrough(dir, &["certs", "inspect", "--json", "certs/client.pem"]))).unwrap();
-        json[0]["certificates"][0]["serial"].as_str().unwrap().to_owned()
+        let json: serde_json::Value = serde_json::from_str(&ok(flowthrough(
+            dir,
+            &["certs", "inspect", "--json", "certs/client.pem"],
+        )))
+        .unwrap();
+        json[0]["certificates"][0]["serial"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     };
-    ok(flowthrough(dir, &["certs", "crl", "--ca", "certs", "--revoke", &serial]));
-    let (code, labels) = verify_labels(dir, &["--ca", "certs/ca.pem", "--crl", "certs/crl.pem", "certs/client.pem"]);
+    ok(flowthrough(
+        dir,
+        &["certs", "crl", "--ca", "certs", "--revoke", &serial],
+    ));
+    let (code, labels) = verify_labels(
+        dir,
+        &[
+            "--ca",
+            "certs/ca.pem",
+            "--crl",
+            "certs/crl.pem",
+            "certs/client.pem",
+        ],
+    );
     assert_eq!((code, labels), (2, vec!["revoked".to_owned()]));
-    let out = openssl(dir, &["verify", "-crl_check", "-CRLfile", "certs/crl.pem", "-CAfile", "certs/ca.pem", "certs/client.pem"]);
+    let out = openssl(
+        dir,
+        &[
+            "verify",
+            "-crl_check",
+            "-CRLfile",
+            "certs/crl.pem",
+            "-CAfile",
+            "certs/ca.pem",
+            "certs/client.pem",
+        ],
+    );
     assert!(!out.status.success());
-    assert!(stdout(&out).contains("revoked") || stderr(&out).contains("revoked"), "{}{}", stdout(&out), stderr(&out));
-    let text = ok(openssl(dir, &["crl", "-in", "certs/crl.pem", "-noout", "-text"]));
-    assert!(text.contains(&serial.replace(':', "").to_uppercase()), "{text}");
+    assert!(
+        stdout(&out).contains("revoked") || stderr(&out).contains("revoked"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let text = ok(openssl(
+        dir,
+        &["crl", "-in", "certs/crl.pem", "-noout", "-text"],
+    ));
+    assert!(
+        text.contains(&serial.replace(':', "").to_uppercase()),
+        "{text}"
+    );
     let crl_again = flowthrough(dir, &["certs", "crl", "--ca", "certs"]);
     assert_eq!(crl_again.status.code(), Some(1));
     assert!(stderr(&crl_again).contains("--force"));
 
     // RSA keys come from the rsa crate and work with openssl.
-    ok(flowthrough(dir, &["certs", "client", "--ca", "certs", "--name", "rsa-client", "--key-type", "rsa2048"]));
-    let text = ok(openssl(dir, &["x509", "-in", "certs/rsa-client.pem", "-noout", "-text"]));
+    ok(flowthrough(
+        dir,
+        &[
+            "certs",
+            "client",
+            "--ca",
+            "certs",
+            "--name",
+            "rsa-client",
+            "--key-type",
+            "rsa2048",
+        ],
+    ));
+    let text = ok(openssl(
+        dir,
+        &["x509", "-in", "certs/rsa-client.pem", "-noout", "-text"],
+    ));
     assert!(text.contains("Public-Key: (2048 bit)"), "{text}");
-    assert!(ok(openssl(dir, &["verify", "-CAfile", "certs/ca.pem", "certs/rsa-client.pem"])).contains(": OK"));
-    assert!(ok(openssl(dir, &["pkey", "-in", "certs/rsa-client.key", "-noout", "-text"])).contains("2048 bit"));
+    assert!(
+        ok(openssl(
+            dir,
+            &["verify", "-CAfile", "certs/ca.pem", "certs/rsa-client.pem"]
+        ))
+        .contains(": OK")
+    );
+    assert!(
+        ok(openssl(
+            dir,
+            &["pkey", "-in", "certs/rsa-client.key", "-noout", "-text"]
+        ))
+        .contains("2048 bit")
+    );
 
     // CSR for an external CA, requesting the BroadWorks EKU.
-    let out = ok(flowthrough(dir, &["certs", "csr", "--cn", "bwcticlient.webex.com", "--broadworks-client", "--out", "csr"]));
-    assert!(out.contains("csr/client.csr") && out.contains("csr/client.key"), "{out}");
+    let out = ok(flowthrough(
+        dir,
+        &[
+            "certs",
+            "csr",
+            "--cn",
+            "bwcticlient.webex.com",
+            "--broadworks-client",
+            "--out",
+            "csr",
+        ],
+    ));
+    assert!(
+        out.contains("csr/client.csr") && out.contains("csr/client.key"),
+        "{out}"
+    );
     #[cfg(unix)]
     assert_eq!(mode(&dir.join("csr/client.key")), 0o600);
-    let req = openssl(dir, &["req", "-in", "csr/client.csr", "-noout", "-text", "-verify"]);
+    let req = openssl(
+        dir,
+        &["req", "-in", "csr/client.csr", "-noout", "-text", "-verify"],
+    );
     let text = format!("{}{}", stdout(&req), stderr(&req));
     assert!(req.status.success(), "{text}");
     assert!(text.contains("1.3.6.1.4.1.6431.1.1.8.2.1.3"), "{text}");
@@ -177,8 +355,35 @@ fn ca_server_client_csr_crl_with_openssl_agreeing() {
 
     // Usage errors exit 1.
     assert_eq!(flowthrough(dir, &["certs", "ca"]).status.code(), Some(1));
-    assert_eq!(flowthrough(dir, &["certs", "ca", "--cn", "x", "--key-type", "dsa", "--out", "o"]).status.code(), Some(1));
-    assert_eq!(flowthrough(dir, &["certs", "crl", "--ca", "certs", "--revoke", "xyz", "--out", "o2"]).status.code(), Some(1));
+    assert_eq!(
+        flowthrough(
+            dir,
+            &[
+                "certs",
+                "ca",
+                "--cn",
+                "x",
+                "--key-type",
+                "dsa",
+                "--out",
+                "o"
+            ]
+        )
+        .status
+        .code(),
+        Some(1)
+    );
+    assert_eq!(
+        flowthrough(
+            dir,
+            &[
+                "certs", "crl", "--ca", "certs", "--revoke", "xyz", "--out", "o2"
+            ]
+        )
+        .status
+        .code(),
+        Some(1)
+    );
 }
 
 /// Certificates made by openssl get the same verdict from `certs inspect`, `certs verify` and the
@@ -190,14 +395,38 @@ fn openssl_made_certificates_get_the_same_verdicts() {
     ok(openssl(
         dir,
         &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out",
-            "ca.pem", "-subj", "/CN=OpenSSL Test CA", "-days", "30", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=OpenSSL Test CA",
+            "-days",
+            "30",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ],
     ));
     let cases = [
-        ("good", "extendedKeyUsage = 1.3.6.1.4.1.6431.1.1.8.2.1.3, clientAuth\n", vec![]),
-        ("no-oid", "extendedKeyUsage = clientAuth\n", vec!["missing_broadworks_oid"]),
+        (
+            "good",
+            "extendedKeyUsage = 1.3.6.1.4.1.6431.1.1.8.2.1.3, clientAuth\n",
+            vec![],
+        ),
+        (
+            "no-oid",
+            "extendedKeyUsage = clientAuth\n",
+            vec!["missing_broadworks_oid"],
+        ),
         (
             "san",
             "extendedKeyUsage = 1.3.6.1.4.1.6431.1.1.8.2.1.3, clientAuth\nsubjectAltName = DNS:bwcticlient.webex.com\n",
@@ -215,21 +444,50 @@ fn openssl_made_certificates_get_the_same_verdicts() {
         ok(openssl(
             dir,
             &[
-                "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &format!("{name}.key"),
-                "-out", &format!("{name}.csr"), "-subj", "/CN=bwcticlient.webex.com",
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                "/CN=bwcticlient.webex.com",
             ],
         ));
         ok(openssl(
             dir,
             &[
-                "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days",
-                "30", "-out", &format!("{name}.pem"), "-extfile", &format!("{name}.ext"),
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-out",
+                &format!("{name}.pem"),
+                "-extfile",
+                &format!("{name}.ext"),
             ],
         ));
     }
     // The TLS server's own policy value, built from files the way `serve` builds it.
     let section: flowthrough::config::ServerConfig = toml::from_str(&pki_section).unwrap();
-    let loaded = tls::server_config(&section, &ClientPolicyConfig::default(), std::sync::Arc::new(|_: &tls::Refusal| {})).unwrap();
+    let loaded = tls::server_config(
+        &section,
+        &ClientPolicyConfig::default(),
+        std::sync::Arc::new(|_: &tls::Refusal| {}),
+    )
+    .unwrap();
     for (name, _, expected) in &cases {
         let file = format!("{name}.pem");
         assert_eq!(inspect_labels(dir, &file), *expected, "inspect {name}");

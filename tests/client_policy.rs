@@ -30,11 +30,20 @@ fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
     path
 }
 
-fn server_section(dir: &Path, pki: &DevPki, bundle: &str, crls: &[PathBuf], resumption: bool) -> ServerConfig {
+fn server_section(
+    dir: &Path,
+    pki: &DevPki,
+    bundle: &str,
+    crls: &[PathBuf],
+    resumption: bool,
+) -> ServerConfig {
     let cert = write(dir, "server.pem", &pki.server.cert_pem);
     let key = write(dir, "server.key", pki.server.key_pem.expose());
     let ca = write(dir, "bundle.pem", bundle);
-    let crls: Vec<String> = crls.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
+    let crls: Vec<String> = crls
+        .iter()
+        .map(|p| format!("{:?}", p.display().to_string()))
+        .collect();
     let text = format!(
         "certificate = {:?}\nprivate_key = {:?}\nclient_ca = {:?}\ncrls = [{}]\nsession_resumption = {resumption}\n",
         cert.display().to_string(),
@@ -74,7 +83,8 @@ fn client_config(ca: &Ca, presented: Option<&[&Issued]>, tls12_only: bool) -> Ar
     let config = match presented {
         None => builder.with_no_client_auth(),
         Some(chain) => {
-            let certs: Vec<CertificateDer<'static>> = chain.iter().map(|i| i.cert_der.clone()).collect();
+            let certs: Vec<CertificateDer<'static>> =
+                chain.iter().map(|i| i.cert_der.clone()).collect();
             let key = PrivateKeyDer::from_pem_slice(chain[0].key_pem.expose().as_bytes()).unwrap();
             builder.with_client_auth_cert(certs, key).unwrap()
         }
@@ -124,7 +134,10 @@ async fn handshake(server: &Server, client: Arc<ClientConfig>) -> Outcome {
         }
         Err(_) => None,
     };
-    let result = tokio::time::timeout(LIMIT, server_side).await.unwrap().unwrap();
+    let result = tokio::time::timeout(LIMIT, server_side)
+        .await
+        .unwrap()
+        .unwrap();
     let observed = server.observed.lock().unwrap().clone();
     match result {
         Ok((id, version, alpn)) => Outcome {
@@ -161,7 +174,10 @@ async fn assert_refused(server: &Server, ca: &Ca, chain: &[&Issued], expected: &
     let refusals = outcome.server.expect_err("handshake must be refused");
     let labels: Vec<&str> = refusals.iter().map(Refusal::label).collect();
     assert_eq!(labels, [expected], "{refusals:?}");
-    assert_eq!(outcome.observed, refusals, "the observer sees what the error carries");
+    assert_eq!(
+        outcome.observed, refusals,
+        "the observer sees what the error carries"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,20 +218,38 @@ async fn handshake_matrix() {
     let mut p = LeafParams::broadworks_client("bwcticlient.webex.com", 30);
     p.not_before = now - time::Duration::days(10);
     p.not_after = now - time::Duration::days(1);
-    assert_refused(&server, ca, &[&certs::issue_leaf(ca, &p).unwrap()], "expired").await;
+    assert_refused(
+        &server,
+        ca,
+        &[&certs::issue_leaf(ca, &p).unwrap()],
+        "expired",
+    )
+    .await;
     p.not_before = now + time::Duration::days(1);
     p.not_after = now + time::Duration::days(10);
-    assert_refused(&server, ca, &[&certs::issue_leaf(ca, &p).unwrap()], "not_yet_valid").await;
+    assert_refused(
+        &server,
+        ca,
+        &[&certs::issue_leaf(ca, &p).unwrap()],
+        "not_yet_valid",
+    )
+    .await;
 
     // Wrong CA, self-signed.
     let stranger = certs::new_ca(&CaParams::new("Some other CA")).unwrap();
-    let foreign = leaf(&stranger, "bwcticlient.webex.com", vec![oid(), ExtendedKeyUsagePurpose::ClientAuth]);
+    let foreign = leaf(
+        &stranger,
+        "bwcticlient.webex.com",
+        vec![oid(), ExtendedKeyUsagePurpose::ClientAuth],
+    );
     assert_refused(&server, ca, &[&foreign], "unknown_ca").await;
     let self_signed = {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(rcgen::DnType::CommonName, "bwcticlient.webex.com");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "bwcticlient.webex.com");
         params.extended_key_usages = vec![oid(), ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.self_signed(&key).unwrap();
         Issued {
@@ -229,27 +263,62 @@ async fn handshake_matrix() {
 
     // The EKU cases of SPEC §6, each with its own reason.
     let cn = "bwcticlient.webex.com";
-    assert_refused(&server, ca, &[&leaf(ca, cn, vec![oid()])], "missing_client_auth").await;
-    assert_refused(&server, ca, &[&leaf(ca, cn, vec![ExtendedKeyUsagePurpose::ClientAuth])], "missing_broadworks_oid").await;
+    assert_refused(
+        &server,
+        ca,
+        &[&leaf(ca, cn, vec![oid()])],
+        "missing_client_auth",
+    )
+    .await;
+    assert_refused(
+        &server,
+        ca,
+        &[&leaf(ca, cn, vec![ExtendedKeyUsagePurpose::ClientAuth])],
+        "missing_broadworks_oid",
+    )
+    .await;
     assert_refused(&server, ca, &[&leaf(ca, cn, vec![])], "no_eku").await;
     let mut wrong_vendor = BROADWORKS_OID_ARCS.to_vec();
     wrong_vendor[6] = 9999;
     assert_refused(
         &server,
         ca,
-        &[&leaf(ca, cn, vec![ExtendedKeyUsagePurpose::Other(wrong_vendor), ExtendedKeyUsagePurpose::ClientAuth])],
+        &[&leaf(
+            ca,
+            cn,
+            vec![
+                ExtendedKeyUsagePurpose::Other(wrong_vendor),
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )],
         "wrong_vendor_oid",
     )
     .await;
     assert_refused(
         &server,
         ca,
-        &[&leaf(&oid_ca, cn, vec![ExtendedKeyUsagePurpose::ClientAuth])],
+        &[&leaf(
+            &oid_ca,
+            cn,
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        )],
         "broadworks_oid_only_on_ca",
     )
     .await;
     // The same CA's properly issued leaf passes: the refusal above is about the leaf.
-    let outcome = handshake(&server, client_config(ca, Some(&[&leaf(&oid_ca, cn, vec![oid(), ExtendedKeyUsagePurpose::ClientAuth])]), false)).await;
+    let outcome = handshake(
+        &server,
+        client_config(
+            ca,
+            Some(&[&leaf(
+                &oid_ca,
+                cn,
+                vec![oid(), ExtendedKeyUsagePurpose::ClientAuth],
+            )]),
+            false,
+        ),
+    )
+    .await;
     assert!(outcome.server.is_ok());
 
     // SAN and CN.
@@ -257,25 +326,49 @@ async fn handshake_matrix() {
     with_san.sans = vec!["bwcticlient.webex.com".to_owned()];
     let with_san = certs::issue_leaf(ca, &with_san).unwrap();
     assert_refused(&server, ca, &[&with_san], "san_present").await;
-    let other_cn = leaf(ca, "as1.as.example", vec![oid(), ExtendedKeyUsagePurpose::ClientAuth]);
+    let other_cn = leaf(
+        ca,
+        "as1.as.example",
+        vec![oid(), ExtendedKeyUsagePurpose::ClientAuth],
+    );
     assert_refused(&server, ca, &[&other_cn], "common_name_not_allowed").await;
 
     // Several failures at once are all reported.
-    let outcome = handshake(&server, client_config(ca, Some(&[&leaf(ca, "x.example", vec![])]), false)).await;
-    let labels: Vec<_> = outcome.server.unwrap_err().iter().map(Refusal::label).collect();
+    let outcome = handshake(
+        &server,
+        client_config(ca, Some(&[&leaf(ca, "x.example", vec![])]), false),
+    )
+    .await;
+    let labels: Vec<_> = outcome
+        .server
+        .unwrap_err()
+        .iter()
+        .map(Refusal::label)
+        .collect();
     assert_eq!(labels, ["no_eku", "common_name_not_allowed"]);
 
     // A chain through an intermediate CA sent by the client.
     let intermediate = certs::issue_intermediate(ca, &CaParams::new("Intermediate CA")).unwrap();
-    let via_intermediate = leaf(&intermediate, cn, vec![oid(), ExtendedKeyUsagePurpose::ClientAuth]);
-    let outcome = handshake(&server, client_config(ca, Some(&[&via_intermediate, &intermediate.cert]), false)).await;
+    let via_intermediate = leaf(
+        &intermediate,
+        cn,
+        vec![oid(), ExtendedKeyUsagePurpose::ClientAuth],
+    );
+    let outcome = handshake(
+        &server,
+        client_config(ca, Some(&[&via_intermediate, &intermediate.cert]), false),
+    )
+    .await;
     assert_eq!(outcome.server.unwrap().common_name.as_deref(), Some(cn));
     assert_refused(&server, ca, &[&via_intermediate], "unknown_ca").await;
 
     // Allowing SAN and a "*.suffix" CN lets those through.
     let lenient = ClientPolicyConfig {
         allow_san: true,
-        allowed_common_names: vec!["bwcticlient.webex.com".to_owned(), "*.as.example".to_owned()],
+        allowed_common_names: vec![
+            "bwcticlient.webex.com".to_owned(),
+            "*.as.example".to_owned(),
+        ],
         ..ClientPolicyConfig::default()
     };
     let lenient_server = start(&section, &lenient);
@@ -283,18 +376,37 @@ async fn handshake_matrix() {
         let outcome = handshake(&lenient_server, client_config(ca, Some(&[cert]), false)).await;
         assert!(outcome.server.is_ok());
     }
-    assert_refused(&lenient_server, ca, &[&leaf(ca, "as.example", vec![oid(), ExtendedKeyUsagePurpose::ClientAuth])], "common_name_not_allowed").await;
+    assert_refused(
+        &lenient_server,
+        ca,
+        &[&leaf(
+            ca,
+            "as.example",
+            vec![oid(), ExtendedKeyUsagePurpose::ClientAuth],
+        )],
+        "common_name_not_allowed",
+    )
+    .await;
 
     // Revoked by a CRL; a certificate not on it still passes.
     let revoked = leaf(ca, cn, vec![oid(), ExtendedKeyUsagePurpose::ClientAuth]);
-    let crl = write(dir.path(), "crl.pem", &certs::make_crl(ca, &[revoked.serial.clone()], 7).unwrap());
-    let crl_section = server_section(dir.path(), &pki, &bundle, &[crl.clone()], false);
+    let crl = write(
+        dir.path(),
+        "crl.pem",
+        &certs::make_crl(ca, std::slice::from_ref(&revoked.serial), 7).unwrap(),
+    );
+    let crl_section = server_section(dir.path(), &pki, &bundle, std::slice::from_ref(&crl), false);
     let crl_server = start(&crl_section, &ClientPolicyConfig::default());
     assert_eq!(crl_server.tls.crl_next_updates.len(), 1);
     assert_eq!(crl_server.tls.crl_next_updates[0].0, crl);
     assert!(crl_server.tls.crl_next_updates[0].1.unwrap() > std::time::SystemTime::now());
     assert_refused(&crl_server, ca, &[&revoked], "revoked").await;
-    assert!(handshake(&crl_server, client_config(ca, Some(&[&pki.client]), false)).await.server.is_ok());
+    assert!(
+        handshake(&crl_server, client_config(ca, Some(&[&pki.client]), false))
+            .await
+            .server
+            .is_ok()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,7 +445,12 @@ async fn alpn_is_http11() {
 }
 
 fn load_err(section: &ServerConfig) -> TlsError {
-    tls::server_config(section, &ClientPolicyConfig::default(), Arc::new(|_: &Refusal| {})).unwrap_err()
+    tls::server_config(
+        section,
+        &ClientPolicyConfig::default(),
+        Arc::new(|_: &Refusal| {}),
+    )
+    .unwrap_err()
 }
 
 #[test]
@@ -355,7 +472,11 @@ fn bad_certificate_sets_are_refused_with_the_file_named() {
     assert!(err.to_string().contains("empty.pem"));
 
     let mut s = good.clone();
-    s.client_ca = write(dir.path(), "junk.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+    s.client_ca = write(
+        dir.path(),
+        "junk.pem",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    );
     assert!(matches!(load_err(&s), TlsError::BadCertificate { .. }));
 
     let mut s = good.clone();
@@ -397,8 +518,19 @@ fn an_expired_crl_is_a_warning_not_an_error() {
     .signed_by(&issuer)
     .unwrap();
     let path = write(dir.path(), "old.crl", &crl.pem().unwrap());
-    let section = server_section(dir.path(), &pki, &pki.ca.cert.cert_pem, &[path.clone()], false);
-    let loaded = tls::server_config(&section, &ClientPolicyConfig::default(), Arc::new(|_: &Refusal| {})).unwrap();
+    let section = server_section(
+        dir.path(),
+        &pki,
+        &pki.ca.cert.cert_pem,
+        std::slice::from_ref(&path),
+        false,
+    );
+    let loaded = tls::server_config(
+        &section,
+        &ClientPolicyConfig::default(),
+        Arc::new(|_: &Refusal| {}),
+    )
+    .unwrap();
     assert_eq!(loaded.warnings.len(), 1);
     assert!(loaded.warnings[0].contains("old.crl"));
     assert!(loaded.crl_next_updates[0].1.unwrap() < std::time::SystemTime::now());

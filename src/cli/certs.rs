@@ -220,7 +220,12 @@ fn client(a: ClientArgs) -> Result<ExitCode, CertsError> {
 
 fn csr(a: CsrArgs) -> Result<ExitCode, CertsError> {
     let name = a.name.unwrap_or_else(|| {
-        if a.broadworks_client { "client" } else { "server" }.to_owned()
+        if a.broadworks_client {
+            "client"
+        } else {
+            "server"
+        }
+        .to_owned()
     });
     let (csr, key) = certs::make_csr(&CsrParams {
         cn: a.cn,
