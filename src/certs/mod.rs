@@ -142,7 +142,8 @@ impl OutFile {
     }
 }
 
-/// A certificate and its private key.
+/// A certificate and its private key (`Debug` shows the key as redacted).
+#[derive(Debug, Clone)]
 pub struct Issued {
     pub cert_pem: String,
     pub cert_der: CertificateDer<'static>,
