@@ -167,6 +167,11 @@ fn ca_server_client_csr_crl_with_openssl_agreeing() {
     );
     assert!(out.contains("BroadWorks client policy: PASS"), "{out}");
     assert!(out.contains("ECDSA P-256"), "{out}");
+    let out = ok(flowthrough(dir, &["certs", "inspect", "certs/server.pem"]));
+    assert!(
+        out.contains("SAN:       DNS:prov.dmz.example.net, DNS:localhost, IP:127.0.0.1"),
+        "{out}"
+    );
     assert_eq!(
         inspect_labels(dir, "certs/server.pem"),
         [

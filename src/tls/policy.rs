@@ -13,6 +13,7 @@ use webpki::{
     UnknownStatusPolicy,
 };
 use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
 
 use crate::config::ClientPolicyConfig;
 
@@ -505,9 +506,26 @@ pub fn subject_alt_names(cert: &X509Certificate<'_>) -> Vec<String> {
             .value
             .general_names
             .iter()
-            .map(|n| n.to_string())
+            .map(general_name_text)
             .collect(),
         _ => Vec::new(),
+    }
+}
+
+/// A SAN entry the way `openssl x509 -text` writes it.
+fn general_name_text(name: &GeneralName<'_>) -> String {
+    match name {
+        GeneralName::DNSName(n) => format!("DNS:{n}"),
+        GeneralName::RFC822Name(n) => format!("email:{n}"),
+        GeneralName::URI(n) => format!("URI:{n}"),
+        GeneralName::IPAddress(b) => match <[u8; 4]>::try_from(*b) {
+            Ok(v4) => format!("IP:{}", std::net::Ipv4Addr::from(v4)),
+            Err(_) => match <[u8; 16]>::try_from(*b) {
+                Ok(v6) => format!("IP:{}", std::net::Ipv6Addr::from(v6)),
+                Err(_) => format!("IP:{}", hex::encode(b)),
+            },
+        },
+        other => other.to_string(),
     }
 }
 
