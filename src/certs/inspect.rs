@@ -76,7 +76,12 @@ pub fn inspect(
             key: key_description(&cert),
             is_ca: cert.is_ca(),
             key_usage: match cert.key_usage() {
-                Ok(Some(ku)) => ku.value.to_string().split(", ").map(str::to_owned).collect(),
+                Ok(Some(ku)) => ku
+                    .value
+                    .to_string()
+                    .split(", ")
+                    .map(str::to_owned)
+                    .collect(),
                 _ => Vec::new(),
             },
             extended_key_usage: tls::eku_oids(&cert)
@@ -156,8 +161,14 @@ mod tests {
         assert!(r.meets_client_policy, "{r:?}");
         assert_eq!(r.key, "ECDSA P-256");
         assert!(r.days_left >= 364 && r.days_left <= 365, "{}", r.days_left);
-        assert!(r.extended_key_usage.contains(&"BroadWorks client (1.3.6.1.4.1.6431.1.1.8.2.1.3)".to_owned()));
-        assert!(r.extended_key_usage.contains(&"TLS Web Client Authentication (1.3.6.1.5.5.7.3.2)".to_owned()));
+        assert!(
+            r.extended_key_usage
+                .contains(&"BroadWorks client (1.3.6.1.4.1.6431.1.1.8.2.1.3)".to_owned())
+        );
+        assert!(
+            r.extended_key_usage
+                .contains(&"TLS Web Client Authentication (1.3.6.1.5.5.7.3.2)".to_owned())
+        );
         assert!(r.subject_alt_names.is_empty());
 
         let mut params = LeafParams::server(&["other.example".to_owned()], 10);
@@ -168,7 +179,12 @@ mod tests {
         let labels: Vec<_> = reports[0].policy_refusals.iter().map(|r| r.label).collect();
         assert_eq!(
             labels,
-            ["missing_broadworks_oid", "missing_client_auth", "san_present", "common_name_not_allowed"]
+            [
+                "missing_broadworks_oid",
+                "missing_client_auth",
+                "san_present",
+                "common_name_not_allowed"
+            ]
         );
         let bundle = format!("{}{}", bad.cert_pem, pki.ca.cert.cert_pem);
         let reports = inspect(bundle.as_bytes(), &policy, SystemTime::now()).unwrap();
@@ -182,6 +198,13 @@ mod tests {
         let policy = ClientPolicyConfig::default();
         assert!(inspect(b"", &policy, SystemTime::now()).is_err());
         assert!(inspect(b"\x30\x03\x02\x01\x00", &policy, SystemTime::now()).is_err());
-        assert!(inspect(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", &policy, SystemTime::now()).is_err());
+        assert!(
+            inspect(
+                b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                &policy,
+                SystemTime::now()
+            )
+            .is_err()
+        );
     }
 }

@@ -42,7 +42,9 @@ pub enum CertsError {
     Generate { what: &'static str, reason: String },
     #[error("{}: cannot use the CA: {reason}; create one with `flowthrough certs ca --cn NAME --out {}`", dir.display(), dir.display())]
     BadCa { dir: PathBuf, reason: String },
-    #[error("\"{0}\" is not a serial number; write it in hex as `certs inspect` prints it (e.g. 1a:2b:3c or 1a2b3c)")]
+    #[error(
+        "\"{0}\" is not a serial number; write it in hex as `certs inspect` prints it (e.g. 1a:2b:3c or 1a2b3c)"
+    )]
     BadSerial(String),
     #[error("{0}")]
     Parse(String),
@@ -67,17 +69,20 @@ pub enum KeyType {
 }
 
 impl KeyType {
-    pub const NAMES: [&'static str; 5] = ["ecdsa-p256", "ecdsa-p384", "rsa2048", "rsa3072", "rsa4096"];
+    pub const NAMES: [&'static str; 5] =
+        ["ecdsa-p256", "ecdsa-p384", "rsa2048", "rsa3072", "rsa4096"];
 
     /// Generate a key. ring cannot generate RSA keys, so those come from the `rsa` crate as
     /// PKCS#8 and are loaded into rcgen.
     pub fn generate(self) -> Result<KeyPair, CertsError> {
         let rsa_bits = match self {
             KeyType::EcdsaP256 => {
-                return KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err("key"));
+                return KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                    .map_err(gen_err("key"));
             }
             KeyType::EcdsaP384 => {
-                return KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(gen_err("key"));
+                return KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)
+                    .map_err(gen_err("key"));
             }
             KeyType::Rsa2048 => 2048,
             KeyType::Rsa3072 => 3072,
@@ -137,7 +142,8 @@ impl OutFile {
     }
 }
 
-/// A certificate and its private key.
+/// A certificate and its private key (`Debug` shows the key as redacted).
+#[derive(Debug, Clone)]
 pub struct Issued {
     pub cert_pem: String,
     pub cert_der: CertificateDer<'static>,
@@ -321,7 +327,9 @@ pub fn parse_serial(text: &str) -> Result<SerialNumber, CertsError> {
 fn ca_params(p: &CaParams) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, p.cn.as_str());
+    params
+        .distinguished_name
+        .push(DnType::CommonName, p.cn.as_str());
     params.is_ca = IsCa::Ca(match p.pathlen {
         Some(n) => BasicConstraints::Constrained(n),
         None => BasicConstraints::Unconstrained,
@@ -340,11 +348,7 @@ fn ca_params(p: &CaParams) -> CertificateParams {
     params
 }
 
-fn finish(
-    params: &CertificateParams,
-    key: &KeyPair,
-    cert: rcgen::Certificate,
-) -> Issued {
+fn finish(params: &CertificateParams, key: &KeyPair, cert: rcgen::Certificate) -> Issued {
     Issued {
         cert_pem: cert.pem(),
         cert_der: cert.der().clone(),
@@ -361,7 +365,9 @@ fn finish(
 pub fn new_ca(p: &CaParams) -> Result<Ca, CertsError> {
     let key = p.key_type.generate()?;
     let params = ca_params(p);
-    let cert = params.self_signed(&key).map_err(gen_err("CA certificate"))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(gen_err("CA certificate"))?;
     Ok(Ca {
         cert: finish(&params, &key, cert),
         key,
@@ -388,16 +394,17 @@ pub fn issue_leaf(ca: &Ca, p: &LeafParams) -> Result<Issued, CertsError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     if let Some(cn) = &p.cn {
-        params.distinguished_name.push(DnType::CommonName, cn.as_str());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, cn.as_str());
     }
-    params.subject_alt_names = p
-        .sans
-        .iter()
-        .map(|s| san(s))
-        .collect::<Result<_, _>>()?;
+    params.subject_alt_names = p.sans.iter().map(|s| san(s)).collect::<Result<_, _>>()?;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    if matches!(p.key_type, KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096) {
+    if matches!(
+        p.key_type,
+        KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096
+    ) {
         // TLS 1.2 RSA key exchange suites need it; harmless otherwise.
         params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
     }
@@ -419,7 +426,11 @@ fn san(name: &str) -> Result<SanType, CertsError> {
             .to_owned()
             .try_into()
             .map(SanType::DnsName)
-            .map_err(|_| CertsError::Parse(format!("\"{name}\" is neither a DNS name nor an IP address"))),
+            .map_err(|_| {
+                CertsError::Parse(format!(
+                    "\"{name}\" is neither a DNS name nor an IP address"
+                ))
+            }),
     }
 }
 
@@ -438,7 +449,9 @@ pub fn make_csr(p: &CsrParams) -> Result<(String, Secret), CertsError> {
     let key = p.key_type.generate()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, p.cn.as_str());
+    params
+        .distinguished_name
+        .push(DnType::CommonName, p.cn.as_str());
     params.subject_alt_names = p.dns.iter().map(|s| san(s)).collect::<Result<_, _>>()?;
     if p.broadworks_client {
         params.extended_key_usages = vec![broadworks_eku(), ExtendedKeyUsagePurpose::ClientAuth];
@@ -484,12 +497,10 @@ pub fn write_files(dir: &Path, files: &[OutFile], force: bool) -> Result<Vec<Pat
     };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(&f.name)).collect();
-    if !force {
-        if let Some(existing) = paths.iter().find(|p| p.exists()) {
-            return Err(CertsError::Exists {
-                path: existing.clone(),
-            });
-        }
+    if let Some(existing) = paths.iter().find(|p| !force && p.exists()) {
+        return Err(CertsError::Exists {
+            path: existing.clone(),
+        });
     }
     for (file, path) in files.iter().zip(&paths) {
         let mut options = OpenOptions::new();
@@ -596,7 +607,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("client.key")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join("client.key"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }
@@ -610,7 +624,10 @@ mod tests {
         assert!(paths.client_key.exists());
         // A key that does not belong to the certificate is refused.
         std::fs::copy(&paths.server_key, &paths.ca_key).unwrap();
-        assert!(matches!(Ca::load(dir.path()), Err(CertsError::BadCa { .. })));
+        assert!(matches!(
+            Ca::load(dir.path()),
+            Err(CertsError::BadCa { .. })
+        ));
     }
 
     #[test]

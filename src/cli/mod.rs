@@ -5,6 +5,7 @@
 //! input was processed and something in it was refused (a rejected command, a certificate that
 //! fails the policy).
 
+mod certs;
 mod logging;
 mod outbox;
 mod serve;
@@ -43,6 +44,9 @@ enum Command {
     Translate(translate::TranslateArgs),
     /// Inspect and repair undelivered work: list, show, retry, drop.
     Outbox(outbox::OutboxArgs),
+    /// Certificate tooling: an internal CA, server and BroadWorks client certificates, CSRs,
+    /// CRLs; inspect and verify any certificate against the client policy.
+    Certs(certs::CertsArgs),
     /// Hash a password for a provisioning or proxy account (read from stdin).
     HashPassword(tools::HashPasswordArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
@@ -53,8 +57,20 @@ enum Command {
 
 /// Parse the command line and run the subcommand.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // Usage errors exit 1: 2 means "processed, and something was refused".
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match cli.command {
+        Command::Certs(args) => certs::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Translate(args) => translate::run(args),
         Command::Outbox(args) => outbox::run(args),

@@ -9,6 +9,6 @@ pub use policy::{
     time_text,
 };
 pub use server::{
-    CertsParseError, LoadedTls, Observer, PolicyVerifier, TlsError, crl_next_update,
-    parse_certs, read_cert_file, read_crl_file, refusals_in, refusals_in_io, server_config,
+    CertsParseError, LoadedTls, Observer, PolicyVerifier, TlsError, crl_next_update, parse_certs,
+    read_cert_file, read_crl_file, refusals_in, refusals_in_io, server_config,
 };

@@ -13,6 +13,7 @@ use webpki::{
     UnknownStatusPolicy,
 };
 use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
 
 use crate::config::ClientPolicyConfig;
 
@@ -27,27 +28,45 @@ const ENTERPRISE_ARC: &str = "1.3.6.1.4.1.";
 /// (it says what to do next).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("the client presented no certificate; configure the AS to present its client certificate")]
+    #[error(
+        "the client presented no certificate; configure the AS to present its client certificate"
+    )]
     NoCertificate,
     #[error("the certificate expired on {not_after}; issue a new client certificate")]
     Expired { not_after: String },
     #[error("the certificate is not valid before {not_before}; check the clocks or wait")]
     NotYetValid { not_before: String },
-    #[error("the certificate (issuer \"{issuer}\") does not chain to the configured client CA bundle; add its CA to server.client_ca or issue it from that CA")]
+    #[error(
+        "the certificate (issuer \"{issuer}\") does not chain to the configured client CA bundle; add its CA to server.client_ca or issue it from that CA"
+    )]
     UnknownCa { issuer: String },
-    #[error("the certificate \"{subject}\" is self-signed and not in the client CA bundle; issue it from the configured CA")]
+    #[error(
+        "the certificate \"{subject}\" is self-signed and not in the client CA bundle; issue it from the configured CA"
+    )]
     SelfSigned { subject: String },
-    #[error("the certificate's Extended Key Usage lacks the BroadWorks OID {BROADWORKS_OID}; issue it with `flowthrough certs client` or set client_policy.require_broadworks_oid = false")]
+    #[error(
+        "the certificate's Extended Key Usage lacks the BroadWorks OID {BROADWORKS_OID}; issue it with `flowthrough certs client` or set client_policy.require_broadworks_oid = false"
+    )]
     MissingBroadWorksOid,
-    #[error("the BroadWorks OID {BROADWORKS_OID} is on the CA certificate but not on the client certificate; the leaf itself must carry it")]
+    #[error(
+        "the BroadWorks OID {BROADWORKS_OID} is on the CA certificate but not on the client certificate; the leaf itself must carry it"
+    )]
     BroadWorksOidOnlyOnCa,
-    #[error("the certificate's Extended Key Usage has vendor OID(s) {found} but not the BroadWorks OID {BROADWORKS_OID}; reissue it with the BroadWorks OID")]
+    #[error(
+        "the certificate's Extended Key Usage has vendor OID(s) {found} but not the BroadWorks OID {BROADWORKS_OID}; reissue it with the BroadWorks OID"
+    )]
     WrongVendorOid { found: String },
-    #[error("the certificate's Extended Key Usage lacks TLS Web Client Authentication; issue it with clientAuth or set client_policy.require_client_auth = false")]
+    #[error(
+        "the certificate's Extended Key Usage lacks TLS Web Client Authentication; issue it with clientAuth or set client_policy.require_client_auth = false"
+    )]
     MissingClientAuth,
-    #[error("the certificate has no Extended Key Usage extension; it needs clientAuth and the BroadWorks OID {BROADWORKS_OID}")]
+    #[error(
+        "the certificate has no Extended Key Usage extension; it needs clientAuth and the BroadWorks OID {BROADWORKS_OID}"
+    )]
     NoEku,
-    #[error("the certificate has Subject Alternative Names ({sans}), which the policy refuses; issue it without SAN or set client_policy.allow_san = true")]
+    #[error(
+        "the certificate has Subject Alternative Names ({sans}), which the policy refuses; issue it without SAN or set client_policy.allow_san = true"
+    )]
     SanPresent { sans: String },
     #[error("the certificate's CN \"{cn}\" is not in client_policy.allowed_common_names")]
     CommonNameNotAllowed { cn: String },
@@ -249,15 +268,12 @@ impl ClientPolicy {
                 refusals.push(r);
             }
         }
-        if self.config.require_broadworks_oid {
-            if let Some(i) = refusals
-                .iter()
-                .position(|r| *r == Refusal::MissingBroadWorksOid)
-            {
-                if self.issuer_has_broadworks_oid(&leaf, &chain[1..]) {
-                    refusals[i] = Refusal::BroadWorksOidOnlyOnCa;
-                }
-            }
+        if let Some(i) = refusals
+            .iter()
+            .position(|r| *r == Refusal::MissingBroadWorksOid)
+            && self.issuer_has_broadworks_oid(&leaf, &chain[1..])
+        {
+            refusals[i] = Refusal::BroadWorksOidOnlyOnCa;
         }
         if refusals.is_empty() {
             Ok(identity_of(&leaf, leaf_der))
@@ -291,9 +307,8 @@ impl ClientPolicy {
                 .with_expiration_policy(ExpirationPolicy::Ignore)
                 .build()
         });
-        let time = UnixTime::since_unix_epoch(
-            now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO),
-        );
+        let time =
+            UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO));
         let result = ee.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &self.anchors,
@@ -491,9 +506,26 @@ pub fn subject_alt_names(cert: &X509Certificate<'_>) -> Vec<String> {
             .value
             .general_names
             .iter()
-            .map(|n| n.to_string())
+            .map(general_name_text)
             .collect(),
         _ => Vec::new(),
+    }
+}
+
+/// A SAN entry the way `openssl x509 -text` writes it.
+fn general_name_text(name: &GeneralName<'_>) -> String {
+    match name {
+        GeneralName::DNSName(n) => format!("DNS:{n}"),
+        GeneralName::RFC822Name(n) => format!("email:{n}"),
+        GeneralName::URI(n) => format!("URI:{n}"),
+        GeneralName::IPAddress(b) => match <[u8; 4]>::try_from(*b) {
+            Ok(v4) => format!("IP:{}", std::net::Ipv4Addr::from(v4)),
+            Err(_) => match <[u8; 16]>::try_from(*b) {
+                Ok(v6) => format!("IP:{}", std::net::Ipv6Addr::from(v6)),
+                Err(_) => format!("IP:{}", hex::encode(b)),
+            },
+        },
+        other => other.to_string(),
     }
 }
 
@@ -510,7 +542,10 @@ mod tests {
 
     #[test]
     fn cn_patterns() {
-        let p = vec!["bwcticlient.webex.com".to_owned(), "*.as.example".to_owned()];
+        let p = vec![
+            "bwcticlient.webex.com".to_owned(),
+            "*.as.example".to_owned(),
+        ];
         assert!(cn_allowed("bwcticlient.webex.com", &p));
         assert!(cn_allowed("BWCTIclient.webex.com", &p));
         assert!(cn_allowed("as1.as.example", &p));
@@ -524,20 +559,38 @@ mod tests {
     fn labels_are_distinct() {
         let all = [
             Refusal::NoCertificate,
-            Refusal::Expired { not_after: String::new() },
-            Refusal::NotYetValid { not_before: String::new() },
-            Refusal::UnknownCa { issuer: String::new() },
-            Refusal::SelfSigned { subject: String::new() },
+            Refusal::Expired {
+                not_after: String::new(),
+            },
+            Refusal::NotYetValid {
+                not_before: String::new(),
+            },
+            Refusal::UnknownCa {
+                issuer: String::new(),
+            },
+            Refusal::SelfSigned {
+                subject: String::new(),
+            },
             Refusal::MissingBroadWorksOid,
             Refusal::BroadWorksOidOnlyOnCa,
-            Refusal::WrongVendorOid { found: String::new() },
+            Refusal::WrongVendorOid {
+                found: String::new(),
+            },
             Refusal::MissingClientAuth,
             Refusal::NoEku,
-            Refusal::SanPresent { sans: String::new() },
+            Refusal::SanPresent {
+                sans: String::new(),
+            },
             Refusal::CommonNameNotAllowed { cn: String::new() },
-            Refusal::Revoked { serial: String::new() },
-            Refusal::BadEncoding { detail: String::new() },
-            Refusal::InvalidChain { detail: String::new() },
+            Refusal::Revoked {
+                serial: String::new(),
+            },
+            Refusal::BadEncoding {
+                detail: String::new(),
+            },
+            Refusal::InvalidChain {
+                detail: String::new(),
+            },
         ];
         let labels: std::collections::BTreeSet<_> = all.iter().map(Refusal::label).collect();
         assert_eq!(labels.len(), all.len());
@@ -546,9 +599,12 @@ mod tests {
     #[test]
     fn empty_chain_is_no_certificate_and_garbage_is_bad_encoding() {
         let pki = crate::certs::DevPki::in_memory().unwrap();
-        let policy =
-            ClientPolicy::new(ClientPolicyConfig::default(), vec![pki.ca.cert.cert_der.clone()], &[])
-                .unwrap();
+        let policy = ClientPolicy::new(
+            ClientPolicyConfig::default(),
+            vec![pki.ca.cert.cert_der.clone()],
+            &[],
+        )
+        .unwrap();
         assert_eq!(
             policy.check(&[], SystemTime::now()),
             Err(vec![Refusal::NoCertificate])
@@ -558,7 +614,10 @@ mod tests {
         assert_eq!(err.len(), 1);
         assert_eq!(err[0].label(), "bad_encoding");
         let id = policy
-            .check(&[pki.client.cert_der.clone()], SystemTime::now())
+            .check(
+                std::slice::from_ref(&pki.client.cert_der),
+                SystemTime::now(),
+            )
             .unwrap();
         assert_eq!(id.common_name.as_deref(), Some("bwcticlient.webex.com"));
         assert_eq!(id.sha256_fingerprint.len(), 64);

@@ -81,12 +81,10 @@ pub fn server_config(
                 reason: e.to_string(),
             })?;
     let certified = CertifiedKey::new(chain, signing_key);
-    certified
-        .keys_match()
-        .map_err(|_| TlsError::KeyMismatch {
-            certificate: server.certificate.clone(),
-            key: server.private_key.clone(),
-        })?;
+    certified.keys_match().map_err(|_| TlsError::KeyMismatch {
+        certificate: server.certificate.clone(),
+        key: server.private_key.clone(),
+    })?;
 
     let ca_certs = read_cert_file(&server.client_ca).map_err(|e| match e {
         TlsError::NoCertificate { path } => TlsError::BadCaBundle {
@@ -105,33 +103,38 @@ pub fn server_config(
             path: path.clone(),
             reason,
         })?;
-        if let Some(next) = next {
-            if next < now {
-                let unix = next.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-                warnings.push(format!(
-                    "{}: the CRL expired (nextUpdate {}); it is still applied, but publish a fresh one",
-                    path.display(),
-                    time_text(unix)
-                ));
-            }
+        if let Some(next) = next
+            && next < now
+        {
+            let unix = next
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            warnings.push(format!(
+                "{}: the CRL expired (nextUpdate {}); it is still applied, but publish a fresh one",
+                path.display(),
+                time_text(unix)
+            ));
         }
         crl_next_updates.push((path.clone(), next));
         crls.push(der);
     }
-    let policy = ClientPolicy::new(policy_cfg.clone(), ca_certs, &crls).map_err(|e| {
-        match e {
-            super::policy::PolicyError::BadCrl { index, reason } => TlsError::BadCrl {
-                path: server.crls.get(index - 1).cloned().unwrap_or_default(),
-                reason,
-            },
-            other => TlsError::BadCaBundle {
-                path: server.client_ca.clone(),
-                reason: format!("{other}; fix the bundle (PEM CA certificates)"),
-            },
-        }
+    let policy = ClientPolicy::new(policy_cfg.clone(), ca_certs, &crls).map_err(|e| match e {
+        super::policy::PolicyError::BadCrl { index, reason } => TlsError::BadCrl {
+            path: server.crls.get(index - 1).cloned().unwrap_or_default(),
+            reason,
+        },
+        other => TlsError::BadCaBundle {
+            path: server.client_ca.clone(),
+            reason: format!("{other}; fix the bundle (PEM CA certificates)"),
+        },
     })?;
     let policy = Arc::new(policy);
-    let verifier = Arc::new(PolicyVerifier::new(policy.clone(), observer, provider.clone()));
+    let verifier = Arc::new(PolicyVerifier::new(
+        policy.clone(),
+        observer,
+        provider.clone(),
+    ));
 
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -307,7 +310,10 @@ pub fn read_cert_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsEr
 pub enum CertsParseError {
     Empty,
     /// `index` counts from 1.
-    Bad { index: usize, reason: String },
+    Bad {
+        index: usize,
+        reason: String,
+    },
 }
 
 /// Certificates from PEM (any number, other PEM sections ignored) or one DER certificate; each
@@ -333,7 +339,7 @@ pub fn parse_certs(bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertsPa
     }
     for (i, c) in certs.iter().enumerate() {
         match x509_parser::parse_x509_certificate(c) {
-            Ok((rest, _)) if rest.is_empty() => {}
+            Ok(([], _)) => {}
             Ok(_) => {
                 return Err(CertsParseError::Bad {
                     index: i + 1,
