@@ -35,7 +35,12 @@ async fn post(client: &reqwest::Client, url: &str, body: String) -> (u16, String
     post_typed(client, url, body, "text/xml; charset=ISO-8859-1").await
 }
 
-async fn post_typed(client: &reqwest::Client, url: &str, body: String, content_type: &str) -> (u16, String) {
+async fn post_typed(
+    client: &reqwest::Client,
+    url: &str,
+    body: String,
+    content_type: &str,
+) -> (u16, String) {
     let response = client
         .post(url)
         .header("content-type", content_type)
@@ -63,9 +68,14 @@ async fn the_samples_flow_to_webex_and_back() {
     // Add: POST with the template's package and spEnterpriseId, the national number completed.
     let (status, body) = post(&client, &url, sample("user-add-17sp4.xml")).await;
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("<sessionId xmlns=\"\">b7e3a2c4-0f1d-4c55-9b7e-1a2b3c4d5e6f</sessionId>"), "{body}");
+    assert!(
+        body.contains("<sessionId xmlns=\"\">b7e3a2c4-0f1d-4c55-9b7e-1a2b3c4d5e6f</sessionId>"),
+        "{body}"
+    );
     assert_eq!(only(&body).kind, "SuccessResponse", "{body}");
-    let alice = world.subscriber("alice.smith@acme.example").expect("alice was provisioned");
+    let alice = world
+        .subscriber("alice.smith@acme.example")
+        .expect("alice was provisioned");
     assert_eq!(alice["firstName"], "Alice");
     assert_eq!(alice["primaryPhoneNumber"], "+12025550101");
     assert_eq!(alice["extension"], "0101");
@@ -78,47 +88,88 @@ async fn the_samples_flow_to_webex_and_back() {
 
     // Modify: a new last name and extension, the phone number cleared.
     let (status, body) = post(&client, &url, sample("user-modify-22.xml")).await;
-    assert_eq!((status, only(&body).kind.as_str()), (200, "SuccessResponse"), "{body}");
+    assert_eq!(
+        (status, only(&body).kind.as_str()),
+        (200, "SuccessResponse"),
+        "{body}"
+    );
     let alice = world.subscriber("alice.smith@acme.example").unwrap();
     assert_eq!(alice["lastName"], "Smith-Lee");
     assert_eq!(alice["extension"], "0111");
-    assert!(alice["primaryPhoneNumber"].is_null(), "the cleared phone is gone: {alice}");
+    assert!(
+        alice["primaryPhoneNumber"].is_null(),
+        "the cleared phone is gone: {alice}"
+    );
 
     // IM&P unassigned: the subscriber is removed.
     let (status, body) = post(&client, &url, sample("service-unassign-impp.xml")).await;
-    assert_eq!((status, only(&body).kind.as_str()), (200, "SuccessResponse"), "{body}");
+    assert_eq!(
+        (status, only(&body).kind.as_str()),
+        (200, "SuccessResponse"),
+        "{body}"
+    );
     assert!(world.subscriber("alice.smith@acme.example").is_none());
 
     // IM&P assigned again: provisioned from the last profile seen (with the modify applied).
     let (status, body) = post(&client, &url, sample("service-assign-impp.xml")).await;
-    assert_eq!((status, only(&body).kind.as_str()), (200, "SuccessResponse"), "{body}");
-    let alice = world.subscriber("alice.smith@acme.example").expect("provisioned again");
+    assert_eq!(
+        (status, only(&body).kind.as_str()),
+        (200, "SuccessResponse"),
+        "{body}"
+    );
+    let alice = world
+        .subscriber("alice.smith@acme.example")
+        .expect("provisioned again");
     assert_eq!(alice["lastName"], "Smith-Lee");
     assert_eq!(alice["extension"], "0111");
 
     // A second user, French, then deleted; deleting again is still a success (idempotent).
     let (status, body) = post(&client, &url, sample("user-add-22v2.xml")).await;
-    assert_eq!((status, only(&body).kind.as_str()), (200, "SuccessResponse"), "{body}");
+    assert_eq!(
+        (status, only(&body).kind.as_str()),
+        (200, "SuccessResponse"),
+        "{body}"
+    );
     let bob = world.subscriber("bob.jones@acme.example").unwrap();
-    assert_eq!(bob["language"], "fr_FR", "French + template country US has no fr_US: the default fr_FR");
+    assert_eq!(
+        bob["language"], "fr_FR",
+        "French + template country US has no fr_US: the default fr_FR"
+    );
     assert_eq!(bob["mobilePhoneNumber"], "+1-514-555-0199");
     for _ in 0..2 {
         let (status, body) = post(&client, &url, sample("user-delete.xml")).await;
-        assert_eq!((status, only(&body).kind.as_str()), (200, "SuccessResponse"), "{body}");
+        assert_eq!(
+            (status, only(&body).kind.as_str()),
+            (200, "SuccessResponse"),
+            "{body}"
+        );
     }
     assert!(world.subscriber("bob.jones@acme.example").is_none());
 
     // Group add: recorded, no Webex call.
     let calls_before = world.sim.counter("post_subscriber");
     let (status, body) = post(&client, &url, sample("group-add.xml")).await;
-    assert_eq!((status, only(&body).kind.as_str()), (200, "SuccessResponse"), "{body}");
+    assert_eq!(
+        (status, only(&body).kind.as_str()),
+        (200, "SuccessResponse"),
+        "{body}"
+    );
     assert_eq!(world.sim.counter("post_subscriber"), calls_before);
 
     // The audit has a record per command, with the client certificate.
-    let status: serde_json::Value = reqwest::get(format!("{}/status", server.admin)).await.unwrap().json().await.unwrap();
+    let status: serde_json::Value = reqwest::get(format!("{}/status", server.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(status["outbox"]["pending"], 0, "{status}");
     assert_eq!(status["ready"], true, "{status}");
-    server.running.shutdown(Duration::from_secs(5)).await.unwrap();
+    server
+        .running
+        .shutdown(Duration::from_secs(5))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,7 +183,11 @@ async fn every_error_code_is_reachable() {
     let bad = r#"<command xsi:type="UserAddRequest17sp4" xmlns=""><serviceProviderId>acme-ent</serviceProviderId><groupId>hq</groupId><lastName>A</lastName><firstName>B</firstName></command>"#;
     let (_, body) = post(&client, &url, document(bad)).await;
     let a = only(&body);
-    assert_eq!((a.kind.as_str(), a.code), ("ErrorResponse", Some(7001)), "{body}");
+    assert_eq!(
+        (a.kind.as_str(), a.code),
+        ("ErrorResponse", Some(7001)),
+        "{body}"
+    );
 
     // 7002: a command flowthrough does not carry; the document is kept for the operator.
     let unknown = r#"<command xsi:type="GroupDnGetListRequest" xmlns=""><serviceProviderId>acme-ent</serviceProviderId><groupId>hq</groupId></command>"#;
@@ -140,11 +195,21 @@ async fn every_error_code_is_reachable() {
     assert_eq!(only(&body).code, Some(7002), "{body}");
 
     // 7003: no email under a trusted-email template.
-    let (_, body) = post(&client, &url, document(&user_add("noemail@acme.example", None))).await;
+    let (_, body) = post(
+        &client,
+        &url,
+        document(&user_add("noemail@acme.example", None)),
+    )
+    .await;
     assert_eq!(only(&body).code, Some(7003), "{body}");
 
     // 7004: the URL names a template that does not exist.
-    let (status, body) = post(&client, &format!("{url}/nosuch"), document(&user_add("x@acme.example", Some("x@acme.example")))).await;
+    let (status, body) = post(
+        &client,
+        &format!("{url}/nosuch"),
+        document(&user_add("x@acme.example", Some("x@acme.example"))),
+    )
+    .await;
     assert_eq!((status, only(&body).code), (200, Some(7004)), "{body}");
 
     // 7005: IM&P assigned to a user never seen.
@@ -161,27 +226,63 @@ async fn every_error_code_is_reachable() {
     let (_, body) = post(&client, &url, document(rename)).await;
     let a = only(&body);
     assert_eq!(a.code, Some(7010), "{body}");
-    assert!(a.text.contains("10022"), "Webex's errorCode is in the detail: {body}");
+    assert!(
+        a.text.contains("10022"),
+        "Webex's errorCode is in the detail: {body}"
+    );
 
     // 7021: an email change cannot be carried by an update.
     let email = r#"<command xsi:type="UserModifyRequest22" xmlns=""><userId>one@acme.example</userId><firstName>Uno</firstName><emailAddress>uno@acme.example</emailAddress></command>"#;
     let (_, body) = post(&client, &url, document(email)).await;
     let a = only(&body);
-    assert_eq!((a.code, a.severity.as_deref()), (Some(7021), Some("Warning")), "{body}");
-    assert_eq!(world.subscriber("one@acme.example").unwrap()["firstName"], "Uno");
+    assert_eq!(
+        (a.code, a.severity.as_deref()),
+        (Some(7021), Some("Warning")),
+        "{body}"
+    );
+    assert_eq!(
+        world.subscriber("one@acme.example").unwrap()["firstName"],
+        "Uno"
+    );
 
     // 7020: Webex slower than the ack deadline; the command is delivered afterwards.
-    world.sim.control(json!({"latency_ms": 4000, "latency_count": 1})).unwrap();
-    let (_, body) = post(&client, &url, document(&user_add("slow@acme.example", Some("slow@acme.example")))).await;
+    world.sim.control(json!({"latency_ms": 4000})).unwrap();
+    let (_, body) = post(
+        &client,
+        &url,
+        document(&user_add("slow@acme.example", Some("slow@acme.example"))),
+    )
+    .await;
+    world.sim.control(json!({"latency_ms": 0})).unwrap();
     let a = only(&body);
-    assert_eq!((a.code, a.severity.as_deref()), (Some(7020), Some("Warning")), "{body}");
+    assert_eq!(
+        (a.code, a.severity.as_deref()),
+        (Some(7020), Some("Warning")),
+        "{body}"
+    );
+    assert!(
+        a.text.contains("outbox entry"),
+        "the detail names the outbox entry: {body}"
+    );
     assert!(eventually(SETTLE, || world.subscriber("slow@acme.example").is_some()).await);
 
     // 7030: the refresh token is revoked; readiness turns red and commands stay queued.
-    world.sim.control(json!({"refresh_token_revoked": true})).unwrap();
+    world
+        .sim
+        .control(json!({"refresh_token_revoked": true}))
+        .unwrap();
     world.sim.expire_access_tokens();
-    let (_, body) = post(&client, &url, document(&user_add("first@acme.example", Some("first@acme.example")))).await;
-    assert_eq!(only(&body).severity.as_deref(), Some("Warning"), "pending while the refresh fails: {body}");
+    let (_, body) = post(
+        &client,
+        &url,
+        document(&user_add("first@acme.example", Some("first@acme.example"))),
+    )
+    .await;
+    assert_eq!(
+        only(&body).severity.as_deref(),
+        Some("Warning"),
+        "pending while the refresh fails: {body}"
+    );
     let readyz = format!("{}/readyz", server.admin);
     let mut red = false;
     for _ in 0..100 {
@@ -192,13 +293,38 @@ async fn every_error_code_is_reachable() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(red, "/readyz turns red once the refresh token is rejected");
-    let (_, body) = post(&client, &url, document(&user_add("queued@acme.example", Some("queued@acme.example")))).await;
+    let (_, body) = post(
+        &client,
+        &url,
+        document(&user_add(
+            "queued@acme.example",
+            Some("queued@acme.example"),
+        )),
+    )
+    .await;
     assert_eq!(only(&body).code, Some(7030), "{body}");
-    let status: serde_json::Value = reqwest::get(format!("{}/status", server.admin)).await.unwrap().json().await.unwrap();
-    assert!(status["outbox"]["pending"].as_u64().unwrap() >= 2, "both commands stay queued: {status}");
-    let metrics = reqwest::get(format!("{}/metrics", server.admin)).await.unwrap().text().await.unwrap();
+    let status: serde_json::Value = reqwest::get(format!("{}/status", server.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        status["outbox"]["pending"].as_u64().unwrap() >= 2,
+        "both commands stay queued: {status}"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", server.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("flowthrough_token_valid 0"), "{metrics}");
-    server.running.shutdown(Duration::from_secs(5)).await.unwrap();
+    server
+        .running
+        .shutdown(Duration::from_secs(5))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,7 +342,11 @@ async fn transport_refusals_basic_auth_413_415_400() {
     let (status, body) = post(&client, &url, "hello".to_owned()).await;
     assert_eq!(status, 400, "{body}");
     // 413: over max_body_bytes.
-    let big = document(&format!("<!-- {} -->{}", "x".repeat(8000), user_add("big@acme.example", Some("big@acme.example"))));
+    let big = document(&format!(
+        "<!-- {} -->{}",
+        "x".repeat(8000),
+        user_add("big@acme.example", Some("big@acme.example"))
+    ));
     let (status, _) = post(&client, &url, big).await;
     assert_eq!(status, 413);
 
@@ -233,7 +363,15 @@ async fn transport_refusals_basic_auth_413_415_400() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
-    assert!(response.headers().get("www-authenticate").unwrap().to_str().unwrap().starts_with("Basic"));
+    assert!(
+        response
+            .headers()
+            .get("www-authenticate")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("Basic")
+    );
     let response = client
         .post(&secured)
         .header("content-type", "text/xml")
@@ -247,8 +385,15 @@ async fn transport_refusals_basic_auth_413_415_400() {
     assert_eq!(only(&body).kind, "SuccessResponse", "{body}");
     let sub = world.subscriber("auth@acme.example").unwrap();
     assert_eq!(sub["package"], "premium");
-    assert!(sub["email"].is_null(), "untrusted-email template never sends the email");
-    server.running.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert!(
+        sub["email"].is_null(),
+        "untrusted-email template never sends the email"
+    );
+    server
+        .running
+        .shutdown(Duration::from_secs(5))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,21 +412,41 @@ async fn bad_client_certificates_fail_the_handshake() {
     let result = client
         .post(&url)
         .header("content-type", "text/xml")
-        .body(document(&user_add("x@acme.example", Some("x@acme.example"))))
+        .body(document(&user_add(
+            "x@acme.example",
+            Some("x@acme.example"),
+        )))
         .send()
         .await;
-    assert!(result.is_err(), "a certificate without the BroadWorks OID is refused at the handshake");
+    assert!(
+        result.is_err(),
+        "a certificate without the BroadWorks OID is refused at the handshake"
+    );
     // No client certificate at all.
     let anonymous = reqwest::Client::builder()
         .use_rustls_tls()
-        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&world.pki.ca_cert).unwrap()).unwrap())
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&world.pki.ca_cert).unwrap()).unwrap(),
+        )
         .build()
         .unwrap();
     assert!(anonymous.post(&url).body("x").send().await.is_err());
-    let metrics = reqwest::get(format!("{}/metrics", server.admin)).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("flowthrough_tls_refusals_total{reason="), "{metrics}");
+    let metrics = reqwest::get(format!("{}/metrics", server.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("flowthrough_tls_refusals_total{reason="),
+        "{metrics}"
+    );
     assert!(world.subscriber("x@acme.example").is_none());
-    server.running.shutdown(Duration::from_secs(5)).await.unwrap();
+    server
+        .running
+        .shutdown(Duration::from_secs(5))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,7 +455,10 @@ async fn an_upstream_outage_queues_then_delivers_in_per_user_order() {
     let server = start(&world, "ack_deadline_ms = 500", "").await;
     let client = world.as_client();
     let url = format!("{}/provisioning", server.base);
-    world.sim.control(json!({"server_error_ratio": 1.0})).unwrap();
+    world
+        .sim
+        .control(json!({"server_error_ratio": 1.0}))
+        .unwrap();
     // Per user: add, then a modify that must not overtake it.
     for i in 0..5 {
         let user = format!("outage{i}@acme.example");
@@ -303,7 +471,10 @@ async fn an_upstream_outage_queues_then_delivers_in_per_user_order() {
         assert_eq!(only(&body).code, Some(7020), "{body}");
     }
     assert!(world.subscribers().is_empty());
-    world.sim.control(json!({"server_error_ratio": 0.0})).unwrap();
+    world
+        .sim
+        .control(json!({"server_error_ratio": 0.0}))
+        .unwrap();
     let delivered = eventually(Duration::from_secs(60), || {
         (0..5).all(|i| {
             world
@@ -312,11 +483,20 @@ async fn an_upstream_outage_queues_then_delivers_in_per_user_order() {
         })
     })
     .await;
-    assert!(delivered, "after recovery every add and then its modify is applied: {:?}", world.subscribers());
+    assert!(
+        delivered,
+        "after recovery every add and then its modify is applied: {:?}",
+        world.subscribers()
+    );
     let admin = server.admin.clone();
     let mut empty = false;
     for _ in 0..100 {
-        let status: serde_json::Value = reqwest::get(format!("{admin}/status")).await.unwrap().json().await.unwrap();
+        let status: serde_json::Value = reqwest::get(format!("{admin}/status"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if status["outbox"]["pending"] == 0 {
             empty = true;
             break;
@@ -325,7 +505,11 @@ async fn an_upstream_outage_queues_then_delivers_in_per_user_order() {
     }
     assert!(empty, "the outbox empties");
     assert_eq!(world.subscribers().len(), 5, "no duplicates");
-    server.running.shutdown(Duration::from_secs(5)).await.unwrap();
+    server
+        .running
+        .shutdown(Duration::from_secs(5))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,7 +525,8 @@ async fn reload_under_traffic_drops_no_connection() {
             let mut ok = 0;
             for i in 0..40 {
                 let user = format!("reload{i}@acme.example");
-                let (status, body) = post(&client, &url, document(&user_add(&user, Some(&user)))).await;
+                let (status, body) =
+                    post(&client, &url, document(&user_add(&user, Some(&user)))).await;
                 assert_eq!(status, 200, "{body}");
                 ok += 1;
             }
@@ -353,13 +538,26 @@ async fn reload_under_traffic_drops_no_connection() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A reload through the admin listener too.
-    let response = reqwest::Client::new().post(format!("{}/admin/reload", server.admin)).send().await.unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("{}/admin/reload", server.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(traffic.await.unwrap(), 40);
     // A bad set is refused and the old one stays.
     std::fs::write(&world.pki.server_key, "not a key").unwrap();
     assert!(server.running.reload().is_err());
-    let (status, _) = post(&client, &url, document(&user_add("after@acme.example", Some("after@acme.example")))).await;
+    let (status, _) = post(
+        &client,
+        &url,
+        document(&user_add("after@acme.example", Some("after@acme.example"))),
+    )
+    .await;
     assert_eq!(status, 200);
-    server.running.shutdown(Duration::from_secs(5)).await.unwrap();
+    server
+        .running
+        .shutdown(Duration::from_secs(5))
+        .await
+        .unwrap();
 }

@@ -15,7 +15,13 @@ use crate::store::{Entry, EntryState, Filter, Store, StoreError};
 
 #[derive(Debug, Args)]
 pub struct OutboxArgs {
-    #[arg(long, short, value_name = "FILE", global = true, default_value = "/etc/flowthrough/flowthrough.toml")]
+    #[arg(
+        long,
+        short,
+        value_name = "FILE",
+        global = true,
+        default_value = "/etc/flowthrough/flowthrough.toml"
+    )]
     config: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
@@ -56,7 +62,11 @@ enum OutboxAction {
 /// Either the store itself (instance stopped) or the admin API of the running instance.
 enum Target {
     Store(Store),
-    Admin { base: String, runtime: tokio::runtime::Runtime, http: reqwest::Client },
+    Admin {
+        base: String,
+        runtime: tokio::runtime::Runtime,
+        http: reqwest::Client,
+    },
 }
 
 pub fn run(args: OutboxArgs) -> ExitCode {
@@ -67,11 +77,17 @@ pub fn run(args: OutboxArgs) -> ExitCode {
     let target = match Store::open(&config.store.path) {
         Ok(store) => Target::Store(store),
         Err(StoreError::Open { .. }) => {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => return fail(format!("cannot start a runtime: {e}")),
             };
-            let http = match reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build() {
+            let http = match reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()
+            {
                 Ok(h) => h,
                 Err(e) => return fail(format!("cannot build an HTTP client: {e}")),
             };
@@ -91,7 +107,12 @@ pub fn run(args: OutboxArgs) -> ExitCode {
 
 fn execute(target: &Target, action: &OutboxAction, json: bool) -> Result<ExitCode, String> {
     match action {
-        OutboxAction::List { dead, pending, all, limit } => {
+        OutboxAction::List {
+            dead,
+            pending,
+            all,
+            limit,
+        } => {
             let (filter, state) = if *dead {
                 (Filter::Dead, "dead")
             } else if *pending {
@@ -106,7 +127,10 @@ fn execute(target: &Target, action: &OutboxAction, json: bool) -> Result<ExitCod
                 entries.retain(|e| !matches!(e.state, EntryState::Delivered { .. }));
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&entries).map_err(|e| e.to_string())?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&entries).map_err(|e| e.to_string())?
+                );
             } else {
                 print_table(&entries);
             }
@@ -114,7 +138,10 @@ fn execute(target: &Target, action: &OutboxAction, json: bool) -> Result<ExitCod
         }
         OutboxAction::Show { id } => {
             let entry = show(target, *id)?;
-            println!("{}", serde_json::to_string_pretty(&entry).map_err(|e| e.to_string())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&entry).map_err(|e| e.to_string())?
+            );
             Ok(ExitCode::SUCCESS)
         }
         OutboxAction::Retry { id: Some(id), .. } => {
@@ -126,8 +153,10 @@ fn execute(target: &Target, action: &OutboxAction, json: bool) -> Result<ExitCod
             let dead = list(target, Filter::Dead, "dead", usize::MAX)?;
             let bar = indicatif::ProgressBar::new(dead.len() as u64);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} dead entries queued again")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} dead entries queued again",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             let mut failed = 0;
             for entry in &dead {
@@ -139,7 +168,10 @@ fn execute(target: &Target, action: &OutboxAction, json: bool) -> Result<ExitCod
             }
             bar.finish();
             if failed > 0 {
-                return Err(format!("{failed} of {} dead entries could not be retried", dead.len()));
+                return Err(format!(
+                    "{failed} of {} dead entries could not be retried",
+                    dead.len()
+                ));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -152,7 +184,12 @@ fn execute(target: &Target, action: &OutboxAction, json: bool) -> Result<ExitCod
 }
 
 fn admin_call(target: &Target, method: reqwest::Method, path: &str) -> Result<Value, String> {
-    let Target::Admin { base, runtime, http } = target else {
+    let Target::Admin {
+        base,
+        runtime,
+        http,
+    } = target
+    else {
         return Err("internal: not talking to an admin listener".to_owned());
     };
     let url = format!("{base}{path}");
@@ -176,7 +213,11 @@ fn list(target: &Target, filter: Filter, state: &str, limit: usize) -> Result<Ve
     match target {
         Target::Store(store) => store.list(filter, limit).map_err(|e| e.to_string()),
         Target::Admin { .. } => {
-            let value = admin_call(target, reqwest::Method::GET, &format!("/admin/outbox?state={state}&limit={limit}"))?;
+            let value = admin_call(
+                target,
+                reqwest::Method::GET,
+                &format!("/admin/outbox?state={state}&limit={limit}"),
+            )?;
             serde_json::from_value(value).map_err(|e| e.to_string())
         }
     }
@@ -184,10 +225,11 @@ fn list(target: &Target, filter: Filter, state: &str, limit: usize) -> Result<Ve
 
 fn show(target: &Target, id: u64) -> Result<Entry, String> {
     match target {
-        Target::Store(store) => store
-            .entry(id)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no outbox entry {id}; `flowthrough outbox list --all` shows the entries there are")),
+        Target::Store(store) => store.entry(id).map_err(|e| e.to_string())?.ok_or_else(|| {
+            format!(
+                "no outbox entry {id}; `flowthrough outbox list --all` shows the entries there are"
+            )
+        }),
         Target::Admin { .. } => {
             let value = admin_call(target, reqwest::Method::GET, &format!("/admin/outbox/{id}"))?;
             serde_json::from_value(value).map_err(|e| e.to_string())
@@ -199,10 +241,17 @@ fn retry(target: &Target, id: u64) -> Result<(), String> {
     match target {
         Target::Store(store) => match store.retry(id) {
             Ok(true) => store.flush_blocking().map_err(|e| e.to_string()),
-            Ok(false) => Err(format!("entry {id} is not dead (or does not exist); only dead entries are retried")),
+            Ok(false) => Err(format!(
+                "entry {id} is not dead (or does not exist); only dead entries are retried"
+            )),
             Err(e) => Err(e.to_string()),
         },
-        Target::Admin { .. } => admin_call(target, reqwest::Method::POST, &format!("/admin/outbox/{id}/retry")).map(|_| ()),
+        Target::Admin { .. } => admin_call(
+            target,
+            reqwest::Method::POST,
+            &format!("/admin/outbox/{id}/retry"),
+        )
+        .map(|_| ()),
     }
 }
 
@@ -213,7 +262,12 @@ fn drop_entry(target: &Target, id: u64) -> Result<(), String> {
             Ok(None) => Err(format!("no outbox entry {id}")),
             Err(e) => Err(e.to_string()),
         },
-        Target::Admin { .. } => admin_call(target, reqwest::Method::DELETE, &format!("/admin/outbox/{id}")).map(|_| ()),
+        Target::Admin { .. } => admin_call(
+            target,
+            reqwest::Method::DELETE,
+            &format!("/admin/outbox/{id}"),
+        )
+        .map(|_| ()),
     }
 }
 
@@ -222,11 +276,16 @@ fn print_table(entries: &[Entry]) {
         println!("the outbox is empty");
         return;
     }
-    println!("{:>8}  {:<9}  {:<8}  {:<32}  {:>3}  last error", "id", "state", "call", "user", "try");
+    println!(
+        "{:>8}  {:<9}  {:<8}  {:<32}  {:>3}  last error",
+        "id", "state", "call", "user", "try"
+    );
     for e in entries {
         let state = match &e.state {
             EntryState::Pending => "pending".to_owned(),
-            EntryState::Delivered { webex_status, .. } => webex_status.clone().unwrap_or_else(|| "delivered".to_owned()),
+            EntryState::Delivered { webex_status, .. } => webex_status
+                .clone()
+                .unwrap_or_else(|| "delivered".to_owned()),
             EntryState::Dead { .. } => "dead".to_owned(),
         };
         let error = match &e.state {

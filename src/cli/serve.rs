@@ -11,7 +11,12 @@ use crate::config::Config;
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// The config file; see deploy/flowthrough.example.toml.
-    #[arg(long, short, value_name = "FILE", default_value = "/etc/flowthrough/flowthrough.toml")]
+    #[arg(
+        long,
+        short,
+        value_name = "FILE",
+        default_value = "/etc/flowthrough/flowthrough.toml"
+    )]
     config: PathBuf,
 }
 

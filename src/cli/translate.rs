@@ -53,12 +53,21 @@ pub fn run(args: TranslateArgs) -> ExitCode {
             Ok(b) => b,
             Err(e) => return fail(format!("{}: cannot read: {e}", file.display())),
         };
-        let result = translate_document(&bytes, &config, &languages, args.template.as_deref(), &mut memory);
+        let result = translate_document(
+            &bytes,
+            &config,
+            &languages,
+            args.template.as_deref(),
+            &mut memory,
+        );
         let (output, any_rejected) = match result {
             Ok(doc) => doc,
             Err(error) => {
                 let message = format!("{}: {error}", file.display());
-                (json!({ "file": file.display().to_string(), "error": message }), true)
+                (
+                    json!({ "file": file.display().to_string(), "error": message }),
+                    true,
+                )
             }
         };
         rejected |= any_rejected;
@@ -70,7 +79,10 @@ pub fn run(args: TranslateArgs) -> ExitCode {
         } else {
             Value::Array(outputs.into_iter().map(|(_, v)| v).collect())
         };
-        println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
     } else {
         for (file, output) in &outputs {
             print_text(file, output);
@@ -95,7 +107,10 @@ fn translate_document(
     let mut commands = Vec::new();
     for (index, request) in document.commands.iter().enumerate() {
         let user_id = mapping::command_user_id(&request.command).map(str::to_owned);
-        let remembered = user_id.as_ref().and_then(|u| memory.templates.get(u)).cloned();
+        let remembered = user_id
+            .as_ref()
+            .and_then(|u| memory.templates.get(u))
+            .cloned();
         let selection = Selection {
             explicit,
             templates: &config.templates,
@@ -116,7 +131,7 @@ fn translate_document(
                 let plan = mapping::plan(&request.command, &ctx);
                 (Some(name), plan)
             }
-            Err(reject) => (None, reject),
+            Err(reject) => (None, Plan::from(reject)),
         };
         remember(memory, &request.command, template_name.as_deref());
         rejected |= matches!(plan, Plan::Reject { .. });
@@ -132,17 +147,26 @@ fn translate_document(
             "notes": plan.notes(),
         }));
     }
-    let template = explicit.map(str::to_owned).or_else(|| config.default_template.clone());
-    Ok((json!({ "template": template, "commands": commands }), rejected))
+    let template = explicit
+        .map(str::to_owned)
+        .or_else(|| config.default_template.clone());
+    Ok((
+        json!({ "template": template, "commands": commands }),
+        rejected,
+    ))
 }
 
 fn remember(memory: &mut Memory, command: &Command, template: Option<&str>) {
     match command {
         Command::UserAdd(profile) => {
             if let Some(t) = template {
-                memory.templates.insert(profile.user_id.clone(), t.to_owned());
+                memory
+                    .templates
+                    .insert(profile.user_id.clone(), t.to_owned());
             }
-            memory.profiles.insert(profile.user_id.clone(), profile.clone());
+            memory
+                .profiles
+                .insert(profile.user_id.clone(), profile.clone());
         }
         Command::UserModify(changes) => {
             if let Some(profile) = memory.profiles.get(&changes.user_id) {
@@ -170,7 +194,9 @@ fn print_text(file: &std::path::Path, output: &Value) {
     println!("{}", file.display());
     if let Some(error) = output.get("error").and_then(Value::as_str) {
         println!("  refused: {error}");
-        println!("  the AS would get: ErrorResponse 7001 (or HTTP 400 when it is not OCI-P at all)");
+        println!(
+            "  the AS would get: ErrorResponse 7001 (or HTTP 400 when it is not OCI-P at all)"
+        );
         return;
     }
     let Some(commands) = output.get("commands").and_then(Value::as_array) else {
@@ -181,7 +207,11 @@ fn print_text(file: &std::path::Path, output: &Value) {
         let template = c["template"].as_str().unwrap_or("-");
         println!(
             "  [{}] {} user={} template={} → {}",
-            c["index"], c["command"].as_str().unwrap_or("?"), user, template, c["action"].as_str().unwrap_or("?")
+            c["index"],
+            c["command"].as_str().unwrap_or("?"),
+            user,
+            template,
+            c["action"].as_str().unwrap_or("?")
         );
         if let Some(webex) = c["webex"].as_object() {
             println!(

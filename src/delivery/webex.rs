@@ -40,6 +40,7 @@ impl Deliverer {
         // have reached Webex, so a provision looks the user up first.
         let previous_attempts = entry.attempts;
         let user_id = entry.new.user_id.as_str();
+        let mut tracking_id = None;
         let result = match &entry.new.call {
             Call::Provision { body } => {
                 if previous_attempts > 0 {
@@ -48,13 +49,16 @@ impl Deliverer {
                             return self.delivered(&entry, Some(existing), "provision").await;
                         }
                         Ok(None) => {}
-                        Err(e) => return self.classify(&entry, e),
+                        Err(e) => return self.classify(&entry, e, None),
                     }
                 }
                 let outcome = self.client.provision_once(user_id, body).await;
                 self.record(&entry, "provision", &outcome);
+                tracking_id = Some(outcome.tracking_id.clone());
                 match outcome.result {
-                    Ok(subscriber) => return self.delivered(&entry, Some(subscriber), "provision").await,
+                    Ok(subscriber) => {
+                        return self.delivered(&entry, Some(subscriber), "provision").await;
+                    }
                     Err(e) => e,
                 }
             }
@@ -62,13 +66,18 @@ impl Deliverer {
                 Ok(Some(id)) => {
                     let outcome = self.client.update(&id, body).await;
                     self.record(&entry, "update", &outcome);
+                    tracking_id = Some(outcome.tracking_id.clone());
                     match outcome.result {
-                        Ok(subscriber) => return self.delivered(&entry, Some(subscriber), "update").await,
+                        Ok(subscriber) => {
+                            return self.delivered(&entry, Some(subscriber), "update").await;
+                        }
                         Err(WebexError::NotFound) => {
                             // The map was stale: forget it and look the user up on the next try.
                             let _ = self.store.unmap_subscriber(user_id);
                             WebexError::Retryable {
-                                reason: format!("subscriber {id} no longer exists; looking {user_id} up again"),
+                                reason: format!(
+                                    "subscriber {id} no longer exists; looking {user_id} up again"
+                                ),
                             }
                         }
                         Err(e) => e,
@@ -88,6 +97,7 @@ impl Deliverer {
                 Ok(Some(id)) => {
                     let outcome = self.client.remove(&id).await;
                     self.record(&entry, "remove", &outcome);
+                    tracking_id = Some(outcome.tracking_id.clone());
                     match outcome.result {
                         Ok(()) | Err(WebexError::NotFound) => {
                             let _ = self.store.unmap_subscriber(user_id);
@@ -109,18 +119,25 @@ impl Deliverer {
                 Err(e) => e,
             },
         };
-        self.classify(&entry, result)
+        self.classify(&entry, result, tracking_id)
     }
 
-    fn classify(&self, entry: &Entry, error: WebexError) -> Attempt {
+    /// What an error means for the scheduler. Dead reasons carry what the AS's 7010 `detail`
+    /// must: Webex's message, its errorCode(s) and the trackingId.
+    fn classify(&self, entry: &Entry, error: WebexError, tracking_id: Option<String>) -> Attempt {
         let reason = error.to_string();
+        let tracking_id = tracking_id
+            .or_else(|| entry.tracking_id.clone())
+            .unwrap_or_default();
         match error {
             WebexError::RetryAfter { status: 429, after } => Attempt::PauseAll { after, reason },
             WebexError::RetryAfter { after, .. } => Attempt::RetryUser { after, reason },
-            WebexError::Retryable { .. } | WebexError::UnknownOutcome { .. } => Attempt::RetryUser {
-                after: backoff(entry.attempts, RETRY_BASE, RETRY_CAP),
-                reason,
-            },
+            WebexError::Retryable { .. } | WebexError::UnknownOutcome { .. } => {
+                Attempt::RetryUser {
+                    after: backoff(entry.attempts, RETRY_BASE, RETRY_CAP),
+                    reason,
+                }
+            }
             WebexError::CredentialsInvalid { .. } => Attempt::RetryUser {
                 after: CREDENTIALS_RETRY,
                 reason,
@@ -129,7 +146,7 @@ impl Deliverer {
                 status,
                 message,
                 errors,
-                tracking_id,
+                tracking_id: webex_tracking_id,
             } => {
                 let codes: Vec<String> = errors
                     .iter()
@@ -143,11 +160,19 @@ impl Deliverer {
                         } else {
                             format!(" [{}]", codes.join("; "))
                         },
-                        tracking_id.unwrap_or_else(|| entry.tracking_id.clone().unwrap_or_default())
+                        webex_tracking_id.unwrap_or(tracking_id)
                     ),
                 }
             }
-            WebexError::Duplicate { .. } | WebexError::NotFound => Attempt::Dead { reason },
+            WebexError::Duplicate { status, message } => Attempt::Dead {
+                reason: format!(
+                    "Webex answered HTTP {status}: {message} [{}]; trackingId {tracking_id}",
+                    crate::webex::DUPLICATE_USER_ID
+                ),
+            },
+            WebexError::NotFound => Attempt::Dead {
+                reason: format!("{reason}; trackingId {tracking_id}"),
+            },
         }
     }
 
@@ -205,16 +230,23 @@ impl Deliverer {
         Ok(found.map(|s| s.id))
     }
 
-    async fn delivered(&self, entry: &Entry, subscriber: Option<Subscriber>, call: &str) -> Attempt {
+    async fn delivered(
+        &self,
+        entry: &Entry,
+        subscriber: Option<Subscriber>,
+        call: &str,
+    ) -> Attempt {
         let Some(subscriber) = subscriber else {
             return Attempt::Delivered {
                 subscriber_id: None,
                 webex_status: None,
             };
         };
-        let _ = self
-            .store
-            .map_user(&entry.new.user_id, Some(&subscriber.id), Some(&entry.new.template));
+        let _ = self.store.map_user(
+            &entry.new.user_id,
+            Some(&subscriber.id),
+            Some(&entry.new.template),
+        );
         let status = status_name(subscriber.status);
         if !subscriber.status.is_settled() {
             self.follow_up(entry, subscriber.id.clone(), call);
@@ -239,7 +271,12 @@ impl Deliverer {
             let started = tokio::time::Instant::now();
             let mut attempt = 0;
             let final_status = loop {
-                tokio::time::sleep(backoff(attempt, Duration::from_millis(500), Duration::from_secs(30))).await;
+                tokio::time::sleep(backoff(
+                    attempt,
+                    Duration::from_millis(500),
+                    Duration::from_secs(30),
+                ))
+                .await;
                 attempt += 1;
                 let outcome = this.client.get(&subscriber_id).await;
                 match outcome.result {

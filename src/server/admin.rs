@@ -41,7 +41,10 @@ impl Reloader {
                 Ok(())
             }
             Err(e) => {
-                self.metrics.reloads.get_or_create(&outcome("refused")).inc();
+                self.metrics
+                    .reloads
+                    .get_or_create(&outcome("refused"))
+                    .inc();
                 Err(e.to_string())
             }
         }
@@ -153,7 +156,9 @@ async fn healthz() -> HttpResponse {
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let (ready, reasons) = readiness(&state);
     if ready {
-        HttpResponse::Ok().content_type("text/plain").body("ready\n")
+        HttpResponse::Ok()
+            .content_type("text/plain")
+            .body("ready\n")
     } else {
         HttpResponse::ServiceUnavailable()
             .content_type("text/plain")
@@ -230,7 +235,9 @@ async fn outbox_list(state: web::Data<AppState>, q: web::Query<ListQuery>) -> Ht
 async fn outbox_show(state: web::Data<AppState>, id: web::Path<u64>) -> HttpResponse {
     match state.store.entry(*id) {
         Ok(Some(entry)) => HttpResponse::Ok().json(entry),
-        Ok(None) => HttpResponse::NotFound().json(json!({ "error": format!("no outbox entry {id}") })),
+        Ok(None) => {
+            HttpResponse::NotFound().json(json!({ "error": format!("no outbox entry {id}") }))
+        }
         Err(e) => HttpResponse::InternalServerError().json(json!({ "error": e.to_string() })),
     }
 }
@@ -257,7 +264,9 @@ async fn outbox_drop(state: web::Data<AppState>, id: web::Path<u64>) -> HttpResp
             let _ = state.store.flush().await;
             HttpResponse::Ok().json(entry)
         }
-        Ok(None) => HttpResponse::NotFound().json(json!({ "error": format!("no outbox entry {id}") })),
+        Ok(None) => {
+            HttpResponse::NotFound().json(json!({ "error": format!("no outbox entry {id}") }))
+        }
         Err(e) => HttpResponse::InternalServerError().json(json!({ "error": e.to_string() })),
     }
 }

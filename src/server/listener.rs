@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use actix_http::body::MessageBody;
 use actix_http::{Extensions, HttpService, Protocol, Request, Response};
 use actix_server::ServerBuilder;
-use actix_service::{IntoServiceFactory, Service, ServiceFactory, ServiceFactoryExt, fn_service, map_config};
+use actix_service::{
+    IntoServiceFactory, Service, ServiceFactory, ServiceFactoryExt, fn_service, map_config,
+};
 use actix_web::dev::AppConfig;
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
@@ -101,7 +103,12 @@ where
             .client_request_timeout(Duration::from_secs(10))
             .on_connect_ext(|io: &TlsStream<TcpStream>, ext: &mut Extensions| {
                 ext.insert(ConnectedAt(Instant::now()));
-                if let Some(identity) = io.get_ref().1.peer_certificates().and_then(crate::tls::identity) {
+                if let Some(identity) = io
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(crate::tls::identity)
+                {
                     ext.insert(identity);
                 }
             })
@@ -116,7 +123,8 @@ where
 async fn accept(
     io: TcpStream,
     settings: &ListenerSettings,
-) -> Result<(TlsStream<TcpStream>, Protocol, Option<SocketAddr>), actix_http::error::DispatchError> {
+) -> Result<(TlsStream<TcpStream>, Protocol, Option<SocketAddr>), actix_http::error::DispatchError>
+{
     let peer = io.peer_addr().ok();
     if let Some(addr) = peer {
         if !address_allowed(&settings.allowed_networks, addr) {
@@ -144,7 +152,10 @@ async fn accept(
 }
 
 fn refused(why: &'static str) -> actix_http::error::DispatchError {
-    actix_http::error::DispatchError::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why))
+    actix_http::error::DispatchError::Io(std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        why,
+    ))
 }
 
 /// The identity of the client certificate of the connection a request came on.
@@ -165,7 +176,10 @@ mod tests {
 
     #[test]
     fn allow_list_matches_v4_v6_and_mapped_addresses() {
-        let nets: Vec<IpNet> = vec!["192.0.2.0/24".parse().unwrap(), "2001:db8::/32".parse().unwrap()];
+        let nets: Vec<IpNet> = vec![
+            "192.0.2.0/24".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
         let ok = |s: &str| address_allowed(&nets, s.parse().unwrap());
         assert!(ok("192.0.2.7:1000"));
         assert!(ok("[2001:db8::1]:1000"));

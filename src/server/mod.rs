@@ -35,7 +35,9 @@ pub enum ServeError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    #[error("cannot listen on {addr}: {reason}; check that no other process uses the port and that flowthrough may bind it")]
+    #[error(
+        "cannot listen on {addr}: {reason}; check that no other process uses the port and that flowthrough may bind it"
+    )]
     Bind { addr: SocketAddr, reason: String },
     #[error("{0}")]
     Webex(String),
@@ -100,7 +102,8 @@ pub fn provisioning_app(
         )
         .route(
             "/provisioning/{template}",
-            web::post().to(|req, body, state, path| provisioning::handle(req, body, state, Some(path))),
+            web::post()
+                .to(|req, body, state, path| provisioning::handle(req, body, state, Some(path))),
         )
 }
 
@@ -152,7 +155,10 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
 
     let observer_metrics = metrics.clone();
     let observer: crate::tls::Observer = Arc::new(move |refusal: &crate::tls::Refusal| {
-        tracing::warn!(reason = refusal.label(), "client certificate refused: {refusal}");
+        tracing::warn!(
+            reason = refusal.label(),
+            "client certificate refused: {refusal}"
+        );
         observer_metrics.count_refusal(refusal.label());
     });
     let loaded = crate::tls::server_config(&server, &config.client_policy, observer.clone())?;
@@ -171,7 +177,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     .map_err(|e| ServeError::Webex(e.to_string()))?;
     let tokens = TokenManager::new(&webex, store.clone(), transport.clone())
         .map_err(|e| ServeError::Webex(e.to_string()))?;
-    let client = WebexClient::new(&webex, transport, tokens.clone()).map_err(|e| ServeError::Webex(e.to_string()))?;
+    let client = WebexClient::new(&webex, transport, tokens.clone())
+        .map_err(|e| ServeError::Webex(e.to_string()))?;
     let deliverer = Deliverer {
         client,
         store: store.clone(),
@@ -223,9 +230,13 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         })?;
         provisioning_addrs.push(std_listener.local_addr().unwrap_or(*addr));
         let state = state.clone();
-        builder = listener::listen(builder, "provisioning", std_listener, settings.clone(), move || {
-            provisioning_app(state.clone())
-        })
+        builder = listener::listen(
+            builder,
+            "provisioning",
+            std_listener,
+            settings.clone(),
+            move || provisioning_app(state.clone()),
+        )
         .map_err(|e| ServeError::Bind {
             addr: *addr,
             reason: e.to_string(),
@@ -270,8 +281,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         "flowthrough is serving"
     );
     let mut hup = signal(SignalKind::hangup()).map_err(|e| ServeError::Runtime(e.to_string()))?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| ServeError::Runtime(e.to_string()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| ServeError::Runtime(e.to_string()))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| ServeError::Runtime(e.to_string()))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| ServeError::Runtime(e.to_string()))?;
     loop {
         tokio::select! {
             _ = hup.recv() => {

@@ -31,8 +31,12 @@ struct Credentials {
 
 fn basic_credentials(headers: &HeaderMap) -> Option<Credentials> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic "))?;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let (user, password) = text.split_once(':')?;
     Some(Credentials {
@@ -60,10 +64,19 @@ fn account_matches(account: &PasswordAccount, credentials: Option<&Credentials>)
 }
 
 fn content_type_ok(req: &HttpRequest) -> bool {
-    let Some(value) = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+    let Some(value) = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
-    let media = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let media = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     media == "text/xml" || media == "application/xml"
 }
 
@@ -99,16 +112,24 @@ pub async fn handle(
 ) -> HttpResponse {
     let started = Instant::now();
     let state = state.get_ref();
-    let response = process(&req, &body, state, path.as_deref().map(String::as_str), started).await;
+    let response = process(
+        &req,
+        &body,
+        state,
+        path.as_deref().map(String::as_str),
+        started,
+    )
+    .await;
     state
         .metrics
         .request_seconds
         .observe(started.elapsed().as_secs_f64());
     let mut response = response;
     if super::listener::connection_too_old(&req, state.settings.max_connection_age) {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
     }
     state
         .metrics
@@ -174,7 +195,12 @@ async fn process(
     let mut audit_pending = Vec::new();
     for request in &document.commands {
         let remembered = match mapping::command_user_id(&request.command) {
-            Some(user) => state.store.user(user).ok().flatten().and_then(|u| u.template),
+            Some(user) => state
+                .store
+                .user(user)
+                .ok()
+                .flatten()
+                .and_then(|u| u.template),
             None => None,
         };
         let selection = Selection {
@@ -188,9 +214,18 @@ async fn process(
             Ok(name) => name,
             Err(reject) => {
                 if matches!(request.command, Command::Unsupported) {
-                    keep_document(state, &client, &format!("unsupported command {}", request.name), body);
+                    keep_document(
+                        state,
+                        &client,
+                        &format!("unsupported command {}", request.name),
+                        body,
+                    );
                 }
-                steps.push((request, None, Step::Answered(reject.response(request.echo.clone()))));
+                steps.push((
+                    request,
+                    None,
+                    Step::Answered(Plan::from(reject).response(request.echo.clone())),
+                ));
                 continue;
             }
         };
@@ -423,7 +458,9 @@ fn command_kind(command: &Command) -> &'static str {
 fn outcome_label(response: &ResponseCommand) -> String {
     match response {
         ResponseCommand::Success { .. } => "success".to_owned(),
-        ResponseCommand::Error(e) => format!("{}_{}", e.severity.as_str().to_ascii_lowercase(), e.code),
+        ResponseCommand::Error(e) => {
+            format!("{}_{}", e.severity.as_str().to_ascii_lowercase(), e.code)
+        }
     }
 }
 
@@ -459,4 +496,3 @@ impl Settings {
         }
     }
 }
-

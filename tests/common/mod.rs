@@ -68,7 +68,7 @@ certificate = "{cert}"
 private_key = "{key}"
 client_ca = "{ca}"
 public_name = "localhost"
-ack_deadline_ms = 3000
+{ack}
 {server_extra}
 
 [admin]
@@ -88,6 +88,11 @@ request_timeout_ms = 1000
 follow_up_s = 5
 {extra}
 "#,
+            ack = if server_extra.contains("ack_deadline_ms") {
+                ""
+            } else {
+                "ack_deadline_ms = 3000"
+            },
             cert = p(&self.pki.server_cert),
             key = p(&self.pki.server_key),
             ca = p(&self.pki.ca_cert),
@@ -125,7 +130,10 @@ follow_up_s = 5
 
     /// The simulator's subscribers.
     pub fn subscribers(&self) -> Vec<serde_json::Value> {
-        self.sim.state()["subscribers"].as_array().cloned().unwrap_or_default()
+        self.sim.state()["subscribers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn subscriber(&self, user_id: &str) -> Option<serde_json::Value> {
@@ -137,7 +145,9 @@ follow_up_s = 5
 
 /// A sample document from `schemas/samples`.
 pub fn sample(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/samples").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("schemas/samples")
+        .join(name);
     let bytes = std::fs::read(&path).unwrap();
     // The samples are ISO-8859-1 and ASCII-only, so this is exact.
     bytes.iter().map(|&b| b as char).collect()
@@ -151,7 +161,9 @@ pub fn document(command: &str) -> String {
 }
 
 pub fn user_add(user_id: &str, email: Option<&str>) -> String {
-    let email = email.map(|e| format!("<emailAddress>{e}</emailAddress>")).unwrap_or_default();
+    let email = email
+        .map(|e| format!("<emailAddress>{e}</emailAddress>"))
+        .unwrap_or_default();
     format!(
         r#"<command xsi:type="UserAddRequest17sp4" xmlns=""><serviceProviderId>acme-ent</serviceProviderId><groupId>hq</groupId><userId>{user_id}</userId><lastName>Test</lastName><firstName>User</firstName><password>x</password><extension>1234</extension><language>English</language>{email}</command>"#
     )
