@@ -505,7 +505,9 @@ impl Config {
             }
         }
         for (i, cn) in self.client_policy.allowed_common_names.iter().enumerate() {
-            if cn.is_empty() || (cn.contains('*') && !(cn.starts_with("*.") && cn[2..].find('*').is_none())) {
+            if cn.is_empty()
+                || (cn.contains('*') && !(cn.starts_with("*.") && cn[2..].find('*').is_none()))
+            {
                 return Err(Problem::new(
                     "client_policy.allowed_common_names",
                     format!(
@@ -516,11 +518,16 @@ impl Config {
             }
         }
         if let Some(webex) = &self.webex {
-            for (key, url) in [("webex.api_base", &webex.api_base), ("webex.token_url", &webex.token_url)] {
+            for (key, url) in [
+                ("webex.api_base", &webex.api_base),
+                ("webex.token_url", &webex.token_url),
+            ] {
                 if !url.starts_with("https://") {
                     return Err(Problem::new(
                         key,
-                        format!("\"{url}\" must be an https:// URL: Webex is only reachable over TLS"),
+                        format!(
+                            "\"{url}\" must be an https:// URL: Webex is only reachable over TLS"
+                        ),
                     ));
                 }
             }
@@ -531,7 +538,10 @@ impl Config {
                 ));
             }
             if webex.attempts == 0 {
-                return Err(Problem::new("webex.attempts", "must be at least 1 (default 3)"));
+                return Err(Problem::new(
+                    "webex.attempts",
+                    "must be at least 1 (default 3)",
+                ));
             }
             if webex.max_parallel_users == 0 {
                 return Err(Problem::new(
@@ -568,7 +578,10 @@ impl Config {
                 }
             }
             if tunnel.max_tunnels == 0 {
-                return Err(Problem::new("tunnel.max_tunnels", "must be at least 1 (default 1024)"));
+                return Err(Problem::new(
+                    "tunnel.max_tunnels",
+                    "must be at least 1 (default 1024)",
+                ));
             }
             if tunnel.connect_timeout_ms == 0 {
                 return Err(Problem::new(
@@ -578,7 +591,8 @@ impl Config {
             }
         }
         if let Some(account) = self.tunnel.as_ref().and_then(|t| t.proxy_account.as_ref()) {
-            check_password_hash(account).map_err(|m| Problem::new("tunnel.proxy_account.password_hash", m))?;
+            check_password_hash(account)
+                .map_err(|m| Problem::new("tunnel.proxy_account.password_hash", m))?;
         }
         Ok(())
     }
@@ -587,7 +601,11 @@ impl Config {
         if self.templates.is_empty() {
             "(none defined)".to_owned()
         } else {
-            self.templates.keys().cloned().collect::<Vec<_>>().join(", ")
+            self.templates
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         }
     }
 }
@@ -640,7 +658,10 @@ impl fmt::Debug for Problem {
 }
 
 fn quote_key(key: &str) -> String {
-    if key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+    if key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         key.to_owned()
     } else {
         format!("\"{key}\"")

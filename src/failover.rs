@@ -154,7 +154,11 @@ mod tests {
             seen.insert(p);
         }
         assert!(seen.len() > 1, "the pick among blocked addresses is random");
-        assert_eq!(f.blocked(t0).len(), 3, "a random pick does not unblock by itself");
+        assert_eq!(
+            f.blocked(t0).len(),
+            3,
+            "a random pick does not unblock by itself"
+        );
         f.succeeded(a[2]);
         assert_eq!(f.pick(t0), Some(a[2]));
         assert_eq!(f.blocked(t0), vec![a[0], a[1]]);

@@ -67,7 +67,13 @@ async fn validates_like_webex_and_exposes_control_and_state() {
         .unwrap();
     let id = created["id"].as_str().unwrap().to_owned();
     // Duplicate userId: 409 with 10022.
-    let r = http.post(&subs).bearer_auth(&access).json(&user).send().await.unwrap();
+    let r = http
+        .post(&subs)
+        .bearer_auth(&access)
+        .json(&user)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 409);
     let b: serde_json::Value = r.json().await.unwrap();
     assert_eq!(b["errors"][0]["errorCode"], 10022);
@@ -75,7 +81,13 @@ async fn validates_like_webex_and_exposes_control_and_state() {
     let mut bad = user.clone();
     bad["package"] = json!("gold");
     bad["userId"] = json!("u2@example.com");
-    let r = http.post(&subs).bearer_auth(&access).json(&bad).send().await.unwrap();
+    let r = http
+        .post(&subs)
+        .bearer_auth(&access)
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     // PUT refuses email and language.
     for field in ["email", "language"] {
@@ -105,7 +117,12 @@ async fn validates_like_webex_and_exposes_control_and_state() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let r = http.get(format!("{subs}/{id}")).bearer_auth(&access).send().await.unwrap();
+    let r = http
+        .get(format!("{subs}/{id}"))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     let r = http
         .post(format!("{root}/_sim/control"))
@@ -135,7 +152,10 @@ async fn validates_like_webex_and_exposes_control_and_state() {
 #[tokio::test]
 async fn several_listen_addresses_share_one_port() {
     let sim = Simulator::start(SimOptions {
-        listen: vec!["127.0.0.2:0".parse().unwrap(), "127.0.0.3:0".parse().unwrap()],
+        listen: vec![
+            "127.0.0.2:0".parse().unwrap(),
+            "127.0.0.3:0".parse().unwrap(),
+        ],
         ..SimOptions::default()
     })
     .await

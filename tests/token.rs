@@ -67,7 +67,10 @@ async fn token_set_and_status_via_the_binary() {
     .unwrap();
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["state"]["state"], "credentials_invalid", "empty store: {v}");
+    assert_eq!(
+        v["state"]["state"], "credentials_invalid",
+        "empty store: {v}"
+    );
 
     let mut bad_set = token_cmd(&cfg, &sim, &["set", "--file"]);
     bad_set.arg(&bad);
@@ -76,7 +79,10 @@ async fn token_set_and_status_via_the_binary() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not installed") && err.contains("invalid_grant"), "{err}");
+    assert!(
+        err.contains("not installed") && err.contains("invalid_grant"),
+        "{err}"
+    );
 
     let mut set = token_cmd(&cfg, &sim, &["set"]);
     set.write_stdin(std::fs::read(&good).unwrap());

@@ -170,7 +170,11 @@ async fn five_hundred_concurrent_calls_with_an_expired_token_cause_one_refresh()
         state: TokenState::Ok,
     };
     Store::open(&store_path).unwrap().put_token(&stale).unwrap();
-    let stack = build(&sim_config(dir.path(), &sim, ""), &store_path, Resolver::System);
+    let stack = build(
+        &sim_config(dir.path(), &sim, ""),
+        &store_path,
+        Resolver::System,
+    );
     let calls = (0..500).map(|i| {
         let c = stack.client.clone();
         tokio::spawn(async move { c.get(&format!("missing-{i}")).await })
@@ -268,7 +272,10 @@ async fn rotated_refresh_token_is_used_next_also_after_a_restart() {
 #[tokio::test]
 async fn a_revoked_refresh_token_makes_credentials_invalid_and_is_persisted() {
     let (sim, stack, dir) = sim_and_stack("").await;
-    assert_eq!(stack.client.get("x").await.result, Err(WebexError::NotFound));
+    assert_eq!(
+        stack.client.get("x").await.result,
+        Err(WebexError::NotFound)
+    );
     sim.control(json!({"refresh_token_revoked": true})).unwrap();
     sim.expire_access_tokens();
     let err = stack.client.get("x").await.result.unwrap_err();

@@ -63,7 +63,9 @@ async fn serve(args: SimulatorArgs) -> Result<(), String> {
     println!("FLOWTHROUGH_CLIENT_SECRET={}", sim.client_secret.expose());
     println!("FLOWTHROUGH_REFRESH_TOKEN={}", sim.refresh_token.expose());
     let root = sim.base_url.trim_end_matches("/v1");
-    println!("fault control: POST {root}/_sim/control   state: GET {root}/_sim/state   stop: Ctrl-C");
+    println!(
+        "fault control: POST {root}/_sim/control   state: GET {root}/_sim/state   stop: Ctrl-C"
+    );
     tokio::signal::ctrl_c()
         .await
         .map_err(|e| format!("cannot wait for Ctrl-C: {e}"))?;

@@ -72,8 +72,14 @@ fn status(config: &Path, json: bool) -> Result<(), String> {
             "state:                 credentials invalid ({reason}); install a new refresh token with `flowthrough token set`"
         ),
     }
-    println!("access token expires:  {}", fmt_time(status.access_expires_at));
-    println!("refresh token expires: {}", fmt_time(status.refresh_expires_at));
+    println!(
+        "access token expires:  {}",
+        fmt_time(status.access_expires_at)
+    );
+    println!(
+        "refresh token expires: {}",
+        fmt_time(status.refresh_expires_at)
+    );
     println!("last refresh:          {}", fmt_time(status.last_refresh));
     if status.refresh_expiring_soon {
         println!(

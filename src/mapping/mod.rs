@@ -17,7 +17,9 @@ pub struct LanguageTable {
 
 impl LanguageTable {
     pub fn with_overrides(overrides: &BTreeMap<String, String>) -> Self {
-        LanguageTable { names: overrides.clone() }
+        LanguageTable {
+            names: overrides.clone(),
+        }
     }
 }
 

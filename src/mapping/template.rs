@@ -66,7 +66,9 @@ impl Template {
         if self.provisioning_id.trim().is_empty() {
             return Err(TemplateError {
                 key: "provisioning_id",
-                message: "is empty; copy the provisioning ID of the customer template from Partner Hub".to_owned(),
+                message:
+                    "is empty; copy the provisioning ID of the customer template from Partner Hub"
+                        .to_owned(),
             });
         }
         Ok(())

@@ -9,5 +9,3 @@ mod parse;
 mod write;
 
 pub use model::*;
-
-

@@ -45,11 +45,20 @@ pub enum Command {
     /// `UserDeleteRequest`.
     UserDelete { user_id: String },
     /// `UserServiceAssignListRequest`: the `serviceName` values (entities unescaped).
-    ServiceAssign { user_id: String, services: Vec<String> },
+    ServiceAssign {
+        user_id: String,
+        services: Vec<String>,
+    },
     /// `UserServiceUnassignListRequest`.
-    ServiceUnassign { user_id: String, services: Vec<String> },
+    ServiceUnassign {
+        user_id: String,
+        services: Vec<String>,
+    },
     /// `UserIntegratedIMPModifyRequest`; `is_active` absent means "no change".
-    IntegratedImpModify { user_id: String, is_active: Option<bool> },
+    IntegratedImpModify {
+        user_id: String,
+        is_active: Option<bool>,
+    },
     /// `GroupAddRequest`.
     GroupAdd {
         service_provider_id: String,
@@ -63,7 +72,10 @@ pub enum Command {
         is_enterprise: bool,
     },
     /// `GroupDeleteRequest`.
-    GroupDelete { service_provider_id: String, group_id: String },
+    GroupDelete {
+        service_provider_id: String,
+        group_id: String,
+    },
     /// `ServiceProviderDeleteRequest`.
     ServiceProviderDelete { service_provider_id: String },
     /// A well-formed command flowthrough does not handle (answered 7002).

@@ -53,7 +53,9 @@ impl Default for SimOptions {
 /// Starting the simulator failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
-    #[error("the simulator cannot listen on {addr}: {reason}; pick a free loopback address and port")]
+    #[error(
+        "the simulator cannot listen on {addr}: {reason}; pick a free loopback address and port"
+    )]
     Bind { addr: SocketAddr, reason: String },
     #[error("the simulator cannot create its certificates: {0}")]
     Certificates(String),
@@ -125,8 +127,14 @@ fn lock(m: &Mutex<SimState>) -> std::sync::MutexGuard<'_, SimState> {
 
 /// The simulator's CA and a server certificate signed by it: `(ca_pem, server_chain_pem,
 /// server_key_pem)`. Kept to this one function so it can become `certs::DevPki` later.
-fn mint_certificates(names: &[String], ips: &[IpAddr]) -> Result<(String, String, String), SimError> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+fn mint_certificates(
+    names: &[String],
+    ips: &[IpAddr],
+) -> Result<(String, String, String), SimError> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        SanType,
+    };
     let err = |e: rcgen::Error| SimError::Certificates(e.to_string());
     let ca_key = KeyPair::generate().map_err(err)?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
@@ -201,18 +209,29 @@ impl Simulator {
             };
             listeners.push(bind(addr)?);
         }
-        let addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+        let addrs: Vec<SocketAddr> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
 
         let mut names = vec!["localhost".to_owned()];
         names.extend(opts.extra_names.iter().cloned());
         let mut ips: Vec<IpAddr> = vec![IpAddr::from([127, 0, 0, 1])];
         ips.extend(opts.extra_ips.iter().copied());
-        ips.extend(addrs.iter().map(|a| a.ip()).filter(|ip| !ip.is_unspecified()));
+        ips.extend(
+            addrs
+                .iter()
+                .map(|a| a.ip())
+                .filter(|ip| !ip.is_unspecified()),
+        );
         ips.dedup();
         let (ca_pem, chain_pem, key_pem) = mint_certificates(&names, &ips)?;
         let tls = server_tls(&chain_pem, &key_pem)?;
 
-        let client_id = opts.client_id.clone().unwrap_or_else(|| random_secret("sim-client"));
+        let client_id = opts
+            .client_id
+            .clone()
+            .unwrap_or_else(|| random_secret("sim-client"));
         let client_secret = opts
             .client_secret
             .clone()
@@ -364,7 +383,12 @@ async fn validate(state: Shared, req: HttpRequest, body: web::Bytes) -> HttpResp
     api(&state, &req, "validate", |s| s.precheck(&v)).await
 }
 
-async fn update(state: Shared, req: HttpRequest, id: web::Path<String>, body: web::Bytes) -> HttpResponse {
+async fn update(
+    state: Shared,
+    req: HttpRequest,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
     let v = json_body(&body);
     api(&state, &req, "update", |s| s.update(&id, &v)).await
 }
@@ -377,7 +401,11 @@ async fn get_one(state: Shared, req: HttpRequest, id: web::Path<String>) -> Http
     api(&state, &req, "get", |s| s.get(&id)).await
 }
 
-async fn list(state: Shared, req: HttpRequest, q: web::Query<HashMap<String, String>>) -> HttpResponse {
+async fn list(
+    state: Shared,
+    req: HttpRequest,
+    q: web::Query<HashMap<String, String>>,
+) -> HttpResponse {
     let info = req.connection_info().clone();
     let base = format!("{}://{}{}", info.scheme(), info.host(), req.path());
     api(&state, &req, "list", |s| s.list(&q, &base)).await

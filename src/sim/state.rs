@@ -158,7 +158,12 @@ pub struct SimState {
 }
 
 impl SimState {
-    pub fn new(control: Control, client_id: String, client_secret: String, refresh: String) -> Self {
+    pub fn new(
+        control: Control,
+        client_id: String,
+        client_secret: String,
+        refresh: String,
+    ) -> Self {
         let lifetime = Duration::from_secs(control.refresh_token_lifetime_s);
         let mut refresh_tokens = HashMap::new();
         refresh_tokens.insert(refresh, Instant::now() + lifetime);
@@ -238,7 +243,11 @@ impl SimState {
         }
         if rng.random_bool(self.control.locked_ratio.clamp(0.0, 1.0)) {
             self.count("sent_423");
-            return Some(error(423, "The subscriber is locked by another operation", &[]));
+            return Some(error(
+                423,
+                "The subscriber is locked by another operation",
+                &[],
+            ));
         }
         if rng.random_bool(self.control.server_error_ratio.clamp(0.0, 1.0)) {
             self.count("sent_5xx");
@@ -283,7 +292,11 @@ impl SimState {
             body: json!({"error": code, "error_description": desc}),
         };
         if get("grant_type") != "refresh_token" {
-            return oauth(400, "unsupported_grant_type", "only refresh_token is supported");
+            return oauth(
+                400,
+                "unsupported_grant_type",
+                "only refresh_token is supported",
+            );
         }
         if get("client_id") != self.client_id || get("client_secret") != self.client_secret {
             self.count("refresh_rejected");
@@ -297,7 +310,11 @@ impl SimState {
             .is_some_and(|exp| *exp > now);
         if self.control.refresh_token_revoked || !valid {
             self.count("refresh_rejected");
-            return oauth(400, "invalid_grant", "the refresh token is invalid or revoked");
+            return oauth(
+                400,
+                "invalid_grant",
+                "the refresh token is invalid or revoked",
+            );
         }
         let access = format!("sim-access-{}", uuid::Uuid::new_v4().simple());
         self.access_tokens.insert(
@@ -330,7 +347,11 @@ impl SimState {
     fn sub_json(&self, s: &Sub) -> Value {
         let now = Instant::now();
         let status = if now < s.settle_at {
-            if s.updated { "updating" } else { "provisioning" }
+            if s.updated {
+                "updating"
+            } else {
+                "provisioning"
+            }
         } else if s.fails {
             "error"
         } else {
@@ -348,42 +369,67 @@ impl SimState {
         v
     }
 
-    fn validate(body: &Value, allowed: &[&str], required: &[&str]) -> Result<BTreeMap<String, String>, Reply> {
+    fn validate(
+        body: &Value,
+        allowed: &[&str],
+        required: &[&str],
+    ) -> Result<BTreeMap<String, String>, Reply> {
         let Some(obj) = body.as_object() else {
             return Err(error(400, "The body must be a JSON object", &[]));
         };
         let mut fields = BTreeMap::new();
         for (k, v) in obj {
             if !allowed.contains(&k.as_str()) {
-                return Err(error(400, &format!("{k} cannot be set here"), &[(4001, "Invalid field")]));
+                return Err(error(
+                    400,
+                    &format!("{k} cannot be set here"),
+                    &[(4001, "Invalid field")],
+                ));
             }
             let Some(s) = v.as_str() else {
-                return Err(error(400, &format!("{k} must be a string"), &[(4001, "Invalid field")]));
+                return Err(error(
+                    400,
+                    &format!("{k} must be a string"),
+                    &[(4001, "Invalid field")],
+                ));
             };
             fields.insert(k.clone(), s.to_owned());
         }
         for r in required {
             if fields.get(*r).is_none_or(|v| v.is_empty()) {
-                return Err(error(400, &format!("{r} is required"), &[(4002, "Missing field")]));
+                return Err(error(
+                    400,
+                    &format!("{r} is required"),
+                    &[(4002, "Missing field")],
+                ));
             }
         }
         if let Some(p) = fields.get("package")
             && !PACKAGES.contains(&p.as_str())
         {
-            return Err(error(400, &format!("package {p:?} is not one of {PACKAGES:?}"), &[(4001, "Invalid package")]));
+            return Err(error(
+                400,
+                &format!("package {p:?} is not one of {PACKAGES:?}"),
+                &[(4001, "Invalid package")],
+            ));
         }
         Ok(fields)
     }
 
     fn post_fields(body: &Value) -> Result<BTreeMap<String, String>, Reply> {
-        let allowed: Vec<&str> = REQUIRED.iter().chain(OPTIONAL_POST.iter()).copied().collect();
+        let allowed: Vec<&str> = REQUIRED
+            .iter()
+            .chain(OPTIONAL_POST.iter())
+            .copied()
+            .collect();
         Self::validate(body, &allowed, &REQUIRED)
     }
 
     fn duplicate(&self, user_id: &str, except: Option<&str>) -> bool {
-        self.subs
-            .iter()
-            .any(|s| s.fields.get("userId").map(String::as_str) == Some(user_id) && Some(s.id.as_str()) != except)
+        self.subs.iter().any(|s| {
+            s.fields.get("userId").map(String::as_str) == Some(user_id)
+                && Some(s.id.as_str()) != except
+        })
     }
 
     pub fn provision(&mut self, body: &Value) -> Reply {
@@ -393,9 +439,20 @@ impl SimState {
         };
         let user_id = fields.get("userId").cloned().unwrap_or_default();
         if self.duplicate(&user_id, None) {
-            return error(409, "BroadWorks UserID already associated with an existing user", &[(10022, "BroadWorks UserID already associated with an existing user")]);
+            return error(
+                409,
+                "BroadWorks UserID already associated with an existing user",
+                &[(
+                    10022,
+                    "BroadWorks UserID already associated with an existing user",
+                )],
+            );
         }
-        let fails = self.control.error_user_ids.iter().any(|p| user_id.contains(p.as_str()));
+        let fails = self
+            .control
+            .error_user_ids
+            .iter()
+            .any(|p| user_id.contains(p.as_str()));
         let sub = Sub {
             id: format!("sim-sub-{}", uuid::Uuid::new_v4().simple()),
             fields,
@@ -413,8 +470,18 @@ impl SimState {
             Ok(f) => f,
             Err(r) => return r,
         };
-        if self.duplicate(fields.get("userId").map(String::as_str).unwrap_or_default(), None) {
-            return error(409, "BroadWorks UserID already associated with an existing user", &[(10022, "BroadWorks UserID already associated with an existing user")]);
+        if self.duplicate(
+            fields.get("userId").map(String::as_str).unwrap_or_default(),
+            None,
+        ) {
+            return error(
+                409,
+                "BroadWorks UserID already associated with an existing user",
+                &[(
+                    10022,
+                    "BroadWorks UserID already associated with an existing user",
+                )],
+            );
         }
         ok(json!({"message": "precheck passed (simulator)"}))
     }
@@ -427,7 +494,14 @@ impl SimState {
         if let Some(u) = fields.get("userId")
             && self.duplicate(u, Some(id))
         {
-            return error(409, "BroadWorks UserID already associated with an existing user", &[(10022, "BroadWorks UserID already associated with an existing user")]);
+            return error(
+                409,
+                "BroadWorks UserID already associated with an existing user",
+                &[(
+                    10022,
+                    "BroadWorks UserID already associated with an existing user",
+                )],
+            );
         }
         let delay = Duration::from_millis(self.control.provisioning_delay_ms);
         let Some(sub) = self.subs.iter_mut().find(|s| s.id == id) else {
@@ -471,28 +545,38 @@ impl SimState {
             .and_then(|m| m.parse::<usize>().ok())
             .filter(|m| *m > 0)
             .unwrap_or(self.control.page_size.max(1));
-        let start = query.get("start").and_then(|s| s.parse::<usize>().ok()).unwrap_or(0);
+        let start = query
+            .get("start")
+            .and_then(|s| s.parse::<usize>().ok())
+            .unwrap_or(0);
         let matching: Vec<&Sub> = self
             .subs
             .iter()
             .filter(|s| user_id.is_none_or(|u| s.fields.get("userId") == Some(u)))
             .collect();
-        let items: Vec<Value> = matching.iter().skip(start).take(max).map(|s| self.sub_json(s)).collect();
+        let items: Vec<Value> = matching
+            .iter()
+            .skip(start)
+            .take(max)
+            .map(|s| self.sub_json(s))
+            .collect();
         let mut headers = Vec::new();
-        if start + max < matching.len() || (self.control.drop_filter_on_next && user_id.is_some() && start + max < self.subs.len()) {
-            if let Ok(mut next) = reqwest::Url::parse(base) {
+        let more = start + max < matching.len()
+            || (self.control.drop_filter_on_next
+                && user_id.is_some()
+                && start + max < self.subs.len());
+        if more && let Ok(mut next) = reqwest::Url::parse(base) {
+            {
+                let mut q = next.query_pairs_mut();
+                if let Some(u) = user_id
+                    && !self.control.drop_filter_on_next
                 {
-                    let mut q = next.query_pairs_mut();
-                    if let Some(u) = user_id
-                        && !self.control.drop_filter_on_next
-                    {
-                        q.append_pair("userId", u);
-                    }
-                    q.append_pair("max", &max.to_string());
-                    q.append_pair("start", &(start + max).to_string());
+                    q.append_pair("userId", u);
                 }
-                headers.push(("Link".to_owned(), format!("<{next}>; rel=\"next\"")));
+                q.append_pair("max", &max.to_string());
+                q.append_pair("start", &(start + max).to_string());
             }
+            headers.push(("Link".to_owned(), format!("<{next}>; rel=\"next\"")));
         }
         Reply::Json {
             status: 200,
@@ -509,8 +593,18 @@ impl SimState {
                 let v = self.sub_json(s);
                 let mut out = json!({"id": s.id, "status": v["status"]});
                 for k in [
-                    "userId", "firstName", "lastName", "email", "primaryPhoneNumber", "mobilePhoneNumber",
-                    "extension", "language", "timezone", "package", "spEnterpriseId", "provisioningId",
+                    "userId",
+                    "firstName",
+                    "lastName",
+                    "email",
+                    "primaryPhoneNumber",
+                    "mobilePhoneNumber",
+                    "extension",
+                    "language",
+                    "timezone",
+                    "package",
+                    "spEnterpriseId",
+                    "provisioningId",
                 ] {
                     out[k] = s.fields.get(k).map(|v| json!(v)).unwrap_or(Value::Null);
                 }

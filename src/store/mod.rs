@@ -17,9 +17,13 @@ const SCHEMA_KEY: &[u8] = b"schema_version";
 /// A failure of the store. The message says what to do next.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the store at {path}: {reason}; check that the directory exists, is writable by the flowthrough user, and that no other flowthrough process uses it")]
+    #[error(
+        "cannot open the store at {path}: {reason}; check that the directory exists, is writable by the flowthrough user, and that no other flowthrough process uses it"
+    )]
     Open { path: PathBuf, reason: String },
-    #[error("the store at {path} has schema version {found}, this flowthrough understands {expected}; run the flowthrough release that wrote it, or move the directory aside to start empty")]
+    #[error(
+        "the store at {path} has schema version {found}, this flowthrough understands {expected}; run the flowthrough release that wrote it, or move the directory aside to start empty"
+    )]
     SchemaMismatch {
         path: PathBuf,
         found: u32,

@@ -17,7 +17,9 @@ pub enum TokenState {
     Ok,
     /// The token endpoint rejected the refresh token or the client (e.g. `invalid_grant`): only an
     /// operator can fix it, with `flowthrough token set`.
-    CredentialsInvalid { reason: String },
+    CredentialsInvalid {
+        reason: String,
+    },
 }
 
 /// Times are Unix seconds (UTC).

@@ -25,7 +25,9 @@ pub struct Outcome<T> {
 
 /// Setting up the client failed.
 #[derive(Debug, thiserror::Error)]
-#[error("webex.api_base {url:?} is not a usable https URL: {reason}; write it like https://webexapis.com/v1")]
+#[error(
+    "webex.api_base {url:?} is not a usable https URL: {reason}; write it like https://webexapis.com/v1"
+)]
 pub struct ClientSetupError {
     pub url: String,
     pub reason: String,
@@ -252,7 +254,9 @@ impl WebexClient {
     ) -> Result<Subscriber, WebexError> {
         let body = serde_json::to_vec(body).map_err(body_error)?;
         let url = self.url("broadworks/subscribers");
-        let resp = self.call(tid, Method::POST, &url, Some(body), false).await?;
+        let resp = self
+            .call(tid, Method::POST, &url, Some(body), false)
+            .await?;
         parse(&resp)
     }
 
@@ -337,7 +341,10 @@ fn body_error(e: serde_json::Error) -> WebexError {
 
 fn parse<T: DeserializeOwned>(resp: &RawResponse) -> Result<T, WebexError> {
     serde_json::from_slice(&resp.body).map_err(|e| WebexError::Retryable {
-        reason: format!("Webex answered HTTP {} with a body that does not parse: {e}", resp.status.as_u16()),
+        reason: format!(
+            "Webex answered HTTP {} with a body that does not parse: {e}",
+            resp.status.as_u16()
+        ),
     })
 }
 
@@ -368,7 +375,11 @@ fn classify(resp: RawResponse, tid: &str, cap: Duration) -> Result<RawResponse, 
         _ if status.is_server_error() => Err(WebexError::Retryable {
             reason: format!("Webex answered HTTP {code}: {}", body.message),
         }),
-        _ if body.errors.iter().any(|e| e.error_code == DUPLICATE_USER_ID) => {
+        _ if body
+            .errors
+            .iter()
+            .any(|e| e.error_code == DUPLICATE_USER_ID) =>
+        {
             Err(WebexError::Duplicate {
                 status: code,
                 message: body.message,
@@ -397,7 +408,11 @@ fn next_link(resp: &RawResponse, current: &Url) -> Option<Url> {
                 p == "rel=\"next\"" || p == "rel=next"
             });
             let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
-            if is_next { current.join(target).ok() } else { None }
+            if is_next {
+                current.join(target).ok()
+            } else {
+                None
+            }
         })
 }
 
@@ -433,7 +448,10 @@ mod tests {
         let cur = Url::parse("https://h:1/v1/broadworks/subscribers?userId=a").unwrap();
         let r = raw(
             200,
-            &[("link", r#"<https://h:1/v1/x?cursor=2>; rel="prev", <https://h:1/v1/broadworks/subscribers?cursor=3&max=1>; rel="next""#)],
+            &[(
+                "link",
+                r#"<https://h:1/v1/x?cursor=2>; rel="prev", <https://h:1/v1/broadworks/subscribers?cursor=3&max=1>; rel="next""#,
+            )],
             "",
         );
         assert_eq!(
@@ -447,17 +465,42 @@ mod tests {
     fn classification() {
         let cap = Duration::from_secs(300);
         let e = classify(raw(400, &[], r#"{"message":"bad","errors":[{"errorCode":1,"description":"d"}],"trackingId":"T"}"#), "X", cap).unwrap_err();
-        assert!(matches!(e, WebexError::Permanent { status: 400, ref tracking_id, ref errors, .. } if tracking_id.as_deref() == Some("T") && errors.len() == 1));
-        let e = classify(raw(400, &[], r#"{"message":"dup","errors":[{"errorCode":10022,"description":"d"}]}"#), "X", cap).unwrap_err();
+        assert!(
+            matches!(e, WebexError::Permanent { status: 400, ref tracking_id, ref errors, .. } if tracking_id.as_deref() == Some("T") && errors.len() == 1)
+        );
+        let e = classify(
+            raw(
+                400,
+                &[],
+                r#"{"message":"dup","errors":[{"errorCode":10022,"description":"d"}]}"#,
+            ),
+            "X",
+            cap,
+        )
+        .unwrap_err();
         assert!(matches!(e, WebexError::Duplicate { status: 400, .. }));
-        assert!(matches!(classify(raw(409, &[], "not json"), "X", cap).unwrap_err(), WebexError::Duplicate { .. }));
-        assert!(matches!(classify(raw(404, &[], ""), "X", cap).unwrap_err(), WebexError::NotFound));
-        assert!(matches!(classify(raw(502, &[], ""), "X", cap).unwrap_err(), WebexError::Retryable { .. }));
+        assert!(matches!(
+            classify(raw(409, &[], "not json"), "X", cap).unwrap_err(),
+            WebexError::Duplicate { .. }
+        ));
+        assert!(matches!(
+            classify(raw(404, &[], ""), "X", cap).unwrap_err(),
+            WebexError::NotFound
+        ));
+        assert!(matches!(
+            classify(raw(502, &[], ""), "X", cap).unwrap_err(),
+            WebexError::Retryable { .. }
+        ));
         assert_eq!(
             classify(raw(429, &[("retry-after", "9")], ""), "X", cap).unwrap_err(),
-            WebexError::RetryAfter { status: 429, after: Duration::from_secs(9) }
+            WebexError::RetryAfter {
+                status: 429,
+                after: Duration::from_secs(9)
+            }
         );
-        assert!(matches!(classify(raw(423, &[], ""), "X", cap).unwrap_err(), WebexError::RetryAfter { status: 423, after } if !after.is_zero()));
+        assert!(
+            matches!(classify(raw(423, &[], ""), "X", cap).unwrap_err(), WebexError::RetryAfter { status: 423, after } if !after.is_zero())
+        );
         assert!(classify(raw(204, &[], ""), "X", cap).is_ok());
     }
 }

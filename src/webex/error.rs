@@ -35,11 +35,16 @@ pub const DUPLICATE_USER_ID: u32 = 10022;
 /// token refresh all receive its result.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WebexError {
-    #[error("Webex asked to wait {after:?} (HTTP {status}); deliveries pause and resume on their own")]
+    #[error(
+        "Webex asked to wait {after:?} (HTTP {status}); deliveries pause and resume on their own"
+    )]
     RetryAfter { status: u16, after: Duration },
     #[error("Webex is unreachable or failing ({reason}); the call will be retried with backoff")]
     Retryable { reason: String },
-    #[error("Webex refused the request (HTTP {status}): {message}{}; fix the data or the template and retry the command", describe(errors))]
+    #[error(
+        "Webex refused the request (HTTP {status}): {message}{}; fix the data or the template and retry the command",
+        describe(errors)
+    )]
     Permanent {
         status: u16,
         message: String,
@@ -50,9 +55,13 @@ pub enum WebexError {
     Duplicate { status: u16, message: String },
     #[error("Webex has no such subscriber")]
     NotFound,
-    #[error("the Webex credentials are not valid: {reason}; install a new refresh token with `flowthrough token set`")]
+    #[error(
+        "the Webex credentials are not valid: {reason}; install a new refresh token with `flowthrough token set`"
+    )]
     CredentialsInvalid { reason: String },
-    #[error("the request to Webex may or may not have been applied ({reason}); look the user up before retrying")]
+    #[error(
+        "the request to Webex may or may not have been applied ({reason}); look the user up before retrying"
+    )]
     UnknownOutcome { reason: String },
 }
 
@@ -80,7 +89,10 @@ fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Er
 /// at `cap`. Never zero (at least 1 ms), so a retry loop can never spin.
 pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     let factor = 2u32.saturating_pow(attempt.min(30));
-    let full = base.saturating_mul(factor).min(cap).max(Duration::from_millis(2));
+    let full = base
+        .saturating_mul(factor)
+        .min(cap)
+        .max(Duration::from_millis(2));
     let half = full / 2;
     let jitter_ms = rand::rng().random_range(0..=(full - half).as_millis() as u64);
     half + Duration::from_millis(jitter_ms)
@@ -117,7 +129,10 @@ mod tests {
     fn retry_after_seconds_and_cap() {
         let now = SystemTime::now();
         assert_eq!(retry_after(Some("7"), now, 0, CAP), Duration::from_secs(7));
-        assert_eq!(retry_after(Some(" 12 "), now, 0, CAP), Duration::from_secs(12));
+        assert_eq!(
+            retry_after(Some(" 12 "), now, 0, CAP),
+            Duration::from_secs(12)
+        );
         assert_eq!(retry_after(Some("86400"), now, 0, CAP), CAP);
     }
 
@@ -142,7 +157,10 @@ mod tests {
             Some("99999999999999999999999"),
         ] {
             let d = retry_after(v, now, 0, CAP);
-            assert!(d >= Duration::from_millis(500) && d <= Duration::from_secs(1), "{v:?}: {d:?}");
+            assert!(
+                d >= Duration::from_millis(500) && d <= Duration::from_secs(1),
+                "{v:?}: {d:?}"
+            );
         }
         let d = retry_after(Some("rand(30),add(30)"), now, 40, CAP);
         assert!(d <= CAP && d >= CAP / 2);

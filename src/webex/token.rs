@@ -28,7 +28,10 @@ pub const REFRESH_TOKEN_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 #[derive(Debug, thiserror::Error)]
 pub enum TokenSetupError {
     #[error("the Webex client secret is missing: set {env} or {key} in the config")]
-    MissingClientSecret { env: &'static str, key: &'static str },
+    MissingClientSecret {
+        env: &'static str,
+        key: &'static str,
+    },
     #[error("cannot read {key} ({path}): {reason}; fix the path or set {env} instead")]
     SecretFile {
         key: &'static str,
@@ -162,11 +165,10 @@ impl TokenManager {
         transport: Transport,
     ) -> Result<Self, TokenSetupError> {
         let source = cfg.client_secret_source();
-        let client_secret =
-            read_secret(&source)?.ok_or(TokenSetupError::MissingClientSecret {
-                env: source.env,
-                key: source.key,
-            })?;
+        let client_secret = read_secret(&source)?.ok_or(TokenSetupError::MissingClientSecret {
+            env: source.env,
+            key: source.key,
+        })?;
         let token_url =
             TokenUrl::new(cfg.token_url.clone()).map_err(|e| TokenSetupError::TokenUrl {
                 url: cfg.token_url.clone(),
@@ -235,7 +237,10 @@ impl TokenManager {
     }
 
     /// Webex answered 401 to the token of `generation`: refresh, unless another call already did.
-    pub async fn refresh_after_rejection(&self, generation: u64) -> Result<(Secret, u64), WebexError> {
+    pub async fn refresh_after_rejection(
+        &self,
+        generation: u64,
+    ) -> Result<(Secret, u64), WebexError> {
         let attempts = self.current().attempts;
         self.refresh(generation, attempts).await
     }
@@ -250,10 +255,7 @@ impl TokenManager {
     }
 
     fn current(&self) -> std::sync::MutexGuard<'_, Current> {
-        self.inner
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.inner.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The access token if it is not within the refresh-ahead window. The window is at most half
@@ -405,9 +407,7 @@ impl TokenManager {
             .request_async(&http)
             .await
             .map_err(classify_token_error)?;
-        let access_expires_at = resp
-            .expires_in()
-            .map(|d| started + d.as_secs() as i64);
+        let access_expires_at = resp.expires_in().map(|d| started + d.as_secs() as i64);
         let new_refresh = resp
             .refresh_token()
             .map(|t| Secret::new(t.secret().as_str()))
@@ -441,9 +441,7 @@ impl TokenManager {
     }
 }
 
-fn classify_token_error(
-    e: RequestTokenError<TransportError, BasicErrorResponse>,
-) -> WebexError {
+fn classify_token_error(e: RequestTokenError<TransportError, BasicErrorResponse>) -> WebexError {
     match e {
         RequestTokenError::ServerResponse(resp) => {
             let code = resp.error().to_string();

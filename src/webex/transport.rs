@@ -194,10 +194,7 @@ impl Transport {
                     let sent = !e.is_connect();
                     (sent, format!("{addr}: {}", error_chain(&e.without_url())))
                 }
-                Err(_) => (
-                    true,
-                    format!("{addr}: no answer within {:?}", opts.timeout),
-                ),
+                Err(_) => (true, format!("{addr}: no answer within {:?}", opts.timeout)),
             };
             let (maybe_sent, reason) = failure;
             tracing::warn!(host = %host, %addr, reason = %reason, "upstream address failed; blocking it");
