@@ -9,6 +9,8 @@ mod certs;
 mod logging;
 mod outbox;
 mod serve;
+mod simulator;
+mod token;
 mod tools;
 mod translate;
 
@@ -47,6 +49,10 @@ enum Command {
     /// Certificate tooling: an internal CA, server and BroadWorks client certificates, CSRs,
     /// CRLs; inspect and verify any certificate against the client policy.
     Certs(certs::CertsArgs),
+    /// Webex OAuth credentials: show their state, or install a new refresh token.
+    Token(token::TokenArgs),
+    /// Run the Webex API SIMULATOR (for tests, staging and benchmarks; never used by serve).
+    Simulator(simulator::SimulatorArgs),
     /// Hash a password for a provisioning or proxy account (read from stdin).
     HashPassword(tools::HashPasswordArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
@@ -71,6 +77,8 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Certs(args) => certs::run(args),
+        Command::Token(args) => token::run(args),
+        Command::Simulator(args) => simulator::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Translate(args) => translate::run(args),
         Command::Outbox(args) => outbox::run(args),

@@ -561,24 +561,22 @@ impl SimState {
             .map(|s| self.sub_json(s))
             .collect();
         let mut headers = Vec::new();
-        if start + max < matching.len()
+        let more = start + max < matching.len()
             || (self.control.drop_filter_on_next
                 && user_id.is_some()
-                && start + max < self.subs.len())
-        {
-            if let Ok(mut next) = reqwest::Url::parse(base) {
+                && start + max < self.subs.len());
+        if more && let Ok(mut next) = reqwest::Url::parse(base) {
+            {
+                let mut q = next.query_pairs_mut();
+                if let Some(u) = user_id
+                    && !self.control.drop_filter_on_next
                 {
-                    let mut q = next.query_pairs_mut();
-                    if let Some(u) = user_id
-                        && !self.control.drop_filter_on_next
-                    {
-                        q.append_pair("userId", u);
-                    }
-                    q.append_pair("max", &max.to_string());
-                    q.append_pair("start", &(start + max).to_string());
+                    q.append_pair("userId", u);
                 }
-                headers.push(("Link".to_owned(), format!("<{next}>; rel=\"next\"")));
+                q.append_pair("max", &max.to_string());
+                q.append_pair("start", &(start + max).to_string());
             }
+            headers.push(("Link".to_owned(), format!("<{next}>; rel=\"next\"")));
         }
         Reply::Json {
             status: 200,

@@ -89,6 +89,32 @@ pub struct TokenStatus {
     pub refresh_expiring_soon: bool,
 }
 
+impl TokenStatus {
+    /// The status of a stored record (`None`: no refresh token installed).
+    pub fn of(record: Option<&TokenRecord>) -> TokenStatus {
+        let refresh_expires_at = record.and_then(|r| r.refresh_expires_at);
+        let refresh_seconds_left = refresh_expires_at.map(|at| at - now_unix());
+        TokenStatus {
+            state: match record {
+                None => no_token(),
+                Some(r) => r.state.clone(),
+            },
+            access_expires_at: record.and_then(|r| r.access_expires_at),
+            refresh_expires_at,
+            last_refresh: record.and_then(|r| r.last_refresh),
+            refresh_seconds_left,
+            refresh_expiring_soon: refresh_seconds_left
+                .is_some_and(|s| s < REFRESH_TOKEN_WARNING.as_secs() as i64),
+        }
+    }
+}
+
+fn no_token() -> TokenState {
+    TokenState::CredentialsInvalid {
+        reason: "no refresh token is installed".to_owned(),
+    }
+}
+
 /// Cheap to clone; all clones share one token and one refresh at a time.
 #[derive(Clone)]
 pub struct TokenManager {
@@ -181,28 +207,13 @@ impl TokenManager {
     /// Whether the credentials work; readiness and the 7030 answer read this.
     pub fn state(&self) -> TokenState {
         match &self.current().record {
-            None => TokenState::CredentialsInvalid {
-                reason: "no refresh token is installed".to_owned(),
-            },
+            None => no_token(),
             Some(r) => r.state.clone(),
         }
     }
 
     pub fn status(&self) -> TokenStatus {
-        let state = self.state();
-        let cur = self.current();
-        let rec = cur.record.as_ref();
-        let refresh_expires_at = rec.and_then(|r| r.refresh_expires_at);
-        let refresh_seconds_left = refresh_expires_at.map(|at| at - now_unix());
-        TokenStatus {
-            state,
-            access_expires_at: rec.and_then(|r| r.access_expires_at),
-            refresh_expires_at,
-            last_refresh: rec.and_then(|r| r.last_refresh),
-            refresh_seconds_left,
-            refresh_expiring_soon: refresh_seconds_left
-                .is_some_and(|s| s < REFRESH_TOKEN_WARNING.as_secs() as i64),
-        }
+        TokenStatus::of(self.current().record.as_ref())
     }
 
     /// A valid access token and its generation (pass the generation back to

@@ -1,0 +1,175 @@
+//! The Webex API simulator over real HTTPS: Webex-like validation, bearer checks, control and state.
+
+use flowthrough::sim::{SimOptions, Simulator};
+use serde_json::json;
+
+fn client(ca_pem: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn validates_like_webex_and_exposes_control_and_state() {
+    let sim = Simulator::start(SimOptions::default()).await.unwrap();
+    let http = client(&sim.ca_pem);
+    let subs = format!("{}/broadworks/subscribers", sim.base_url);
+    let root = sim.base_url.trim_end_matches("/v1").to_owned();
+
+    // No bearer token: 401 with a Webex error body.
+    let r = http.get(&subs).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let b: serde_json::Value = r.json().await.unwrap();
+    assert!(b["message"].is_string() && b["trackingId"].is_string());
+
+    // The refresh grant, then a wrong secret.
+    let form = [
+        ("grant_type", "refresh_token"),
+        ("client_id", sim.client_id.as_str()),
+        ("client_secret", sim.client_secret.expose()),
+        ("refresh_token", sim.refresh_token.expose()),
+    ];
+    let tok: serde_json::Value = http
+        .post(format!("{}/access_token", sim.base_url))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let access = tok["access_token"].as_str().unwrap().to_owned();
+    assert!(tok["expires_in"].as_u64().unwrap() > 0);
+    let mut wrong = form;
+    wrong[2].1 = "wrong";
+    let r = http
+        .post(format!("{}/access_token", sim.base_url))
+        .form(&wrong)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    let user = json!({"provisioningId": "p", "userId": "u1@example.com", "spEnterpriseId": "e",
+        "firstName": "A", "lastName": "B", "package": "premium", "language": "en"});
+    let created: serde_json::Value = http
+        .post(&subs)
+        .bearer_auth(&access)
+        .json(&user)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    // Duplicate userId: 409 with 10022.
+    let r = http
+        .post(&subs)
+        .bearer_auth(&access)
+        .json(&user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let b: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(b["errors"][0]["errorCode"], 10022);
+    // Bad package: 400.
+    let mut bad = user.clone();
+    bad["package"] = json!("gold");
+    bad["userId"] = json!("u2@example.com");
+    let r = http
+        .post(&subs)
+        .bearer_auth(&access)
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // PUT refuses email and language.
+    for field in ["email", "language"] {
+        let r = http
+            .put(format!("{subs}/{id}"))
+            .bearer_auth(&access)
+            .json(&json!({ field: "x" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{field}");
+    }
+    let r = http
+        .put(format!("{subs}/{id}"))
+        .bearer_auth(&access)
+        .json(&json!({"extension": "1234"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Control over HTTP, then the state document.
+    let r = http
+        .post(format!("{root}/_sim/control"))
+        .json(&json!({"server_error_ratio": 1.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .get(format!("{subs}/{id}"))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let r = http
+        .post(format!("{root}/_sim/control"))
+        .json(&json!({"no_such_knob": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let state: serde_json::Value = http
+        .get(format!("{root}/_sim/state"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let subscribers = state["subscribers"].as_array().unwrap();
+    assert_eq!(subscribers.len(), 1);
+    assert_eq!(subscribers[0]["userId"], "u1@example.com");
+    assert_eq!(subscribers[0]["extension"], "1234");
+    assert_eq!(subscribers[0]["language"], "en");
+    assert_eq!(state["counters"]["sent_5xx"], 1);
+    assert_eq!(state["counters"]["refreshes"], 2);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn several_listen_addresses_share_one_port() {
+    let sim = Simulator::start(SimOptions {
+        listen: vec![
+            "127.0.0.2:0".parse().unwrap(),
+            "127.0.0.3:0".parse().unwrap(),
+        ],
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(sim.addrs.len(), 2);
+    assert_eq!(sim.addrs[0].port(), sim.addrs[1].port());
+    let http = client(&sim.ca_pem);
+    for addr in &sim.addrs {
+        let r = http
+            .get(format!("https://{addr}/_sim/state"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{addr}");
+    }
+    sim.stop().await;
+}
