@@ -455,8 +455,10 @@ impl Config {
                 message: e.message,
             })?;
         }
-        if let Some(name) = &self.default_template {
-            if !self.templates.contains_key(name) {
+        if let Some(name) = &self.default_template
+            && !self.templates.contains_key(name)
+        {
+            {
                 return Err(Problem::new(
                     "default_template",
                     format!(

@@ -650,9 +650,12 @@ fn truncated_documents_are_malformed_with_the_session() {
     assert_eq!(err(&full[..30]).class(), ErrorClass::NotOci);
 }
 
+/// A document and the check its error kind must pass.
+type Case = (&'static [u8], fn(&ParseErrorKind) -> bool);
+
 #[test]
 fn not_oci_documents_are_refused_as_such() {
-    let cases: [(&[u8], fn(&ParseErrorKind) -> bool); 8] = [
+    let cases: [Case; 8] = [
         (b"", |k| matches!(k, ParseErrorKind::Empty)),
         (b"   \n", |k| matches!(k, ParseErrorKind::Empty)),
         (b"hello, world", |k| matches!(k, ParseErrorKind::Syntax { .. })),

@@ -218,10 +218,10 @@ impl Deliverer {
 
     /// The subscriber id of a user: from the map, else looked up (and remembered).
     async fn subscriber_id(&self, user_id: &str) -> Result<Option<String>, WebexError> {
-        if let Ok(Some(record)) = self.store.user(user_id) {
-            if let Some(id) = record.subscriber_id {
-                return Ok(Some(id));
-            }
+        if let Ok(Some(record)) = self.store.user(user_id)
+            && let Some(id) = record.subscriber_id
+        {
+            return Ok(Some(id));
         }
         let found = self.lookup(user_id).await?;
         if let Some(subscriber) = &found {

@@ -102,12 +102,12 @@ fn readiness(state: &AppState) -> (bool, Vec<String>) {
     if !state.tls_loaded.load(Ordering::SeqCst) {
         reasons.push("certificates not loaded".to_owned());
     }
-    if let Some(tokens) = &state.tokens {
-        if let TokenState::CredentialsInvalid { reason } = tokens.state() {
-            reasons.push(format!(
-                "Webex refresh token rejected ({reason}); install a new one with `flowthrough token set`"
-            ));
-        }
+    if let Some(tokens) = &state.tokens
+        && let TokenState::CredentialsInvalid { reason } = tokens.state()
+    {
+        reasons.push(format!(
+            "Webex refresh token rejected ({reason}); install a new one with `flowthrough token set`"
+        ));
     }
     (reasons.is_empty(), reasons)
 }

@@ -126,11 +126,11 @@ async fn accept(
 ) -> Result<(TlsStream<TcpStream>, Protocol, Option<SocketAddr>), actix_http::error::DispatchError>
 {
     let peer = io.peer_addr().ok();
-    if let Some(addr) = peer {
-        if !address_allowed(&settings.allowed_networks, addr) {
-            (settings.on_refused)(addr, "network_not_allowed");
-            return Err(refused("client address not in allowed_networks"));
-        }
+    if let Some(addr) = peer
+        && !address_allowed(&settings.allowed_networks, addr)
+    {
+        (settings.on_refused)(addr, "network_not_allowed");
+        return Err(refused("client address not in allowed_networks"));
     }
     // actix-web leaves Nagle on; a request/response protocol pays for it in latency.
     let _ = io.set_nodelay(true);

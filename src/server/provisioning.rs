@@ -99,7 +99,8 @@ enum Step {
     /// Stored in the outbox; answered when delivered, dead, or at the deadline.
     Queued {
         id: EntryId,
-        plan: Plan,
+        /// The answer once Webex accepted it (Success, or 7021 for uncarried changes).
+        on_delivery: ResponseCommand,
         echo: Option<String>,
     },
 }
@@ -235,8 +236,10 @@ async fn process(
             steps.push((request, None, Step::Answered(response)));
             continue;
         };
-        if let Some(account) = &template.provisioning_account {
-            if !account_matches(account, credentials.as_ref()) {
+        if let Some(account) = &template.provisioning_account
+            && !account_matches(account, credentials.as_ref())
+        {
+            {
                 return HttpResponse::Unauthorized()
                     .insert_header((
                         header::WWW_AUTHENTICATE,
@@ -286,7 +289,7 @@ async fn process(
                         user_ids.push(user);
                         Step::Queued {
                             id: ids[0],
-                            plan,
+                            on_delivery: plan.response(request.echo.clone()),
                             echo: request.echo.clone(),
                         }
                     }
@@ -337,9 +340,13 @@ async fn process(
     for (request, template, step) in steps {
         let (response, outbox_id) = match step {
             Step::Answered(response) => (response, None),
-            Step::Queued { id, plan, echo } => {
+            Step::Queued {
+                id,
+                on_delivery,
+                echo,
+            } => {
                 let response = match finished.get(&id) {
-                    Some(Finished::Delivered { .. }) => plan.response(echo),
+                    Some(Finished::Delivered { .. }) => on_delivery,
                     Some(Finished::Dead { reason }) => {
                         OciError::WebexRejected.response(echo, Some(reason.clone()))
                     }
