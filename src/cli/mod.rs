@@ -6,8 +6,10 @@
 //! fails the policy).
 
 mod certs;
+mod doctor;
 mod logging;
 mod outbox;
+mod sandbox;
 mod serve;
 mod simulator;
 mod token;
@@ -40,12 +42,20 @@ pub struct Cli {
 enum Command {
     /// Run the adapter: provisioning listener(s), admin listener, delivery, tunnel.
     Serve(serve::ServeArgs),
+    /// Try it: the real server on loopback with development certificates and the Webex API
+    /// simulator, ready for curl (`--demo` sends the sample documents and prints the result).
+    Sandbox(sandbox::SandboxArgs),
     /// Offline dry run: the Webex call each command of a document would cause.
     ///
     /// Exit status: 0 when no command is rejected, 2 otherwise, 1 on usage or I/O errors.
     Translate(translate::TranslateArgs),
     /// Inspect and repair undelivered work: list, show, retry, drop.
     Outbox(outbox::OutboxArgs),
+    /// Check a deployment: config, files, certificates, server name, store, upstream, token.
+    ///
+    /// Each check is printed with its fix. Exit status: 0 all pass, 2 some fail, 1 the config
+    /// does not load.
+    Doctor(doctor::DoctorArgs),
     /// Certificate tooling: an internal CA, server and BroadWorks client certificates, CSRs,
     /// CRLs; inspect and verify any certificate against the client policy.
     Certs(certs::CertsArgs),
@@ -80,8 +90,10 @@ pub fn main() -> ExitCode {
         Command::Token(args) => token::run(args),
         Command::Simulator(args) => simulator::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Sandbox(args) => sandbox::run(args),
         Command::Translate(args) => translate::run(args),
         Command::Outbox(args) => outbox::run(args),
+        Command::Doctor(args) => doctor::run(args),
         Command::HashPassword(args) => tools::hash_password(args),
         Command::Completions(args) => tools::completions(args),
         Command::Man => tools::man(),

@@ -125,33 +125,25 @@ fn lock(m: &Mutex<SimState>) -> std::sync::MutexGuard<'_, SimState> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The simulator's CA and a server certificate signed by it: `(ca_pem, server_chain_pem,
-/// server_key_pem)`. Kept to this one function so it can become `certs::DevPki` later.
+/// The simulator's CA and a server certificate signed by it, from the same certificate tooling
+/// operators use: `(ca_pem, server_chain_pem, server_key_pem)`.
 fn mint_certificates(
     names: &[String],
     ips: &[IpAddr],
 ) -> Result<(String, String, String), SimError> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-        SanType,
-    };
-    let err = |e: rcgen::Error| SimError::Certificates(e.to_string());
-    let ca_key = KeyPair::generate().map_err(err)?;
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "flowthrough Webex API simulator CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
-    let issuer = Issuer::new(ca, ca_key);
-    let mut leaf = CertificateParams::new(names.to_vec()).map_err(err)?;
-    leaf.subject_alt_names
-        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-    leaf.distinguished_name
-        .push(DnType::CommonName, "flowthrough Webex API simulator");
-    let key = KeyPair::generate().map_err(err)?;
-    let cert = leaf.signed_by(&key, &issuer).map_err(err)?;
-    Ok((ca_cert.pem(), cert.pem(), key.serialize_pem()))
+    use crate::certs::{CaParams, LeafParams, issue_leaf, new_ca};
+    let err = |e: crate::certs::CertsError| SimError::Certificates(e.to_string());
+    let ca = new_ca(&CaParams::new("flowthrough Webex API simulator CA")).map_err(err)?;
+    let mut sans = names.to_vec();
+    sans.extend(ips.iter().map(IpAddr::to_string));
+    let mut leaf = LeafParams::server(&sans, 365);
+    leaf.cn = Some("flowthrough Webex API simulator".to_owned());
+    let server = issue_leaf(&ca, &leaf).map_err(err)?;
+    Ok((
+        ca.cert.cert_pem.clone(),
+        server.cert_pem.clone(),
+        server.key_pem.expose().to_owned(),
+    ))
 }
 
 fn server_tls(chain_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, SimError> {
