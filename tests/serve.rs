@@ -147,14 +147,18 @@ async fn the_samples_flow_to_webex_and_back() {
     assert!(world.subscriber("bob.jones@acme.example").is_none());
 
     // Group add: recorded, no Webex call.
-    let calls_before = world.sim.counter("post_subscriber");
+    let calls_before = world.sim.counter("provision");
+    assert!(
+        calls_before >= 3,
+        "the adds and the IM&P assignment were POSTs"
+    );
     let (status, body) = post(&client, &url, sample("group-add.xml")).await;
     assert_eq!(
         (status, only(&body).kind.as_str()),
         (200, "SuccessResponse"),
         "{body}"
     );
-    assert_eq!(world.sim.counter("post_subscriber"), calls_before);
+    assert_eq!(world.sim.counter("provision"), calls_before);
 
     // The audit has a record per command, with the client certificate.
     let status: serde_json::Value = reqwest::get(format!("{}/status", server.admin))

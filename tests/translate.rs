@@ -33,11 +33,18 @@ fn translate(args: &[&str]) -> (i32, String, String) {
 
 fn translate_json(files: &[PathBuf], extra: &[&str]) -> (i32, Value) {
     let mut args: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
-    args.extend(["--config".to_owned(), config().display().to_string(), "--json".to_owned()]);
+    args.extend([
+        "--config".to_owned(),
+        config().display().to_string(),
+        "--json".to_owned(),
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, stdout, stderr) = translate(&refs);
-    (code, serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}")))
+    (
+        code,
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}")),
+    )
 }
 
 const PROVISIONING_ID: &str = "ZjViMzYxODctYzhkZC00NzI3LThiMmYtZjljNDQ3ZjI5MDQ2OjQyODVmNTk0LTViNTEtNDdiZS05Mzk2LTZjMzZlMmFkODNhNQ";
@@ -82,8 +89,14 @@ fn french_without_a_us_locale_takes_the_sensible_default() {
     let (code, out) = translate_json(&[sample("user-add-22v2.xml")], &[]);
     assert_eq!(code, 0, "{out}");
     let body = &out["commands"][0]["webex"]["body"];
-    assert_eq!(body["language"], "fr_FR", "fr + US is not supported: fr's default");
-    assert_eq!(body["mobilePhoneNumber"], "+1-514-555-0199", "a + number passes as is");
+    assert_eq!(
+        body["language"], "fr_FR",
+        "fr + US is not supported: fr's default"
+    );
+    assert_eq!(
+        body["mobilePhoneNumber"], "+1-514-555-0199",
+        "a + number passes as is"
+    );
     assert_eq!(body["extension"], "0102");
     assert_eq!(body["timezone"], "America/Montreal");
     assert!(body.get("primaryPhoneNumber").is_none());
@@ -116,24 +129,38 @@ fn imp_assignment_uses_the_profile_seen_earlier_in_the_run_or_is_refused() {
     assert_eq!(c["response"]["errorCode"], 7005);
 
     // After the add (and the modify) in the same run: provisioned from that profile.
-    let files = [sample("user-add-17sp4.xml"), sample("user-modify-22.xml"), sample("service-assign-impp.xml")];
+    let files = [
+        sample("user-add-17sp4.xml"),
+        sample("user-modify-22.xml"),
+        sample("service-assign-impp.xml"),
+    ];
     let (code, out) = translate_json(&files, &[]);
     assert_eq!(code, 0, "{out}");
     let assign = &out[2]["commands"][0];
     assert_eq!(assign["action"], "provision");
     assert_eq!(assign["webex"]["body"]["lastName"], "Smith-Lee");
-    assert!(assign["webex"]["body"].get("primaryPhoneNumber").is_none(), "cleared by the modify");
+    assert!(
+        assign["webex"]["body"].get("primaryPhoneNumber").is_none(),
+        "cleared by the modify"
+    );
 }
 
 #[test]
 fn unassign_delete_and_group_add() {
-    let files = [sample("service-unassign-impp.xml"), sample("user-delete.xml"), sample("group-add.xml")];
+    let files = [
+        sample("service-unassign-impp.xml"),
+        sample("user-delete.xml"),
+        sample("group-add.xml"),
+    ];
     let (code, out) = translate_json(&files, &["--template", "acme"]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(out[0]["commands"][0]["action"], "remove");
     assert_eq!(out[0]["commands"][0]["webex"]["method"], "DELETE");
     assert_eq!(out[1]["commands"][0]["action"], "remove");
-    assert_eq!(out[1]["commands"][0]["webex"]["path"], "/broadworks/subscribers/{id}");
+    assert_eq!(
+        out[1]["commands"][0]["webex"]["path"],
+        "/broadworks/subscribers/{id}"
+    );
     assert_eq!(out[2]["commands"][0]["action"], "record");
     assert_eq!(out[2]["commands"][0]["webex"], Value::Null);
 }
@@ -155,22 +182,39 @@ fn text_output_names_the_call_and_the_answer() {
     ]);
     assert_eq!(code, 0);
     assert!(stdout.contains("POST /broadworks/subscribers"), "{stdout}");
-    assert!(stdout.contains("\"primaryPhoneNumber\": \"+12025550101\""), "{stdout}");
+    assert!(
+        stdout.contains("\"primaryPhoneNumber\": \"+12025550101\""),
+        "{stdout}"
+    );
     assert!(stdout.contains("AS gets: SuccessResponse"), "{stdout}");
 }
 
 #[test]
 fn usage_and_io_errors_exit_1_with_a_specific_message() {
-    let (code, _, stderr) = translate(&["/nonexistent.xml", "--config", &config().display().to_string()]);
+    let (code, _, stderr) = translate(&[
+        "/nonexistent.xml",
+        "--config",
+        &config().display().to_string(),
+    ]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("/nonexistent.xml") && stderr.contains("cannot read"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent.xml") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[templates.x]\nprovisioning_id = 1\n").unwrap();
-    let (code, _, stderr) = translate(&[&sample("user-delete.xml").display().to_string(), "--config", &bad.display().to_string()]);
+    let (code, _, stderr) = translate(&[
+        &sample("user-delete.xml").display().to_string(),
+        "--config",
+        &bad.display().to_string(),
+    ]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("bad.toml:2"), "the error names file and line: {stderr}");
+    assert!(
+        stderr.contains("bad.toml:2"),
+        "the error names file and line: {stderr}"
+    );
 
     let (code, _, _) = translate(&["--config"]);
     assert_eq!(code, 1, "clap usage errors exit 1, not 2");
@@ -185,7 +229,11 @@ fn a_malformed_document_is_reported_with_its_position() {
         r#"<?xml version="1.0"?><BroadsoftDocument protocol="OCI" xmlns="C"><sessionId>s</sessionId><command><userId>u</userId></command></BroadsoftDocument>"#,
     )
     .unwrap();
-    let (code, stdout, _) = translate(&[&doc.display().to_string(), "--config", &config().display().to_string()]);
+    let (code, stdout, _) = translate(&[
+        &doc.display().to_string(),
+        "--config",
+        &config().display().to_string(),
+    ]);
     assert_eq!(code, 2);
     assert!(stdout.contains("line 1, column"), "{stdout}");
     assert!(stdout.contains("xsi:type"), "{stdout}");
