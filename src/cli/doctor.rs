@@ -136,7 +136,7 @@ pub fn run(args: DoctorArgs) -> ExitCode {
     if let Some(webex) = &config.webex {
         report.check("client secret", secret_check(&webex.client_secret_source()));
         match Store::open(&config.store.path) {
-            Ok(store) => report.check("Webex token", token_check(&store)),
+            Ok(store) => report.check("Webex token", token_check(&store, &webex.refresh_token_source())),
             Err(_) => report.line(
                 Verdict::Pass,
                 "Webex token",
@@ -351,8 +351,20 @@ fn secret_check(source: &SecretSource) -> Result<String, String> {
     }
 }
 
-fn token_check(store: &Store) -> Result<String, String> {
+fn token_check(store: &Store, initial: &SecretSource) -> Result<String, String> {
     let record = store.token().map_err(|e| e.to_string())?;
+    if record.is_none() {
+        return match crate::webex::read_secret(initial) {
+            Ok(Some(_)) => Ok(
+                "none stored yet; the initial refresh token is used at the first start".to_owned(),
+            ),
+            Ok(None) => Err(format!(
+                "no refresh token anywhere: export {}, set {}, or install one with `flowthrough token set`",
+                initial.env, initial.key
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+    }
     let status = crate::webex::TokenStatus::of(record.as_ref());
     if let TokenState::CredentialsInvalid { reason } = &status.state {
         return Err(format!(

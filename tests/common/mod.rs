@@ -47,8 +47,15 @@ impl World {
         let (_, pki) = DevPki::generate(&dir.path().join("pki")).unwrap();
         let sim = Simulator::start(options).await.unwrap();
         std::fs::write(dir.path().join("sim-ca.pem"), &sim.ca_pem).unwrap();
-        std::fs::write(dir.path().join("client_secret"), sim.client_secret.expose()).unwrap();
-        std::fs::write(dir.path().join("refresh_token"), sim.refresh_token.expose()).unwrap();
+        for (name, secret) in [
+            ("client_secret", &sim.client_secret),
+            ("refresh_token", &sim.refresh_token),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, secret.expose()).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+        }
         World { dir, pki, sim }
     }
 
