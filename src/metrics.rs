@@ -66,7 +66,6 @@ pub struct Metrics {
     pub webex_calls: Family<CallLabels, Counter>,
     pub webex_seconds: Histogram,
     pub webex_final_status: Family<StatusLabels, Counter>,
-    pub upstream_blocks: Counter,
     pub upstream_blocked_addresses: Gauge,
     pub deliveries_paused: Gauge,
     pub token_valid: Gauge,
@@ -104,7 +103,6 @@ impl Metrics {
             webex_calls: Family::default(),
             webex_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             webex_final_status: Family::default(),
-            upstream_blocks: Counter::default(),
             upstream_blocked_addresses: Gauge::default(),
             deliveries_paused: Gauge::default(),
             token_valid: Gauge::default(),
@@ -171,11 +169,6 @@ impl Metrics {
             "webex_final_status",
             "Final subscriber status after follow-up",
             m.webex_final_status.clone(),
-        );
-        r.register(
-            "upstream_blocks",
-            "Upstream addresses blocked by failover",
-            m.upstream_blocks.clone(),
         );
         r.register(
             "upstream_blocked_addresses",

@@ -565,3 +565,50 @@ async fn reload_under_traffic_drops_no_connection() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_their_maximum_age_are_closed_after_the_response() {
+    let world = World::new(SimOptions::default()).await;
+    let url = |s: &Server| format!("{}/provisioning", s.base);
+    let body = || document(&user_add("age@acme.example", Some("age@acme.example")));
+
+    let young = start(&world, "", "").await;
+    let response = world
+        .as_client()
+        .post(url(&young))
+        .header("content-type", "text/xml")
+        .body(body())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response
+            .headers()
+            .get("connection")
+            .is_none_or(|v| v != "close")
+    );
+    young
+        .running
+        .shutdown(Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    // A fresh world: the first server's background tasks may still hold its store.
+    let world = World::new(SimOptions::default()).await;
+    let old = start(&world, "max_connection_age_s = 0", "").await;
+    let response = world
+        .as_client()
+        .post(url(&old))
+        .header("content-type", "text/xml")
+        .body(body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers().get("connection").unwrap(),
+        "close",
+        "the AS reconnects and re-handshakes"
+    );
+    old.running.shutdown(Duration::from_secs(5)).await.unwrap();
+}

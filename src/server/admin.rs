@@ -122,6 +122,10 @@ fn refresh_gauges(state: &AppState) {
     if let Ok(dead) = state.store.list(Filter::Dead, usize::MAX) {
         m.outbox_dead.set(dead.len() as i64);
     }
+    if let Some(up) = &state.upstream {
+        m.upstream_blocked_addresses
+            .set(up.transport.blocked(&up.host, up.port).len() as i64);
+    }
     m.deliveries_paused
         .set(i64::from(state.engine.paused_until().is_some()));
     if let Some(tokens) = &state.tokens {

@@ -45,6 +45,14 @@ pub enum ServeError {
     Runtime(String),
 }
 
+/// The Webex API endpoint as failover sees it.
+#[derive(Clone)]
+pub struct Upstream {
+    pub transport: crate::webex::Transport,
+    pub host: String,
+    pub port: u16,
+}
+
 /// What every request handler shares.
 pub struct AppState {
     pub config: Arc<Config>,
@@ -54,6 +62,8 @@ pub struct AppState {
     pub engine: Engine,
     pub metrics: Arc<Metrics>,
     pub tokens: Option<TokenManager>,
+    /// The Webex transport and the API's host and port, for the blocked-addresses gauge.
+    pub upstream: Option<Upstream>,
     pub shutting_down: Arc<AtomicBool>,
     /// What `/readyz` looks at besides the token.
     pub tls_loaded: Arc<AtomicBool>,
@@ -177,6 +187,13 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     .map_err(|e| ServeError::Webex(e.to_string()))?;
     let tokens = TokenManager::new(&webex, store.clone(), transport.clone())
         .map_err(|e| ServeError::Webex(e.to_string()))?;
+    let api = reqwest::Url::parse(&webex.api_base)
+        .map_err(|e| ServeError::Webex(format!("webex.api_base: {e}")))?;
+    let upstream = Upstream {
+        transport: transport.clone(),
+        host: api.host_str().unwrap_or_default().to_owned(),
+        port: api.port_or_known_default().unwrap_or(443),
+    };
     let client = WebexClient::new(&webex, transport, tokens.clone())
         .map_err(|e| ServeError::Webex(e.to_string()))?;
     let deliverer = Deliverer {
@@ -194,6 +211,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         },
     );
     engine.start()?;
+    spawn_housekeeping(store.clone(), &config.store);
 
     let shutting_down = Arc::new(AtomicBool::new(false));
     let tls_loaded = Arc::new(AtomicBool::new(true));
@@ -204,6 +222,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         engine: engine.clone(),
         metrics: metrics.clone(),
         tokens: Some(tokens.clone()),
+        upstream: Some(upstream),
         shutting_down: shutting_down.clone(),
         tls_loaded: tls_loaded.clone(),
         config: config.clone(),
@@ -268,6 +287,29 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         server_task,
         admin_task,
     })
+}
+
+/// Audit retention and the pruning of finished outbox entries, hourly (and once at start).
+fn spawn_housekeeping(store: Store, cfg: &crate::config::StoreConfig) {
+    let retention_ms = u64::from(cfg.audit_retention_days) * 86_400_000;
+    let max_records = cfg.audit_max_records;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            let cutoff = crate::store::now_ms().saturating_sub(retention_ms);
+            match (
+                store.prune_audit(cutoff, max_records),
+                store.prune_finished(cutoff),
+            ) {
+                (Ok(audit), Ok(outbox)) if audit + outbox > 0 => {
+                    tracing::info!(audit, outbox, "pruned records past the retention")
+                }
+                (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "cannot prune old records"),
+                _ => {}
+            }
+        }
+    });
 }
 
 /// `flowthrough serve`: start, then reload on SIGHUP and drain on SIGTERM/SIGINT.

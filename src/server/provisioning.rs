@@ -127,10 +127,10 @@ pub async fn handle(
         .observe(started.elapsed().as_secs_f64());
     let mut response = response;
     if super::listener::connection_too_old(&req, state.settings.max_connection_age) {
-        response.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
+        // actix writes `Connection: close` and closes after this response.
+        response
+            .head_mut()
+            .set_connection_type(actix_web::http::ConnectionType::Close);
     }
     state
         .metrics

@@ -356,8 +356,14 @@ fn classify(resp: RawResponse, tid: &str, cap: Duration) -> Result<RawResponse, 
     }
     let body: ApiErrorBody = serde_json::from_slice(&resp.body).unwrap_or_default();
     let code = status.as_u16();
+    let duplicate = body
+        .errors
+        .iter()
+        .any(|e| e.error_code == DUPLICATE_USER_ID);
     match code {
-        429 | 423 => {
+        // A 409 that is not "userId already exists" is a conflict with work in progress on the
+        // subscriber (still provisioning or updating): wait and retry, order kept (SPEC §4).
+        429 | 423 | 409 if !duplicate => {
             let header = resp
                 .headers
                 .get(reqwest::header::RETRY_AFTER)
@@ -368,23 +374,13 @@ fn classify(resp: RawResponse, tid: &str, cap: Duration) -> Result<RawResponse, 
             })
         }
         404 => Err(WebexError::NotFound),
-        409 => Err(WebexError::Duplicate {
-            status: code,
-            message: body.message,
-        }),
         _ if status.is_server_error() => Err(WebexError::Retryable {
             reason: format!("Webex answered HTTP {code}: {}", body.message),
         }),
-        _ if body
-            .errors
-            .iter()
-            .any(|e| e.error_code == DUPLICATE_USER_ID) =>
-        {
-            Err(WebexError::Duplicate {
-                status: code,
-                message: body.message,
-            })
-        }
+        _ if duplicate => Err(WebexError::Duplicate {
+            status: code,
+            message: body.message,
+        }),
         _ => Err(WebexError::Permanent {
             status: code,
             message: body.message,
@@ -481,8 +477,19 @@ mod tests {
         assert!(matches!(e, WebexError::Duplicate { status: 400, .. }));
         assert!(matches!(
             classify(raw(409, &[], "not json"), "X", cap).unwrap_err(),
-            WebexError::Duplicate { .. }
+            WebexError::RetryAfter { status: 409, .. }
         ));
+        let e = classify(
+            raw(
+                409,
+                &[],
+                r#"{"message":"dup","errors":[{"errorCode":10022,"description":"d"}]}"#,
+            ),
+            "X",
+            cap,
+        )
+        .unwrap_err();
+        assert!(matches!(e, WebexError::Duplicate { status: 409, .. }));
         assert!(matches!(
             classify(raw(404, &[], ""), "X", cap).unwrap_err(),
             WebexError::NotFound
