@@ -23,7 +23,11 @@ fn src() -> PathBuf {
 /// Every line of the files under `dir` (relative to src/) that mentions one of `forbidden`.
 fn offenders(dir: &str, forbidden: &[&str]) -> Vec<String> {
     let root = src().join(dir);
-    let files = if root.is_dir() { rust_files(&root) } else { vec![root.with_extension("rs")] };
+    let files = if root.is_dir() {
+        rust_files(&root)
+    } else {
+        vec![root.with_extension("rs")]
+    };
     assert!(!files.is_empty(), "no source under {dir}");
     let mut found = Vec::new();
     for file in files {
@@ -41,15 +45,31 @@ fn offenders(dir: &str, forbidden: &[&str]) -> Vec<String> {
 }
 
 const IO: &[&str] = &[
-    "std::fs", "std::net", "std::process", "tokio", "reqwest", "sled", "actix", "crate::store",
-    "crate::webex", "crate::server", "crate::delivery", "crate::sim", "crate::tls", "crate::certs",
+    "std::fs",
+    "std::net",
+    "std::process",
+    "tokio",
+    "reqwest",
+    "sled",
+    "actix",
+    "crate::store",
+    "crate::webex",
+    "crate::server",
+    "crate::delivery",
+    "crate::sim",
+    "crate::tls",
+    "crate::certs",
 ];
 
 #[test]
 fn oci_and_mapping_import_no_io_module() {
     for module in ["oci", "mapping"] {
         let found = offenders(module, IO);
-        assert!(found.is_empty(), "{module} must stay pure:\n{}", found.join("\n"));
+        assert!(
+            found.is_empty(),
+            "{module} must stay pure:\n{}",
+            found.join("\n")
+        );
     }
 }
 
@@ -60,7 +80,10 @@ fn nothing_imports_the_cli() {
         if name == "cli" || name == "main.rs" || name == "lib.rs" || name == "bin" {
             continue;
         }
-        let found = offenders(name.trim_end_matches(".rs"), &["crate::cli", "flowthrough::cli"]);
+        let found = offenders(
+            name.trim_end_matches(".rs"),
+            &["crate::cli", "flowthrough::cli"],
+        );
         assert!(found.is_empty(), "{}", found.join("\n"));
     }
 }

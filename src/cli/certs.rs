@@ -52,8 +52,10 @@ pub struct KeyArgs {
 
 #[derive(Debug, Args)]
 pub struct CaArgs {
+    /// Common name of the CA, e.g. "ACME BroadWorks DMZ CA".
     #[arg(long)]
     pub cn: String,
+    /// Validity in days.
     #[arg(long, default_value_t = 3650)]
     pub days: u32,
     /// Maximum number of intermediate CAs below this one.
@@ -68,10 +70,13 @@ pub struct ServerArgs {
     /// Directory holding ca.pem and ca.key.
     #[arg(long, default_value = "certs")]
     pub ca: PathBuf,
+    /// DNS names the server answers to (SANs); include the name the AS connects to.
     #[arg(long, required = true, num_args = 1..)]
     pub dns: Vec<String>,
+    /// IP addresses the server answers to (SANs).
     #[arg(long, num_args = 1..)]
     pub ip: Vec<std::net::IpAddr>,
+    /// Validity in days (825 keeps clients that cap server certificates happy).
     #[arg(long, default_value_t = 825)]
     pub days: u32,
     /// File stem: <name>.pem and <name>.key.
@@ -83,12 +88,16 @@ pub struct ServerArgs {
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
+    /// Directory holding ca.pem and ca.key.
     #[arg(long, default_value = "certs")]
     pub ca: PathBuf,
+    /// Common name; Webex's BroadWorks deployment uses bwcticlient.webex.com.
     #[arg(long, default_value = certs::DEFAULT_CLIENT_CN)]
     pub cn: String,
+    /// Validity in days.
     #[arg(long, default_value_t = 825)]
     pub days: u32,
+    /// File stem: <name>.pem and <name>.key.
     #[arg(long, default_value = "client")]
     pub name: String,
     #[command(flatten)]
@@ -97,11 +106,13 @@ pub struct ClientArgs {
 
 #[derive(Debug, Args)]
 pub struct CsrArgs {
+    /// Common name to request.
     #[arg(long)]
     pub cn: String,
     /// Request EKU BroadWorks OID + clientAuth.
     #[arg(long)]
     pub broadworks_client: bool,
+    /// DNS names to request as SANs (server certificates only: BroadWorks client certificates carry no SAN).
     #[arg(long, num_args = 1..)]
     pub dns: Vec<String>,
     /// File stem: <name>.csr and <name>.key (default: client with --broadworks-client, else server).
@@ -113,8 +124,10 @@ pub struct CsrArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
+    /// Certificate files: PEM (bundles too) or DER.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+    /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
 }
@@ -126,12 +139,16 @@ pub struct VerifyArgs {
     pub ca: PathBuf,
     /// The certificate, optionally followed by its intermediates (PEM or DER).
     pub cert: PathBuf,
+    /// CRL files (PEM or DER) to check revocation against (repeatable).
     #[arg(long)]
     pub crl: Vec<PathBuf>,
+    /// Accept a client certificate that has a SAN (refused by default).
     #[arg(long)]
     pub allow_san: bool,
+    /// Do not require the BroadWorks OID in EKU.
     #[arg(long)]
     pub no_broadworks_oid: bool,
+    /// Do not require TLS Web Client Authentication in EKU.
     #[arg(long)]
     pub no_client_auth: bool,
     /// Allowed CN, exact or "*.suffix" (repeatable; default bwcticlient.webex.com).
@@ -141,6 +158,7 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Args)]
 pub struct CrlArgs {
+    /// Directory holding ca.pem and ca.key.
     #[arg(long, default_value = "certs")]
     pub ca: PathBuf,
     /// Serial numbers in hex (as `certs inspect` prints them).
@@ -152,6 +170,7 @@ pub struct CrlArgs {
     /// Output directory (crl.pem).
     #[arg(long, default_value = "certs")]
     pub out: PathBuf,
+    /// Overwrite an existing crl.pem.
     #[arg(long)]
     pub force: bool,
 }
