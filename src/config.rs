@@ -441,6 +441,22 @@ impl Config {
         Ok(config)
     }
 
+    /// What template selection needs from the config, for one command: `explicit` is the URL's
+    /// (or `--template`'s) template, `remembered` the one the command's user was provisioned with.
+    pub fn selection<'a>(
+        &'a self,
+        explicit: Option<&'a str>,
+        remembered: Option<&'a str>,
+    ) -> crate::mapping::Selection<'a> {
+        crate::mapping::Selection {
+            explicit,
+            templates: &self.templates,
+            overrides: &self.template_overrides,
+            remembered,
+            default: self.default_template.as_deref(),
+        }
+    }
+
     /// The language table: built-in defaults with `[languages]` on top.
     pub fn language_table(&self) -> LanguageTable {
         LanguageTable::with_overrides(&self.languages)

@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,14 +16,6 @@ use flowthrough::sim::SimOptions;
 /// Kill rounds in the test suite; `bench/run.sh crash` runs more.
 const ROUNDS: usize = 4;
 const CLIENTS: usize = 8;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn spawn(config: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_flowthrough"))
@@ -122,12 +113,7 @@ async fn kill_9_under_load_loses_nothing_and_duplicates_nothing() {
     wait_ready(&admin).await;
     let mut drained = false;
     for _ in 0..600 {
-        let status: serde_json::Value = reqwest::get(format!("http://{admin}/status"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status = get_json(&format!("http://{admin}/status")).await;
         if status["outbox"]["pending"] == 0 {
             assert_eq!(
                 status["outbox"]["dead"], 0,

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -23,14 +22,6 @@ fn flowthrough(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn path(p: &Path) -> &str {
@@ -246,12 +237,7 @@ async fn outbox_commands_work_on_a_stopped_store_and_through_a_running_server() 
     let reloaded = {
         let mut seen = false;
         for _ in 0..100 {
-            let metrics = reqwest::get(format!("http://{admin}/metrics"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let metrics = get_text(&format!("http://{admin}/metrics")).await;
             if metrics.contains("flowthrough_reloads_total{outcome=\"ok\"} 1") {
                 seen = true;
                 break;

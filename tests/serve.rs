@@ -18,6 +18,12 @@ struct Server {
     admin: String,
 }
 
+impl Server {
+    async fn stop(self) {
+        self.running.shutdown(Duration::from_secs(5)).await.unwrap();
+    }
+}
+
 async fn start(world: &World, server_extra: &str, extra: &str) -> Server {
     let running = flowthrough::server::start(world.config(server_extra, extra))
         .await
@@ -161,19 +167,10 @@ async fn the_samples_flow_to_webex_and_back() {
     assert_eq!(world.sim.counter("provision"), calls_before);
 
     // The audit has a record per command, with the client certificate.
-    let status: serde_json::Value = reqwest::get(format!("{}/status", server.admin))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get_json(&format!("{}/status", server.admin)).await;
     assert_eq!(status["outbox"]["pending"], 0, "{status}");
     assert_eq!(status["ready"], true, "{status}");
-    server
-        .running
-        .shutdown(Duration::from_secs(5))
-        .await
-        .unwrap();
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,28 +304,14 @@ async fn every_error_code_is_reachable() {
     )
     .await;
     assert_eq!(only(&body).code, Some(7030), "{body}");
-    let status: serde_json::Value = reqwest::get(format!("{}/status", server.admin))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get_json(&format!("{}/status", server.admin)).await;
     assert!(
         status["outbox"]["pending"].as_u64().unwrap() >= 2,
         "both commands stay queued: {status}"
     );
-    let metrics = reqwest::get(format!("{}/metrics", server.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&format!("{}/metrics", server.admin)).await;
     assert!(metrics.contains("flowthrough_token_valid 0"), "{metrics}");
-    server
-        .running
-        .shutdown(Duration::from_secs(5))
-        .await
-        .unwrap();
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,11 +376,7 @@ async fn transport_refusals_basic_auth_413_415_400() {
         sub["email"].is_null(),
         "untrusted-email template never sends the email"
     );
-    server
-        .running
-        .shutdown(Duration::from_secs(5))
-        .await
-        .unwrap();
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,22 +414,13 @@ async fn bad_client_certificates_fail_the_handshake() {
         .build()
         .unwrap();
     assert!(anonymous.post(&url).body("x").send().await.is_err());
-    let metrics = reqwest::get(format!("{}/metrics", server.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&format!("{}/metrics", server.admin)).await;
     assert!(
         metrics.contains("flowthrough_tls_refusals_total{reason="),
         "{metrics}"
     );
     assert!(world.subscriber("x@acme.example").is_none());
-    server
-        .running
-        .shutdown(Duration::from_secs(5))
-        .await
-        .unwrap();
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -495,12 +465,7 @@ async fn an_upstream_outage_queues_then_delivers_in_per_user_order() {
     let admin = server.admin.clone();
     let mut empty = false;
     for _ in 0..100 {
-        let status: serde_json::Value = reqwest::get(format!("{admin}/status"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status = get_json(&format!("{admin}/status")).await;
         if status["outbox"]["pending"] == 0 {
             empty = true;
             break;
@@ -509,11 +474,7 @@ async fn an_upstream_outage_queues_then_delivers_in_per_user_order() {
     }
     assert!(empty, "the outbox empties");
     assert_eq!(world.subscribers().len(), 5, "no duplicates");
-    server
-        .running
-        .shutdown(Duration::from_secs(5))
-        .await
-        .unwrap();
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,11 +520,7 @@ async fn reload_under_traffic_drops_no_connection() {
     )
     .await;
     assert_eq!(status, 200);
-    server
-        .running
-        .shutdown(Duration::from_secs(5))
-        .await
-        .unwrap();
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -587,11 +544,7 @@ async fn connections_past_their_maximum_age_are_closed_after_the_response() {
             .get("connection")
             .is_none_or(|v| v != "close")
     );
-    young
-        .running
-        .shutdown(Duration::from_secs(5))
-        .await
-        .unwrap();
+    young.stop().await;
 
     // A fresh world: the first server's background tasks may still hold its store.
     let world = World::new(SimOptions::default()).await;
@@ -610,5 +563,5 @@ async fn connections_past_their_maximum_age_are_closed_after_the_response() {
         "close",
         "the AS reconnects and re-handshakes"
     );
-    old.running.shutdown(Duration::from_secs(5)).await.unwrap();
+    old.stop().await;
 }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::fail;
 use crate::config::Config;
-use crate::mapping::{self, MapContext, Plan, Selection};
+use crate::mapping::{self, MapContext, Plan};
 use crate::oci::{self, Command, ParseLimits, ResponseCommand, UserProfile};
 
 #[derive(Debug, Args)]
@@ -111,13 +111,7 @@ fn translate_document(
             .as_ref()
             .and_then(|u| memory.templates.get(u))
             .cloned();
-        let selection = Selection {
-            explicit,
-            templates: &config.templates,
-            overrides: &config.template_overrides,
-            remembered: remembered.as_deref(),
-            default: config.default_template.as_deref(),
-        };
+        let selection = config.selection(explicit, remembered.as_deref());
         let (template_name, plan) = match mapping::select_template(&request.command, &selection) {
             Ok(name) => {
                 let template = &config.templates[&name];

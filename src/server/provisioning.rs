@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 
 use super::AppState;
 use crate::delivery::Finished;
-use crate::mapping::{self, MapContext, OciError, Plan, Selection};
+use crate::mapping::{self, MapContext, OciError, Plan};
 use crate::oci::{self, Command, ErrorClass, ParseLimits, Request, ResponseCommand, Session};
 use crate::secret::{PasswordAccount, Secret};
 use crate::store::{AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, now_ms};
@@ -204,13 +204,7 @@ async fn process(
                 .and_then(|u| u.template),
             None => None,
         };
-        let selection = Selection {
-            explicit,
-            templates: &config.templates,
-            overrides: &config.template_overrides,
-            remembered: remembered.as_deref(),
-            default: config.default_template.as_deref(),
-        };
+        let selection = config.selection(explicit, remembered.as_deref());
         let template_name = match mapping::select_template(&request.command, &selection) {
             Ok(name) => name,
             Err(reject) => {
@@ -239,8 +233,7 @@ async fn process(
         if let Some(account) = &template.provisioning_account
             && !account_matches(account, credentials.as_ref())
         {
-            {
-                return HttpResponse::Unauthorized()
+            return HttpResponse::Unauthorized()
                     .insert_header((
                         header::WWW_AUTHENTICATE,
                         format!("Basic realm=\"flowthrough {template_name}\", charset=\"UTF-8\""),
@@ -249,7 +242,6 @@ async fn process(
                     .body(format!(
                         "template \"{template_name}\" requires the provisioning account's HTTP Basic credentials; configure them on the AS\n"
                     ));
-            }
         }
         let user_id = mapping::command_user_id(&request.command).map(str::to_owned);
         let last_profile = match &user_id {
