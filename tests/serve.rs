@@ -419,6 +419,11 @@ async fn bad_client_certificates_fail_the_handshake() {
         metrics.contains("flowthrough_tls_refusals_total{reason="),
         "{metrics}"
     );
+    let no_certificate = format!(
+        "flowthrough_tls_refusals_total{{reason=\"{}\"}} 1",
+        flowthrough::tls::Refusal::NoCertificate.label()
+    );
+    assert!(metrics.contains(&no_certificate), "{metrics}");
     assert!(world.subscriber("x@acme.example").is_none());
     server.stop().await;
 }

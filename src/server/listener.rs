@@ -138,7 +138,13 @@ async fn accept(
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
         Ok(Ok(stream)) => Ok((stream, Protocol::Http1, peer)),
         Ok(Err(e)) => {
-            // Policy refusals are counted by the verifier itself with their precise reason.
+            // Policy refusals are counted by the verifier itself with their precise reason; a
+            // missing certificate is refused by rustls before the verifier runs, so count it here.
+            if let Some(addr) = peer
+                && crate::tls::refusals_in_io(&e).contains(&crate::tls::Refusal::NoCertificate)
+            {
+                (settings.on_refused)(addr, crate::tls::Refusal::NoCertificate.label());
+            }
             tracing::debug!(peer = ?peer, error = %e, "TLS handshake failed");
             Err(actix_http::error::DispatchError::Io(e))
         }
