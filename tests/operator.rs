@@ -224,6 +224,14 @@ async fn outbox_commands_work_on_a_stopped_store_and_through_a_running_server() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(delivered, "the retried entry is delivered");
+    let (code, stdout, stderr) = run(args(&["audit", "--user", "dead@acme.example"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("UserDeleteRequest") && stdout.contains("delivered"),
+        "{stdout}"
+    );
 
     // SIGHUP reloads (counted), SIGTERM drains and exits 0.
     let pid = child.id().to_string();

@@ -325,9 +325,15 @@ async fn transport_refusals_basic_auth_413_415_400() {
     // 415: not XML by its content type.
     let (status, body) = post_typed(&client, &url, add(), "application/json").await;
     assert_eq!(status, 415, "{body}");
-    // 400: not an OCI document at all.
+    // 400: not an OCI document at all; it is kept, redacted, for the operator.
     let (status, body) = post(&client, &url, "hello".to_owned()).await;
     assert_eq!(status, 400, "{body}");
+    let foreign = "<Provision><user>u1</user><password>Hunter2!</password></Provision>";
+    let (status, _) = post(&client, &url, foreign.to_owned()).await;
+    assert_eq!(status, 400);
+    let kept = get_text(&format!("{}/admin/audit?documents=true", server.admin)).await;
+    assert!(kept.contains("<user>u1</user>"), "the document is kept: {kept}");
+    assert!(!kept.contains("Hunter2!"), "passwords are redacted: {kept}");
     // 413: over max_body_bytes.
     let big = document(&format!(
         "<!-- {} -->{}",

@@ -11,7 +11,9 @@ use serde_json::Value;
 
 use super::fail;
 use crate::config::Config;
-use crate::store::{Entry, EntryState, Filter, Store, StoreError};
+use crate::store::{
+    AuditEvent, AuditQuery, AuditRecord, Entry, EntryState, Filter, Store, StoreError,
+};
 
 #[derive(Debug, Args)]
 pub struct OutboxArgs {
@@ -57,6 +59,18 @@ enum OutboxAction {
     },
     /// Remove an entry for good (it will never be delivered).
     Drop { id: u64 },
+    /// Show the audit trail, newest first: commands and their outcomes, or (with --documents)
+    /// the documents and commands flowthrough could not use, redacted.
+    Audit {
+        /// Only records of this BroadWorks userId.
+        #[arg(long)]
+        user: Option<String>,
+        /// The unreadable documents and unsupported commands kept for study.
+        #[arg(long, conflicts_with = "user")]
+        documents: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
 }
 
 /// Either the store itself (instance stopped) or the admin API of the running instance.
@@ -179,6 +193,106 @@ fn execute(target: &Target, action: &OutboxAction, json: bool) -> Result<ExitCod
             drop_entry(target, *id)?;
             println!("entry {id} dropped; it will not be delivered");
             Ok(ExitCode::SUCCESS)
+        }
+        OutboxAction::Audit {
+            user,
+            documents,
+            limit,
+        } => {
+            let query = AuditQuery {
+                user_id: user.clone(),
+                documents_only: *documents,
+                limit: *limit,
+            };
+            let records = audit(target, &query)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?
+                );
+            } else {
+                print_audit(&records);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn audit(target: &Target, query: &AuditQuery) -> Result<Vec<AuditRecord>, String> {
+    match target {
+        Target::Store(store) => store.audit(query).map_err(|e| e.to_string()),
+        Target::Admin { .. } => {
+            let mut path = format!(
+                "/admin/audit?limit={}&documents={}",
+                query.limit, query.documents_only
+            );
+            if let Some(user) = &query.user_id {
+                path.push_str("&user=");
+                path.push_str(&percent_encode(user));
+            }
+            let value = admin_call(target, reqwest::Method::GET, &path)?;
+            serde_json::from_value(value).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Enough percent-encoding for a userId in a query string.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn print_audit(records: &[AuditRecord]) {
+    if records.is_empty() {
+        println!("no audit records");
+        return;
+    }
+    for r in records {
+        let when = chrono::DateTime::from_timestamp_millis(r.at_ms as i64)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3fZ").to_string())
+            .unwrap_or_default();
+        match &r.event {
+            AuditEvent::Command {
+                command,
+                user_id,
+                outcome,
+                webex_status,
+                tracking_id,
+                ..
+            } => println!(
+                "{when}  {command:<32} {:<32} {outcome}{}{}",
+                user_id.as_deref().unwrap_or("-"),
+                webex_status
+                    .as_deref()
+                    .map(|s| format!("  webex={s}"))
+                    .unwrap_or_default(),
+                tracking_id
+                    .as_deref()
+                    .map(|t| format!("  {t}"))
+                    .unwrap_or_default(),
+            ),
+            AuditEvent::Tunnel {
+                destination,
+                end,
+                bytes_up,
+                bytes_down,
+                ..
+            } => println!(
+                "{when}  tunnel {destination} ↑{bytes_up} ↓{bytes_down} {end}  {}",
+                r.client
+            ),
+            AuditEvent::Document { reason, excerpt } => {
+                println!("{when}  {reason}  ({})", r.client);
+                for line in excerpt.lines().take(20) {
+                    println!("    {line}");
+                }
+            }
         }
     }
 }

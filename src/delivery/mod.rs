@@ -16,7 +16,9 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
 
-use crate::store::{Entry, EntryId, EntryState, Store, StoreError, now_ms};
+use crate::store::{
+    AuditEvent, AuditRecord, Entry, EntryId, EntryState, Store, StoreError, now_ms,
+};
 
 /// What one try of one entry came to.
 #[derive(Debug, Clone, PartialEq)]
@@ -319,10 +321,14 @@ impl Engine {
                 return Reschedule::PauseAll(after);
             }
         };
-        if let Err(e) = store.finish(id, state) {
-            tracing::error!(entry = id, error = %e, "cannot record the end of an outbox entry; it will be tried again");
-            return Reschedule::After(Duration::from_secs(5));
-        }
+        let ended = match store.finish(id, state) {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::error!(entry = id, error = %e, "cannot record the end of an outbox entry; it will be tried again");
+                return Reschedule::After(Duration::from_secs(5));
+            }
+        };
+        audit_end(store, &ended, &finished);
         if let Err(e) = store.flush().await {
             tracing::error!(entry = id, error = %e, "cannot flush the store");
         }
@@ -331,6 +337,31 @@ impl Engine {
             let _ = waiter.send(finished.clone());
         }
         reschedule
+    }
+}
+
+/// One audit record when an entry ends, with the TrackingID of its last Webex call.
+fn audit_end(store: &Store, entry: &Entry, finished: &Finished) {
+    let (outcome, webex_status) = match finished {
+        Finished::Delivered { webex_status, .. } => ("delivered".to_owned(), webex_status.clone()),
+        Finished::Dead { reason } => (format!("dead: {reason}"), None),
+    };
+    let record = AuditRecord {
+        at_ms: now_ms(),
+        client: entry.new.client.clone(),
+        event: AuditEvent::Command {
+            template: Some(entry.new.template.clone()),
+            command: entry.new.command.clone(),
+            user_id: Some(entry.new.user_id.clone()),
+            outcome,
+            webex_status,
+            tracking_id: entry.tracking_id.clone(),
+            outbox_id: Some(entry.id),
+            latency_ms: now_ms().saturating_sub(entry.created_ms),
+        },
+    };
+    if let Err(e) = store.append_audit(&record) {
+        tracing::warn!(entry = entry.id, error = %e, "cannot write an audit record");
     }
 }
 

@@ -275,6 +275,28 @@ async fn outbox_drop(state: web::Data<AppState>, id: web::Path<u64>) -> HttpResp
     }
 }
 
+#[derive(Deserialize)]
+struct AuditParams {
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    documents: bool,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn audit(state: web::Data<AppState>, q: web::Query<AuditParams>) -> HttpResponse {
+    let query = crate::store::AuditQuery {
+        user_id: q.user.clone(),
+        documents_only: q.documents,
+        limit: q.limit.unwrap_or(50),
+    };
+    match state.store.audit(&query) {
+        Ok(records) => HttpResponse::Ok().json(records),
+        Err(e) => HttpResponse::InternalServerError().json(json!({ "error": e.to_string() })),
+    }
+}
+
 type Started = (
     SocketAddr,
     actix_server::ServerHandle,
@@ -297,6 +319,7 @@ pub fn start(
             .route("/readyz", web::get().to(readyz))
             .route("/status", web::get().to(status))
             .route("/admin/reload", web::post().to(reload))
+            .route("/admin/audit", web::get().to(audit))
             .route("/admin/outbox", web::get().to(outbox_list))
             .route("/admin/outbox/{id}", web::get().to(outbox_show))
             .route("/admin/outbox/{id}", web::delete().to(outbox_drop))

@@ -12,6 +12,7 @@ use actix_web::http::header::{self, HeaderMap};
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine as _;
 use subtle::ConstantTimeEq;
+use tracing::Instrument;
 
 use super::AppState;
 use crate::delivery::Finished;
@@ -113,14 +114,15 @@ pub async fn handle(
 ) -> HttpResponse {
     let started = Instant::now();
     let state = state.get_ref();
-    let response = process(
-        &req,
-        &body,
-        state,
-        path.as_deref().map(String::as_str),
-        started,
-    )
-    .await;
+    let template = path.as_deref().map(String::as_str);
+    let span = tracing::info_span!(
+        "provisioning",
+        client = %super::client_label(&req),
+        template = template.unwrap_or("-"),
+    );
+    let response = process(&req, &body, state, template, started)
+        .instrument(span)
+        .await;
     state
         .metrics
         .request_seconds
@@ -357,6 +359,20 @@ async fn process(
             }
         };
         let outcome = outcome_label(&response);
+        // Delivered within the deadline: the audit gets the Webex side too.
+        let (webex_status, tracking_id) =
+            match (outbox_id, outbox_id.and_then(|id| finished.get(&id))) {
+                (Some(id), Some(Finished::Delivered { webex_status, .. })) => (
+                    webex_status.clone(),
+                    state
+                        .store
+                        .entry(id)
+                        .ok()
+                        .flatten()
+                        .and_then(|e| e.tracking_id),
+                ),
+                _ => (None, None),
+            };
         state
             .metrics
             .count_command(command_kind(&request.command), &outcome);
@@ -368,8 +384,8 @@ async fn process(
                 command: request.name.clone(),
                 user_id: mapping::command_user_id(&request.command).map(str::to_owned),
                 outcome,
-                webex_status: None,
-                tracking_id: None,
+                webex_status,
+                tracking_id,
                 outbox_id,
                 latency_ms: started.elapsed().as_millis() as u64,
             },
