@@ -128,3 +128,42 @@ impl PasswordAccount {
         user_ok & password_ok
     }
 }
+
+#[cfg(test)]
+mod credential_tests {
+    use super::*;
+    use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
+
+    fn account(user: &str, password: &str) -> PasswordAccount {
+        let salt = SaltString::generate(&mut OsRng);
+        let hash = argon2::Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .unwrap();
+        PasswordAccount {
+            user: user.to_owned(),
+            password_hash: Secret::new(hash.to_string()),
+        }
+    }
+
+    #[test]
+    fn basic_values_parse_and_verify_against_the_hash() {
+        let acct = account("bwproxy", "pa:ss");
+        // base64("bwproxy:pa:ss"): the password may itself hold a colon.
+        let good = BasicCredentials::parse("Basic Yndwcm94eTpwYTpzcw==").unwrap();
+        assert_eq!(good.user, "bwproxy");
+        assert_eq!(good.password.expose(), "pa:ss");
+        assert!(acct.verify(Some(&good)));
+        assert!(acct.verify(BasicCredentials::parse("basic  Yndwcm94eTpwYTpzcw== ").as_ref()));
+        // base64("bwproxy:pa:sx") and base64("bwproxz:pa:ss")
+        for wrong in ["Basic Yndwcm94eTpwYTpzeA==", "Basic Yndwcm94ejpwYTpzcw=="] {
+            assert!(
+                !acct.verify(BasicCredentials::parse(wrong).as_ref()),
+                "{wrong}"
+            );
+        }
+        assert!(!acct.verify(None));
+        for bad in ["Bearer abc", "Basic !!!", "Basic", "Basic bm9jb2xvbg=="] {
+            assert!(BasicCredentials::parse(bad).is_none(), "{bad}");
+        }
+    }
+}

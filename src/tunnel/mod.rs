@@ -359,7 +359,10 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, ctx: &Ctx) {
                 {
                     ctx.shared.metrics.count_refusal("no_certificate");
                 }
-                let list: Vec<String> = refusals.iter().map(|r| r.to_string()).collect();
+                let list: Vec<String> = refusals
+                    .iter()
+                    .map(|r| format!("{} ({r})", r.label()))
+                    .collect();
                 format!("client certificate refused: {}", list.join("; "))
             };
             refused(ctx, &record, "tls_refused", &reason);
