@@ -295,6 +295,7 @@ struct Record {
 /// A refusal: the status, the outcome label of the metric, the one-line reason.
 #[derive(Debug)]
 struct Refused {
+    /// 0 when nobody is left to answer (the client closed before a complete head).
     status: u16,
     outcome: &'static str,
     reason: String,
