@@ -47,7 +47,8 @@ fn args() -> Result<Args, String> {
     Ok(out)
 }
 
-/// Reads everything, then answers with the byte count (8 bytes, big-endian).
+/// Reads an 8-byte big-endian length, then that many bytes, then answers with the count it got.
+/// (No half-close: Squid closes a CONNECT tunnel on the client's half-close.)
 async fn sink() -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -55,13 +56,18 @@ async fn sink() -> std::io::Result<SocketAddr> {
         while let Ok((mut tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
+                let mut len = [0u8; 8];
+                if tcp.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let want = u64::from_be_bytes(len);
                 let mut buf = vec![0u8; 256 * 1024];
                 let mut total: u64 = 0;
-                while let Ok(n) = tcp.read(&mut buf).await {
-                    if n == 0 {
-                        break;
+                while total < want {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n as u64,
                     }
-                    total += n as u64;
                 }
                 let _ = tcp.write_all(&total.to_be_bytes()).await;
             });
@@ -116,10 +122,11 @@ async fn bulk(proxy: Option<SocketAddr>, dest: SocketAddr, mib: usize) -> std::i
     let mut tcp = open(proxy, dest).await?;
     let chunk = vec![0x5au8; 1024 * 1024];
     let started = Instant::now();
+    tcp.write_all(&((mib * 1024 * 1024) as u64).to_be_bytes())
+        .await?;
     for _ in 0..mib {
         tcp.write_all(&chunk).await?;
     }
-    tcp.shutdown().await?;
     let mut count = [0u8; 8];
     tcp.read_exact(&mut count).await?;
     let secs = started.elapsed().as_secs_f64();

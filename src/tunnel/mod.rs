@@ -323,16 +323,16 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, ctx: &Ctx) {
     };
     if !address_allowed(&ctx.settings.allowed_networks, peer) {
         let reason = "client address not in tunnel.allowed_networks";
+        refused(ctx, &record, "network_not_allowed", reason);
         // A TLS client cannot read a plain-text answer; it just sees the connection close.
         if !ctx.settings.tls {
             request::send_refusal(&mut tcp, 403, None, reason).await;
         }
-        refused(ctx, &record, "network_not_allowed", reason);
         return;
     }
     let _ = tcp.set_nodelay(true);
     let Some(tls) = ctx.shared.tls.as_ref().filter(|_| ctx.settings.tls) else {
-        serve(tcp, ctx, &mut record).await;
+        serve(tcp, ctx, &mut record, Ok).await;
         return;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
@@ -346,7 +346,7 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, ctx: &Ctx) {
             {
                 record.client = format!("{} serial={}", id.subject, id.serial);
             }
-            serve(stream, ctx, &mut record).await;
+            serve(stream, ctx, &mut record, Err).await;
         }
         Ok(Err(e)) => {
             let refusals = crate::tls::refusals_in_io(&e);
@@ -376,14 +376,22 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, ctx: &Ctx) {
 }
 
 /// Everything after the transport is established: the request, the checks, the relay.
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, ctx: &Ctx, record: &mut Record) {
+/// `plain` gives back the bare TCP socket when there is no TLS on the client leg (`Ok`), which
+/// lets the relay splice instead of copying.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut io: S,
+    ctx: &Ctx,
+    record: &mut Record,
+    plain: fn(S) -> Result<TcpStream, S>,
+) {
     let (upstream, rest, _slot) = match negotiate(&mut io, ctx, record).await {
         Ok(ready) => ready,
         Err(r) => {
+            // Recorded first: once the client has its answer, the audit and metrics show it.
+            refused(ctx, record, r.outcome, &r.reason);
             if r.status != 0 {
                 request::send_refusal(&mut io, r.status, r.header, &r.reason).await;
             }
-            refused(ctx, record, r.outcome, &r.reason);
             return;
         }
     };
@@ -391,7 +399,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, ctx: &Ctx, record: 
     count(metrics, "accepted");
     metrics.tunnels_open.inc();
     let counts = relay::Counts::default();
-    let end = established(io, upstream, rest, ctx, &counts).await;
+    let end = established(io, upstream, rest, ctx, &counts, plain).await;
     metrics.tunnels_open.dec();
     let up = counts.up.load(std::sync::atomic::Ordering::Relaxed);
     let down = counts.down.load(std::sync::atomic::Ordering::Relaxed);
@@ -415,6 +423,7 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
     rest: Vec<u8>,
     ctx: &Ctx,
     counts: &relay::Counts,
+    plain: fn(S) -> Result<TcpStream, S>,
 ) -> End {
     let metrics = &ctx.shared.metrics;
     let byte_counters = relay::ByteCounters {
@@ -443,15 +452,11 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
         idle: ctx.settings.idle_timeout,
         max_duration: ctx.settings.max_tunnel_duration,
     };
-    relay::relay(
-        io,
-        upstream,
-        &limits,
-        counts,
-        &byte_counters,
-        ctx.closing.clone(),
-    )
-    .await
+    let closing = ctx.closing.clone();
+    match plain(io) {
+        Ok(tcp) => relay::relay_tcp(tcp, upstream, &limits, counts, &byte_counters, closing).await,
+        Err(io) => relay::relay(io, upstream, &limits, counts, &byte_counters, closing).await,
+    }
 }
 
 /// The checks after the transport, in the order of SPEC §10. `Ok`: the connected destination,
