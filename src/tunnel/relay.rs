@@ -247,8 +247,9 @@ mod splice {
 
     use super::Meter;
 
-    /// Bytes moved per `splice` call: the default pipe capacity.
-    const CHUNK: usize = 64 * 1024;
+    /// The pipe's capacity and the most one `splice` moves: four times the default, which
+    /// measurably cuts wake-ups on bulk transfers and is still a small fixed window.
+    const CHUNK: usize = 256 * 1024;
 
     pub struct Pipe {
         read: OwnedFd,
@@ -263,12 +264,21 @@ mod splice {
                 return Err(std::io::Error::last_os_error());
             }
             // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-            Ok(unsafe {
+            let pipe = unsafe {
                 Pipe {
                     read: OwnedFd::from_raw_fd(fds[0]),
                     write: OwnedFd::from_raw_fd(fds[1]),
                 }
-            })
+            };
+            // SAFETY: a valid pipe descriptor; failure leaves the default size, which also works.
+            unsafe {
+                libc::fcntl(
+                    pipe.write.as_raw_fd(),
+                    libc::F_SETPIPE_SZ,
+                    CHUNK as libc::c_int,
+                )
+            };
+            Ok(pipe)
         }
     }
 
