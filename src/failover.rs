@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 /// How a host name becomes addresses. `Static` maps chosen names (tests, pinned deployments) and
-/// falls back to the system resolver for any other name.
+/// falls back to the system resolver for any other name; a name mapped to no address fails.
 #[derive(Debug, Clone, Default)]
 pub enum Resolver {
     #[default]
@@ -28,6 +28,13 @@ impl Resolver {
         if let Resolver::Static(map) = self
             && let Some(ips) = map.get(host)
         {
+            // A name mapped to no address stands for one that does not resolve (tests).
+            if ips.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{host} resolved to no address"),
+                ));
+            }
             return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
         }
         let mut out: Vec<SocketAddr> = Vec::new();
@@ -177,7 +184,10 @@ mod tests {
             "api.test".to_owned(),
             vec!["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()],
         );
+        map.insert("gone.test".to_owned(), Vec::new());
         let r = Resolver::Static(map);
+        let err = r.resolve("gone.test", 443).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
         assert_eq!(
             r.resolve("api.test", 8443).await.unwrap(),
             vec![

@@ -79,3 +79,91 @@ pub struct PasswordAccount {
     pub user: String,
     pub password_hash: Secret,
 }
+
+/// The user and password of an HTTP `Basic` credential (`Authorization` or
+/// `Proxy-Authorization`); the password stays a [`Secret`].
+pub struct BasicCredentials {
+    pub user: String,
+    pub password: Secret,
+}
+
+impl BasicCredentials {
+    /// Parse a header value `Basic base64(user:password)`; `None` when it is anything else.
+    pub fn parse(value: &str) -> Option<BasicCredentials> {
+        use base64::Engine as _;
+        let (scheme, encoded) = value.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()?;
+        let text = String::from_utf8(decoded).ok()?;
+        let (user, password) = text.split_once(':')?;
+        Some(BasicCredentials {
+            user: user.to_owned(),
+            password: Secret::new(password),
+        })
+    }
+}
+
+impl PasswordAccount {
+    /// Constant time on the user name, Argon2 on the password: neither leaks how close a guess
+    /// was. Argon2 is deliberately slow (tens of ms): async callers run it off the reactor.
+    pub fn verify(&self, credentials: Option<&BasicCredentials>) -> bool {
+        use subtle::ConstantTimeEq;
+        let Some(c) = credentials else {
+            return false;
+        };
+        let user_ok: bool = self.user.as_bytes().ct_eq(c.user.as_bytes()).into();
+        let password_ok = argon2::PasswordHash::new(self.password_hash.expose())
+            .and_then(|hash| {
+                argon2::PasswordVerifier::verify_password(
+                    &argon2::Argon2::default(),
+                    c.password.expose().as_bytes(),
+                    &hash,
+                )
+            })
+            .is_ok();
+        user_ok & password_ok
+    }
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::*;
+    use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
+
+    fn account(user: &str, password: &str) -> PasswordAccount {
+        let salt = SaltString::generate(&mut OsRng);
+        let hash = argon2::Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .unwrap();
+        PasswordAccount {
+            user: user.to_owned(),
+            password_hash: Secret::new(hash.to_string()),
+        }
+    }
+
+    #[test]
+    fn basic_values_parse_and_verify_against_the_hash() {
+        let acct = account("bwproxy", "pa:ss");
+        // base64("bwproxy:pa:ss"): the password may itself hold a colon.
+        let good = BasicCredentials::parse("Basic Yndwcm94eTpwYTpzcw==").unwrap();
+        assert_eq!(good.user, "bwproxy");
+        assert_eq!(good.password.expose(), "pa:ss");
+        assert!(acct.verify(Some(&good)));
+        assert!(acct.verify(BasicCredentials::parse("basic  Yndwcm94eTpwYTpzcw== ").as_ref()));
+        // base64("bwproxy:pa:sx") and base64("bwproxz:pa:ss")
+        for wrong in ["Basic Yndwcm94eTpwYTpzeA==", "Basic Yndwcm94ejpwYTpzcw=="] {
+            assert!(
+                !acct.verify(BasicCredentials::parse(wrong).as_ref()),
+                "{wrong}"
+            );
+        }
+        assert!(!acct.verify(None));
+        for bad in ["Bearer abc", "Basic !!!", "Basic", "Basic bm9jb2xvbg=="] {
+            assert!(BasicCredentials::parse(bad).is_none(), "{bad}");
+        }
+    }
+}

@@ -10,58 +10,22 @@ use std::time::{Duration, Instant};
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::{HttpRequest, HttpResponse, web};
-use base64::Engine as _;
-use subtle::ConstantTimeEq;
 use tracing::Instrument;
 
 use super::AppState;
 use crate::delivery::Finished;
 use crate::mapping::{self, MapContext, OciError, Plan};
 use crate::oci::{self, Command, ErrorClass, ParseLimits, Request, ResponseCommand, Session};
-use crate::secret::{PasswordAccount, Secret};
+use crate::secret::BasicCredentials;
 use crate::store::{AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, now_ms};
 
 /// How much of a document the audit keeps when flowthrough cannot use it.
 const EXCERPT_BYTES: usize = 64 * 1024;
 
 /// Basic credentials from the request, if any.
-struct Credentials {
-    user: String,
-    password: Secret,
-}
-
-fn basic_credentials(headers: &HeaderMap) -> Option<Credentials> {
+fn basic_credentials(headers: &HeaderMap) -> Option<BasicCredentials> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let encoded = value
-        .strip_prefix("Basic ")
-        .or_else(|| value.strip_prefix("basic "))?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let (user, password) = text.split_once(':')?;
-    Some(Credentials {
-        user: user.to_owned(),
-        password: Secret::new(password),
-    })
-}
-
-/// Constant time on the user name, Argon2 on the password: neither leaks how close a guess was.
-fn account_matches(account: &PasswordAccount, credentials: Option<&Credentials>) -> bool {
-    let Some(c) = credentials else {
-        return false;
-    };
-    let user_ok: bool = account.user.as_bytes().ct_eq(c.user.as_bytes()).into();
-    let password_ok = argon2::PasswordHash::new(account.password_hash.expose())
-        .and_then(|hash| {
-            argon2::PasswordVerifier::verify_password(
-                &argon2::Argon2::default(),
-                c.password.expose().as_bytes(),
-                &hash,
-            )
-        })
-        .is_ok();
-    user_ok & password_ok
+    BasicCredentials::parse(value)
 }
 
 fn content_type_ok(req: &HttpRequest) -> bool {
@@ -233,7 +197,7 @@ async fn process(
             continue;
         };
         if let Some(account) = &template.provisioning_account
-            && !account_matches(account, credentials.as_ref())
+            && !account.verify(credentials.as_ref())
         {
             return HttpResponse::Unauthorized()
                     .insert_header((

@@ -34,7 +34,7 @@ enterprise_mode = true
 user_verification = "untrusted_email"
 country = "CA"
 calling_code = "+1"
-# the hash of "s3cret-prov"
+# the hash of "example"
 provisioning_account = { user = "bwprov", password_hash = "$argon2id$v=19$m=19456,t=2,p=1$HtZRe3yMJpIqn3mydWJc/g$WSRbdHsv8TkI2m0TaLxdy4DPuG6ewn0F14ClEuMvv+4" }
 
 [template_overrides]
