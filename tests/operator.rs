@@ -41,6 +41,8 @@ fn sandbox_demo_sends_every_sample_and_succeeds() {
         "0",
         "--admin-port",
         "0",
+        "--tunnel-port",
+        "0",
     ]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(

@@ -332,7 +332,10 @@ async fn transport_refusals_basic_auth_413_415_400() {
     let (status, _) = post(&client, &url, foreign.to_owned()).await;
     assert_eq!(status, 400);
     let kept = get_text(&format!("{}/admin/audit?documents=true", server.admin)).await;
-    assert!(kept.contains("<user>u1</user>"), "the document is kept: {kept}");
+    assert!(
+        kept.contains("<user>u1</user>"),
+        "the document is kept: {kept}"
+    );
     assert!(!kept.contains("Hunter2!"), "passwords are redacted: {kept}");
     // 413: over max_body_bytes.
     let big = document(&format!(
@@ -575,4 +578,70 @@ async fn connections_past_their_maximum_age_are_closed_after_the_response() {
         "the AS reconnects and re-handshakes"
     );
     old.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_only_node_needs_no_webex_and_relays_to_an_allowed_destination() {
+    let world = World::new(SimOptions::default()).await;
+    let sim_port = world.sim.port;
+    // [server] keeps the certificates but no provisioning listener; no [webex] at all.
+    let text = world.config_text("", "");
+    let webex_at = text.find("[webex]").unwrap();
+    let text = format!(
+        "{}\n[tunnel]\nlisten = [\"127.0.0.1:0\"]\nallowed_destinations = [\"127.0.0.1:{sim_port}\"]\nallow_private_destinations = true\n",
+        &text[..webex_at]
+    )
+    .replace("listen = [\"127.0.0.1:0\"]\ncertificate", "listen = []\ncertificate");
+    let config = flowthrough::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+    assert!(config.webex.is_none());
+    let running = flowthrough::server::start(config).await.unwrap();
+    assert!(running.provisioning_addrs.is_empty());
+    let proxy = format!("https://localhost:{}", running.tunnel_addrs[0].port());
+    let pki = &world.pki;
+    let p = |path: &std::path::Path| path.display().to_string();
+    let output = tokio::process::Command::new("curl")
+        .args(["-sS", "--fail", "--proxy", &proxy])
+        .args([
+            "--proxy-cacert",
+            &p(&pki.ca_cert),
+            "--proxy-cert",
+            &p(&pki.client_cert),
+            "--proxy-key",
+            &p(&pki.client_key),
+        ])
+        .args(["--cacert", &p(&world.path("sim-ca.pem"))])
+        .arg(format!("https://127.0.0.1:{sim_port}/_sim/state"))
+        .output()
+        .await
+        .expect("curl is installed (.ci/run installs it)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let state: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(
+        state["subscribers"].is_array(),
+        "the simulator answered through the tunnel: {state}"
+    );
+    let metrics = get_text(&format!("http://{}/metrics", running.admin_addr)).await;
+    assert!(
+        metrics.contains("flowthrough_tunnels_total{outcome=\"accepted\"} 1"),
+        "{metrics}"
+    );
+    running.shutdown(Duration::from_secs(2)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_config_with_nothing_to_serve() {
+    let world = World::new(SimOptions::default()).await;
+    let text = world.config_text("", "").replace(
+        "listen = [\"127.0.0.1:0\"]\ncertificate",
+        "listen = []\ncertificate",
+    );
+    let config = flowthrough::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+    match flowthrough::server::start(config).await {
+        Err(e) => assert!(e.to_string().contains("nothing to serve"), "{e}"),
+        Ok(_) => panic!("a node with neither listener must not start"),
+    }
 }

@@ -154,29 +154,17 @@ pub fn run(args: DoctorArgs) -> ExitCode {
     }
 
     if let Some(tunnel) = &config.tunnel {
-        if !tunnel.tls {
-            report.line(
-                Verdict::Warn,
-                "tunnel TLS",
-                "tunnel.tls = false: the AS connects in plain TCP, only allowed_networks protects it; prefer tls = true",
-            );
-        }
-        for addr in &tunnel.listen {
-            report.check(&format!("tunnel listener {addr}"), bindable(*addr));
-        }
-        if !args.offline {
-            for destination in &tunnel.allowed_destinations {
-                if destination.starts_with("*.") {
-                    continue;
-                }
-                let result = runtime.block_on(tokio::net::lookup_host(destination.as_str()));
-                report.check(
-                    &format!("tunnel destination {destination}"),
-                    result
-                        .map(|addrs| format!("resolves to {} address(es)", addrs.count()))
-                        .map_err(|e| format!("does not resolve ({e}); check DNS in the DMZ or the name in allowed_destinations")),
-                );
-            }
+        let lines = runtime.block_on(crate::tunnel::check(
+            tunnel,
+            &crate::failover::Resolver::System,
+        ));
+        for line in lines {
+            let verdict = match line.level {
+                crate::tunnel::Level::Ok => Verdict::Pass,
+                crate::tunnel::Level::Warn => Verdict::Warn,
+                crate::tunnel::Level::Fail => Verdict::Fail,
+            };
+            report.line(verdict, &line.check, &line.detail);
         }
     }
     if let Some(server) = &config.server {

@@ -126,8 +126,12 @@ fn refresh_gauges(state: &AppState) {
         m.upstream_blocked_addresses
             .set(up.transport.blocked(&up.host, up.port).len() as i64);
     }
-    m.deliveries_paused
-        .set(i64::from(state.engine.paused_until().is_some()));
+    m.deliveries_paused.set(i64::from(
+        state
+            .engine
+            .as_ref()
+            .is_some_and(|e| e.paused_until().is_some()),
+    ));
     if let Some(tokens) = &state.tokens {
         let status = tokens.status();
         let now = now_ms() / 1000;
@@ -182,7 +186,7 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
             "pending": pending,
             "oldest_pending_ms": oldest,
             "dead": dead.len(),
-            "paused_for_rate_limit": state.engine.paused_until().is_some(),
+            "paused_for_rate_limit": state.engine.as_ref().is_some_and(|e| e.paused_until().is_some()),
         },
         "token": token,
         "recent_unreadable_documents": state.store.audit(&crate::store::AuditQuery {
@@ -251,7 +255,9 @@ async fn outbox_retry(state: web::Data<AppState>, id: web::Path<u64>) -> HttpRes
         Ok(true) => {
             if let Ok(Some(entry)) = state.store.entry(*id) {
                 let _ = state.store.flush().await;
-                state.engine.submit(&entry.new.user_id);
+                if let Some(engine) = &state.engine {
+                    engine.submit(&entry.new.user_id);
+                }
             }
             HttpResponse::Ok().json(json!({ "retried": *id }))
         }

@@ -59,7 +59,8 @@ pub struct AppState {
     pub languages: LanguageTable,
     pub settings: Settings,
     pub store: Store,
-    pub engine: Engine,
+    /// `None` on a tunnel-only node.
+    pub engine: Option<Engine>,
     pub metrics: Arc<Metrics>,
     pub tokens: Option<TokenManager>,
     /// The Webex transport and the API's host and port, for the blocked-addresses gauge.
@@ -121,13 +122,20 @@ pub fn provisioning_app(
 pub struct Running {
     pub provisioning_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
-    handle: actix_server::ServerHandle,
+    /// The tunnel's listen addresses (empty without `[tunnel]`).
+    pub tunnel_addrs: Vec<SocketAddr>,
+    /// `None` on a tunnel-only node (actix refuses a server without sockets).
+    provisioning: Option<(
+        actix_server::ServerHandle,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    )>,
     admin: actix_server::ServerHandle,
-    engine: Engine,
+    engine: Option<Engine>,
+    tunnel: Option<crate::tunnel::Tunnel>,
+    drain: Duration,
     store: Store,
     shutting_down: Arc<AtomicBool>,
     reload: admin::Reloader,
-    server_task: tokio::task::JoinHandle<std::io::Result<()>>,
     admin_task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -141,12 +149,26 @@ impl Running {
     /// way), stop deliveries, flush the store.
     pub async fn shutdown(self, grace: Duration) -> Result<(), ServeError> {
         self.shutting_down.store(true, Ordering::SeqCst);
-        self.handle.stop(true).await;
-        self.engine.stop();
-        let _ = tokio::time::timeout(grace, self.engine.idle()).await;
+        let tunnel = async {
+            if let Some(tunnel) = self.tunnel {
+                tunnel.shutdown(self.drain).await;
+            }
+        };
+        let provisioning = async {
+            if let Some((handle, _)) = &self.provisioning {
+                handle.stop(true).await;
+            }
+        };
+        tokio::join!(provisioning, tunnel);
+        if let Some(engine) = &self.engine {
+            engine.stop();
+            let _ = tokio::time::timeout(grace, engine.idle()).await;
+        }
         self.store.flush().await?;
         self.admin.stop(true).await;
-        let _ = self.server_task.await;
+        if let Some((_, task)) = self.provisioning {
+            let _ = task.await;
+        }
         let _ = self.admin_task.await;
         Ok(())
     }
@@ -175,43 +197,22 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let tls: CurrentTls = Arc::new(ArcSwap::new(loaded.config.clone()));
     admin::export_tls_metrics(&metrics, &server, &loaded);
 
-    let webex = config.webex.clone().ok_or_else(|| {
-        ServeError::Config(
-            "the config has no [webex] section; the provisioning listener needs the Webex API and credentials (remove [server].listen entries for a tunnel-only node)".to_owned(),
-        )
-    })?;
-    let transport = crate::webex::Transport::new(
-        crate::webex::TransportOptions::from_config(&webex, crate::failover::Resolver::System)
-            .map_err(|e| ServeError::Webex(e.to_string()))?,
-    )
-    .map_err(|e| ServeError::Webex(e.to_string()))?;
-    let tokens = TokenManager::new(&webex, store.clone(), transport.clone())
-        .map_err(|e| ServeError::Webex(e.to_string()))?;
-    let api = reqwest::Url::parse(&webex.api_base)
-        .map_err(|e| ServeError::Webex(format!("webex.api_base: {e}")))?;
-    let upstream = Upstream {
-        transport: transport.clone(),
-        host: api.host_str().unwrap_or_default().to_owned(),
-        port: api.port_or_known_default().unwrap_or(443),
+    let provisioning = !server.listen.is_empty();
+    if !provisioning && config.tunnel.is_none() {
+        return Err(ServeError::Config(
+            "nothing to serve: [server].listen is empty and there is no [tunnel] section; list a provisioning address or add [tunnel]".to_owned(),
+        ));
+    }
+    let delivery = if provisioning {
+        Some(start_delivery(&config, &store, &metrics)?)
+    } else {
+        None
     };
-    let client = WebexClient::new(&webex, transport, tokens.clone())
-        .map_err(|e| ServeError::Webex(e.to_string()))?;
-    let deliverer = Deliverer {
-        client,
-        store: store.clone(),
-        metrics: metrics.clone(),
-        follow_up: Duration::from_secs(webex.follow_up_s),
-    };
-    let engine = Engine::new(
-        store.clone(),
-        deliverer.attempt_fn(),
-        Limits {
-            max_parallel_users: webex.max_parallel_users,
-            max_entry_age: Duration::from_secs(config.store.max_entry_age_hours * 3600),
-        },
-    );
-    engine.start()?;
     spawn_housekeeping(store.clone(), &config.store);
+    let (engine, tokens, upstream) = match delivery {
+        Some((engine, tokens, upstream)) => (Some(engine), Some(tokens), Some(upstream)),
+        None => (None, None, None),
+    };
 
     let shutting_down = Arc::new(AtomicBool::new(false));
     let tls_loaded = Arc::new(AtomicBool::new(true));
@@ -221,8 +222,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         store: store.clone(),
         engine: engine.clone(),
         metrics: metrics.clone(),
-        tokens: Some(tokens.clone()),
-        upstream: Some(upstream),
+        tokens,
+        upstream,
         shutting_down: shutting_down.clone(),
         tls_loaded: tls_loaded.clone(),
         config: config.clone(),
@@ -261,9 +262,32 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             reason: e.to_string(),
         })?;
     }
-    let server_handle = builder.run();
-    let handle = server_handle.handle();
-    let server_task = tokio::spawn(server_handle);
+    let provisioning_server = provisioning.then(|| {
+        let server = builder.run();
+        (server.handle(), tokio::spawn(server))
+    });
+
+    let (tunnel, tunnel_addrs) = match &config.tunnel {
+        Some(tunnel_config) => {
+            let listeners = crate::tunnel::bind(&tunnel_config.listen)
+                .map_err(|e| ServeError::Config(e.to_string()))?;
+            let settings = crate::tunnel::TunnelSettings::from_config(
+                tunnel_config,
+                crate::failover::Resolver::System,
+            )
+            .map_err(|e| ServeError::Config(e.to_string()))?;
+            let shared = crate::tunnel::TunnelShared {
+                tls: Some(tls.clone()),
+                store: Some(store.clone()),
+                metrics: metrics.clone(),
+            };
+            let tunnel = crate::tunnel::start(listeners, settings, shared)
+                .map_err(|e| ServeError::Config(e.to_string()))?;
+            let addrs = tunnel.local_addrs().to_vec();
+            (Some(tunnel), addrs)
+        }
+        None => (None, Vec::new()),
+    };
 
     let reload = admin::Reloader {
         server: server.clone(),
@@ -278,15 +302,63 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     Ok(Running {
         provisioning_addrs,
         admin_addr,
-        handle,
+        tunnel_addrs,
+        provisioning: provisioning_server,
         admin: admin_handle,
         engine,
+        tunnel,
+        drain: Duration::from_secs(server.drain_seconds),
         store,
         shutting_down,
         reload,
-        server_task,
         admin_task,
     })
+}
+
+/// The Webex side of the provisioning listener: transport, token manager, client and the
+/// delivery engine (started, so entries left by a previous run are picked up).
+fn start_delivery(
+    config: &Config,
+    store: &Store,
+    metrics: &Arc<Metrics>,
+) -> Result<(Engine, TokenManager, Upstream), ServeError> {
+    let webex = config.webex.as_ref().ok_or_else(|| {
+        ServeError::Config(
+            "the config has no [webex] section; the provisioning listener needs the Webex API and credentials (empty [server].listen for a tunnel-only node)".to_owned(),
+        )
+    })?;
+    let webex_error = |e: &dyn std::fmt::Display| ServeError::Webex(e.to_string());
+    let transport = crate::webex::Transport::new(
+        crate::webex::TransportOptions::from_config(webex, crate::failover::Resolver::System)
+            .map_err(|e| webex_error(&e))?,
+    )
+    .map_err(|e| webex_error(&e))?;
+    let tokens =
+        TokenManager::new(webex, store.clone(), transport.clone()).map_err(|e| webex_error(&e))?;
+    let api = reqwest::Url::parse(&webex.api_base)
+        .map_err(|e| ServeError::Webex(format!("webex.api_base: {e}")))?;
+    let upstream = Upstream {
+        transport: transport.clone(),
+        host: api.host_str().unwrap_or_default().to_owned(),
+        port: api.port_or_known_default().unwrap_or(443),
+    };
+    let client = WebexClient::new(webex, transport, tokens.clone()).map_err(|e| webex_error(&e))?;
+    let deliverer = Deliverer {
+        client,
+        store: store.clone(),
+        metrics: metrics.clone(),
+        follow_up: Duration::from_secs(webex.follow_up_s),
+    };
+    let engine = Engine::new(
+        store.clone(),
+        deliverer.attempt_fn(),
+        Limits {
+            max_parallel_users: webex.max_parallel_users,
+            max_entry_age: Duration::from_secs(config.store.max_entry_age_hours * 3600),
+        },
+    );
+    engine.start()?;
+    Ok((engine, tokens, upstream))
 }
 
 /// Audit retention and the pruning of finished outbox entries, hourly (and once at start).
@@ -319,6 +391,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let running = start(config).await?;
     tracing::info!(
         provisioning = ?running.provisioning_addrs,
+        tunnel = ?running.tunnel_addrs,
         admin = %running.admin_addr,
         "flowthrough is serving"
     );

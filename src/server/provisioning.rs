@@ -115,6 +115,12 @@ async fn process(
     explicit: Option<&str>,
     started: Instant,
 ) -> HttpResponse {
+    let Some(engine) = &state.engine else {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node runs no provisioning listener",
+        );
+    };
     if state.shutting_down() {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -278,11 +284,11 @@ async fn process(
     let mut watches = Vec::new();
     for (_, _, step) in &steps {
         if let Step::Queued { id, .. } = step {
-            watches.push((*id, state.engine.watch(*id)));
+            watches.push((*id, engine.watch(*id)));
         }
     }
     for user in &user_ids {
-        state.engine.submit(user);
+        engine.submit(user);
     }
     let deadline = tokio::time::Instant::from_std(started) + state.settings.ack_deadline;
     let mut finished = std::collections::HashMap::new();
