@@ -675,6 +675,15 @@ async fn run_load(args: &Args, mut plan: Plan) -> Result<Value, LoadError> {
     }
     let failed: u64 = tally.errors.values().sum();
     let completed = tally.ok + failed;
+    // Exchanges that got an HTTP answer of any status: in handshake runs every one of them is a
+    // completed mutual-TLS handshake.
+    let answered = tally.ok
+        + tally
+            .errors
+            .iter()
+            .filter(|(k, _)| k.starts_with("http_") || k.starts_with("oci_"))
+            .map(|(_, v)| v)
+            .sum::<u64>();
     let h = &tally.latency;
     let ms = |v: u64| v as f64 / 1000.0;
     let mut report = json!({
@@ -690,6 +699,7 @@ async fn run_load(args: &Args, mut plan: Plan) -> Result<Value, LoadError> {
         "failed": failed,
         "requests_per_s": completed as f64 / elapsed,
         "ok_per_s": tally.ok as f64 / elapsed,
+        "answered_per_s": answered as f64 / elapsed,
         "latency_ms": {
             "p50": ms(h.value_at_quantile(0.50)),
             "p99": ms(h.value_at_quantile(0.99)),
