@@ -255,7 +255,7 @@ TOKEN=$(curl -sf --cacert "$WORK/sim/ca.pem" -d grant_type=refresh_token -d clie
 
 R=$WORK/results
 mkdir -p "$R"
-target_a() { load --target "127.0.0.1:$SIM_PORT" --path /v1/broadworks/subscribers --body "$WORK/webex-body.json" \
+target_a() { load --target "127.0.0.1:$SIM_PORT" --ca "$WORK/sim/ca.pem" --path /v1/broadworks/subscribers --body "$WORK/webex-body.json" \
   --content-type application/json --header "Authorization: Bearer $TOKEN" --server-pid "$SIM_PID" "$@"; }
 target_b() { load --target "127.0.0.1:$FT_PORT" --path /provisioning --body "$OCI_BODY" --server-pid "$FT_PID" "$@"; }
 target_c() { load --target "127.0.0.1:$NGX_PORT" --path /v1/broadworks/subscribers --body "$WORK/webex-body.json" \

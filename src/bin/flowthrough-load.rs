@@ -44,15 +44,15 @@ struct Args {
     /// TLS server name (SNI, and the name the server certificate must carry).
     #[arg(long, default_value = "localhost")]
     server_name: String,
-    /// Request path.
-    #[arg(long, default_value = "/provisioning")]
+    /// Request path (the last one given wins).
+    #[arg(long, default_value = "/provisioning", overrides_with = "path")]
     path: String,
-    /// HTTP method: POST sends a body, GET sends none.
-    #[arg(long, default_value = "POST")]
+    /// HTTP method: POST sends a body, GET sends none (the last one given wins).
+    #[arg(long, default_value = "POST", overrides_with = "method")]
     method: String,
-    /// CA bundle (PEM) the server certificate must chain to.
-    #[arg(long)]
-    ca: PathBuf,
+    /// CA bundle(s) (PEM) the server certificate may chain to (repeatable).
+    #[arg(long, required = true)]
+    ca: Vec<PathBuf>,
     /// Client certificate (PEM chain) for mutual TLS.
     #[arg(long)]
     cert: PathBuf,
@@ -189,10 +189,12 @@ fn tls_config(args: &Args) -> Result<Arc<rustls::ClientConfig>, LoadError> {
     };
     let bad = |e: String| LoadError::Tls(e);
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&read(&args.ca)?) {
-        roots
-            .add(cert.map_err(|e| bad(e.to_string()))?)
-            .map_err(|e| bad(e.to_string()))?;
+    for ca in &args.ca {
+        for cert in CertificateDer::pem_slice_iter(&read(ca)?) {
+            roots
+                .add(cert.map_err(|e| bad(e.to_string()))?)
+                .map_err(|e| bad(e.to_string()))?;
+        }
     }
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&args.cert)?)
         .collect::<Result<_, _>>()
