@@ -244,6 +244,9 @@ struct Tally {
     errors: BTreeMap<String, u64>,
     warnings: BTreeMap<String, u64>,
     acked: Vec<String>,
+    /// Fixed rate: requests whose slot came while every connection was still busy and that the
+    /// deadline then cut off (the target could not keep up with the offered rate).
+    unsent: u64,
 }
 
 impl Tally {
@@ -254,6 +257,7 @@ impl Tally {
             errors: BTreeMap::new(),
             warnings: BTreeMap::new(),
             acked: Vec::new(),
+            unsent: 0,
         }
     }
 
@@ -267,6 +271,7 @@ impl Tally {
             *self.warnings.entry(k).or_default() += v;
         }
         self.acked.extend(other.acked);
+        self.unsent += other.unsent;
     }
 }
 
@@ -509,6 +514,10 @@ async fn worker(
                     break;
                 }
                 tokio::time::sleep_until(at.into()).await;
+                if plan.deadline.is_some_and(|d| Instant::now() >= d) {
+                    tally.unsent += 1;
+                    break;
+                }
                 at
             }
             None => {
@@ -711,6 +720,7 @@ async fn run_load(args: &Args, mut plan: Plan) -> Result<Value, LoadError> {
         },
         "errors": tally.errors,
         "warnings": tally.warnings,
+        "unsent_behind_schedule": tally.unsent,
     });
     if let (Some(b), Some(a)) = (before, after) {
         report["server"] = json!({
