@@ -309,7 +309,7 @@ simctl '{"server_error_ratio": 1.0}'
 target_b -c 256 --requests "$N_OUTAGE" --json >"$R/outage-b.json"
 echo "{\"pending_at_recovery\": $(pending)}" >"$R/outage-pending.json"
 simctl '{"server_error_ratio": 0.0}'
-wait_drained 300 >"$R/outage-drain.txt"
+wait_drained 180 >"$R/outage-drain.txt"
 
 # ---------------------------------------------------------------------------------------------
 say "writing bench/RESULTS.md"

@@ -13,8 +13,8 @@ use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -132,7 +132,9 @@ enum LoadError {
 fn is_loopback(addr: &SocketAddr) -> bool {
     match addr.ip() {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -396,8 +398,7 @@ fn decode_chunked(raw: &[u8]) -> Result<Option<Vec<u8>>, String> {
         };
         let size_text = String::from_utf8_lossy(&raw[pos..pos + eol]).into_owned();
         let size_hex = size_text.split(';').next().unwrap_or("").trim();
-        let size =
-            usize::from_str_radix(size_hex, 16).map_err(|_| "http_bad_chunk".to_owned())?;
+        let size = usize::from_str_radix(size_hex, 16).map_err(|_| "http_bad_chunk".to_owned())?;
         pos += eol + 2;
         if size == 0 {
             // Trailers end with an empty line.
@@ -448,11 +449,7 @@ async fn connect(plan: &Plan) -> Result<TlsStream<TcpStream>, String> {
 }
 
 /// One exchange on `conn` (opening it when absent); the connection is kept only when reusable.
-async fn exchange(
-    plan: &Plan,
-    conn: &mut Option<TlsStream<TcpStream>>,
-    request: &[u8],
-) -> Outcome {
+async fn exchange(plan: &Plan, conn: &mut Option<TlsStream<TcpStream>>, request: &[u8]) -> Outcome {
     let stream = match conn {
         Some(s) => s,
         None => match connect(plan).await {
@@ -466,10 +463,10 @@ async fn exchange(
     }
     match read_response(stream).await {
         Ok(response) => {
-            if response.close || plan.new_connection {
-                if let Some(mut s) = conn.take() {
-                    let _ = s.shutdown().await;
-                }
+            if (response.close || plan.new_connection)
+                && let Some(mut s) = conn.take()
+            {
+                let _ = s.shutdown().await;
             }
             judge(&response)
         }
@@ -899,10 +896,21 @@ mod tests {
 
     #[test]
     fn only_loopback_targets_pass() {
-        for ok in ["127.0.0.1:1", "127.9.8.7:443", "[::1]:8443", "[::ffff:127.0.0.1]:1"] {
+        for ok in [
+            "127.0.0.1:1",
+            "127.9.8.7:443",
+            "[::1]:8443",
+            "[::ffff:127.0.0.1]:1",
+        ] {
             assert!(is_loopback(&ok.parse().unwrap()), "{ok}");
         }
-        for bad in ["10.0.0.1:443", "0.0.0.0:443", "[::]:1", "192.168.1.1:1", "[2001:db8::1]:1"] {
+        for bad in [
+            "10.0.0.1:443",
+            "0.0.0.0:443",
+            "[::]:1",
+            "192.168.1.1:1",
+            "[2001:db8::1]:1",
+        ] {
             assert!(!is_loopback(&bad.parse().unwrap()), "{bad}");
         }
     }
@@ -954,12 +962,19 @@ mod tests {
     #[test]
     fn responses_are_judged_by_status_then_oci_codes() {
         let ok = r#"<BroadsoftDocument><command echo="" xsi:type="SuccessResponse"/></BroadsoftDocument>"#;
-        assert!(matches!(judge(&response(200, ok)), Outcome::Ok { warnings } if warnings.is_empty()));
+        assert!(
+            matches!(judge(&response(200, ok)), Outcome::Ok { warnings } if warnings.is_empty())
+        );
         let pending = r#"<command xmlns="" type="Warning" echo="" xsi:type="ErrorResponse"><errorCode>7020</errorCode></command>"#;
-        assert!(matches!(judge(&response(200, pending)), Outcome::Ok { warnings } if warnings == vec![7020]));
+        assert!(
+            matches!(judge(&response(200, pending)), Outcome::Ok { warnings } if warnings == vec![7020])
+        );
         let rejected = r#"<command xmlns="" type="Error" echo="" xsi:type="ErrorResponse"><errorCode>7010</errorCode></command>"#;
         assert!(matches!(judge(&response(200, rejected)), Outcome::Failed(k) if k == "oci_7010"));
         assert!(matches!(judge(&response(429, "")), Outcome::Failed(k) if k == "http_429"));
-        assert!(matches!(judge(&response(200, r#"{"id":"s"}"#)), Outcome::Ok { .. }));
+        assert!(matches!(
+            judge(&response(200, r#"{"id":"s"}"#)),
+            Outcome::Ok { .. }
+        ));
     }
 }

@@ -531,7 +531,11 @@ impl SimState {
             return error(404, "Subscriber not found", &[]);
         };
         if let Some(u) = fields.get("userId") {
-            let old = self.subs.get(at).and_then(|s| s.fields.get("userId")).cloned();
+            let old = self
+                .subs
+                .get(at)
+                .and_then(|s| s.fields.get("userId"))
+                .cloned();
             self.count_user_id(old.as_ref(), -1);
             self.count_user_id(Some(u), 1);
         }
