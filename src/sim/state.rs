@@ -153,6 +153,10 @@ pub struct SimState {
     refresh_tokens: HashMap<String, Instant>,
     access_tokens: HashMap<String, Instant>,
     subs: Vec<Sub>,
+    /// Position of each subscriber id in `subs`, and how many subscribers carry each userId:
+    /// lookups stay O(1) when benchmarks create tens of thousands of subscribers.
+    positions: HashMap<String, usize>,
+    user_ids: HashMap<String, usize>,
     counters: BTreeMap<String, u64>,
     window: (Instant, u32),
 }
@@ -174,6 +178,8 @@ impl SimState {
             refresh_tokens,
             access_tokens: HashMap::new(),
             subs: Vec::new(),
+            positions: HashMap::new(),
+            user_ids: HashMap::new(),
             counters: BTreeMap::new(),
             window: (Instant::now(), 0),
         }
@@ -426,10 +432,25 @@ impl SimState {
     }
 
     fn duplicate(&self, user_id: &str, except: Option<&str>) -> bool {
-        self.subs.iter().any(|s| {
-            s.fields.get("userId").map(String::as_str) == Some(user_id)
-                && Some(s.id.as_str()) != except
-        })
+        let carriers = self.user_ids.get(user_id).copied().unwrap_or(0);
+        let except_carries = except
+            .and_then(|id| self.find(id))
+            .is_some_and(|s| s.fields.get("userId").map(String::as_str) == Some(user_id));
+        carriers > usize::from(except_carries)
+    }
+
+    fn find(&self, id: &str) -> Option<&Sub> {
+        self.positions.get(id).and_then(|&i| self.subs.get(i))
+    }
+
+    fn count_user_id(&mut self, user_id: Option<&String>, delta: isize) {
+        if let Some(u) = user_id {
+            let n = self.user_ids.entry(u.clone()).or_default();
+            *n = n.saturating_add_signed(delta);
+            if *n == 0 {
+                self.user_ids.remove(u);
+            }
+        }
     }
 
     pub fn provision(&mut self, body: &Value) -> Reply {
@@ -461,6 +482,8 @@ impl SimState {
             fails,
         };
         let out = self.sub_json(&sub);
+        self.count_user_id(sub.fields.get("userId"), 1);
+        self.positions.insert(sub.id.clone(), self.subs.len());
         self.subs.push(sub);
         ok(out)
     }
@@ -504,7 +527,19 @@ impl SimState {
             );
         }
         let delay = Duration::from_millis(self.control.provisioning_delay_ms);
-        let Some(sub) = self.subs.iter_mut().find(|s| s.id == id) else {
+        let Some(&at) = self.positions.get(id) else {
+            return error(404, "Subscriber not found", &[]);
+        };
+        if let Some(u) = fields.get("userId") {
+            let old = self
+                .subs
+                .get(at)
+                .and_then(|s| s.fields.get("userId"))
+                .cloned();
+            self.count_user_id(old.as_ref(), -1);
+            self.count_user_id(Some(u), 1);
+        }
+        let Some(sub) = self.subs.get_mut(at) else {
             return error(404, "Subscriber not found", &[]);
         };
         for (k, v) in fields {
@@ -521,17 +556,19 @@ impl SimState {
     }
 
     pub fn remove(&mut self, id: &str) -> Reply {
-        let before = self.subs.len();
-        self.subs.retain(|s| s.id != id);
-        if self.subs.len() == before {
-            error(404, "Subscriber not found", &[])
-        } else {
-            Reply::Empty(204)
+        let Some(at) = self.positions.remove(id) else {
+            return error(404, "Subscriber not found", &[]);
+        };
+        let sub = self.subs.remove(at);
+        self.count_user_id(sub.fields.get("userId"), -1);
+        for (i, s) in self.subs.iter().enumerate().skip(at) {
+            self.positions.insert(s.id.clone(), i);
         }
+        Reply::Empty(204)
     }
 
     pub fn get(&self, id: &str) -> Reply {
-        match self.subs.iter().find(|s| s.id == id) {
+        match self.find(id) {
             Some(s) => ok(self.sub_json(s)),
             None => error(404, "Subscriber not found", &[]),
         }

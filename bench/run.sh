@@ -1,0 +1,411 @@
+#!/usr/bin/env bash
+# The flowthrough benchmark harness: one run, one load generator, one set of certificates,
+# three targets — (a) the Webex API simulator directly, (b) flowthrough, (c) nginx as a plain
+# mutual-TLS reverse proxy — all on loopback. See bench/README.md.
+#
+#   bench/run.sh [--short|--long]     the comparison; writes bench/RESULTS.md (default ≤ 10 min)
+#   bench/run.sh soak [MINUTES]       RSS and open fds of flowthrough under steady load (default 30)
+#   bench/run.sh crash [N]            kill -9 flowthrough N times under load (default 20), then
+#                                     compare acknowledged requests with the simulator's subscribers
+#
+# Environment: CARGO_TARGET_DIR (default target), BENCH_PORT_BASE (default 18440),
+# BENCH_KEEP=1 keeps the work directory.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET/release/flowthrough
+LOAD=$TARGET/release/flowthrough-load
+BASE=${BENCH_PORT_BASE:-18440}
+SIM_PORT=$BASE
+FT_PORT=$((BASE + 1))
+NGX_PORT=$((BASE + 2))
+ADMIN_PORT=$((BASE + 3))
+# Both proxies get the same number of worker processes/threads as flowthrough has (2, fixed in
+# src/server/mod.rs); the generator runs on 1 thread.
+WORKERS=2
+CONNS=${BENCH_CONNECTIONS:-64}
+
+MODE=bench
+DUR=10
+case "${1:-}" in
+  --short) DUR=4 ;;
+  --long) DUR=30 ;;
+  soak) MODE=soak; SOAK_MIN=${2:-30} ;;
+  crash) MODE=crash; CRASH_N=${2:-20} ;;
+  "") ;;
+  *) echo "usage: bench/run.sh [--short|--long] | soak [MINUTES] | crash [N]" >&2; exit 1 ;;
+esac
+
+say() { printf '\n== %s\n' "$*" >&2; }
+die() { echo "error: $*" >&2; exit 1; }
+
+for tool in curl jq; do
+  command -v "$tool" >/dev/null || die "$tool is needed (apt-get install $tool)"
+done
+
+say "building release binaries"
+(cd "$ROOT" && cargo build --release --locked --bins >&2)
+
+WORK=$(mktemp -d /var/tmp/flowthrough-bench.XXXXXX)
+SIM_PID= FT_PID= NGX_PID= LOAD_PID=
+cleanup() {
+  # Only the processes this script started and that are still current.
+  for pid in $LOAD_PID $FT_PID $NGX_PID $SIM_PID; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "${BENCH_KEEP:-0}" = 1 ]; then echo "work directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+wait_tcp() { # port, what
+  for _ in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  die "$2 did not start listening on 127.0.0.1:$1 (see $WORK/*.log)"
+}
+
+say "certificates (ECDSA P-256) in $WORK/pki"
+"$BIN" certs ca --cn "flowthrough bench CA" --out "$WORK/pki" >/dev/null
+"$BIN" certs server --ca "$WORK/pki" --dns localhost --ip 127.0.0.1 --out "$WORK/pki" >/dev/null
+"$BIN" certs client --ca "$WORK/pki" --out "$WORK/pki" >/dev/null
+
+say "Webex API simulator on 127.0.0.1:$SIM_PORT (no added latency)"
+SECRET=bench-secret-$RANDOM$RANDOM
+REFRESH=bench-refresh-$RANDOM$RANDOM
+start_sim() {
+  "$BIN" simulator --listen "127.0.0.1:$SIM_PORT" --out "$WORK/sim" --client-id bench \
+    --client-secret "$SECRET" --refresh-token "$REFRESH" >>"$WORK/sim.log" 2>&1 &
+  SIM_PID=$!
+  wait_tcp "$SIM_PORT" simulator
+}
+start_sim
+SIM="https://127.0.0.1:$SIM_PORT"
+simctl() { curl -sf --cacert "$WORK/sim/ca.pem" -H 'content-type: application/json' -d "$1" "$SIM/_sim/control" >/dev/null; }
+simstate() { curl -sf --cacert "$WORK/sim/ca.pem" "$SIM/_sim/state"; }
+
+printf '%s' "$SECRET" >"$WORK/client_secret"
+printf '%s' "$REFRESH" >"$WORK/refresh_token"
+cat >"$WORK/flowthrough.toml" <<EOF
+default_template = "acme"
+
+[server]
+listen = ["127.0.0.1:$FT_PORT"]
+certificate = "$WORK/pki/server.pem"
+private_key = "$WORK/pki/server.key"
+client_ca = "$WORK/pki/ca.pem"
+public_name = "localhost"
+
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
+
+[store]
+path = "$WORK/store"
+
+[log]
+level = "info"
+
+[webex]
+api_base = "$SIM/v1"
+token_url = "$SIM/v1/access_token"
+ca_bundle = "$WORK/sim/ca.pem"
+client_id = "bench"
+client_secret_file = "$WORK/client_secret"
+refresh_token_file = "$WORK/refresh_token"
+
+[templates.acme]
+provisioning_id = "prov-acme"
+package = "standard"
+enterprise_mode = true
+user_verification = "trusted_email"
+country = "US"
+calling_code = "+1"
+default_language = "en_US"
+default_timezone = "America/New_York"
+
+[template_overrides]
+"acme-ent" = "acme"
+EOF
+
+start_flowthrough() {
+  "$BIN" serve --config "$WORK/flowthrough.toml" >>"$WORK/flowthrough.log" 2>&1 &
+  FT_PID=$!
+  for _ in $(seq 1 300); do
+    if curl -sf "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1; then return 0; fi
+    kill -0 "$FT_PID" 2>/dev/null || die "flowthrough exited at start; see $WORK/flowthrough.log"
+    sleep 0.1
+  done
+  die "flowthrough not ready after 30 s; see $WORK/flowthrough.log"
+}
+pending() { curl -sf "http://127.0.0.1:$ADMIN_PORT/status" | jq '.outbox.pending'; }
+wait_drained() { # timeout seconds; prints the seconds it took
+  local start now
+  start=$(date +%s.%N)
+  while :; do
+    now=$(date +%s.%N)
+    if [ "$(pending 2>/dev/null || echo x)" = 0 ]; then break; fi
+    if awk -v s="$start" -v n="$now" -v t="$1" 'BEGIN{exit !(n - s > t)}'; then echo "timeout"; return; fi
+    sleep 0.1
+  done
+  awk -v s="$start" -v n="$now" 'BEGIN{printf "%.1f", n - s}'
+}
+
+# The generator with this run's certificates.
+load() { "$LOAD" --ca "$WORK/pki/ca.pem" --cert "$WORK/pki/client.pem" --key "$WORK/pki/client.key" --threads 1 "$@"; }
+OCI_BODY="$ROOT/schemas/samples/user-add-17sp4.xml"
+
+# ---------------------------------------------------------------------------------------------
+if [ "$MODE" = soak ]; then
+  start_flowthrough
+  RATE=${BENCH_SOAK_RATE:-100}
+  say "soak: $SOAK_MIN min at $RATE req/s through flowthrough (pid $FT_PID), sampled every 10 s"
+  load --target "127.0.0.1:$FT_PORT" --body "$OCI_BODY" --rate "$RATE" -c 16 \
+    --duration $((SOAK_MIN * 60)) --json >"$WORK/soak-load.json" &
+  LOAD_PID=$!
+  echo "t_s rss_kib fds" | tee "$WORK/soak.txt"
+  t=0
+  while kill -0 "$LOAD_PID" 2>/dev/null; do
+    rss=$(awk '/^VmRSS:/{print $2}' "/proc/$FT_PID/status")
+    fds=$(find "/proc/$FT_PID/fd" -mindepth 1 -maxdepth 1 | wc -l)
+    echo "$t $rss $fds" | tee -a "$WORK/soak.txt"
+    sleep 10
+    t=$((t + 10))
+  done
+  wait "$LOAD_PID" || true
+  jq -c '{requests, ok_per_s, latency_ms, errors}' "$WORK/soak-load.json"
+  # Flat: the last third's mean is within 10 % (RSS) / 10 fds of the middle third's, after the
+  # first third (warm-up: sled's cache and the allocator's arenas fill up) is set aside.
+  awk 'NR > 1 { t[n] = $1; r[n] = $2; f[n] = $3; n++ }
+    END {
+      if (n < 6) { print "verdict: too short to judge (" n " samples; run at least 1 minute)"; exit }
+      a = int(n / 3); b = int(2 * n / 3)
+      for (i = a; i < b; i++) { rm += r[i]; fm += f[i] } rm /= (b - a); fm /= (b - a)
+      for (i = b; i < n; i++) { rl += r[i]; fl += f[i] } rl /= (n - b); fl /= (n - b)
+      flat = (rl <= rm * 1.10) && (fl <= fm + 10)
+      printf "middle third: RSS %.1f MiB, %.0f fds; last third: RSS %.1f MiB, %.0f fds\n", rm / 1024, fm, rl / 1024, fl
+      print "verdict: " (flat ? "FLAT (no leak seen)" : "GROWING (look for a leak)")
+    }' "$WORK/soak.txt"
+  exit 0
+fi
+
+# ---------------------------------------------------------------------------------------------
+if [ "$MODE" = crash ]; then
+  start_flowthrough
+  ACKED=$WORK/acked.txt
+  : >"$ACKED"
+  say "crash: $CRASH_N × kill -9 of flowthrough under load, restart on the same store"
+  for i in $(seq 1 "$CRASH_N"); do
+    load --target "127.0.0.1:$FT_PORT" --body "$OCI_BODY" --run "crash$i-$RANDOM" -c 32 \
+      --duration 4 --acked-out "$ACKED" --json >"$WORK/crash-$i.json" &
+    LOAD_PID=$!
+    sleep "$(awk -v r="$RANDOM" 'BEGIN{printf "%.3f", 0.5 + (r % 3000) / 1000}')"
+    kill -9 "$FT_PID"
+    wait "$FT_PID" 2>/dev/null || true
+    wait "$LOAD_PID" || true
+    printf 'kill %2d: %s\n' "$i" "$(jq -c '{ok, errors, warnings}' "$WORK/crash-$i.json")" >&2
+    start_flowthrough
+  done
+  drained=$(wait_drained 120)
+  say "outbox drained after the last restart in ${drained} s"
+  simstate >"$WORK/sim-state.json"
+  jq -r '.subscribers[].userId' "$WORK/sim-state.json" | sort >"$WORK/delivered.txt"
+  sort -u "$ACKED" >"$WORK/acked-sorted.txt"
+  acked=$(wc -l <"$WORK/acked-sorted.txt")
+  lost=$(comm -23 "$WORK/acked-sorted.txt" "$WORK/delivered.txt" | wc -l)
+  dup=$(uniq -d "$WORK/delivered.txt" | wc -l)
+  extra=$(comm -13 "$WORK/acked-sorted.txt" <(sort -u "$WORK/delivered.txt") | wc -l)
+  posts=$(jq '.counters.provision // 0' "$WORK/sim-state.json")
+  subs=$(wc -l <"$WORK/delivered.txt")
+  echo "kills: $CRASH_N"
+  echo "acknowledged requests: $acked"
+  echo "lost = $lost (acknowledged, not at the simulator)"
+  echo "duplicated = $dup (userIds with more than one subscriber)"
+  echo "delivered without an acknowledgement (in flight at a kill, stored before it): $extra"
+  echo "POSTs received by the simulator: $posts for $subs subscribers (re-sent POSTs answered 409: $((posts - subs)))"
+  comm -23 "$WORK/acked-sorted.txt" "$WORK/delivered.txt" | head -20
+  [ "$lost" = 0 ] && [ "$dup" = 0 ]
+  exit $?
+fi
+
+# ---------------------------------------------------------------------------------------------
+start_flowthrough
+
+say "nginx (plain mTLS reverse proxy) on 127.0.0.1:$NGX_PORT"
+if ! command -v nginx >/dev/null; then
+  echo "nginx is missing: installing the Debian package" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y nginx >&2
+fi
+mkdir -p "$WORK/nginx"
+sed -e "s|@WORK@|$WORK|g" -e "s|@PORT@|$NGX_PORT|g" -e "s|@SIM_PORT@|$SIM_PORT|g" \
+  -e "s|@PKI@|$WORK/pki|g" -e "s|@SIM_CA@|$WORK/sim/ca.pem|g" -e "s|@WORKERS@|$WORKERS|g" \
+  "$ROOT/bench/nginx.conf.template" >"$WORK/nginx/nginx.conf"
+nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx.log" 2>&1 &
+NGX_PID=$!
+wait_tcp "$NGX_PORT" nginx
+sleep 0.3
+NGX_PIDS=("$NGX_PID")
+for p in $(pgrep -P "$NGX_PID"); do NGX_PIDS+=("$p"); done
+NGX_PID_ARGS=()
+for p in "${NGX_PIDS[@]}"; do NGX_PID_ARGS+=(--server-pid "$p"); done
+
+# (a) and (c) send the Webex call flowthrough itself would make for the same document, with a
+# bearer token from the simulator: the same upstream work as (b), minus translation and the outbox.
+TOKEN=$(curl -sf --cacert "$WORK/sim/ca.pem" -d grant_type=refresh_token -d client_id=bench \
+  --data-urlencode "client_secret=$SECRET" --data-urlencode "refresh_token=$REFRESH" \
+  "$SIM/v1/access_token" | jq -r .access_token)
+"$BIN" translate "$OCI_BODY" --config "$WORK/flowthrough.toml" --json |
+  jq -c '.commands[0].webex.body' >"$WORK/webex-body.json"
+
+R=$WORK/results
+mkdir -p "$R"
+target_a() { load --target "127.0.0.1:$SIM_PORT" --ca "$WORK/sim/ca.pem" --path /v1/broadworks/subscribers --body "$WORK/webex-body.json" \
+  --content-type application/json --header "Authorization: Bearer $TOKEN" --server-pid "$SIM_PID" "$@"; }
+target_b() { load --target "127.0.0.1:$FT_PORT" --path /provisioning --body "$OCI_BODY" --server-pid "$FT_PID" "$@"; }
+target_c() { load --target "127.0.0.1:$NGX_PORT" --path /v1/broadworks/subscribers --body "$WORK/webex-body.json" \
+  --content-type application/json --header "Authorization: Bearer $TOKEN" "${NGX_PID_ARGS[@]}" "$@"; }
+
+# Idle first, so each process's RSS is its footprint with the connections, not after a load run.
+say "1,000 idle mTLS connections"
+target_a --idle 1000 --json >"$R/idle-a.json"
+target_b --idle 1000 --json >"$R/idle-b.json"
+target_c --idle 1000 --json >"$R/idle-c.json"
+
+say "warm-up"
+for t in a b c; do "target_$t" -c "$CONNS" --duration 2 --json >/dev/null; done
+
+say "max throughput, keep-alive, $CONNS connections, ${DUR} s each"
+for t in a b c; do "target_$t" -c "$CONNS" --duration "$DUR" --json >"$R/max-$t.json"; done
+
+HALF=$(jq '.ok_per_s / 2 | floor' "$R/max-b.json")
+[ "$HALF" -ge 1 ] || HALF=1
+say "latency at half of flowthrough's max: $HALF req/s fixed rate on all three"
+for t in a b c; do "target_$t" -c "$CONNS" --rate "$HALF" --duration "$DUR" --json >"$R/half-$t.json"; done
+
+say "new-connection handshakes (GET /tls-probe, answered locally), 16 clients"
+for t in a b c; do
+  "target_$t" --new-connection --method GET --path /tls-probe -c 16 --duration "$DUR" --json >"$R/handshake-$t.json"
+done
+
+wait_drained 60 >/dev/null
+
+LIMIT=${BENCH_RATE_LIMIT:-$(( HALF / 2 > 20 ? HALF / 2 : 20 ))}
+LIMIT_DUR=$((DUR * 2))
+say "upstream rate limit R = $LIMIT/s, offered 2R for ${LIMIT_DUR} s"
+# Counted from flowthrough's own metrics: the simulator's state dump lists every subscriber (hundreds
+# of thousands by now) under its lock, and reading it would stall the run being measured.
+metrics() { curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" | grep '^flowthrough_webex_calls_total' || true; }
+for t in b c; do
+  metrics >"$R/limit-$t-before.txt"
+  simctl "{\"rate_limit_per_s\": $LIMIT}"
+  "target_$t" -c "$CONNS" --rate $((LIMIT * 2)) --duration "$LIMIT_DUR" --json >"$R/limit-$t.json"
+  metrics >"$R/limit-$t-after.txt"
+  simctl '{"rate_limit_per_s": 0}'
+  if [ "$t" = b ]; then wait_drained 120 >"$R/limit-b-drain.txt"; fi
+done
+
+N_OUTAGE=${BENCH_OUTAGE_REQUESTS:-$((DUR * 100))}
+say "outage: the simulator answers 503, $N_OUTAGE requests queue, then it recovers"
+simctl '{"server_error_ratio": 1.0}'
+target_b -c 256 --requests "$N_OUTAGE" --json >"$R/outage-b.json"
+echo "{\"pending_at_recovery\": $(pending)}" >"$R/outage-pending.json"
+simctl '{"server_error_ratio": 0.0}'
+wait_drained 180 >"$R/outage-drain.txt"
+
+# ---------------------------------------------------------------------------------------------
+say "writing bench/RESULTS.md"
+j() { jq -r "$1" "$R/$2"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+metric_sum() { # file, label filter (awk regex)
+  awk -v f="$2" '$1 ~ f { s += $2 } END { printf "%d", s }' "$1"
+}
+limit_row() { # b: from flowthrough's metrics; c: from the generator's answers
+  local subs calls n429
+  if [ "$1" = b ]; then
+    subs=$(( $(metric_sum "$R/limit-b-after.txt" 'call="provision".*status="ok"') - $(metric_sum "$R/limit-b-before.txt" 'call="provision".*status="ok"') ))
+    calls=$(( $(metric_sum "$R/limit-b-after.txt" .) - $(metric_sum "$R/limit-b-before.txt" .) ))
+    n429=$(( $(metric_sum "$R/limit-b-after.txt" 'status="429"') - $(metric_sum "$R/limit-b-before.txt" 'status="429"') ))
+  else
+    subs=$(jq .ok "$R/limit-c.json"); calls=$(jq .requests "$R/limit-c.json"); n429=$(jq '.errors.http_429 // 0' "$R/limit-c.json")
+  fi
+  awk -v s="$subs" -v d="$LIMIT_DUR" -v r="$LIMIT" -v c="$calls" -v q="$n429" \
+    'BEGIN{ printf "%.1f/s = %.2f R | %.1f %% (%d of %d upstream calls)", s / d, s / d / r, (c > 0 ? 100 * q / c : 0), q, c }'
+}
+MAX_B=$(j .ok_per_s max-b.json); MAX_C=$(j .ok_per_s max-c.json)
+HS_B=$(j .answered_per_s handshake-b.json); HS_C=$(j .answered_per_s handshake-c.json)
+P99A=$(j .latency_ms.p99 half-a.json)
+added() { awk -v x="$(j .latency_ms.p99 "half-$1.json")" -v a="$P99A" 'BEGIN{printf "%.2f", x - a}'; }
+row() { # label file-stem
+  printf '| %s | %.0f | %.0f | %.0f |\n' "$1" "$(j "$3" "$2-a.json")" "$(j "$3" "$2-b.json")" "$(j "$3" "$2-c.json")"
+}
+CMD="bench/run.sh${1:+ $1}"
+SECTION=$WORK/section.md
+{
+  echo "<!-- bench:start (written by bench/run.sh; everything outside these markers is kept) -->"
+  echo "## Comparison: (a) simulator direct, (b) flowthrough, (c) nginx mTLS proxy"
+  echo
+  echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') in one run with \`$CMD\` (${DUR} s per measurement)."
+  echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -h | awk '/^Mem:/{print $2}') RAM."
+  echo "Generator: \`flowthrough-load\`, 1 thread, $CONNS keep-alive connections; flowthrough: 2 workers (fixed),"
+  echo "log level info, store on disk (\`$WORK\` is under /var/tmp); nginx $(nginx -v 2>&1 | cut -d/ -f2): $WORKERS workers,"
+  echo "access log on, upstream keep-alive; simulator: 2 workers. Everything shares the same $(nproc) cores."
+  echo
+  echo "| scenario | (a) direct | (b) flowthrough | (c) nginx | b/c | target |"
+  echo "| --- | --- | --- | --- | --- | --- |"
+  printf '| max throughput, keep-alive (ok req/s) | %.0f | %.0f | %.0f | %s | b/c ≥ 1.0 |\n' \
+    "$(j .ok_per_s max-a.json)" "$MAX_B" "$MAX_C" "$(ratio "$MAX_B" "$MAX_C")"
+  printf '| server CPU per request at max (µs) | %.0f | %.0f | %.0f | %s | |\n' \
+    "$(j .server.cpu_per_request_us max-a.json)" "$(j .server.cpu_per_request_us max-b.json)" \
+    "$(j .server.cpu_per_request_us max-c.json)" \
+    "$(ratio "$(j .server.cpu_per_request_us max-b.json)" "$(j .server.cpu_per_request_us max-c.json)")"
+  printf '| p50 / p99 / p99.9 ms at %s req/s | %s / %s / %s | %s / %s / %s | %s / %s / %s | | |\n' "$HALF" \
+    "$(j .latency_ms.p50 half-a.json)" "$(j .latency_ms.p99 half-a.json)" "$(j .latency_ms.p99_9 half-a.json)" \
+    "$(j .latency_ms.p50 half-b.json)" "$(j .latency_ms.p99 half-b.json)" "$(j .latency_ms.p99_9 half-b.json)" \
+    "$(j .latency_ms.p50 half-c.json)" "$(j .latency_ms.p99 half-c.json)" "$(j .latency_ms.p99_9 half-c.json)"
+  printf '| p99 added over direct at %s req/s (ms) | — | %s | %s | | b ≤ 1 ms |\n' "$HALF" "$(added b)" "$(added c)"
+  printf '| new-connection mTLS handshakes/s | %.0f | %.0f | %.0f | %s | b/c ≥ 1.0 |\n' \
+    "$(j .answered_per_s handshake-a.json)" "$HS_B" "$HS_C" "$(ratio "$HS_B" "$HS_C")"
+  printf '| RSS with 1,000 idle mTLS connections (MiB) | %.1f | %.1f | %.1f | %s | b ≤ 40 MiB |\n' \
+    "$(j .server.rss_mib idle-a.json)" "$(j .server.rss_mib idle-b.json)" "$(j .server.rss_mib idle-c.json)" \
+    "$(ratio "$(j .server.rss_mib idle-b.json)" "$(j .server.rss_mib idle-c.json)")"
+  printf '| idle connections open after the hold | %s | %s | %s | | 1000 |\n' \
+    "$(j .alive_after_hold idle-a.json)" "$(j .alive_after_hold idle-b.json)" "$(j .alive_after_hold idle-c.json)"
+  echo
+  echo "Upstream rate limit R = $LIMIT/s on the simulator, offered load 2R for ${LIMIT_DUR} s:"
+  echo
+  echo "| target | delivered | 429 share | answers to the client |"
+  echo "| --- | --- | --- | --- |"
+  echo "| (b) flowthrough | $(limit_row b) | $(jq -c '{ok, warnings, errors, unsent_behind_schedule}' "$R/limit-b.json") |"
+  echo "| (c) nginx | $(limit_row c) | $(jq -c '{ok, errors, unsent_behind_schedule}' "$R/limit-c.json") |"
+  echo
+  echo "(b) counts provision calls answered 200 in the window and every Webex call flowthrough made"
+  echo "(flowthrough_webex_calls_total); (c) counts the answers nginx relayed."
+  echo "Targets: (b) delivered ≥ 0.95 R with ≤ 2 % of upstream calls answered 429. nginx passes each"
+  echo "429 to the client (nothing is queued); flowthrough queues and answers 7020 past the ack deadline."
+  echo "Backlog drained $(cat "$R/limit-b-drain.txt") s after the limit was lifted."
+  echo
+  echo "Outage: the simulator answered 503 while $N_OUTAGE requests arrived ($(jq -c '{ok, warnings, errors}' "$R/outage-b.json"));"
+  echo "$(jq .pending_at_recovery "$R/outage-pending.json") were pending at recovery and the outbox drained in $(cat "$R/outage-drain.txt") s."
+  echo
+  echo "Errors by kind per measurement (a / b / c):"
+  echo
+  for s in max half handshake; do
+    echo "- $s: $(jq -c .errors "$R/$s-a.json") / $(jq -c .errors "$R/$s-b.json") / $(jq -c .errors "$R/$s-c.json")"
+  done
+  echo
+  echo "Raw reports: \`BENCH_KEEP=1 $CMD\` keeps them in the work directory (results/*.json)."
+  echo "<!-- bench:end -->"
+} >"$SECTION"
+OUT=$ROOT/bench/RESULTS.md
+if [ -f "$OUT" ] && grep -q '<!-- bench:start' "$OUT"; then
+  awk -v f="$SECTION" '
+    /<!-- bench:start/ { while ((getline line < f) > 0) print line; skip = 1; next }
+    /<!-- bench:end -->/ { skip = 0; next }
+    !skip { print }' "$OUT" >"$OUT.new"
+  mv "$OUT.new" "$OUT"
+elif [ -f "$OUT" ]; then
+  { cat "$OUT"; echo; cat "$SECTION"; } >"$OUT.new"
+  mv "$OUT.new" "$OUT"
+else
+  { echo "# flowthrough benchmark results"; echo; cat "$SECTION"; } >"$OUT"
+fi
+cat "$SECTION"
