@@ -90,7 +90,7 @@ fn nothing_imports_the_cli() {
 
 #[test]
 fn serve_never_reaches_the_simulator() {
-    for module in ["server", "delivery", "webex", "store", "tls"] {
+    for module in ["server", "delivery", "webex", "store", "tls", "tunnel"] {
         let found = offenders(module, &["crate::sim", "sim::"]);
         assert!(found.is_empty(), "{}", found.join("\n"));
     }
