@@ -329,9 +329,9 @@ impl Engine {
             }
         };
         audit_end(store, &ended, &finished);
-        if let Err(e) = store.flush().await {
-            tracing::error!(entry = id, error = %e, "cannot flush the store");
-        }
+        // No flush here: if this state is lost in a crash the entry is tried again, and a
+        // provision tried again looks the user up first (Webex refuses duplicates anyway). The
+        // AS's acknowledgement depends only on the enqueue, which the handler flushed.
         let waiters = self.lock().waiters.remove(&id).unwrap_or_default();
         for waiter in waiters {
             let _ = waiter.send(finished.clone());
