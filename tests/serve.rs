@@ -645,3 +645,28 @@ async fn serve_refuses_a_config_with_nothing_to_serve() {
         Ok(_) => panic!("a node with neither listener must not start"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_outside_allowed_networks_are_refused_before_tls() {
+    let world = World::new(SimOptions::default()).await;
+    let server = start(&world, "allowed_networks = [\"192.0.2.0/24\"]", "").await;
+    let url = format!("{}/provisioning", server.base);
+    let result = world
+        .as_client()
+        .post(&url)
+        .header("content-type", "text/xml")
+        .body(document(&user_add(
+            "net@acme.example",
+            Some("net@acme.example"),
+        )))
+        .send()
+        .await;
+    assert!(result.is_err(), "127.0.0.1 is not in 192.0.2.0/24");
+    let metrics = get_text(&format!("{}/metrics", server.admin)).await;
+    assert!(
+        metrics.contains("flowthrough_tls_refusals_total{reason=\"network_not_allowed\"} 1"),
+        "{metrics}"
+    );
+    assert!(world.subscriber("net@acme.example").is_none());
+    server.stop().await;
+}
