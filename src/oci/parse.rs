@@ -97,6 +97,10 @@ pub enum ParseErrorKind {
     #[error("{at}: not well-formed XML: {message}")]
     Syntax { at: Position, message: String },
     #[error(
+        "{at}: character U+{code:04X} is not allowed in an XML 1.0 document (control characters other than tab, line feed and carriage return never are); the sender must drop or replace it"
+    )]
+    ForbiddenCharacter { at: Position, code: u32 },
+    #[error(
         "{at}: DOCTYPE declarations are refused (no DTD or entity is ever processed): send the document without one"
     )]
     DocType { at: Position },
@@ -709,6 +713,12 @@ impl<'i> Parser<'i, '_> {
                             });
                         }
                     };
+                    if !is_xml_char(ch) {
+                        return Err(ParseErrorKind::ForbiddenCharacter {
+                            at: self.position(at),
+                            code: u32::from(ch),
+                        });
+                    }
                     self.outside_root_check(at, true)?;
                     if self.capturing() {
                         self.text.push(ch);
@@ -911,7 +921,10 @@ impl<'i> Parser<'i, '_> {
             .decode(raw)
             .map_err(|()| self.invalid_bytes(at))?;
         match quick_xml::escape::unescape(&decoded) {
-            Ok(v) => Ok(v.into_owned()),
+            Ok(v) => {
+                self.check_chars(&v, at)?;
+                Ok(v.into_owned())
+            }
             Err(e) => Err(ParseErrorKind::Syntax {
                 at: self.position(at),
                 message: e.to_string(),
@@ -990,12 +1003,26 @@ impl<'i> Parser<'i, '_> {
     fn text(&mut self, raw: &[u8], cdata: bool, at: usize) -> Result<(), ParseErrorKind> {
         self.outside_root_check(at, cdata || !raw.iter().all(u8::is_ascii_whitespace))?;
         if self.capturing() {
+            let from = self.text.len();
             self.encoding
                 .decode_into(raw, &mut self.text)
                 .map_err(|()| self.invalid_bytes(at))?;
+            self.check_chars(&self.text[from..], at)?;
             self.check_text_len(at)?;
         }
         Ok(())
+    }
+
+    /// XML 1.0 `Char`: a value holding anything else could not be written back (the writer
+    /// replaces such characters), so it is refused where it is read.
+    fn check_chars(&self, text: &str, at: usize) -> Result<(), ParseErrorKind> {
+        match text.chars().find(|c| !is_xml_char(*c)) {
+            Some(c) => Err(ParseErrorKind::ForbiddenCharacter {
+                at: self.position(at),
+                code: u32::from(c),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Text outside the root element is not allowed; whitespace is.
@@ -1071,6 +1098,11 @@ fn position(input: &[u8], offset: usize, encoding: Encoding) -> Position {
 }
 
 /// Elements whose content is a secret; matched on the lower-cased local name.
+/// XML 1.0 production `Char` (Rust's `char` already excludes the surrogates).
+fn is_xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{FFFD}' | '\u{10000}'..)
+}
+
 fn is_secret_element(local: &str) -> bool {
     let l = local.to_ascii_lowercase();
     ["password", "passcode", "accesscode", "secret", "token"]
