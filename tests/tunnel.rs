@@ -148,6 +148,18 @@ fn start(world: &World, tunnel_toml: &str, names: &[(&str, Vec<IpAddr>)]) -> Run
     }
 }
 
+/// A plain (no TLS) tunnel whose only allowed destination is `dest`.
+fn start_plain_to(world: &World, dest: SocketAddr) -> Running {
+    start(
+        world,
+        &format!(
+            "{PLAIN}allowed_destinations = [\"127.0.0.1:{}\"]",
+            dest.port()
+        ),
+        &[],
+    )
+}
+
 fn rand_id() -> u64 {
     rand::random()
 }
@@ -776,14 +788,7 @@ async fn slots_are_limited_and_a_network_allow_list_applies_first() {
 async fn malformed_oversized_and_pipelined_requests() {
     let world = World::new();
     let echo = echo_server().await;
-    let run = start(
-        &world,
-        &format!(
-            "{PLAIN}allowed_destinations = [\"127.0.0.1:{}\"]",
-            echo.addr.port()
-        ),
-        &[],
-    );
+    let run = start_plain_to(&world, echo.addr);
     let target = echo.addr.to_string();
     let (_, a) = request(&run, "CONNECT nonsense HTTP/1.1\r\n\r\n").await;
     assert_eq!(a.status, 400);
@@ -916,14 +921,7 @@ async fn a_100_mib_transfer_arrives_byte_identical_both_ways() {
         let (sent, received) = tokio::join!(send(&mut w, 2), receive(&mut r));
         (sent, received)
     });
-    let run = start(
-        &world,
-        &format!(
-            "{PLAIN}allowed_destinations = [\"127.0.0.1:{}\"]",
-            dest.port()
-        ),
-        &[],
-    );
+    let run = start_plain_to(&world, dest);
     let (io, a) = request(&run, &connect_head(&dest.to_string())).await;
     assert_eq!(a.status, 200);
     let (mut r, mut w) = tokio::io::split(io);
@@ -957,14 +955,7 @@ async fn two_hundred_concurrent_tunnels() {
     const N: usize = 200;
     let world = World::new();
     let echo = echo_server().await;
-    let run = start(
-        &world,
-        &format!(
-            "{PLAIN}allowed_destinations = [\"127.0.0.1:{}\"]",
-            echo.addr.port()
-        ),
-        &[],
-    );
+    let run = start_plain_to(&world, echo.addr);
     let run = Arc::new(run);
     let target = echo.addr.to_string();
     let barrier = Arc::new(tokio::sync::Barrier::new(N + 1));
@@ -1057,14 +1048,7 @@ async fn a_reload_applies_to_new_tunnels_and_keeps_open_ones() {
 async fn shutdown_stops_accepting_and_drains_open_tunnels_until_the_deadline() {
     let world = World::new();
     let echo = echo_server().await;
-    let run = start(
-        &world,
-        &format!(
-            "{PLAIN}allowed_destinations = [\"127.0.0.1:{}\"]",
-            echo.addr.port()
-        ),
-        &[],
-    );
+    let run = start_plain_to(&world, echo.addr);
     let (addr, store) = (run.addr, run.store.clone());
     let (mut open, a) = request(&run, &connect_head(&echo.addr.to_string())).await;
     assert_eq!(a.status, 200);
