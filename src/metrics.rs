@@ -68,6 +68,8 @@ pub struct Metrics {
     pub webex_final_status: Family<StatusLabels, Counter>,
     pub upstream_blocked_addresses: Gauge,
     pub deliveries_paused: Gauge,
+    pub delivery_pace_per_second: Gauge<f64, AtomicU64>,
+    pub deliveries_waiting_for_webex: Gauge,
     pub token_valid: Gauge,
     pub access_token_expiry_seconds: Gauge,
     pub refresh_token_expiry_seconds: Gauge,
@@ -105,6 +107,8 @@ impl Metrics {
             webex_final_status: Family::default(),
             upstream_blocked_addresses: Gauge::default(),
             deliveries_paused: Gauge::default(),
+            delivery_pace_per_second: Gauge::default(),
+            deliveries_waiting_for_webex: Gauge::default(),
             token_valid: Gauge::default(),
             access_token_expiry_seconds: Gauge::default(),
             refresh_token_expiry_seconds: Gauge::default(),
@@ -179,6 +183,16 @@ impl Metrics {
             "deliveries_paused",
             "1 while deliveries are paused by a Webex rate limit",
             m.deliveries_paused.clone(),
+        );
+        r.register(
+            "delivery_pace_per_second",
+            "Delivery attempts per second allowed since Webex answered 429 (learned from what it accepted); 0 while unpaced",
+            m.delivery_pace_per_second.clone(),
+        );
+        r.register(
+            "deliveries_waiting_for_webex",
+            "Users whose deliveries wait while Webex fails (one of them probes until it answers)",
+            m.deliveries_waiting_for_webex.clone(),
         );
         r.register(
             "token_valid",

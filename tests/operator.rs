@@ -163,6 +163,7 @@ async fn outbox_commands_work_on_a_stopped_store_and_through_a_running_server() 
                     at_ms: 1,
                     reason: "HTTP 400: bad".into(),
                 },
+                None,
             )
             .unwrap();
         store.flush().await.unwrap();

@@ -1,10 +1,12 @@
 //! Delivery scheduling: takes pending outbox entries to Webex in per-user arrival order, users in
-//! parallel up to a bound, with backoff, a global pause on rate limits, and dead letters.
+//! parallel up to a bound, with backoff, a global pause and a learned pace on rate limits, one
+//! probe while Webex is down, and dead letters.
 //!
 //! The scheduler knows nothing about Webex: it is handed an `attempt` function that tries one
 //! entry once and says what happened ([`Attempt`]). That keeps the ordering and concurrency rules
 //! here, testable on their own, and the Webex specifics in [`crate::delivery::webex`].
 
+pub mod pace;
 pub mod webex;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -27,9 +29,15 @@ pub enum Attempt {
     Delivered {
         subscriber_id: Option<String>,
         webex_status: Option<String>,
+        /// The TrackingID of the call that did it, if a call did.
+        tracking_id: Option<String>,
     },
-    /// Try this user again after the delay (5xx, timeout, 423 for this user).
+    /// Webex answered, but not for this user yet (423, 409 while busy): try them again later.
     RetryUser { after: Duration, reason: String },
+    /// Webex is unreachable or failing (5xx, network errors, timeouts, rejected credentials).
+    /// One user probes after the delay; the others wait until an attempt gets through, so an
+    /// outage is not hammered by every user and the backlog drains as soon as Webex is back.
+    RetryUpstream { after: Duration, reason: String },
     /// Webex's rate limit (429): every delivery pauses, since the limit is shared.
     PauseAll { after: Duration, reason: String },
     /// A permanent failure: the entry is dead and stays for the operator.
@@ -42,6 +50,7 @@ pub enum Finished {
     Delivered {
         subscriber_id: Option<String>,
         webex_status: Option<String>,
+        tracking_id: Option<String>,
     },
     Dead {
         reason: String,
@@ -77,6 +86,12 @@ struct Schedule {
     again: HashSet<String>,
     /// No delivery starts before this (a 429 from Webex).
     paused_until: Option<Instant>,
+    /// Spacing of attempts once Webex has answered 429.
+    pacer: pace::Pacer,
+    /// While Webex is failing: the user whose retry finds out when it is back.
+    probe: Option<String>,
+    /// Users waiting for the probe to get through (also in `delayed`).
+    parked: Vec<String>,
     waiters: HashMap<EntryId, Vec<oneshot::Sender<Finished>>>,
     stopping: bool,
 }
@@ -152,6 +167,17 @@ impl Engine {
         self.lock().paused_until.filter(|t| *t > Instant::now())
     }
 
+    /// Attempts per second allowed since Webex answered 429, if paced.
+    pub fn pace(&self) -> Option<f64> {
+        self.lock().pacer.rate()
+    }
+
+    /// Users whose deliveries wait for Webex to answer again (the probing user included).
+    pub fn waiting_for_webex(&self) -> usize {
+        let s = self.lock();
+        s.parked.len() + usize::from(s.probe.is_some())
+    }
+
     /// Wait until no attempt is under way (used by shutdown after [`Engine::stop`]).
     pub async fn idle(&self) {
         let max = self.inner.limits.max_parallel_users.max(1) as u32;
@@ -224,55 +250,75 @@ impl Engine {
             }
             s.paused_until = None;
         }
-        if self.inner.slots.available_permits() == 0 {
-            return Next::Sleep(s.later.keys().next().copied());
+        let next_due = s.later.keys().next().copied();
+        if self.inner.slots.available_permits() == 0 || s.ready.is_empty() {
+            return Next::Sleep(next_due);
+        }
+        if let Some(at) = s.pacer.wait_until(now) {
+            return Next::Sleep(Some(next_due.map_or(at, |due| due.min(at))));
         }
         match s.ready.pop_front() {
             Some(user) => {
+                s.pacer.started(now);
                 s.busy.insert(user.clone());
                 Next::User(user)
             }
-            None => Next::Sleep(s.later.keys().next().copied()),
+            None => Next::Sleep(next_due),
         }
     }
 
     /// Try the head entry of a user once, store the result, and reschedule the user.
     async fn deliver_head(&self, user: &str) {
         let store = &self.inner.store;
-        let reschedule = match store.head_of(user) {
+        let (reschedule, answered) = match store.head_of(user) {
             Ok(Some(entry)) => self.try_entry(entry).await,
-            Ok(None) => Reschedule::Idle,
+            Ok(None) => (Reschedule::Idle, false),
             Err(e) => {
                 tracing::error!(user_id = user, error = %e, "cannot read the outbox; will retry");
-                Reschedule::After(Duration::from_secs(5))
+                (Reschedule::After(Duration::from_secs(5)), false)
             }
         };
+        let now = Instant::now();
         let mut s = self.lock();
         s.busy.remove(user);
         let again = s.again.remove(user);
+        if answered {
+            s.pacer.accepted(now);
+        }
+        let probe_ended =
+            s.probe.as_deref() == Some(user) && !matches!(reschedule, Reschedule::Upstream(_));
+        if answered || probe_ended {
+            s.release_parked(user);
+        }
         match reschedule {
             Reschedule::Now => s.ready.push_back(user.to_owned()),
             Reschedule::Idle if again => s.ready.push_back(user.to_owned()),
             Reschedule::Idle => {}
-            Reschedule::After(delay) => {
-                s.delayed.insert(user.to_owned());
-                s.later
-                    .entry(Instant::now() + delay)
-                    .or_default()
-                    .push(user.to_owned())
+            Reschedule::After(delay) => s.retry_later(user, now + delay),
+            Reschedule::Upstream(delay) => {
+                if s.probe.as_deref().is_none_or(|probe| probe == user) {
+                    s.probe = Some(user.to_owned());
+                    s.retry_later(user, now + delay);
+                } else {
+                    s.delayed.insert(user.to_owned());
+                    s.parked.push(user.to_owned());
+                }
             }
             Reschedule::PauseAll(delay) => {
-                let until = Instant::now() + delay;
+                s.pacer.limited(now);
+                let until = now + delay;
                 s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
                 s.ready.push_front(user.to_owned());
             }
         }
     }
 
-    async fn try_entry(&self, entry: Entry) -> Reschedule {
+    /// One try of an entry, and whether Webex answered it (not 429, not unreachable).
+    async fn try_entry(&self, entry: Entry) -> (Reschedule, bool) {
         let age = Duration::from_millis(now_ms().saturating_sub(entry.created_ms));
         let id = entry.id;
-        let attempt = if age > self.inner.limits.max_entry_age {
+        let too_old = age > self.inner.limits.max_entry_age;
+        let attempt = if too_old {
             Attempt::Dead {
                 reason: format!(
                     "undelivered after {} hours (store.max_entry_age_hours); last error: {}",
@@ -284,22 +330,28 @@ impl Engine {
             (self.inner.attempt)(entry).await
         };
         let store = &self.inner.store;
+        let mut last_call = None;
         let (state, finished, reschedule) = match attempt {
             Attempt::Delivered {
                 subscriber_id,
                 webex_status,
-            } => (
-                EntryState::Delivered {
-                    at_ms: now_ms(),
-                    subscriber_id: subscriber_id.clone(),
-                    webex_status: webex_status.clone(),
-                },
-                Finished::Delivered {
-                    subscriber_id,
-                    webex_status,
-                },
-                Reschedule::Now,
-            ),
+                tracking_id,
+            } => {
+                last_call = tracking_id.clone();
+                (
+                    EntryState::Delivered {
+                        at_ms: now_ms(),
+                        subscriber_id: subscriber_id.clone(),
+                        webex_status: webex_status.clone(),
+                    },
+                    Finished::Delivered {
+                        subscriber_id,
+                        webex_status,
+                        tracking_id,
+                    },
+                    Reschedule::Now,
+                )
+            }
             Attempt::Dead { reason } => (
                 EntryState::Dead {
                     at_ms: now_ms(),
@@ -309,34 +361,74 @@ impl Engine {
                 Reschedule::Now,
             ),
             Attempt::RetryUser { after, reason } => {
-                if let Err(e) = store.record_failure(id, &reason) {
-                    tracing::error!(entry = id, error = %e, "cannot record a failed attempt");
-                }
-                return Reschedule::After(after);
+                self.record_failure(id, &reason);
+                return (Reschedule::After(after), true);
+            }
+            Attempt::RetryUpstream { after, reason } => {
+                self.record_failure(id, &reason);
+                return (Reschedule::Upstream(after), false);
             }
             Attempt::PauseAll { after, reason } => {
-                if let Err(e) = store.record_failure(id, &reason) {
-                    tracing::error!(entry = id, error = %e, "cannot record a failed attempt");
-                }
-                return Reschedule::PauseAll(after);
+                self.record_failure(id, &reason);
+                return (Reschedule::PauseAll(after), false);
             }
         };
-        let ended = match store.finish(id, state) {
+        let ended = match store.finish(id, state, last_call.as_deref()) {
             Ok(entry) => entry,
             Err(e) => {
                 tracing::error!(entry = id, error = %e, "cannot record the end of an outbox entry; it will be tried again");
-                return Reschedule::After(Duration::from_secs(5));
+                return (Reschedule::After(Duration::from_secs(5)), !too_old);
             }
         };
-        audit_end(store, &ended, &finished);
         // No flush here: if this state is lost in a crash the entry is tried again, and a
         // provision tried again looks the user up first (Webex refuses duplicates anyway). The
         // AS's acknowledgement depends only on the enqueue, which the handler flushed.
         let waiters = self.lock().waiters.remove(&id).unwrap_or_default();
+        let mut answered_in_time = false;
         for waiter in waiters {
-            let _ = waiter.send(finished.clone());
+            answered_in_time |= waiter.send(finished.clone()).is_ok();
         }
-        reschedule
+        // A request still waiting writes the command's audit record with this outcome in it;
+        // past its deadline, this record says how the entry ended.
+        if !answered_in_time {
+            audit_end(store, &ended, &finished);
+        }
+        (reschedule, !too_old)
+    }
+
+    fn record_failure(&self, id: EntryId, reason: &str) {
+        if let Err(e) = self.inner.store.record_failure(id, reason) {
+            tracing::error!(entry = id, error = %e, "cannot record a failed attempt");
+        }
+    }
+}
+
+impl Schedule {
+    fn retry_later(&mut self, user: &str, at: Instant) {
+        self.delayed.insert(user.to_owned());
+        self.later.entry(at).or_default().push(user.to_owned());
+    }
+
+    /// An attempt got an answer from Webex, or the probe has nothing left to probe with: the
+    /// users waiting go now (the first to fail again becomes the next probe), the probe too.
+    fn release_parked(&mut self, answered_for: &str) {
+        let Some(probe) = self.probe.take() else {
+            return;
+        };
+        let mut release = std::mem::take(&mut self.parked);
+        if probe != answered_for {
+            for users in self.later.values_mut() {
+                users.retain(|u| *u != probe);
+            }
+            self.later.retain(|_, users| !users.is_empty());
+            release.push(probe);
+        }
+        for user in release {
+            self.delayed.remove(&user);
+            if !self.ready.contains(&user) && !self.busy.contains(&user) {
+                self.ready.push_back(user);
+            }
+        }
     }
 }
 
@@ -376,7 +468,10 @@ enum Reschedule {
     Now,
     /// Nothing pending.
     Idle,
+    /// Try this user again after the delay.
     After(Duration),
+    /// Webex is failing: probe after the delay, or wait for the probe.
+    Upstream(Duration),
     PauseAll(Duration),
 }
 
@@ -426,6 +521,7 @@ mod tests {
         Attempt::Delivered {
             subscriber_id: Some("sub".into()),
             webex_status: None,
+            tracking_id: None,
         }
     }
 
@@ -586,5 +682,96 @@ mod tests {
         }
         assert_eq!(peak.load(Ordering::SeqCst), 4);
         assert_eq!(store.pending_summary().unwrap().0, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_webex_fails_one_user_probes_and_the_rest_go_when_it_gets_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let down_until = Instant::now() + Duration::from_secs(25);
+        let l = log.clone();
+        let attempt: AttemptFn = Arc::new(move |entry: Entry| {
+            l.lock().unwrap().push(entry.new.user_id.clone());
+            Box::pin(async move {
+                if Instant::now() < down_until {
+                    Attempt::RetryUpstream {
+                        after: Duration::from_secs(10),
+                        reason: "503".into(),
+                    }
+                } else {
+                    delivered()
+                }
+            })
+        });
+        let entries: Vec<NewEntry> = (0..5).map(|i| new_entry(&format!("u{i}"), "add")).collect();
+        let ids = store.enqueue(entries, now_ms()).unwrap();
+        let engine = Engine::new(store.clone(), attempt, limits(4));
+        let waits: Vec<_> = ids.iter().map(|id| engine.watch(*id)).collect();
+        let started = Instant::now();
+        engine.start().unwrap();
+        for w in waits {
+            assert!(matches!(w.await.unwrap(), Finished::Delivered { .. }));
+        }
+        // Everyone once; the probe at 10 s and 20 s (still down) and 30 s (back); then the four
+        // others at once, not each on its own backoff.
+        let log = log.lock().unwrap().clone();
+        assert_eq!(log.len(), 5 + 3 + 4, "{log:?}");
+        let probe = &log[5];
+        assert!(log[5..8].iter().all(|u| u == probe), "{log:?}");
+        for i in 0..5 {
+            let user = format!("u{i}");
+            let tries = log.iter().filter(|u| **u == user).count();
+            assert_eq!(tries, if user == *probe { 4 } else { 2 }, "{log:?}");
+        }
+        assert_eq!(Instant::now() - started, Duration::from_secs(30));
+        assert_eq!(engine.waiting_for_webex(), 0);
+        assert_eq!(store.pending_summary().unwrap().0, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_429_attempts_are_spaced_at_the_pace_webex_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (st, c) = (starts.clone(), calls.clone());
+        let attempt: AttemptFn = Arc::new(move |_entry| {
+            st.lock().unwrap().push(Instant::now());
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if n == 10 {
+                    Attempt::PauseAll {
+                        after: Duration::from_secs(1),
+                        reason: "429".into(),
+                    }
+                } else {
+                    delivered()
+                }
+            })
+        });
+        let entries: Vec<NewEntry> = (0..30)
+            .map(|i| new_entry(&format!("u{i}"), "add"))
+            .collect();
+        let ids = store.enqueue(entries, now_ms()).unwrap();
+        let engine = Engine::new(store.clone(), attempt, limits(1));
+        let waits: Vec<_> = ids.iter().map(|id| engine.watch(*id)).collect();
+        engine.start().unwrap();
+        for w in waits {
+            w.await.unwrap();
+        }
+        // Ten accepted within the second before the 429: paced at 9.8 per second from then on.
+        assert_eq!(engine.pace(), Some(9.8));
+        let starts = starts.lock().unwrap().clone();
+        assert_eq!(starts.len(), 31);
+        assert!(starts[10] - starts[0] < Duration::from_millis(10));
+        assert!(starts[11] - starts[10] >= Duration::from_secs(1));
+        for pair in starts[11..].windows(2) {
+            assert!(
+                pair[1] - pair[0] >= Duration::from_millis(100),
+                "{:?}",
+                pair[1] - pair[0]
+            );
+        }
     }
 }

@@ -9,9 +9,11 @@ use crate::metrics::{CallLabels, Metrics, StatusLabels};
 use crate::store::{AuditEvent, AuditRecord, Call, Entry, Store, now_ms};
 use crate::webex::{Outcome, Subscriber, SubscriberStatus, WebexClient, WebexError, backoff};
 
-/// Backoff of a user's retries: 1 s doubling to 5 minutes, with jitter.
-const RETRY_BASE: Duration = Duration::from_secs(1);
-const RETRY_CAP: Duration = Duration::from_secs(300);
+/// Backoff of the probe while Webex fails: 1 s doubling to 15 s, with jitter. Only one user
+/// probes (the others wait for it, see [`Attempt::RetryUpstream`]), so a short cap costs Webex
+/// little and finds its recovery quickly.
+const PROBE_BASE: Duration = Duration::from_secs(1);
+const PROBE_CAP: Duration = Duration::from_secs(15);
 /// While the credentials are invalid nothing can be delivered; look again at this pace.
 const CREDENTIALS_RETRY: Duration = Duration::from_secs(30);
 
@@ -46,7 +48,7 @@ impl Deliverer {
                 if previous_attempts > 0 {
                     match self.lookup(user_id).await {
                         Ok(Some(existing)) => {
-                            return self.delivered(&entry, Some(existing), "provision").await;
+                            return self.delivered(&entry, Some(existing), "provision", None);
                         }
                         Ok(None) => {}
                         Err(e) => return self.classify(&entry, e, None),
@@ -57,7 +59,7 @@ impl Deliverer {
                 tracking_id = Some(outcome.tracking_id.clone());
                 match outcome.result {
                     Ok(subscriber) => {
-                        return self.delivered(&entry, Some(subscriber), "provision").await;
+                        return self.delivered(&entry, Some(subscriber), "provision", tracking_id);
                     }
                     Err(e) => e,
                 }
@@ -69,16 +71,17 @@ impl Deliverer {
                     tracking_id = Some(outcome.tracking_id.clone());
                     match outcome.result {
                         Ok(subscriber) => {
-                            return self.delivered(&entry, Some(subscriber), "update").await;
+                            return self.delivered(&entry, Some(subscriber), "update", tracking_id);
                         }
                         Err(WebexError::NotFound) => {
                             // The map was stale: forget it and look the user up on the next try.
                             let _ = self.store.unmap_subscriber(user_id);
-                            WebexError::Retryable {
+                            return Attempt::RetryUser {
+                                after: PROBE_BASE,
                                 reason: format!(
                                     "subscriber {id} no longer exists; looking {user_id} up again"
                                 ),
-                            }
+                            };
                         }
                         Err(e) => e,
                     }
@@ -104,6 +107,7 @@ impl Deliverer {
                             return Attempt::Delivered {
                                 subscriber_id: Some(id),
                                 webex_status: Some("removed".to_owned()),
+                                tracking_id,
                             };
                         }
                         Err(e) => e,
@@ -114,6 +118,7 @@ impl Deliverer {
                     return Attempt::Delivered {
                         subscriber_id: None,
                         webex_status: Some("absent".to_owned()),
+                        tracking_id: None,
                     };
                 }
                 Err(e) => e,
@@ -133,12 +138,12 @@ impl Deliverer {
             WebexError::RetryAfter { status: 429, after } => Attempt::PauseAll { after, reason },
             WebexError::RetryAfter { after, .. } => Attempt::RetryUser { after, reason },
             WebexError::Retryable { .. } | WebexError::UnknownOutcome { .. } => {
-                Attempt::RetryUser {
-                    after: backoff(entry.attempts, RETRY_BASE, RETRY_CAP),
+                Attempt::RetryUpstream {
+                    after: backoff(entry.attempts, PROBE_BASE, PROBE_CAP),
                     reason,
                 }
             }
-            WebexError::CredentialsInvalid { .. } => Attempt::RetryUser {
+            WebexError::CredentialsInvalid { .. } => Attempt::RetryUpstream {
                 after: CREDENTIALS_RETRY,
                 reason,
             },
@@ -195,7 +200,10 @@ impl Deliverer {
                 status,
             })
             .inc();
-        if let Err(e) = self.store.record_attempt(entry.id, &outcome.tracking_id) {
+        // A call that delivered the entry is counted by `Store::finish`, in the same write.
+        if outcome.result.is_err()
+            && let Err(e) = self.store.record_attempt(entry.id, &outcome.tracking_id)
+        {
             tracing::error!(entry = entry.id, error = %e, "cannot record a delivery attempt");
         }
         tracing::info!(
@@ -230,16 +238,18 @@ impl Deliverer {
         Ok(found.map(|s| s.id))
     }
 
-    async fn delivered(
+    fn delivered(
         &self,
         entry: &Entry,
         subscriber: Option<Subscriber>,
         call: &str,
+        tracking_id: Option<String>,
     ) -> Attempt {
         let Some(subscriber) = subscriber else {
             return Attempt::Delivered {
                 subscriber_id: None,
                 webex_status: None,
+                tracking_id,
             };
         };
         let _ = self.store.map_user(
@@ -254,6 +264,7 @@ impl Deliverer {
         Attempt::Delivered {
             subscriber_id: Some(subscriber.id),
             webex_status: Some(status),
+            tracking_id,
         }
     }
 

@@ -132,6 +132,11 @@ fn refresh_gauges(state: &AppState) {
             .as_ref()
             .is_some_and(|e| e.paused_until().is_some()),
     ));
+    if let Some(engine) = &state.engine {
+        m.delivery_pace_per_second.set(engine.pace().unwrap_or(0.0));
+        m.deliveries_waiting_for_webex
+            .set(engine.waiting_for_webex() as i64);
+    }
     if let Some(tokens) = &state.tokens {
         let status = tokens.status();
         let now = now_ms() / 1000;
@@ -187,6 +192,8 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
             "oldest_pending_ms": oldest,
             "dead": dead.len(),
             "paused_for_rate_limit": state.engine.as_ref().is_some_and(|e| e.paused_until().is_some()),
+            "pace_per_second": state.engine.as_ref().and_then(|e| e.pace()),
+            "users_waiting_for_webex": state.engine.as_ref().map_or(0, |e| e.waiting_for_webex()),
         },
         "token": token,
         "recent_unreadable_documents": state.store.audit(&crate::store::AuditQuery {

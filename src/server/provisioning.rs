@@ -330,19 +330,14 @@ async fn process(
         };
         let outcome = outcome_label(&response);
         // Delivered within the deadline: the audit gets the Webex side too.
-        let (webex_status, tracking_id) =
-            match (outbox_id, outbox_id.and_then(|id| finished.get(&id))) {
-                (Some(id), Some(Finished::Delivered { webex_status, .. })) => (
-                    webex_status.clone(),
-                    state
-                        .store
-                        .entry(id)
-                        .ok()
-                        .flatten()
-                        .and_then(|e| e.tracking_id),
-                ),
-                _ => (None, None),
-            };
+        let (webex_status, tracking_id) = match outbox_id.and_then(|id| finished.get(&id)) {
+            Some(Finished::Delivered {
+                webex_status,
+                tracking_id,
+                ..
+            }) => (webex_status.clone(), tracking_id.clone()),
+            _ => (None, None),
+        };
         state
             .metrics
             .count_command(command_kind(&request.command), &outcome);

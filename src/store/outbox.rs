@@ -229,8 +229,15 @@ impl Store {
     }
 
     /// The entry reached its end: delivered or dead. It leaves the user's queue in the same
-    /// transaction, so the next entry of that user becomes the head.
-    pub fn finish(&self, id: EntryId, state: EntryState) -> Result<Entry, StoreError> {
+    /// transaction, so the next entry of that user becomes the head. `last_call` is the
+    /// TrackingID of the Webex call that ended it, counted as an attempt in the same write (a
+    /// successful call is recorded only here: one write of the entry instead of two).
+    pub fn finish(
+        &self,
+        id: EntryId,
+        state: EntryState,
+        last_call: Option<&str>,
+    ) -> Result<Entry, StoreError> {
         let outbox = self.tree(OUTBOX)?;
         let queue = self.tree(USER_QUEUE)?;
         let entry = (&outbox, &queue)
@@ -241,6 +248,10 @@ impl Store {
                 let mut entry: Entry = decode(&raw, "outbox entry")
                     .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
                 entry.state = state.clone();
+                if let Some(tracking_id) = last_call {
+                    entry.attempts += 1;
+                    entry.tracking_id = Some(tracking_id.to_owned());
+                }
                 let value = encode(&entry)
                     .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
                 o.insert(&id.to_be_bytes(), value)?;
@@ -414,11 +425,16 @@ mod tests {
             subscriber_id: Some("sub-1".into()),
             webex_status: None,
         };
-        store.finish(ids[0], done.clone()).unwrap();
+        store
+            .finish(ids[0], done.clone(), Some("FLOWTHROUGH_9"))
+            .unwrap();
         let head = store.head_of("alice").unwrap().unwrap();
         assert_eq!(head.id, ids[2]);
         assert_eq!(head.new.command, "modify");
-        assert_eq!(store.entry(ids[0]).unwrap().unwrap().state, done);
+        let ended = store.entry(ids[0]).unwrap().unwrap();
+        assert_eq!(ended.state, done);
+        assert_eq!(ended.attempts, 1);
+        assert_eq!(ended.tracking_id.as_deref(), Some("FLOWTHROUGH_9"));
         assert_eq!(store.pending_summary().unwrap(), (2, Some(1)));
     }
 
@@ -446,6 +462,7 @@ mod tests {
                     at_ms: 5,
                     reason: "400 bad".into(),
                 },
+                None,
             )
             .unwrap();
         assert!(store.head_of("alice").unwrap().is_none());
@@ -457,7 +474,7 @@ mod tests {
         assert!(store.head_of("alice").unwrap().is_none());
         assert!(store.entry(ids[0]).unwrap().is_none());
         assert!(matches!(
-            store.finish(ids[0], EntryState::Pending),
+            store.finish(ids[0], EntryState::Pending, None),
             Err(StoreError::NotFound(_))
         ));
     }
@@ -495,6 +512,7 @@ mod tests {
                     at_ms: 11,
                     reason: "x".into(),
                 },
+                None,
             )
             .unwrap();
         store
@@ -504,6 +522,7 @@ mod tests {
                     at_ms: 101,
                     reason: "x".into(),
                 },
+                None,
             )
             .unwrap();
         assert_eq!(store.prune_finished(50).unwrap(), 1);

@@ -1,0 +1,130 @@
+//! Bytes written to disk per provisioning request by the store (sled's write amplification),
+//! replaying the store operations of one delivered UserAdd, one thread, a flush every BATCH
+//! requests (the group commit of BATCH concurrent requests):
+//!
+//!   cargo run --release --example store_io -- [STEPS] [BATCH] [N]
+//!
+//! STEPS picks the operations besides the enqueue: p save the profile, m map the user, e read the
+//! head, r record an attempt, a map the subscriber, f finish, A two audit records (B: one).
+//! The store goes under /var/tmp (a disk, not tmpfs) and is removed afterwards.
+
+use flowthrough::store::{Call, EntryState, NewEntry, Store, now_ms};
+
+fn write_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| {
+                    l.strip_prefix("write_bytes: ")
+                        .map(|v| v.trim().parse().ok())
+                })
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let steps = args.get(1).cloned().unwrap_or("pmeafB".into());
+    let batch: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(4);
+    let n: usize = args.get(3).and_then(|v| v.parse().ok()).unwrap_or(4000);
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // The body flowthrough builds for schemas/samples/user-add-17sp4.xml.
+    let body = serde_json::json!({
+        "email": "alice.smith@acme.example", "extension": "0101", "firstName": "Alice",
+        "language": "en_US", "lastName": "Smith", "package": "standard",
+        "primaryPhoneNumber": "+12025550101", "provisioningId": "prov-acme",
+        "spEnterpriseId": "acme-ent", "timezone": "America/New_York",
+        "userId": "alice.smith@acme.example"
+    });
+    let profile_xml = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schemas/samples/user-add-17sp4.xml"
+    ))
+    .unwrap();
+    let doc = flowthrough::oci::parse(&profile_xml, &Default::default()).unwrap();
+    let profile = match &doc.commands[0].command {
+        flowthrough::oci::Command::UserAdd(p) => p.clone(),
+        _ => panic!(),
+    };
+    let before = write_bytes();
+    let started = std::time::Instant::now();
+    for i in 0..n {
+        let user = format!("user{i}@example.com");
+        let mut p = profile.clone();
+        p.user_id = user.clone();
+        if steps.contains('p') {
+            store.save_profile(&p).unwrap();
+        }
+        if steps.contains('m') {
+            store.map_user(&user, None, Some("acme")).unwrap();
+        }
+        let id = store
+            .enqueue(
+                vec![NewEntry {
+                    user_id: user.clone(),
+                    template: "acme".into(),
+                    command: "UserAddRequest".into(),
+                    call: Call::Provision { body: body.clone() },
+                    client: "CN=as1.example.com serial 01".into(),
+                }],
+                now_ms(),
+            )
+            .unwrap()[0];
+        if i % batch == 0 {
+            store.flush().await.unwrap();
+        }
+        if steps.contains('e') {
+            let _ = store.head_of(&user).unwrap();
+        }
+        if steps.contains('r') {
+            store.record_attempt(id, "FLOWTHROUGH_abc").unwrap();
+        }
+        if steps.contains('a') {
+            store.map_user(&user, Some("sub-1"), Some("acme")).unwrap();
+        }
+        if steps.contains('f') {
+            store
+                .finish(
+                    id,
+                    EntryState::Delivered {
+                        at_ms: now_ms(),
+                        subscriber_id: Some("sub-1".into()),
+                        webex_status: Some("provisioned".into()),
+                    },
+                    Some("FLOWTHROUGH_abc"),
+                )
+                .unwrap();
+        }
+        if steps.contains('A') {
+            for _ in 0..if steps.contains('B') { 1 } else { 2 } {
+                store
+                    .append_audit(&flowthrough::store::AuditRecord {
+                        at_ms: now_ms(),
+                        client: "CN=as1.example.com serial 01".into(),
+                        event: flowthrough::store::AuditEvent::Command {
+                            template: Some("acme".into()),
+                            command: "UserAddRequest".into(),
+                            user_id: Some(user.clone()),
+                            outcome: "success".into(),
+                            webex_status: Some("provisioned".into()),
+                            tracking_id: Some("FLOWTHROUGH_abc".into()),
+                            outbox_id: Some(id),
+                            latency_ms: 3,
+                        },
+                    })
+                    .unwrap();
+            }
+        }
+    }
+    store.flush().await.unwrap();
+    let after = write_bytes();
+    println!(
+        "steps={steps} batch={batch} n={n}: {:.1} KiB written per request, {:.1} µs per request",
+        (after - before) as f64 / n as f64 / 1024.0,
+        started.elapsed().as_micros() as f64 / n as f64
+    );
+}

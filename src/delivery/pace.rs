@@ -1,0 +1,194 @@
+//! Pacing of delivery attempts under Webex's rate limit, learned from its 429 answers.
+//!
+//! Honouring `Retry-After` alone turns a shared rate limit into bursts: everything queued goes out
+//! at once, the limit is hit again, and every delivery stops for the whole `Retry-After`. Each
+//! stop costs the rest of the limit's window. So once Webex has said 429, attempts are spaced
+//! evenly at a little under the rate that was actually accepted in the second before it, and the
+//! pace creeps up slowly while no 429 comes, so a raised limit is found again.
+//!
+//! Plain data with the clock passed in: the scheduler owns one and tests drive it directly.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How far back accepted attempts are counted when a 429 arrives: Webex's limits are per second.
+const WINDOW: Duration = Duration::from_secs(1);
+/// The pace is this share of the rate that was accepted: a margin for the limit's window not
+/// lining up with ours.
+const HEADROOM: f64 = 0.98;
+/// While paced without a 429 for this long, the pace goes up by [`PROBE_STEP`].
+const PROBE_EVERY: Duration = Duration::from_secs(10);
+const PROBE_STEP: f64 = 1.01;
+/// Never slower than this, however few attempts were accepted before a 429.
+const MIN_RATE: f64 = 1.0;
+
+#[derive(Debug)]
+pub struct Pacer {
+    /// Attempts per second; `None` until the first 429.
+    rate: Option<f64>,
+    /// The earliest start of the next attempt.
+    next_start: Option<Instant>,
+    /// When the pace last changed (a 429 or a probe step).
+    changed: Option<Instant>,
+    /// Ends of attempts Webex accepted within the last [`WINDOW`].
+    accepted: VecDeque<Instant>,
+}
+
+impl Default for Pacer {
+    fn default() -> Pacer {
+        Pacer::new()
+    }
+}
+
+impl Pacer {
+    pub fn new() -> Pacer {
+        Pacer {
+            rate: None,
+            next_start: None,
+            changed: None,
+            accepted: VecDeque::new(),
+        }
+    }
+
+    /// Attempts per second, if paced.
+    pub fn rate(&self) -> Option<f64> {
+        self.rate
+    }
+
+    /// When the next attempt may start, if that is later than `now`.
+    pub fn wait_until(&self, now: Instant) -> Option<Instant> {
+        self.next_start.filter(|at| *at > now)
+    }
+
+    /// An attempt starts now.
+    pub fn started(&mut self, now: Instant) {
+        let Some(rate) = self.rate else {
+            return;
+        };
+        // Only a pace that holds work back is worth probing above.
+        let held_back = self.next_start.is_some_and(|at| at >= now);
+        let rate = if held_back && self.changed.is_some_and(|c| now - c >= PROBE_EVERY) {
+            self.changed = Some(now);
+            let raised = rate * PROBE_STEP;
+            self.rate = Some(raised);
+            raised
+        } else {
+            rate
+        };
+        let from = self.next_start.map_or(now, |at| at.max(now));
+        self.next_start = Some(from + Duration::from_secs_f64(1.0 / rate));
+    }
+
+    /// Webex accepted an attempt.
+    pub fn accepted(&mut self, now: Instant) {
+        self.accepted.push_back(now);
+        self.forget_before(now);
+    }
+
+    /// Webex answered 429: pace at a little under what it accepted in the last second.
+    pub fn limited(&mut self, now: Instant) {
+        self.forget_before(now);
+        let learned = (self.accepted.len() as f64 * HEADROOM).max(MIN_RATE);
+        self.rate = Some(self.rate.map_or(learned, |rate| rate.min(learned)));
+        self.changed = Some(now);
+    }
+
+    fn forget_before(&mut self, now: Instant) {
+        while let Some(first) = self.accepted.front() {
+            if now.duration_since(*first) > WINDOW {
+                self.accepted.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpaced_until_the_first_429() {
+        let now = Instant::now();
+        let mut pacer = Pacer::new();
+        for i in 0..1000 {
+            pacer.started(now + Duration::from_micros(i));
+        }
+        assert_eq!(pacer.rate(), None);
+        assert_eq!(pacer.wait_until(now), None);
+    }
+
+    #[test]
+    fn a_429_paces_at_a_little_under_what_was_accepted_in_the_last_second() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new();
+        // 30 accepted long ago (forgotten), then 50 within the last second.
+        for i in 0..30 {
+            pacer.accepted(t0 + Duration::from_millis(i));
+        }
+        let t1 = t0 + Duration::from_secs(5);
+        for i in 0..50 {
+            pacer.accepted(t1 + Duration::from_millis(i * 10));
+        }
+        let at = t1 + Duration::from_millis(600);
+        pacer.limited(at);
+        assert_eq!(pacer.rate(), Some(49.0));
+        // Starts are spaced 1/49 s apart, from the first one on.
+        pacer.started(at);
+        let next = pacer.wait_until(at).unwrap();
+        assert_eq!(next - at, Duration::from_secs_f64(1.0 / 49.0));
+        pacer.started(next);
+        assert_eq!(
+            pacer.wait_until(next).unwrap() - next,
+            Duration::from_secs_f64(1.0 / 49.0)
+        );
+    }
+
+    #[test]
+    fn a_second_429_never_raises_the_pace_and_nothing_accepted_still_leaves_a_floor() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new();
+        for i in 0..20 {
+            pacer.accepted(t0 + Duration::from_millis(i));
+        }
+        pacer.limited(t0 + Duration::from_millis(100));
+        let first = pacer.rate().unwrap();
+        for i in 0..40 {
+            pacer.accepted(t0 + Duration::from_millis(200 + i));
+        }
+        pacer.limited(t0 + Duration::from_millis(300));
+        assert_eq!(pacer.rate(), Some(first));
+        pacer.limited(t0 + Duration::from_secs(10));
+        assert_eq!(pacer.rate(), Some(MIN_RATE));
+    }
+
+    #[test]
+    fn a_pace_that_holds_work_back_creeps_up_without_429s() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new();
+        for i in 0..10 {
+            pacer.accepted(t0 + Duration::from_millis(i));
+        }
+        pacer.limited(t0 + Duration::from_millis(10));
+        let learned = pacer.rate().unwrap();
+        // Always busy: each attempt starts as soon as the pace allows, for 25 s.
+        let mut now = t0 + Duration::from_millis(10);
+        pacer.started(now);
+        while now < t0 + Duration::from_secs(25) {
+            now = pacer.wait_until(now).unwrap();
+            pacer.started(now);
+        }
+        let raised = pacer.rate().unwrap();
+        assert!(
+            raised > learned * 1.015 && raised < learned * 1.025,
+            "{learned} -> {raised}"
+        );
+        // Idle for a minute: no evidence, no probing.
+        let idle = now + Duration::from_secs(60);
+        pacer.started(idle);
+        assert_eq!(pacer.rate(), Some(raised));
+    }
+}
