@@ -240,8 +240,8 @@ where
 
 /// Zero-copy forwarding between TCP sockets with `splice(2)` (Linux).
 mod splice {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use tokio::io::Interest;
     use tokio::net::TcpStream;
@@ -319,7 +319,11 @@ mod splice {
             let start = pipe.capacity.load(Ordering::Relaxed);
             assert!(start < MAX_PIPE, "starts small: {start}");
             pipe.grow_if_filled(start / 2);
-            assert_eq!(pipe.capacity.load(Ordering::Relaxed), start, "half full: no growth");
+            assert_eq!(
+                pipe.capacity.load(Ordering::Relaxed),
+                start,
+                "half full: no growth"
+            );
             let mut last = start;
             while last < MAX_PIPE {
                 pipe.grow_if_filled(last);
