@@ -1,8 +1,8 @@
 //! The byte relay of an established tunnel: both directions at once through one small fixed
-//! buffer each — or, between two plain TCP sockets, one kernel pipe each with `splice(2)`, so the
-//! bytes never pass through user space — (a slow reader slows the writer: back-pressure, no
-//! unbounded buffering), half-close passed on, bytes counted as they go, and the tunnel ended on
-//! idleness, age or shutdown.
+//! buffer each — or, between two plain TCP sockets, one kernel pipe each (64 KiB, growing to at
+//! most 1 MiB under bulk traffic) with `splice(2)`, so the bytes never pass through user space —
+//! (a slow reader slows the writer: back-pressure, no unbounded buffering), half-close passed on,
+//! bytes counted as they go, and the tunnel ended on idleness, age or shutdown.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -259,6 +259,7 @@ mod splice {
     pub struct Pipe {
         read: OwnedFd,
         write: OwnedFd,
+        /// The size the kernel granted; `MAX_PIPE` once growing failed, so it is not retried.
         capacity: AtomicUsize,
     }
 
@@ -285,8 +286,8 @@ mod splice {
         }
 
         /// Double the capacity after a splice that filled more than half the pipe: the sender
-        /// outpaces the window. Failing (the size or the user's pipe pages at their limit) keeps the size,
-        /// which still works.
+        /// outpaces the window. Failing (the size or the user's pipe pages at their limit) keeps
+        /// the size, which still works.
         fn grow_if_filled(&self, moved: usize) {
             let capacity = self.capacity.load(Ordering::Relaxed);
             if capacity >= MAX_PIPE || moved * 2 <= capacity {
@@ -306,37 +307,6 @@ mod splice {
                 // Don't retry on every splice.
                 self.capacity.store(MAX_PIPE, Ordering::Relaxed);
             }
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn a_pipe_grows_only_while_traffic_fills_it_and_stops_at_the_maximum() {
-            let pipe = Pipe::new().unwrap();
-            let start = pipe.capacity.load(Ordering::Relaxed);
-            assert!(start < MAX_PIPE, "starts small: {start}");
-            pipe.grow_if_filled(start / 2);
-            assert_eq!(
-                pipe.capacity.load(Ordering::Relaxed),
-                start,
-                "half full: no growth"
-            );
-            let mut last = start;
-            while last < MAX_PIPE {
-                pipe.grow_if_filled(last);
-                let now = pipe.capacity.load(Ordering::Relaxed);
-                assert!(now > last, "a full pipe grows: {last} -> {now}");
-                last = now;
-            }
-            assert_eq!(last, MAX_PIPE);
-            pipe.grow_if_filled(MAX_PIPE);
-            assert_eq!(pipe.capacity.load(Ordering::Relaxed), MAX_PIPE);
-            // SAFETY: a valid pipe descriptor.
-            let kernel = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-            assert_eq!(kernel as usize, MAX_PIPE, "the kernel agrees");
         }
     }
 
@@ -390,6 +360,37 @@ mod splice {
                     .await?;
             }
             meter.moved(n);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_pipe_grows_only_while_traffic_fills_it_and_stops_at_the_maximum() {
+            let pipe = Pipe::new().unwrap();
+            let start = pipe.capacity.load(Ordering::Relaxed);
+            assert!(start < MAX_PIPE, "starts small: {start}");
+            pipe.grow_if_filled(start / 2);
+            assert_eq!(
+                pipe.capacity.load(Ordering::Relaxed),
+                start,
+                "half full: no growth"
+            );
+            let mut last = start;
+            while last < MAX_PIPE {
+                pipe.grow_if_filled(last);
+                let now = pipe.capacity.load(Ordering::Relaxed);
+                assert!(now > last, "a full pipe grows: {last} -> {now}");
+                last = now;
+            }
+            assert_eq!(last, MAX_PIPE);
+            pipe.grow_if_filled(MAX_PIPE);
+            assert_eq!(pipe.capacity.load(Ordering::Relaxed), MAX_PIPE);
+            // SAFETY: a valid pipe descriptor.
+            let kernel = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+            assert_eq!(kernel as usize, MAX_PIPE, "the kernel agrees");
         }
     }
 }
