@@ -251,7 +251,7 @@ mod splice {
     /// The most a pipe grows to (if `/proc/sys/fs/pipe-max-size` allows): a bulk transfer moves
     /// a megabyte per pair of splices instead of 64 KiB, which cuts the relay's CPU per byte
     /// (fewer syscalls, wake-ups and window updates), and it is still a small fixed window.
-    const MAX_PIPE: usize = 1024 * 1024;
+    pub const MAX_PIPE: usize = 1024 * 1024;
 
     /// A kernel pipe that starts at the default size (64 KiB) and grows, by doubling, only while
     /// the traffic fills it: interactive tunnels keep small pipes, which matters because an
@@ -484,6 +484,68 @@ mod tests {
         assert_eq!(counts.up.load(Ordering::Relaxed), 3_000_000);
         assert_eq!(counts.down.load(Ordering::Relaxed), 7);
         assert_eq!(metrics.up.get(), 3_000_000);
+    }
+
+    /// Bulk traffic grows the splice pipes to their maximum; the relay must still hold no more
+    /// than that window: a destination that stops reading stops the client soon after.
+    #[tokio::test]
+    async fn a_destination_that_stops_reading_stops_the_client_within_a_fixed_window() {
+        const SOCKET_BUFFER: usize = 64 * 1024;
+        let (mut a, a_relay) = tcp_pair().await;
+        let (b_relay, mut b) = tcp_pair().await;
+        for s in [&a, &a_relay, &b_relay, &b] {
+            let s = socket2::SockRef::from(s);
+            s.set_send_buffer_size(SOCKET_BUFFER).unwrap();
+            s.set_recv_buffer_size(SOCKET_BUFFER).unwrap();
+        }
+        let counts = Counts::default();
+        let metrics = counters();
+        let (_tx, rx) = watch::channel(false);
+        let limits = Limits {
+            idle: Duration::from_secs(30),
+            max_duration: None,
+        };
+        let relay = relay_tcp(a_relay, b_relay, &limits, &counts, &metrics, rx);
+        let peers = async {
+            let block: Vec<u8> = (0..SOCKET_BUFFER as u32).map(|i| (i % 241) as u8).collect();
+            let mut written = 0usize;
+            // b reads nothing: the writes stall once every buffer on the way is full. A relay
+            // buffering without bound would let the writer reach the cap instead.
+            while written < 64 * 1024 * 1024 {
+                let write = a.write(&block[written % block.len()..]);
+                match tokio::time::timeout(Duration::from_secs(1), write).await {
+                    Ok(n) => written += n.unwrap(),
+                    Err(_) => break,
+                }
+            }
+            // Four socket buffers (the kernel doubles what is asked) and the largest pipe, with
+            // room for the kernel's rounding; far below the cap.
+            let window = 4 * 2 * SOCKET_BUFFER + splice::MAX_PIPE;
+            assert!(
+                written <= 2 * window,
+                "the client wrote {written} bytes into a stalled tunnel; the window is {window}"
+            );
+            assert!(written > 0, "the first block fits in the buffers");
+            a.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            assert_eq!(
+                got.len(),
+                written,
+                "every byte arrives once the reader reads"
+            );
+            assert!(
+                got.iter()
+                    .enumerate()
+                    .all(|(i, byte)| *byte == block[i % block.len()]),
+                "in order and intact"
+            );
+            b.shutdown().await.unwrap();
+            written
+        };
+        let (end, written) = tokio::join!(relay, peers);
+        assert_eq!(end, End::Closed);
+        assert_eq!(counts.up.load(Ordering::Relaxed), written as u64);
     }
 
     #[tokio::test(start_paused = true)]
