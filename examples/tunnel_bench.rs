@@ -4,7 +4,10 @@
 //! address (Squid). The destinations (a sink and an echo server) run in-process on loopback, and
 //! the same client code measures every case.
 //!
-//! Output: one line of `key=value` figures on stdout.
+//! Output: one line of `key=value` figures on stdout. With the builtin proxy it also gives the
+//! CPU time the whole process (client, sink and relay) spent per GiB in each bulk run, and the
+//! relay threads' share of it: on a machine where the cores are the limit, throughput follows
+//! CPU per byte, and these figures show what the second hop costs.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -117,10 +120,52 @@ async fn open(proxy: Option<SocketAddr>, dest: SocketAddr) -> std::io::Result<Tc
     Ok(tcp)
 }
 
-/// MiB/s of sending `mib` MiB and getting the sink's count back.
-async fn bulk(proxy: Option<SocketAddr>, dest: SocketAddr, mib: usize) -> std::io::Result<f64> {
+/// CPU time used so far, in clock ticks, by the whole process and by the tunnel's relay threads
+/// (named `flowthrough-tunnel`, shortened by the kernel to 15 bytes), from /proc.
+fn cpu_ticks() -> (u64, u64) {
+    fn ticks(stat: &str) -> Option<(String, u64)> {
+        // The name is in parentheses and may hold spaces; the fields after it are fixed.
+        let (head, rest) = stat.rsplit_once(')')?;
+        let name = head.split_once('(')?.1.to_owned();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        Some((name, utime + stime))
+    }
+    let process = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| ticks(&s))
+        .map_or(0, |(_, t)| t);
+    let mut relay = 0;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            if let Some((name, t)) = std::fs::read_to_string(task.path().join("stat"))
+                .ok()
+                .and_then(|s| ticks(&s))
+                && name.starts_with("flowthrough-tun")
+            {
+                relay += t;
+            }
+        }
+    }
+    (process, relay)
+}
+
+/// One bulk run's figures.
+struct Bulk {
+    mib_s: f64,
+    /// Process CPU milliseconds per GiB moved (client, sink and, in-process, the relay).
+    cpu_ms_per_gib: f64,
+    /// The relay threads' part of it.
+    relay_ms_per_gib: f64,
+}
+
+/// Send `mib` MiB and get the sink's count back: MiB/s and the CPU it cost.
+async fn bulk(proxy: Option<SocketAddr>, dest: SocketAddr, mib: usize) -> std::io::Result<Bulk> {
     let mut tcp = open(proxy, dest).await?;
     let chunk = vec![0x5au8; 1024 * 1024];
+    let cpu_before = cpu_ticks();
     let started = Instant::now();
     tcp.write_all(&((mib * 1024 * 1024) as u64).to_be_bytes())
         .await?;
@@ -130,10 +175,18 @@ async fn bulk(proxy: Option<SocketAddr>, dest: SocketAddr, mib: usize) -> std::i
     let mut count = [0u8; 8];
     tcp.read_exact(&mut count).await?;
     let secs = started.elapsed().as_secs_f64();
+    let cpu_after = cpu_ticks();
     if u64::from_be_bytes(count) != (mib * 1024 * 1024) as u64 {
         return Err(std::io::Error::other("the sink did not get every byte"));
     }
-    Ok(mib as f64 / secs)
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let per_gib = |ticks: u64| ticks as f64 * 1000.0 / hz / (mib as f64 / 1024.0);
+    Ok(Bulk {
+        mib_s: mib as f64 / secs,
+        cpu_ms_per_gib: per_gib(cpu_after.0 - cpu_before.0),
+        relay_ms_per_gib: per_gib(cpu_after.1 - cpu_before.1),
+    })
 }
 
 /// Tunnels per second: each opens, proves the path with one echoed byte, and closes.
@@ -216,9 +269,27 @@ async fn main() -> Result<(), String> {
     let per_s = rate(Some(proxy), echo, args.seconds, args.concurrency)
         .await
         .map_err(err)?;
-    println!(
-        "direct_mib_s={direct:.0} proxy_mib_s={through:.0} ratio={:.2} tunnels_per_s={per_s:.0}",
-        through / direct
+    let mut line = format!(
+        "direct_mib_s={:.0} proxy_mib_s={:.0} ratio={:.2} tunnels_per_s={per_s:.0}",
+        direct.mib_s,
+        through.mib_s,
+        through.mib_s / direct.mib_s
     );
+    // Another proxy's CPU is not in this process: the figures would mislead.
+    if args.proxy == "builtin" {
+        line += &format!(
+            " direct_cpu_ms_per_gib={:.0} proxy_cpu_ms_per_gib={:.0} relay_cpu_ms_per_gib={:.0}",
+            direct.cpu_ms_per_gib, through.cpu_ms_per_gib, through.relay_ms_per_gib
+        );
+        // The most the tunnel could move at that CPU cost with every core busy on it alone.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        if through.cpu_ms_per_gib > 0.0 {
+            line += &format!(
+                " proxy_cpu_ceiling_mib_s={:.0}",
+                cores * 1000.0 / through.cpu_ms_per_gib * 1024.0
+            );
+        }
+    }
+    println!("{line}");
     Ok(())
 }
