@@ -4,7 +4,8 @@
 //! at once, the limit is hit again, and every delivery stops for the whole `Retry-After`. Each
 //! stop costs the rest of the limit's window. So once Webex has said 429, attempts are spaced
 //! evenly at a little under the rate that was actually accepted in the second before it, and the
-//! pace creeps up slowly while no 429 comes, so a raised limit is found again.
+//! pace creeps up slowly while no 429 comes, so a raised limit is found again; after five minutes
+//! without one, pacing stops.
 //!
 //! Plain data with the clock passed in: the scheduler owns one and tests drive it directly.
 
@@ -18,9 +19,12 @@ const WINDOW: Duration = Duration::from_secs(1);
 /// The pace is this share of the rate that was accepted: a margin for the limit's window not
 /// lining up with ours.
 const HEADROOM: f64 = 0.98;
-/// While paced without a 429 for this long, the pace goes up by [`PROBE_STEP`].
-const PROBE_EVERY: Duration = Duration::from_secs(10);
+/// While paced without a 429 for this long, the pace goes up by [`PROBE_STEP`]. Each probe that
+/// finds the limit costs a `Retry-After` pause, so probes are rare.
+const PROBE_EVERY: Duration = Duration::from_secs(30);
 const PROBE_STEP: f64 = 1.01;
+/// No 429 for this long: the limit is gone or far away, so stop pacing (a 429 learns it again).
+const FORGET_AFTER: Duration = Duration::from_secs(300);
 /// Never slower than this, however few attempts were accepted before a 429.
 const MIN_RATE: f64 = 1.0;
 
@@ -32,6 +36,8 @@ pub struct Pacer {
     next_start: Option<Instant>,
     /// When the pace last changed (a 429 or a probe step).
     changed: Option<Instant>,
+    /// The last 429.
+    last_429: Option<Instant>,
     /// Ends of attempts Webex accepted within the last [`WINDOW`].
     accepted: VecDeque<Instant>,
 }
@@ -48,6 +54,7 @@ impl Pacer {
             rate: None,
             next_start: None,
             changed: None,
+            last_429: None,
             accepted: VecDeque::new(),
         }
     }
@@ -67,6 +74,10 @@ impl Pacer {
         let Some(rate) = self.rate else {
             return;
         };
+        if self.last_429.is_some_and(|at| now - at >= FORGET_AFTER) {
+            *self = Pacer::new();
+            return;
+        }
         // Only a pace that holds work back is worth probing above.
         let held_back = self.next_start.is_some_and(|at| at >= now);
         let rate = if held_back && self.changed.is_some_and(|c| now - c >= PROBE_EVERY) {
@@ -93,6 +104,7 @@ impl Pacer {
         let learned = (self.accepted.len() as f64 * HEADROOM).max(MIN_RATE);
         self.rate = Some(self.rate.map_or(learned, |rate| rate.min(learned)));
         self.changed = Some(now);
+        self.last_429 = Some(now);
     }
 
     fn forget_before(&mut self, now: Instant) {
@@ -174,10 +186,10 @@ mod tests {
         }
         pacer.limited(t0 + Duration::from_millis(10));
         let learned = pacer.rate().unwrap();
-        // Always busy: each attempt starts as soon as the pace allows, for 25 s.
+        // Always busy: each attempt starts as soon as the pace allows, for 65 s.
         let mut now = t0 + Duration::from_millis(10);
         pacer.started(now);
-        while now < t0 + Duration::from_secs(25) {
+        while now < t0 + Duration::from_secs(65) {
             now = pacer.wait_until(now).unwrap();
             pacer.started(now);
         }
@@ -190,5 +202,9 @@ mod tests {
         let idle = now + Duration::from_secs(60);
         pacer.started(idle);
         assert_eq!(pacer.rate(), Some(raised));
+        // Five minutes after the last 429 the pace is dropped altogether.
+        pacer.started(t0 + Duration::from_secs(311));
+        assert_eq!(pacer.rate(), None);
+        assert_eq!(pacer.wait_until(t0 + Duration::from_secs(311)), None);
     }
 }
