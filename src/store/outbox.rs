@@ -192,6 +192,16 @@ impl Store {
         }
     }
 
+    /// Whether a user has a pending entry (without reading it).
+    pub fn has_pending(&self, user_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tree(USER_QUEUE)?
+            .scan_prefix(queue_prefix(user_id))
+            .next()
+            .transpose()?
+            .is_some())
+    }
+
     /// Every user with pending work, each once, in key order. Used at start-up to recover.
     pub fn users_with_pending(&self) -> Result<Vec<String>, StoreError> {
         let mut users: Vec<String> = Vec::new();
@@ -466,6 +476,7 @@ mod tests {
             )
             .unwrap();
         assert!(store.head_of("alice").unwrap().is_none());
+        assert!(!store.has_pending("alice").unwrap());
         assert_eq!(store.list(Filter::Dead, 10).unwrap().len(), 1);
         assert!(store.retry(ids[0]).unwrap());
         assert_eq!(store.head_of("alice").unwrap().unwrap().id, ids[0]);
