@@ -88,8 +88,12 @@ impl Pacer {
         } else {
             rate
         };
-        let from = self.next_start.map_or(now, |at| at.max(now));
-        self.next_start = Some(from + Duration::from_secs_f64(1.0 / rate));
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        // Timers wake a little late; counting from the slot rather than the wake-up keeps the
+        // lateness from adding up (up to one interval: a single catch-up start, never a burst).
+        let earliest = now.checked_sub(interval).unwrap_or(now);
+        let from = self.next_start.map_or(now, |at| at.max(earliest));
+        self.next_start = Some(from + interval);
     }
 
     /// Webex accepted an attempt.
@@ -156,6 +160,34 @@ mod tests {
         assert_eq!(
             pacer.wait_until(next).unwrap() - next,
             Duration::from_secs_f64(1.0 / 49.0)
+        );
+    }
+
+    #[test]
+    fn late_wake_ups_do_not_slow_the_pace() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new();
+        for i in 0..100 {
+            pacer.accepted(t0 + Duration::from_millis(i * 9));
+        }
+        pacer.limited(t0 + Duration::from_millis(900));
+        assert_eq!(pacer.rate(), Some(98.0));
+        // Every wake-up comes 2 ms after its slot (a fifth of the interval).
+        let mut now = t0 + Duration::from_secs(1);
+        pacer.started(now);
+        for _ in 0..98 {
+            now = pacer.wait_until(now).unwrap() + Duration::from_millis(2);
+            pacer.started(now);
+        }
+        let elapsed = now - (t0 + Duration::from_secs(1));
+        assert!(elapsed < Duration::from_millis(1010), "{elapsed:?}");
+        // Long idle: one start may catch up, the next waits a whole interval.
+        let later = now + Duration::from_secs(5);
+        pacer.started(later);
+        pacer.started(later);
+        assert_eq!(
+            pacer.wait_until(later).unwrap() - later,
+            Duration::from_secs_f64(1.0 / 98.0)
         );
     }
 
