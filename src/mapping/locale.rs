@@ -166,8 +166,9 @@ const BUILTIN_NAMES: &[(&str, &str)] = &[
 /// BroadWorks language names → language codes, matched case-insensitively.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LanguageTable {
-    /// Keys are lowercased names; values are `xx` or `xx_YY`.
-    names: BTreeMap<String, String>,
+    /// Lowercased names (see [`lowercase`]) → `xx` or `xx_YY`, sorted by name: a lookup then
+    /// binary-searches, lowercasing the query as it compares instead of into a new String.
+    names: Vec<(String, String)>,
 }
 
 impl LanguageTable {
@@ -176,19 +177,35 @@ impl LanguageTable {
     pub fn with_overrides(overrides: &BTreeMap<String, String>) -> Self {
         let builtin = BUILTIN_NAMES.iter().map(|(n, c)| (*n, *c));
         let configured = overrides.iter().map(|(n, c)| (n.as_str(), c.as_str()));
-        let names = builtin
+        let names: BTreeMap<String, String> = builtin
             .chain(configured)
-            .map(|(name, code)| (name.trim().to_lowercase(), code.to_owned()))
+            .map(|(name, code)| (lowercase(name.trim()).collect(), code.to_owned()))
             .collect();
-        LanguageTable { names }
+        LanguageTable {
+            names: names.into_iter().collect(),
+        }
     }
 
     /// The code for a language name, if the table knows it.
     pub fn lookup(&self, name: &str) -> Option<&str> {
-        self.names
-            .get(&name.trim().to_lowercase())
-            .map(String::as_str)
+        let name = name.trim();
+        let found = if name.is_ascii() {
+            // The usual case; ASCII lowercasing needs no case tables.
+            let name = name.bytes().map(|b| b.to_ascii_lowercase());
+            self.names
+                .binary_search_by(|(key, _)| key.bytes().cmp(name.clone()))
+        } else {
+            self.names
+                .binary_search_by(|(key, _)| key.chars().cmp(lowercase(name)))
+        };
+        found.ok().map(|i| self.names[i].1.as_str())
     }
+}
+
+/// Per-character lowercasing, the same for the table's keys and for a query, so the two always
+/// agree (char order is byte order in UTF-8, so it also agrees with the keys' sort order).
+fn lowercase(s: &str) -> impl Iterator<Item = char> + '_ {
+    s.chars().flat_map(char::to_lowercase)
 }
 
 /// True for a two-letter lowercase ISO-639-1 code (the form `[languages]` values take).
@@ -221,11 +238,10 @@ fn parse_code(value: &str) -> Option<(String, Option<String>)> {
 /// language's sensible default; `None` when Webex does not support the language at all.
 fn locale_for_language(language: &str, country: &str) -> Option<&'static str> {
     let row = LOCALES.iter().find(|row| row.code == language)?;
-    let wanted = format!("{language}_{country}");
     Some(
         row.locales
             .iter()
-            .find(|l| **l == wanted)
+            .find(|l| l.split_once('_') == Some((language, country)))
             .copied()
             .unwrap_or(row.default),
     )

@@ -200,10 +200,13 @@ pub fn parse(bytes: &[u8], limits: &ParseLimits) -> Result<Document, ParseError>
         depth: 0,
         root: RootState::Before,
         session: None,
-        commands: Vec::new(),
+        // Most documents carry one command; a `Request` is ~350 bytes, so the default first
+        // growth to four would be a large allocation that makes malloc consolidate its bins.
+        commands: Vec::with_capacity(1),
         command: None,
         capture: None,
-        text: String::new(),
+        // Room for a typical value, so the first few do not each grow the buffer.
+        text: String::with_capacity(64),
     };
     parser.run().map_err(|kind| ParseError {
         kind,
@@ -247,6 +250,10 @@ impl Encoding {
     fn decode_into(self, raw: &[u8], out: &mut String) -> Result<(), ()> {
         match self {
             Encoding::Utf8 | Encoding::Ascii => {
+                out.push_str(std::str::from_utf8(raw).map_err(|_| ())?)
+            }
+            // Values are nearly always ASCII, which is already UTF-8: copy it in one go.
+            Encoding::Latin1 if raw.is_ascii() => {
                 out.push_str(std::str::from_utf8(raw).map_err(|_| ())?)
             }
             Encoding::Latin1 => out.extend(raw.iter().map(|&b| char::from(b))),
@@ -293,14 +300,24 @@ fn sniff_encoding(input: &[u8]) -> Result<Encoding, ParseErrorKind> {
         return Ok(Encoding::Utf8);
     };
     let name = &rest[..rest.iter().position(|&b| b == quote).unwrap_or(rest.len())];
-    let lower = name.to_ascii_lowercase();
-    match lower.as_slice() {
-        b"utf-8" | b"utf8" => Ok(Encoding::Utf8),
-        b"us-ascii" | b"ascii" => Ok(Encoding::Ascii),
-        b"iso-8859-1" | b"iso8859-1" | b"iso_8859-1" | b"latin1" | b"latin-1" | b"l1" => {
-            Ok(Encoding::Latin1)
-        }
-        _ => Err(ParseErrorKind::UnsupportedEncoding {
+    const LABELS: [(&[u8], Encoding); 10] = [
+        (b"utf-8", Encoding::Utf8),
+        (b"utf8", Encoding::Utf8),
+        (b"us-ascii", Encoding::Ascii),
+        (b"ascii", Encoding::Ascii),
+        (b"iso-8859-1", Encoding::Latin1),
+        (b"iso8859-1", Encoding::Latin1),
+        (b"iso_8859-1", Encoding::Latin1),
+        (b"latin1", Encoding::Latin1),
+        (b"latin-1", Encoding::Latin1),
+        (b"l1", Encoding::Latin1),
+    ];
+    match LABELS
+        .iter()
+        .find(|(label, _)| label.eq_ignore_ascii_case(name))
+    {
+        Some(&(_, encoding)) => Ok(encoding),
+        None => Err(ParseErrorKind::UnsupportedEncoding {
             declared: String::from_utf8_lossy(name).into_owned(),
         }),
     }
@@ -665,11 +682,10 @@ impl<'i> Parser<'i, '_> {
             // Events are contiguous (text is not trimmed), so where the reader stands before an
             // event is where that event starts: the `<` of a tag, the `&` of a reference.
             let start = self.reader.buffer_position() as usize;
-            let (in_oci_namespace, event) = match self.reader.read_resolved_event() {
-                Ok((ns, event)) => (
-                    matches!(ns, ResolveResult::Bound(Namespace(OCI_NAMESPACE))),
-                    event,
-                ),
+            // Only the root's namespace matters (children are matched by local name), so
+            // elements are resolved in `open_root`, not on every event.
+            let event = match self.reader.read_event() {
+                Ok(event) => event,
                 Err(e) => {
                     let at = self.reader.error_position() as usize;
                     self.check_bytes_before(at)?;
@@ -681,9 +697,9 @@ impl<'i> Parser<'i, '_> {
             };
             self.check_bytes_before(self.reader.buffer_position() as usize)?;
             match event {
-                Event::Start(e) => self.open(&e, in_oci_namespace, start)?,
+                Event::Start(e) => self.open(&e, start)?,
                 Event::Empty(e) => {
-                    self.open(&e, in_oci_namespace, start)?;
+                    self.open(&e, start)?;
                     self.close()?;
                 }
                 Event::End(_) => self.close()?,
@@ -737,26 +753,25 @@ impl<'i> Parser<'i, '_> {
     }
 
     fn finish(&mut self) -> Result<Document, ParseErrorKind> {
-        let at = self.position(self.input.len());
+        // The end position is computed only for an error: it scans the whole input.
         match self.root {
             RootState::Before => Err(ParseErrorKind::Empty),
-            RootState::Open => Err(ParseErrorKind::Truncated { at }),
+            RootState::Open => Err(ParseErrorKind::Truncated {
+                at: self.position(self.input.len()),
+            }),
             RootState::Closed => match self.session.take() {
                 Some(session) => Ok(Document {
                     session,
                     commands: std::mem::take(&mut self.commands),
                 }),
-                None => Err(ParseErrorKind::MissingSession { at }),
+                None => Err(ParseErrorKind::MissingSession {
+                    at: self.position(self.input.len()),
+                }),
             },
         }
     }
 
-    fn open(
-        &mut self,
-        e: &BytesStart<'i>,
-        in_oci_namespace: bool,
-        at: usize,
-    ) -> Result<(), ParseErrorKind> {
+    fn open(&mut self, e: &BytesStart<'i>, at: usize) -> Result<(), ParseErrorKind> {
         if self.root == RootState::Closed {
             return Err(ParseErrorKind::TrailingContent {
                 at: self.position(at),
@@ -772,7 +787,7 @@ impl<'i> Parser<'i, '_> {
         let local = e.local_name();
         let local = local.as_ref();
         match self.depth {
-            1 => self.open_root(e, local, in_oci_namespace, at),
+            1 => self.open_root(e, local, at),
             2 => match local {
                 b"sessionId" | b"userId" if self.session.is_none() && self.commands.is_empty() => {
                     self.start_capture(
@@ -811,11 +826,12 @@ impl<'i> Parser<'i, '_> {
         &mut self,
         e: &BytesStart<'i>,
         local: &[u8],
-        in_oci: bool,
         at: usize,
     ) -> Result<(), ParseErrorKind> {
-        if local != b"BroadsoftDocument" || !in_oci {
-            let (ns, _) = self.reader.resolve_element(e.name());
+        let (ns, _) = self.reader.resolve_element(e.name());
+        if local != b"BroadsoftDocument"
+            || !matches!(ns, ResolveResult::Bound(Namespace(OCI_NAMESPACE)))
+        {
             let namespace = match ns {
                 ResolveResult::Bound(Namespace(n)) => format!("`{}`", String::from_utf8_lossy(n)),
                 ResolveResult::Unbound => "none".to_owned(),
@@ -1016,6 +1032,13 @@ impl<'i> Parser<'i, '_> {
     /// XML 1.0 `Char`: a value holding anything else could not be written back (the writer
     /// replaces such characters), so it is refused where it is read.
     fn check_chars(&self, text: &str, at: usize) -> Result<(), ParseErrorKind> {
+        // Printable ASCII is the common case and needs no char decoding.
+        if text
+            .bytes()
+            .all(|b| matches!(b, b'\t' | b'\n' | b'\r' | 0x20..=0x7E))
+        {
+            return Ok(());
+        }
         match text.chars().find(|c| !is_xml_char(*c)) {
             Some(c) => Err(ParseErrorKind::ForbiddenCharacter {
                 at: self.position(at),
