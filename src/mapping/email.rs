@@ -32,7 +32,10 @@ pub fn check_email(value: &str) -> Result<(), String> {
             "the part before @ may hold only letters, digits, dots and !#$%&'*+/=?^_`{|}~-",
         );
     }
-    if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+    if local.starts_with('.')
+        || local.ends_with('.')
+        || local.as_bytes().windows(2).any(|w| w == b"..")
+    {
         return refuse(
             "the part before @ cannot start or end with a dot or have two dots in a row",
         );

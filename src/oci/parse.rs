@@ -12,6 +12,7 @@
 //! - Child elements are matched by local name whatever their namespace: the SPEC requires them
 //!   unqualified, but an AS that forgets `xmlns=""` still means the same thing.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use quick_xml::NsReader;
@@ -248,23 +249,21 @@ impl Encoding {
     }
 
     fn decode_into(self, raw: &[u8], out: &mut String) -> Result<(), ()> {
-        match self {
-            Encoding::Utf8 | Encoding::Ascii => {
-                out.push_str(std::str::from_utf8(raw).map_err(|_| ())?)
-            }
-            // Values are nearly always ASCII, which is already UTF-8: copy it in one go.
-            Encoding::Latin1 if raw.is_ascii() => {
-                out.push_str(std::str::from_utf8(raw).map_err(|_| ())?)
-            }
-            Encoding::Latin1 => out.extend(raw.iter().map(|&b| char::from(b))),
-        }
+        out.push_str(&self.decode(raw)?);
         Ok(())
     }
 
-    fn decode(self, raw: &[u8]) -> Result<String, ()> {
-        let mut s = String::with_capacity(raw.len());
-        self.decode_into(raw, &mut s)?;
-        Ok(s)
+    /// Borrowed unless ISO-8859-1 bytes above 0x7F must be re-encoded: values are nearly always
+    /// ASCII, which is the same bytes in all three encodings.
+    fn decode(self, raw: &[u8]) -> Result<Cow<'_, str>, ()> {
+        match self {
+            Encoding::Latin1 if !raw.is_ascii() => {
+                Ok(Cow::Owned(raw.iter().map(|&b| char::from(b)).collect()))
+            }
+            Encoding::Utf8 | Encoding::Ascii | Encoding::Latin1 => {
+                std::str::from_utf8(raw).map(Cow::Borrowed).map_err(|_| ())
+            }
+        }
     }
 }
 
@@ -849,7 +848,7 @@ impl<'i> Parser<'i, '_> {
         for attr in e.attributes() {
             let attr = attr.map_err(|err| self.syntax_at(at, err))?;
             if attr.key.as_ref() == b"protocol" {
-                protocol = Some(self.attribute_value(&attr.value, at)?);
+                protocol = Some(self.attribute_value(&attr.value, at)?.into_owned());
             }
         }
         match protocol.as_deref() {
@@ -885,7 +884,7 @@ impl<'i> Parser<'i, '_> {
         for attr in e.attributes() {
             let attr = attr.map_err(|err| self.syntax_at(at, err))?;
             if attr.key.as_ref() == b"echo" {
-                echo = Some(self.attribute_value(&attr.value, at)?);
+                echo = Some(self.attribute_value(&attr.value, at)?.into_owned());
             } else if self.is_xsi(attr.key, b"type") {
                 let value = self.attribute_value(&attr.value, at)?;
                 // The prefix (`c:UserAddRequest`) names the OCI namespace; the local part is the type.
@@ -931,15 +930,24 @@ impl<'i> Parser<'i, '_> {
         Ok(false)
     }
 
-    fn attribute_value(&self, raw: &[u8], at: usize) -> Result<String, ParseErrorKind> {
+    /// Borrowed from `raw` unless decoding or unescaping had to build a new string.
+    fn attribute_value<'a>(
+        &self,
+        raw: &'a [u8],
+        at: usize,
+    ) -> Result<Cow<'a, str>, ParseErrorKind> {
         let decoded = self
             .encoding
             .decode(raw)
             .map_err(|()| self.invalid_bytes(at))?;
-        match quick_xml::escape::unescape(&decoded) {
+        let unescaped = match decoded {
+            Cow::Borrowed(s) => quick_xml::escape::unescape(s),
+            Cow::Owned(s) => quick_xml::escape::unescape(&s).map(|v| Cow::Owned(v.into_owned())),
+        };
+        match unescaped {
             Ok(v) => {
                 self.check_chars(&v, at)?;
-                Ok(v.into_owned())
+                Ok(v)
             }
             Err(e) => Err(ParseErrorKind::Syntax {
                 at: self.position(at),
