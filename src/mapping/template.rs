@@ -199,11 +199,13 @@ impl Template {
                 "groupId is missing; the template's spEnterpriseId pattern \"{pattern}\" needs it"
             ));
         }
-        Ok(replace_placeholder(
-            &replace_placeholder(pattern, SP_PLACEHOLDER, service_provider_id),
-            GROUP_PLACEHOLDER,
-            group_id,
-        ))
+        let id = replace_placeholder(pattern, SP_PLACEHOLDER, service_provider_id);
+        // Without a brace there is no group placeholder left to replace: skip the second copy.
+        Ok(if id.contains('{') {
+            replace_placeholder(&id, GROUP_PLACEHOLDER, group_id)
+        } else {
+            id
+        })
     }
 }
 

@@ -190,7 +190,14 @@ pub fn parse(bytes: &[u8], limits: &ParseLimits) -> Result<Document, ParseError>
     let input = bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes);
     let encoding = sniff_encoding(input).map_err(ParseError::bare)?;
     let invalid_at = encoding.first_invalid(input);
-    let mut reader = NsReader::from_reader(input);
+    // A body that every accepted encoding reads as the same UTF-8 text is handed to quick-xml as
+    // a `str`: it then skips looking the declared label up in its encoding tables on every
+    // document, and anything it decodes itself (character references) reads the same.
+    let same_as_utf8 = encoding == Encoding::Utf8 || input.is_ascii();
+    let mut reader = match std::str::from_utf8(input) {
+        Ok(text) if same_as_utf8 => NsReader::from_str(text),
+        _ => NsReader::from_reader(input),
+    };
     reader.config_mut().trim_text(false);
     let mut parser = Parser {
         input,
@@ -920,6 +927,10 @@ impl<'i> Parser<'i, '_> {
     }
 
     fn is_nil(&self, e: &BytesStart<'i>, at: usize) -> Result<bool, ParseErrorKind> {
+        // Fields nearly never carry attributes: skip setting up the (checking) iterator.
+        if e.attributes_raw().is_empty() {
+            return Ok(false);
+        }
         for attr in e.attributes() {
             let attr = attr.map_err(|err| self.syntax_at(at, err))?;
             if self.is_xsi(attr.key, b"nil") {
