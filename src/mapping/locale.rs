@@ -166,8 +166,8 @@ const BUILTIN_NAMES: &[(&str, &str)] = &[
 /// BroadWorks language names → language codes, matched case-insensitively.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LanguageTable {
-    /// Lowercased names (see [`lowercase`]) → `xx` or `xx_YY`, sorted by name: a lookup then
-    /// binary-searches, lowercasing the query as it compares instead of into a new String.
+    /// Lowercased names → `xx` or `xx_YY`, sorted by name: a lookup binary-searches, and an
+    /// ASCII query (the usual case) is lowercased as it is compared instead of into a new String.
     names: Vec<(String, String)>,
 }
 
@@ -179,7 +179,7 @@ impl LanguageTable {
         let configured = overrides.iter().map(|(n, c)| (n.as_str(), c.as_str()));
         let names: BTreeMap<String, String> = builtin
             .chain(configured)
-            .map(|(name, code)| (lowercase(name.trim()).collect(), code.to_owned()))
+            .map(|(name, code)| (name.trim().to_lowercase(), code.to_owned()))
             .collect();
         LanguageTable {
             names: names.into_iter().collect(),
@@ -189,23 +189,18 @@ impl LanguageTable {
     /// The code for a language name, if the table knows it.
     pub fn lookup(&self, name: &str) -> Option<&str> {
         let name = name.trim();
+        // For ASCII, `to_lowercase` is `to_ascii_lowercase`, byte by byte.
         let found = if name.is_ascii() {
-            // The usual case; ASCII lowercasing needs no case tables.
             let name = name.bytes().map(|b| b.to_ascii_lowercase());
             self.names
                 .binary_search_by(|(key, _)| key.bytes().cmp(name.clone()))
         } else {
+            let name = name.to_lowercase();
             self.names
-                .binary_search_by(|(key, _)| key.chars().cmp(lowercase(name)))
+                .binary_search_by(|(key, _)| key.as_str().cmp(&name))
         };
         found.ok().map(|i| self.names[i].1.as_str())
     }
-}
-
-/// Per-character lowercasing, the same for the table's keys and for a query, so the two always
-/// agree (char order is byte order in UTF-8, so it also agrees with the keys' sort order).
-fn lowercase(s: &str) -> impl Iterator<Item = char> + '_ {
-    s.chars().flat_map(char::to_lowercase)
 }
 
 /// True for a two-letter lowercase ISO-639-1 code (the form `[languages]` values take).
