@@ -32,26 +32,29 @@ pub fn check_email(value: &str) -> Result<(), String> {
             "the part before @ may hold only letters, digits, dots and !#$%&'*+/=?^_`{|}~-",
         );
     }
-    if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+    if local.starts_with('.')
+        || local.ends_with('.')
+        || local.as_bytes().windows(2).any(|w| w == b"..")
+    {
         return refuse(
             "the part before @ cannot start or end with a dot or have two dots in a row",
         );
     }
-    let labels: Vec<&str> = domain.split('.').collect();
-    if labels.len() < 2 {
+    if !domain.contains('.') {
         return refuse("the domain needs at least two labels, e.g. example.com");
     }
-    let label_ok = |l: &&str| {
+    let label_ok = |l: &str| {
         (1..=63).contains(&l.len())
             && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
-    if !labels.iter().all(label_ok) {
+    if !domain.split('.').all(label_ok) {
         return refuse("each domain label needs 1 to 63 letters, digits or inner hyphens");
     }
-    if labels
-        .last()
+    if domain
+        .rsplit('.')
+        .next()
         .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
     {
         return refuse("the top-level domain cannot be all digits");

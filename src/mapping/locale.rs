@@ -166,8 +166,9 @@ const BUILTIN_NAMES: &[(&str, &str)] = &[
 /// BroadWorks language names → language codes, matched case-insensitively.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LanguageTable {
-    /// Keys are lowercased names; values are `xx` or `xx_YY`.
-    names: BTreeMap<String, String>,
+    /// Lowercased names → `xx` or `xx_YY`, sorted by name: a lookup binary-searches, and an
+    /// ASCII query (the usual case) is lowercased as it is compared instead of into a new String.
+    names: Vec<(String, String)>,
 }
 
 impl LanguageTable {
@@ -176,18 +177,29 @@ impl LanguageTable {
     pub fn with_overrides(overrides: &BTreeMap<String, String>) -> Self {
         let builtin = BUILTIN_NAMES.iter().map(|(n, c)| (*n, *c));
         let configured = overrides.iter().map(|(n, c)| (n.as_str(), c.as_str()));
-        let names = builtin
+        let names: BTreeMap<String, String> = builtin
             .chain(configured)
             .map(|(name, code)| (name.trim().to_lowercase(), code.to_owned()))
             .collect();
-        LanguageTable { names }
+        LanguageTable {
+            names: names.into_iter().collect(),
+        }
     }
 
     /// The code for a language name, if the table knows it.
     pub fn lookup(&self, name: &str) -> Option<&str> {
-        self.names
-            .get(&name.trim().to_lowercase())
-            .map(String::as_str)
+        let name = name.trim();
+        // For ASCII, `to_lowercase` is `to_ascii_lowercase`, byte by byte.
+        let found = if name.is_ascii() {
+            let name = name.bytes().map(|b| b.to_ascii_lowercase());
+            self.names
+                .binary_search_by(|(key, _)| key.bytes().cmp(name.clone()))
+        } else {
+            let name = name.to_lowercase();
+            self.names
+                .binary_search_by(|(key, _)| key.as_str().cmp(&name))
+        };
+        found.ok().map(|i| self.names[i].1.as_str())
     }
 }
 
@@ -201,34 +213,47 @@ pub fn is_supported_locale(locale: &str) -> bool {
     LOCALES.iter().any(|row| row.locales.contains(&locale))
 }
 
-/// Splits `fr`, `FR`, `fr_CA`, `fr-ca` into (`fr`, Some(`CA`)); anything else is not a code.
-/// ISO-639-1 `no` (Norwegian) is Webex's `nb`.
-fn parse_code(value: &str) -> Option<(String, Option<String>)> {
+/// The row of `fr`, `FR`, `fr_CA`, `fr-ca`, with the region as written (`ca`); `None` for
+/// anything that is not a code or names a language Webex does not support. ISO-639-1 `no`
+/// (Norwegian) is Webex's `nb`. Borrows and compares in place: this runs for every user added.
+fn parse_code(value: &str) -> Option<(&'static Row, Option<&str>)> {
     let letters = |s: &str| s.len() == 2 && s.bytes().all(|b| b.is_ascii_alphabetic());
     let (language, region) = match value.split_once(['_', '-']) {
-        Some((l, r)) if letters(l) && letters(r) => (l, Some(r.to_ascii_uppercase())),
+        Some((l, r)) if letters(l) && letters(r) => (l, Some(r)),
         None if letters(value) => (value, None),
         _ => return None,
     };
-    let language = match language.to_ascii_lowercase().as_str() {
-        "no" => "nb".to_owned(),
-        other => other.to_owned(),
+    let language = if language.eq_ignore_ascii_case("no") {
+        "nb"
+    } else {
+        language
     };
-    Some((language, region))
+    let row = LOCALES
+        .iter()
+        .find(|row| row.code.eq_ignore_ascii_case(language))?;
+    Some((row, region))
+}
+
+/// Rule 1 for a code with a region: the row's locale with that region (any case), if Webex
+/// supports it (every supported locale is in its language's row).
+fn exact_locale(row: &Row, region: &str) -> Option<&'static str> {
+    row.locales
+        .iter()
+        .find(|l| {
+            l.split_once('_')
+                .is_some_and(|(_, r)| r.eq_ignore_ascii_case(region))
+        })
+        .copied()
 }
 
 /// Rule 2: the language with the template's country when Webex supports that locale, else the
-/// language's sensible default; `None` when Webex does not support the language at all.
-fn locale_for_language(language: &str, country: &str) -> Option<&'static str> {
-    let row = LOCALES.iter().find(|row| row.code == language)?;
-    let wanted = format!("{language}_{country}");
-    Some(
-        row.locales
-            .iter()
-            .find(|l| **l == wanted)
-            .copied()
-            .unwrap_or(row.default),
-    )
+/// language's sensible default.
+fn locale_for_language(row: &Row, country: &str) -> &'static str {
+    row.locales
+        .iter()
+        .find(|l| l.split_once('_') == Some((row.code, country)))
+        .copied()
+        .unwrap_or(row.default)
 }
 
 /// The Webex locale for a BroadWorks `language` value (SPEC §3). Log lines for the operator are
@@ -249,14 +274,13 @@ pub fn resolve_locale(
         return NO_LANGUAGE.to_owned();
     };
     let code = languages.lookup(value).unwrap_or(value);
-    let locale = parse_code(code).and_then(|(language, region)| {
-        let exact = region
-            .map(|r| format!("{language}_{r}"))
-            .filter(|l| is_supported_locale(l));
-        exact.or_else(|| locale_for_language(&language, country).map(str::to_owned))
+    let locale = parse_code(code).map(|(row, region)| {
+        region
+            .and_then(|r| exact_locale(row, r))
+            .unwrap_or_else(|| locale_for_language(row, country))
     });
     let locale = match locale {
-        Some(locale) => locale,
+        Some(locale) => locale.to_owned(),
         None => {
             notes.push(format!(
                 "language \"{value}\" is not a language Webex supports (or a name missing from [languages]); using the template default {default_language}"

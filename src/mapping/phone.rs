@@ -29,13 +29,13 @@ pub fn phone_for_webex(field: &str, value: &str, calling_code: &str) -> Result<S
             "{field} \"{value}\" contains '{bad}'; a phone number has digits only (an international one starts with +)"
         ));
     }
-    let digits: String = rest.chars().filter(char::is_ascii_digit).collect();
+    let digits = rest.bytes().filter(u8::is_ascii_digit).count();
     let total = if international {
-        digits.len()
+        digits
     } else {
-        calling_code.len() - 1 + digits.len()
+        calling_code.len() - 1 + digits
     };
-    if digits.is_empty() || total > MAX_DIGITS {
+    if digits == 0 || total > MAX_DIGITS {
         return Err(format!(
             "{field} \"{value}\" is not a phone number: it needs 1 to {MAX_DIGITS} digits including the country code"
         ));
@@ -43,7 +43,10 @@ pub fn phone_for_webex(field: &str, value: &str, calling_code: &str) -> Result<S
     if international {
         Ok(value.to_owned())
     } else {
-        Ok(format!("{calling_code}{digits}"))
+        let mut number = String::with_capacity(calling_code.len() + digits);
+        number.push_str(calling_code);
+        number.extend(rest.chars().filter(char::is_ascii_digit));
+        Ok(number)
     }
 }
 

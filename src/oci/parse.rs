@@ -12,6 +12,7 @@
 //! - Child elements are matched by local name whatever their namespace: the SPEC requires them
 //!   unqualified, but an AS that forgets `xmlns=""` still means the same thing.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use quick_xml::NsReader;
@@ -189,7 +190,14 @@ pub fn parse(bytes: &[u8], limits: &ParseLimits) -> Result<Document, ParseError>
     let input = bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes);
     let encoding = sniff_encoding(input).map_err(ParseError::bare)?;
     let invalid_at = encoding.first_invalid(input);
-    let mut reader = NsReader::from_reader(input);
+    // A body that every accepted encoding reads as the same UTF-8 text is handed to quick-xml as
+    // a `str`: it then skips looking the declared label up in its encoding tables on every
+    // document, and anything it decodes itself (character references) reads the same.
+    let same_as_utf8 = encoding == Encoding::Utf8 || input.is_ascii();
+    let mut reader = match std::str::from_utf8(input) {
+        Ok(text) if same_as_utf8 => NsReader::from_str(text),
+        _ => NsReader::from_reader(input),
+    };
     reader.config_mut().trim_text(false);
     let mut parser = Parser {
         input,
@@ -200,10 +208,13 @@ pub fn parse(bytes: &[u8], limits: &ParseLimits) -> Result<Document, ParseError>
         depth: 0,
         root: RootState::Before,
         session: None,
-        commands: Vec::new(),
+        // Most documents carry one command; a `Request` is ~350 bytes, so the default first
+        // growth to four would be a large allocation that makes malloc consolidate its bins.
+        commands: Vec::with_capacity(1),
         command: None,
         capture: None,
-        text: String::new(),
+        // Room for a typical value, so the first few do not each grow the buffer.
+        text: String::with_capacity(64),
     };
     parser.run().map_err(|kind| ParseError {
         kind,
@@ -245,19 +256,21 @@ impl Encoding {
     }
 
     fn decode_into(self, raw: &[u8], out: &mut String) -> Result<(), ()> {
-        match self {
-            Encoding::Utf8 | Encoding::Ascii => {
-                out.push_str(std::str::from_utf8(raw).map_err(|_| ())?)
-            }
-            Encoding::Latin1 => out.extend(raw.iter().map(|&b| char::from(b))),
-        }
+        out.push_str(&self.decode(raw)?);
         Ok(())
     }
 
-    fn decode(self, raw: &[u8]) -> Result<String, ()> {
-        let mut s = String::with_capacity(raw.len());
-        self.decode_into(raw, &mut s)?;
-        Ok(s)
+    /// Borrowed unless ISO-8859-1 bytes above 0x7F must be re-encoded: values are nearly always
+    /// ASCII, which is the same bytes in all three encodings.
+    fn decode(self, raw: &[u8]) -> Result<Cow<'_, str>, ()> {
+        match self {
+            Encoding::Latin1 if !raw.is_ascii() => {
+                Ok(Cow::Owned(raw.iter().map(|&b| char::from(b)).collect()))
+            }
+            Encoding::Utf8 | Encoding::Ascii | Encoding::Latin1 => {
+                std::str::from_utf8(raw).map(Cow::Borrowed).map_err(|_| ())
+            }
+        }
     }
 }
 
@@ -293,14 +306,24 @@ fn sniff_encoding(input: &[u8]) -> Result<Encoding, ParseErrorKind> {
         return Ok(Encoding::Utf8);
     };
     let name = &rest[..rest.iter().position(|&b| b == quote).unwrap_or(rest.len())];
-    let lower = name.to_ascii_lowercase();
-    match lower.as_slice() {
-        b"utf-8" | b"utf8" => Ok(Encoding::Utf8),
-        b"us-ascii" | b"ascii" => Ok(Encoding::Ascii),
-        b"iso-8859-1" | b"iso8859-1" | b"iso_8859-1" | b"latin1" | b"latin-1" | b"l1" => {
-            Ok(Encoding::Latin1)
-        }
-        _ => Err(ParseErrorKind::UnsupportedEncoding {
+    const LABELS: [(&[u8], Encoding); 10] = [
+        (b"utf-8", Encoding::Utf8),
+        (b"utf8", Encoding::Utf8),
+        (b"us-ascii", Encoding::Ascii),
+        (b"ascii", Encoding::Ascii),
+        (b"iso-8859-1", Encoding::Latin1),
+        (b"iso8859-1", Encoding::Latin1),
+        (b"iso_8859-1", Encoding::Latin1),
+        (b"latin1", Encoding::Latin1),
+        (b"latin-1", Encoding::Latin1),
+        (b"l1", Encoding::Latin1),
+    ];
+    match LABELS
+        .iter()
+        .find(|(label, _)| label.eq_ignore_ascii_case(name))
+    {
+        Some(&(_, encoding)) => Ok(encoding),
+        None => Err(ParseErrorKind::UnsupportedEncoding {
             declared: String::from_utf8_lossy(name).into_owned(),
         }),
     }
@@ -665,11 +688,10 @@ impl<'i> Parser<'i, '_> {
             // Events are contiguous (text is not trimmed), so where the reader stands before an
             // event is where that event starts: the `<` of a tag, the `&` of a reference.
             let start = self.reader.buffer_position() as usize;
-            let (in_oci_namespace, event) = match self.reader.read_resolved_event() {
-                Ok((ns, event)) => (
-                    matches!(ns, ResolveResult::Bound(Namespace(OCI_NAMESPACE))),
-                    event,
-                ),
+            // Only the root's namespace matters (children are matched by local name), so
+            // elements are resolved in `open_root`, not on every event.
+            let event = match self.reader.read_event() {
+                Ok(event) => event,
                 Err(e) => {
                     let at = self.reader.error_position() as usize;
                     self.check_bytes_before(at)?;
@@ -681,9 +703,9 @@ impl<'i> Parser<'i, '_> {
             };
             self.check_bytes_before(self.reader.buffer_position() as usize)?;
             match event {
-                Event::Start(e) => self.open(&e, in_oci_namespace, start)?,
+                Event::Start(e) => self.open(&e, start)?,
                 Event::Empty(e) => {
-                    self.open(&e, in_oci_namespace, start)?;
+                    self.open(&e, start)?;
                     self.close()?;
                 }
                 Event::End(_) => self.close()?,
@@ -737,26 +759,25 @@ impl<'i> Parser<'i, '_> {
     }
 
     fn finish(&mut self) -> Result<Document, ParseErrorKind> {
-        let at = self.position(self.input.len());
+        // The end position is computed only for an error: it scans the whole input.
         match self.root {
             RootState::Before => Err(ParseErrorKind::Empty),
-            RootState::Open => Err(ParseErrorKind::Truncated { at }),
+            RootState::Open => Err(ParseErrorKind::Truncated {
+                at: self.position(self.input.len()),
+            }),
             RootState::Closed => match self.session.take() {
                 Some(session) => Ok(Document {
                     session,
                     commands: std::mem::take(&mut self.commands),
                 }),
-                None => Err(ParseErrorKind::MissingSession { at }),
+                None => Err(ParseErrorKind::MissingSession {
+                    at: self.position(self.input.len()),
+                }),
             },
         }
     }
 
-    fn open(
-        &mut self,
-        e: &BytesStart<'i>,
-        in_oci_namespace: bool,
-        at: usize,
-    ) -> Result<(), ParseErrorKind> {
+    fn open(&mut self, e: &BytesStart<'i>, at: usize) -> Result<(), ParseErrorKind> {
         if self.root == RootState::Closed {
             return Err(ParseErrorKind::TrailingContent {
                 at: self.position(at),
@@ -772,7 +793,7 @@ impl<'i> Parser<'i, '_> {
         let local = e.local_name();
         let local = local.as_ref();
         match self.depth {
-            1 => self.open_root(e, local, in_oci_namespace, at),
+            1 => self.open_root(e, local, at),
             2 => match local {
                 b"sessionId" | b"userId" if self.session.is_none() && self.commands.is_empty() => {
                     self.start_capture(
@@ -811,11 +832,12 @@ impl<'i> Parser<'i, '_> {
         &mut self,
         e: &BytesStart<'i>,
         local: &[u8],
-        in_oci: bool,
         at: usize,
     ) -> Result<(), ParseErrorKind> {
-        if local != b"BroadsoftDocument" || !in_oci {
-            let (ns, _) = self.reader.resolve_element(e.name());
+        let (ns, _) = self.reader.resolve_element(e.name());
+        if local != b"BroadsoftDocument"
+            || !matches!(ns, ResolveResult::Bound(Namespace(OCI_NAMESPACE)))
+        {
             let namespace = match ns {
                 ResolveResult::Bound(Namespace(n)) => format!("`{}`", String::from_utf8_lossy(n)),
                 ResolveResult::Unbound => "none".to_owned(),
@@ -833,7 +855,7 @@ impl<'i> Parser<'i, '_> {
         for attr in e.attributes() {
             let attr = attr.map_err(|err| self.syntax_at(at, err))?;
             if attr.key.as_ref() == b"protocol" {
-                protocol = Some(self.attribute_value(&attr.value, at)?);
+                protocol = Some(self.attribute_value(&attr.value, at)?.into_owned());
             }
         }
         match protocol.as_deref() {
@@ -869,7 +891,7 @@ impl<'i> Parser<'i, '_> {
         for attr in e.attributes() {
             let attr = attr.map_err(|err| self.syntax_at(at, err))?;
             if attr.key.as_ref() == b"echo" {
-                echo = Some(self.attribute_value(&attr.value, at)?);
+                echo = Some(self.attribute_value(&attr.value, at)?.into_owned());
             } else if self.is_xsi(attr.key, b"type") {
                 let value = self.attribute_value(&attr.value, at)?;
                 // The prefix (`c:UserAddRequest`) names the OCI namespace; the local part is the type.
@@ -905,6 +927,10 @@ impl<'i> Parser<'i, '_> {
     }
 
     fn is_nil(&self, e: &BytesStart<'i>, at: usize) -> Result<bool, ParseErrorKind> {
+        // Fields nearly never carry attributes: skip setting up the (checking) iterator.
+        if e.attributes_raw().is_empty() {
+            return Ok(false);
+        }
         for attr in e.attributes() {
             let attr = attr.map_err(|err| self.syntax_at(at, err))?;
             if self.is_xsi(attr.key, b"nil") {
@@ -915,15 +941,24 @@ impl<'i> Parser<'i, '_> {
         Ok(false)
     }
 
-    fn attribute_value(&self, raw: &[u8], at: usize) -> Result<String, ParseErrorKind> {
+    /// Borrowed from `raw` unless decoding or unescaping had to build a new string.
+    fn attribute_value<'a>(
+        &self,
+        raw: &'a [u8],
+        at: usize,
+    ) -> Result<Cow<'a, str>, ParseErrorKind> {
         let decoded = self
             .encoding
             .decode(raw)
             .map_err(|()| self.invalid_bytes(at))?;
-        match quick_xml::escape::unescape(&decoded) {
+        let unescaped = match decoded {
+            Cow::Borrowed(s) => quick_xml::escape::unescape(s),
+            Cow::Owned(s) => quick_xml::escape::unescape(&s).map(|v| Cow::Owned(v.into_owned())),
+        };
+        match unescaped {
             Ok(v) => {
                 self.check_chars(&v, at)?;
-                Ok(v.into_owned())
+                Ok(v)
             }
             Err(e) => Err(ParseErrorKind::Syntax {
                 at: self.position(at),
@@ -1016,6 +1051,13 @@ impl<'i> Parser<'i, '_> {
     /// XML 1.0 `Char`: a value holding anything else could not be written back (the writer
     /// replaces such characters), so it is refused where it is read.
     fn check_chars(&self, text: &str, at: usize) -> Result<(), ParseErrorKind> {
+        // Printable ASCII is the common case and needs no char decoding.
+        if text
+            .bytes()
+            .all(|b| matches!(b, b'\t' | b'\n' | b'\r' | 0x20..=0x7E))
+        {
+            return Ok(());
+        }
         match text.chars().find(|c| !is_xml_char(*c)) {
             Some(c) => Err(ParseErrorKind::ForbiddenCharacter {
                 at: self.position(at),
