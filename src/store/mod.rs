@@ -79,6 +79,10 @@ struct GroupCommit {
     done: tokio::sync::Notify,
 }
 
+/// sled's page cache. Its default (1 GiB) lets a long-running node's RSS grow for hours while the
+/// cache fills; the hot data here (pending entries, recent users) is a few MiB.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("path", &self.path).finish()
@@ -90,6 +94,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(path)
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|e| StoreError::Open {
                 path: path.to_owned(),
