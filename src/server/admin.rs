@@ -119,8 +119,8 @@ fn refresh_gauges(state: &AppState) {
         let age = oldest.map_or(0, |t| now_ms().saturating_sub(t)) as f64 / 1000.0;
         m.outbox_oldest_age_seconds.set(age);
     }
-    if let Ok(dead) = state.store.list(Filter::Dead, usize::MAX) {
-        m.outbox_dead.set(dead.len() as i64);
+    if let Ok(dead) = state.store.dead_count() {
+        m.outbox_dead.set(dead as i64);
     }
     if let Some(up) = &state.upstream {
         m.upstream_blocked_addresses
@@ -182,7 +182,7 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 async fn status(state: web::Data<AppState>) -> HttpResponse {
     let (ready, reasons) = readiness(&state);
     let (pending, oldest) = state.store.pending_summary().unwrap_or((0, None));
-    let dead = state.store.list(Filter::Dead, 100).unwrap_or_default();
+    let dead = state.store.dead_count().unwrap_or_default();
     let token = state.tokens.as_ref().map(|t| t.status());
     HttpResponse::Ok().json(json!({
         "ready": ready,
@@ -190,7 +190,7 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
         "outbox": {
             "pending": pending,
             "oldest_pending_ms": oldest,
-            "dead": dead.len(),
+            "dead": dead,
             "paused_for_rate_limit": state.engine.as_ref().is_some_and(|e| e.paused_until().is_some()),
             "pace_per_second": state.engine.as_ref().and_then(|e| e.pace()),
             "users_waiting_for_webex": state.engine.as_ref().map_or(0, |e| e.waiting_for_webex()),

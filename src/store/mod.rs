@@ -22,7 +22,9 @@ pub use tokens::{TokenRecord, TokenState};
 
 /// The on-disk layout version. Bumped whenever a tree's key or value encoding changes; a store
 /// written by another version is refused at open rather than misread.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version 2 added the index of dead outbox entries (built from the outbox when a version 1
+/// store is opened).
+pub const SCHEMA_VERSION: u32 = 2;
 
 const META_TREE: &str = "meta";
 const SCHEMA_KEY: &[u8] = b"schema_version";
@@ -113,7 +115,11 @@ impl Store {
                         what: "schema version",
                         reason: format!("{} bytes instead of 4", raw.len()),
                     })?;
-                if found != SCHEMA_VERSION {
+                if found == 1 {
+                    outbox::index_dead_entries(&db)?;
+                    meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                    db.flush()?;
+                } else if found != SCHEMA_VERSION {
                     return Err(StoreError::SchemaMismatch {
                         path: path.to_owned(),
                         found,

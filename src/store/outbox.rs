@@ -3,7 +3,9 @@
 //!
 //! Layout: `outbox` maps the entry id (u64, big-endian, monotonic) to the entry; `user_queue` holds
 //! one key `userId 0x00 id` per *pending* entry, so the head of a user's queue is the first key
-//! under its prefix and per-user order is the key order. Both trees change in one transaction.
+//! under its prefix and per-user order is the key order; `dead` holds the id of every dead entry,
+//! so the operator's views and the metrics never scan the delivered history. The trees change
+//! together in one transaction.
 
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -12,6 +14,7 @@ use super::{Store, StoreError, decode, encode};
 
 const OUTBOX: &str = "outbox";
 const USER_QUEUE: &str = "user_queue";
+const DEAD: &str = "dead";
 
 /// The id of an outbox entry; ids grow in arrival order.
 pub type EntryId = u64;
@@ -250,8 +253,9 @@ impl Store {
     ) -> Result<Entry, StoreError> {
         let outbox = self.tree(OUTBOX)?;
         let queue = self.tree(USER_QUEUE)?;
-        let entry = (&outbox, &queue)
-            .transaction(|(o, q)| -> TxResult<Entry> {
+        let dead = self.tree(DEAD)?;
+        let entry = (&outbox, &queue, &dead)
+            .transaction(|(o, q, d)| -> TxResult<Entry> {
                 let raw = o.get(id.to_be_bytes())?.ok_or_else(|| {
                     sled::transaction::ConflictableTransactionError::Abort(StoreError::NotFound(id))
                 })?;
@@ -266,6 +270,9 @@ impl Store {
                     .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
                 o.insert(&id.to_be_bytes(), value)?;
                 q.remove(queue_key(&entry.new.user_id, id))?;
+                if matches!(entry.state, EntryState::Dead { .. }) {
+                    d.insert(&id.to_be_bytes(), &[])?;
+                }
                 Ok(entry)
             })
             .map_err(tx_error)?;
@@ -276,8 +283,9 @@ impl Store {
     pub fn retry(&self, id: EntryId) -> Result<bool, StoreError> {
         let outbox = self.tree(OUTBOX)?;
         let queue = self.tree(USER_QUEUE)?;
-        (&outbox, &queue)
-            .transaction(|(o, q)| -> TxResult<bool> {
+        let dead = self.tree(DEAD)?;
+        (&outbox, &queue, &dead)
+            .transaction(|(o, q, d)| -> TxResult<bool> {
                 let Some(raw) = o.get(id.to_be_bytes())? else {
                     return Ok(false);
                 };
@@ -292,6 +300,7 @@ impl Store {
                     .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
                 o.insert(&id.to_be_bytes(), value)?;
                 q.insert(queue_key(&entry.new.user_id, id), &[])?;
+                d.remove(&id.to_be_bytes())?;
                 Ok(true)
             })
             .map_err(tx_error)
@@ -301,14 +310,16 @@ impl Store {
     pub fn drop_entry(&self, id: EntryId) -> Result<Option<Entry>, StoreError> {
         let outbox = self.tree(OUTBOX)?;
         let queue = self.tree(USER_QUEUE)?;
-        (&outbox, &queue)
-            .transaction(|(o, q)| -> TxResult<Option<Entry>> {
+        let dead = self.tree(DEAD)?;
+        (&outbox, &queue, &dead)
+            .transaction(|(o, q, d)| -> TxResult<Option<Entry>> {
                 let Some(raw) = o.remove(&id.to_be_bytes())? else {
                     return Ok(None);
                 };
                 let entry: Entry = decode(&raw, "outbox entry")
                     .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
                 q.remove(queue_key(&entry.new.user_id, id))?;
+                d.remove(&id.to_be_bytes())?;
                 Ok(Some(entry))
             })
             .map_err(tx_error)
@@ -316,6 +327,27 @@ impl Store {
 
     /// Entries matching `filter`, oldest first, at most `limit`.
     pub fn list(&self, filter: Filter, limit: usize) -> Result<Vec<Entry>, StoreError> {
+        // Pending and dead entries are few and indexed; only the other views walk the history.
+        match filter {
+            Filter::Dead => {
+                let mut ids = Vec::new();
+                for item in self.tree(DEAD)?.iter().take(limit) {
+                    ids.push(id_from(&item?.0)?);
+                }
+                return self.entries(ids);
+            }
+            Filter::Pending => {
+                let mut ids = Vec::new();
+                for item in self.tree(USER_QUEUE)?.iter() {
+                    let (key, _) = item?;
+                    ids.push(id_from(&key[key.len() - 8..])?);
+                }
+                ids.sort_unstable();
+                ids.truncate(limit);
+                return self.entries(ids);
+            }
+            Filter::All | Filter::Delivered => {}
+        }
         let mut out = Vec::new();
         for item in self.tree(OUTBOX)?.iter() {
             if out.len() >= limit {
@@ -324,6 +356,23 @@ impl Store {
             let (_, raw) = item?;
             let entry: Entry = decode(&raw, "outbox entry")?;
             if filter.matches(&entry) {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many entries are dead (waiting for the operator).
+    pub fn dead_count(&self) -> Result<usize, StoreError> {
+        Ok(self.tree(DEAD)?.len())
+    }
+
+    /// The entries with these ids, in this order; an id whose entry is gone is skipped (a prune
+    /// removes the entry first, then its index key).
+    fn entries(&self, ids: Vec<EntryId>) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(entry) = self.entry(id)? {
                 out.push(entry);
             }
         }
@@ -351,6 +400,7 @@ impl Store {
     /// Delete finished (delivered or dead) entries created before `cutoff_ms`.
     pub fn prune_finished(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
         let outbox = self.tree(OUTBOX)?;
+        let dead = self.tree(DEAD)?;
         let mut removed = 0;
         for item in outbox.iter() {
             let (key, raw) = item?;
@@ -359,7 +409,8 @@ impl Store {
                 break;
             }
             if !entry.is_pending() {
-                outbox.remove(key)?;
+                outbox.remove(&key)?;
+                dead.remove(&key)?;
                 removed += 1;
             }
         }
@@ -386,6 +437,19 @@ impl Store {
         })?;
         result.unwrap_or(Err(StoreError::NotFound(id)))
     }
+}
+
+/// Schema 1 → 2: index the dead entries of a store written before the index existed.
+pub(super) fn index_dead_entries(db: &sled::Db) -> Result<(), StoreError> {
+    let dead = db.open_tree(DEAD)?;
+    for item in db.open_tree(OUTBOX)?.iter() {
+        let (key, raw) = item?;
+        let entry: Entry = decode(&raw, "outbox entry")?;
+        if matches!(entry.state, EntryState::Dead { .. }) {
+            dead.insert(key, &[])?;
+        }
+    }
+    Ok(())
 }
 
 fn tx_error(e: sled::transaction::TransactionError<StoreError>) -> StoreError {
@@ -543,5 +607,100 @@ mod tests {
             "pending entries are never pruned"
         );
         assert!(store.entry(late[0]).unwrap().is_some());
+    }
+
+    fn dead(at_ms: u64) -> EntryState {
+        EntryState::Dead {
+            at_ms,
+            reason: "400 bad".into(),
+        }
+    }
+
+    #[test]
+    fn the_dead_index_follows_finish_retry_drop_and_prune() {
+        let (_dir, store) = store();
+        let ids = store
+            .enqueue(
+                vec![
+                    entry("a", "1"),
+                    entry("b", "2"),
+                    entry("c", "3"),
+                    entry("d", "4"),
+                ],
+                10,
+            )
+            .unwrap();
+        store.finish(ids[0], dead(11), None).unwrap();
+        store.finish(ids[1], dead(11), None).unwrap();
+        store
+            .finish(
+                ids[2],
+                EntryState::Delivered {
+                    at_ms: 11,
+                    subscriber_id: None,
+                    webex_status: None,
+                },
+                Some("FLOWTHROUGH_1"),
+            )
+            .unwrap();
+        assert_eq!(store.dead_count().unwrap(), 2);
+        let listed: Vec<EntryId> = store
+            .list(Filter::Dead, 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(listed, vec![ids[0], ids[1]]);
+        assert_eq!(store.list(Filter::Dead, 1).unwrap().len(), 1);
+        let pending: Vec<EntryId> = store
+            .list(Filter::Pending, 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(pending, vec![ids[3]]);
+
+        assert!(store.retry(ids[0]).unwrap());
+        assert_eq!(store.dead_count().unwrap(), 1);
+        let pending: Vec<EntryId> = store
+            .list(Filter::Pending, 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(pending, vec![ids[0], ids[3]], "oldest first across users");
+        store.drop_entry(ids[0]).unwrap();
+        assert_eq!(store.prune_finished(100).unwrap(), 2);
+        assert_eq!(store.dead_count().unwrap(), 0);
+        assert!(store.list(Filter::Dead, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_schema_1_store_gets_its_dead_entries_indexed_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead_id = {
+            let store = Store::open(dir.path()).unwrap();
+            let ids = store
+                .enqueue(vec![entry("a", "1"), entry("b", "2")], 10)
+                .unwrap();
+            store.finish(ids[0], dead(11), None).unwrap();
+            // What a schema 1 store looks like: no index.
+            store.tree(DEAD).unwrap().clear().unwrap();
+            store
+                .tree(super::super::META_TREE)
+                .unwrap()
+                .insert(super::super::SCHEMA_KEY, &1u32.to_be_bytes())
+                .unwrap();
+            store.flush_blocking().unwrap();
+            assert_eq!(store.dead_count().unwrap(), 0);
+            ids[0]
+        };
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.dead_count().unwrap(), 1);
+        assert_eq!(store.list(Filter::Dead, 10).unwrap()[0].id, dead_id);
+        drop(store);
+        // Opened again: version 2 now, nothing to migrate.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.dead_count().unwrap(), 1);
     }
 }
