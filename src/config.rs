@@ -131,6 +131,10 @@ impl Default for AdminConfig {
     }
 }
 
+/// sled's page cache by default. sled's own default (1 GiB) lets RSS grow for hours; the hot data
+/// (pending entries, recent users) is a few MiB, and the kernel's page cache serves the rest.
+pub const DEFAULT_CACHE_MIB: u64 = 32;
+
 /// `[store]`: where the outbox, user map, audit and tokens live.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -145,6 +149,9 @@ pub struct StoreConfig {
     /// An outbox entry still undelivered after this long becomes dead.
     #[serde(default = "default_max_entry_age_hours")]
     pub max_entry_age_hours: u64,
+    /// sled's page cache: RSS grows until it is full, then stays there.
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: u64,
 }
 
 impl Default for StoreConfig {
@@ -154,6 +161,7 @@ impl Default for StoreConfig {
             audit_retention_days: default_audit_retention_days(),
             audit_max_records: default_audit_max_records(),
             max_entry_age_hours: default_max_entry_age_hours(),
+            cache_mib: default_cache_mib(),
         }
     }
 }
@@ -325,6 +333,9 @@ fn default_audit_retention_days() -> u32 {
 fn default_audit_max_records() -> u64 {
     1_000_000
 }
+fn default_cache_mib() -> u64 {
+    DEFAULT_CACHE_MIB
+}
 fn default_max_entry_age_hours() -> u64 {
     72
 }
@@ -465,6 +476,12 @@ impl Config {
     /// The checks that serde cannot express. Each failing check names its key and says how to
     /// fix it.
     fn validate(&self) -> Result<(), Problem> {
+        if self.store.cache_mib == 0 {
+            return Err(Problem::new(
+                "store.cache_mib",
+                format!("must be at least 1 (default {DEFAULT_CACHE_MIB})"),
+            ));
+        }
         for (name, template) in &self.templates {
             template.validate().map_err(|e| Problem {
                 key: format!("templates.{name}.{}", e.key),
@@ -764,6 +781,7 @@ calling_code = "+1"
         assert_eq!(server.ack_deadline_ms, 5000);
         assert!(!server.session_resumption);
         assert_eq!(config.webex.as_ref().unwrap().attempts, 3);
+        assert_eq!(config.store.cache_mib, 32);
         assert_eq!(config.tunnel.as_ref().unwrap().max_tunnels, 1024);
         assert_eq!(config.template_overrides["acme-ent"], "acme");
         assert!(config.templates["acme"].provisioning_account.is_some());
@@ -809,6 +827,18 @@ calling_code = "+1"
         let (line, key, _) = invalid(&text);
         assert_eq!(key, "template_overrides.\"sp.one\"");
         assert_eq!(line, Some(11));
+    }
+
+    #[test]
+    fn a_store_cache_of_zero_is_refused() {
+        let text = format!("{TEMPLATE}\n[store]\ncache_mib = 0\n");
+        let (line, key, message) = invalid(&text);
+        assert_eq!(key, "store.cache_mib");
+        assert_eq!(line, Some(11));
+        assert!(message.contains("at least 1"), "{message}");
+        let text = format!("{TEMPLATE}\n[store]\ncache_mib = 8\n");
+        assert_eq!(parse(&text).unwrap().store.cache_mib, 8);
+        assert_eq!(parse(TEMPLATE).unwrap().store.cache_mib, DEFAULT_CACHE_MIB);
     }
 
     #[test]

@@ -183,7 +183,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         )
     })?;
     let metrics = Arc::new(Metrics::new());
-    let store = Store::open(&config.store.path)?;
+    let store = Store::open_with_cache(&config.store.path, config.store.cache_mib)?;
 
     let observer_metrics = metrics.clone();
     let observer: crate::tls::Observer = Arc::new(move |refusal: &crate::tls::Refusal| {

@@ -81,10 +81,6 @@ struct GroupCommit {
     done: tokio::sync::Notify,
 }
 
-/// sled's page cache. Its default (1 GiB) lets a long-running node's RSS grow for hours while the
-/// cache fills; the hot data here (pending entries, recent users) is a few MiB.
-const CACHE_BYTES: u64 = 64 * 1024 * 1024;
-
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("path", &self.path).finish()
@@ -92,11 +88,16 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Open (or create) the store and check its schema version.
+    /// Open (or create) the store with the default cache size and check its schema version.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with_cache(path, crate::config::DEFAULT_CACHE_MIB)
+    }
+
+    /// Open (or create) the store with `cache_mib` of sled page cache (`store.cache_mib`).
+    pub fn open_with_cache(path: &Path, cache_mib: u64) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(path)
-            .cache_capacity(CACHE_BYTES)
+            .cache_capacity(cache_mib.saturating_mul(1024 * 1024))
             .open()
             .map_err(|e| StoreError::Open {
                 path: path.to_owned(),
