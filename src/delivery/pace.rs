@@ -19,7 +19,7 @@ const WINDOW: Duration = Duration::from_secs(1);
 /// The pace is this share of the rate that was accepted, and at least one attempt per second
 /// under it: a margin for the limit's window not lining up with ours, and for the one catch-up
 /// start a late timer allows.
-const HEADROOM: f64 = 0.99;
+const HEADROOM: f64 = 0.98;
 /// While paced without a 429 for this long, the pace goes up by [`PROBE_STEP`]. Each probe that
 /// finds the limit costs a `Retry-After` pause, so probes are rare.
 const PROBE_EVERY: Duration = Duration::from_secs(30);
@@ -173,7 +173,7 @@ mod tests {
             pacer.accepted(t0 + Duration::from_millis(i * 9));
         }
         pacer.limited(t0 + Duration::from_millis(900));
-        assert_eq!(pacer.rate(), Some(99.0));
+        assert_eq!(pacer.rate(), Some(98.0));
         // Every wake-up comes 2 ms after its slot (a fifth of the interval).
         let mut now = t0 + Duration::from_secs(1);
         pacer.started(now);
@@ -189,7 +189,7 @@ mod tests {
         pacer.started(later);
         assert_eq!(
             pacer.wait_until(later).unwrap() - later,
-            Duration::from_secs_f64(1.0 / 99.0)
+            Duration::from_secs_f64(1.0 / 98.0)
         );
     }
 
