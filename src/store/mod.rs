@@ -129,6 +129,15 @@ impl Store {
                 }
             }
         }
+        let stale = outbox::reconcile_indexes(&db)?;
+        if stale > 0 {
+            tracing::warn!(
+                stale,
+                "the store held outbox index keys left by a write a crash interrupted; they were \
+                 dropped and no entry was lost (nothing to do)"
+            );
+            db.flush()?;
+        }
         Ok(Store {
             db,
             path: path.to_owned(),

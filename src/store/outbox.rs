@@ -4,11 +4,18 @@
 //! Layout: `outbox` maps the entry id (u64, big-endian, monotonic) to the entry; `user_queue` holds
 //! one key `userId 0x00 id` per *pending* entry, so the head of a user's queue is the first key
 //! under its prefix and per-user order is the key order; `dead` holds the id of every dead entry,
-//! so the operator's views and the metrics never scan the delivered history. The trees change
-//! together in one transaction.
+//! so the operator's views and the metrics never scan the delivered history.
+//!
+//! The trees are written key by key, not in sled transactions: a multi-tree transaction seals and
+//! writes sled's log buffer twice (two `pwrite`s and two `sync_file_range`s per request under
+//! load, most of flowthrough's store cost). Atomicity comes from order instead. sled recovers a
+//! prefix of its log, so of two writes made one after the other, the second never survives
+//! without the first. Every change writes the index key that makes an entry *findable* before the
+//! entry, and removes it after: a crash can leave an index key whose entry is missing or in
+//! another state, never an entry its index lacks. [`reconcile_indexes`] drops those stale keys
+//! when the store opens, and every reader checks the entry's state anyway.
 
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
 
 use super::{Store, StoreError, decode, encode};
 
@@ -132,18 +139,15 @@ fn id_from(raw: &[u8]) -> Result<EntryId, StoreError> {
         })
 }
 
-type TxResult<T> = Result<T, sled::transaction::ConflictableTransactionError<StoreError>>;
-
 impl Store {
     /// Store new entries, pending, in the given order. Not durable until [`Store::flush`].
     pub fn enqueue(&self, entries: Vec<NewEntry>, now_ms: u64) -> Result<Vec<EntryId>, StoreError> {
         let outbox = self.tree(OUTBOX)?;
         let queue = self.tree(USER_QUEUE)?;
-        let mut stored = Vec::with_capacity(entries.len());
+        let mut ids = Vec::with_capacity(entries.len());
         for new in entries {
-            let id = self.db.generate_id()?;
             let entry = Entry {
-                id,
+                id: self.db.generate_id()?,
                 created_ms: now_ms,
                 new,
                 state: EntryState::Pending,
@@ -151,22 +155,15 @@ impl Store {
                 last_error: None,
                 tracking_id: None,
             };
-            stored.push(entry);
+            let value = encode(&entry)?;
+            // Index first: see the module header. A document's entries are not stored all or
+            // nothing; the AS is answered after the flush, so a crash before it makes the AS
+            // send the document again, and a provision sent twice is answered 409 and settled
+            // by lookup, as after any crash between delivery and answer.
+            queue.insert(queue_key(&entry.new.user_id, entry.id), &[])?;
+            outbox.insert(entry.id.to_be_bytes(), value)?;
+            ids.push(entry.id);
         }
-        let ids = stored.iter().map(|e| e.id).collect();
-        let encoded: Vec<(EntryId, Vec<u8>, Vec<u8>)> = stored
-            .iter()
-            .map(|e| Ok((e.id, encode(e)?, queue_key(&e.new.user_id, e.id))))
-            .collect::<Result<_, StoreError>>()?;
-        (&outbox, &queue)
-            .transaction(|(o, q)| -> TxResult<()> {
-                for (id, value, qkey) in &encoded {
-                    o.insert(&id.to_be_bytes(), value.as_slice())?;
-                    q.insert(qkey.as_slice(), &[])?;
-                }
-                Ok(())
-            })
-            .map_err(tx_error)?;
         Ok(ids)
     }
 
@@ -181,18 +178,19 @@ impl Store {
     /// The oldest pending entry of a user: the only one that may be delivered now.
     pub fn head_of(&self, user_id: &str) -> Result<Option<Entry>, StoreError> {
         let queue = self.tree(USER_QUEUE)?;
-        let Some(first) = queue.scan_prefix(queue_prefix(user_id)).next() else {
-            return Ok(None);
-        };
-        let (key, _) = first?;
-        let id = id_from(&key[key.len() - 8..])?;
-        match self.entry(id)? {
-            Some(entry) => Ok(Some(entry)),
-            None => Err(StoreError::Corrupt {
-                what: "user queue",
-                reason: format!("entry {id} is queued for {user_id} but missing from the outbox"),
-            }),
+        for item in queue.scan_prefix(queue_prefix(user_id)) {
+            let (key, _) = item?;
+            let id = id_from(&key[key.len() - 8..])?;
+            match self.entry(id)? {
+                Some(entry) if entry.is_pending() => return Ok(Some(entry)),
+                // A key left by a change that ended concurrently (an operator's retry racing a
+                // drop): the entry decides, the key goes.
+                _ => {
+                    queue.remove(&key)?;
+                }
+            }
         }
+        Ok(None)
     }
 
     /// Whether a user has a pending entry (without reading it).
@@ -251,78 +249,64 @@ impl Store {
         state: EntryState,
         last_call: Option<&str>,
     ) -> Result<Entry, StoreError> {
-        let outbox = self.tree(OUTBOX)?;
-        let queue = self.tree(USER_QUEUE)?;
-        let dead = self.tree(DEAD)?;
-        let entry = (&outbox, &queue, &dead)
-            .transaction(|(o, q, d)| -> TxResult<Entry> {
-                let raw = o.get(id.to_be_bytes())?.ok_or_else(|| {
-                    sled::transaction::ConflictableTransactionError::Abort(StoreError::NotFound(id))
-                })?;
-                let mut entry: Entry = decode(&raw, "outbox entry")
-                    .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
-                entry.state = state.clone();
-                if let Some(tracking_id) = last_call {
-                    entry.attempts += 1;
-                    entry.tracking_id = Some(tracking_id.to_owned());
+        let is_dead = matches!(state, EntryState::Dead { .. });
+        if is_dead {
+            self.tree(DEAD)?.insert(id.to_be_bytes(), &[])?;
+        }
+        let entry = self.update_entry(id, |entry| {
+            entry.state = state.clone();
+            if let Some(tracking_id) = last_call {
+                entry.attempts += 1;
+                entry.tracking_id = Some(tracking_id.to_owned());
+            }
+        });
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(error) => {
+                if is_dead {
+                    self.tree(DEAD)?.remove(id.to_be_bytes())?;
                 }
-                let value = encode(&entry)
-                    .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
-                o.insert(&id.to_be_bytes(), value)?;
-                q.remove(queue_key(&entry.new.user_id, id))?;
-                if matches!(entry.state, EntryState::Dead { .. }) {
-                    d.insert(&id.to_be_bytes(), &[])?;
-                }
-                Ok(entry)
-            })
-            .map_err(tx_error)?;
+                return Err(error);
+            }
+        };
+        self.tree(USER_QUEUE)?
+            .remove(queue_key(&entry.new.user_id, id))?;
         Ok(entry)
     }
 
     /// Put a dead entry back in its user's queue. Returns false if it was not dead.
     pub fn retry(&self, id: EntryId) -> Result<bool, StoreError> {
-        let outbox = self.tree(OUTBOX)?;
-        let queue = self.tree(USER_QUEUE)?;
-        let dead = self.tree(DEAD)?;
-        (&outbox, &queue, &dead)
-            .transaction(|(o, q, d)| -> TxResult<bool> {
-                let Some(raw) = o.get(id.to_be_bytes())? else {
-                    return Ok(false);
-                };
-                let mut entry: Entry = decode(&raw, "outbox entry")
-                    .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
-                if !matches!(entry.state, EntryState::Dead { .. }) {
-                    return Ok(false);
-                }
+        let Some(entry) = self.entry(id)? else {
+            return Ok(false);
+        };
+        if !matches!(entry.state, EntryState::Dead { .. }) {
+            return Ok(false);
+        }
+        let queued = queue_key(&entry.new.user_id, id);
+        self.tree(USER_QUEUE)?.insert(queued.as_slice(), &[])?;
+        let mut revived = false;
+        self.update_entry(id, |entry| {
+            // Checked again inside the atomic update: it may have been retried meanwhile.
+            revived = matches!(entry.state, EntryState::Dead { .. });
+            if revived {
                 entry.state = EntryState::Pending;
                 entry.last_error = None;
-                let value = encode(&entry)
-                    .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
-                o.insert(&id.to_be_bytes(), value)?;
-                q.insert(queue_key(&entry.new.user_id, id), &[])?;
-                d.remove(&id.to_be_bytes())?;
-                Ok(true)
-            })
-            .map_err(tx_error)
+            }
+        })?;
+        self.tree(DEAD)?.remove(id.to_be_bytes())?;
+        Ok(revived)
     }
 
     /// Remove an entry for good (operator's `outbox drop`). Returns the removed entry.
     pub fn drop_entry(&self, id: EntryId) -> Result<Option<Entry>, StoreError> {
-        let outbox = self.tree(OUTBOX)?;
-        let queue = self.tree(USER_QUEUE)?;
-        let dead = self.tree(DEAD)?;
-        (&outbox, &queue, &dead)
-            .transaction(|(o, q, d)| -> TxResult<Option<Entry>> {
-                let Some(raw) = o.remove(&id.to_be_bytes())? else {
-                    return Ok(None);
-                };
-                let entry: Entry = decode(&raw, "outbox entry")
-                    .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
-                q.remove(queue_key(&entry.new.user_id, id))?;
-                d.remove(&id.to_be_bytes())?;
-                Ok(Some(entry))
-            })
-            .map_err(tx_error)
+        let Some(raw) = self.tree(OUTBOX)?.remove(id.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let entry: Entry = decode(&raw, "outbox entry")?;
+        self.tree(USER_QUEUE)?
+            .remove(queue_key(&entry.new.user_id, id))?;
+        self.tree(DEAD)?.remove(id.to_be_bytes())?;
+        Ok(Some(entry))
     }
 
     /// Entries matching `filter`, oldest first, at most `limit`.
@@ -417,7 +401,11 @@ impl Store {
         Ok(removed)
     }
 
-    fn update_entry(&self, id: EntryId, change: impl Fn(&mut Entry)) -> Result<Entry, StoreError> {
+    fn update_entry(
+        &self,
+        id: EntryId,
+        mut change: impl FnMut(&mut Entry),
+    ) -> Result<Entry, StoreError> {
         let outbox = self.tree(OUTBOX)?;
         let mut result = None;
         outbox.fetch_and_update(id.to_be_bytes(), |old| {
@@ -439,6 +427,39 @@ impl Store {
     }
 }
 
+/// Drop index keys a crash left behind (see the module header): a queued id whose entry is
+/// missing or no longer pending, a dead id whose entry is missing or no longer dead. Runs when the
+/// store opens, before anything reads the indexes; costs one read per pending or dead entry.
+/// Returns how many keys it dropped.
+pub(super) fn reconcile_indexes(db: &sled::Db) -> Result<usize, StoreError> {
+    let outbox = db.open_tree(OUTBOX)?;
+    let state_of = |id: EntryId| -> Result<Option<EntryState>, StoreError> {
+        outbox
+            .get(id.to_be_bytes())?
+            .map(|raw| decode::<Entry>(&raw, "outbox entry").map(|e| e.state))
+            .transpose()
+    };
+    let mut dropped = 0;
+    let queue = db.open_tree(USER_QUEUE)?;
+    for item in queue.iter() {
+        let (key, _) = item?;
+        let id = id_from(&key[key.len().saturating_sub(8)..])?;
+        if !matches!(state_of(id)?, Some(EntryState::Pending)) {
+            queue.remove(&key)?;
+            dropped += 1;
+        }
+    }
+    let dead = db.open_tree(DEAD)?;
+    for item in dead.iter() {
+        let (key, _) = item?;
+        if !matches!(state_of(id_from(&key)?)?, Some(EntryState::Dead { .. })) {
+            dead.remove(&key)?;
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
+}
+
 /// Schema 1 → 2: index the dead entries of a store written before the index existed.
 pub(super) fn index_dead_entries(db: &sled::Db) -> Result<(), StoreError> {
     let dead = db.open_tree(DEAD)?;
@@ -450,13 +471,6 @@ pub(super) fn index_dead_entries(db: &sled::Db) -> Result<(), StoreError> {
         }
     }
     Ok(())
-}
-
-fn tx_error(e: sled::transaction::TransactionError<StoreError>) -> StoreError {
-    match e {
-        sled::transaction::TransactionError::Abort(e) => e,
-        sled::transaction::TransactionError::Storage(e) => StoreError::from(e),
-    }
 }
 
 #[cfg(test)]
@@ -702,5 +716,79 @@ mod tests {
         // Opened again: version 2 now, nothing to migrate.
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.dead_count().unwrap(), 1);
+    }
+
+    #[test]
+    fn keys_left_by_an_interrupted_write_are_dropped_when_the_store_opens() {
+        // What a crash between two writes can leave (the index is written first, removed last):
+        // a queue key without its entry (crash inside enqueue), a queue key of a delivered entry
+        // (crash inside finish), a dead key of an entry still pending (crash inside finish to
+        // dead) and of a pending one again (crash inside retry).
+        let dir = tempfile::tempdir().unwrap();
+        let (delivered, dead_then_pending, kept) = {
+            let store = Store::open(dir.path()).unwrap();
+            let ids = store
+                .enqueue(vec![entry("a", "1"), entry("b", "2"), entry("c", "3")], 10)
+                .unwrap();
+            store
+                .finish(
+                    ids[0],
+                    EntryState::Delivered {
+                        at_ms: 11,
+                        subscriber_id: None,
+                        webex_status: None,
+                    },
+                    None,
+                )
+                .unwrap();
+            let queue = store.tree(USER_QUEUE).unwrap();
+            queue.insert(queue_key("a", ids[0]), &[]).unwrap();
+            queue.insert(queue_key("ghost", 999_999), &[]).unwrap();
+            store
+                .tree(DEAD)
+                .unwrap()
+                .insert(ids[1].to_be_bytes(), &[])
+                .unwrap();
+            store.finish(ids[2], dead(12), None).unwrap();
+            store.flush_blocking().unwrap();
+            assert_eq!(
+                store.pending_summary().unwrap().0,
+                3,
+                "two stale keys beside b's"
+            );
+            (ids[0], ids[1], ids[2])
+        };
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.head_of("a").unwrap().is_none());
+        assert!(!store.has_pending("ghost").unwrap());
+        assert_eq!(store.users_with_pending().unwrap(), vec!["b"]);
+        assert_eq!(store.head_of("b").unwrap().unwrap().id, dead_then_pending);
+        let dead_ids: Vec<EntryId> = store
+            .list(Filter::Dead, 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(dead_ids, vec![kept]);
+        assert_eq!(store.dead_count().unwrap(), 1);
+        assert!(
+            store.entry(delivered).unwrap().is_some(),
+            "entries are never dropped"
+        );
+    }
+
+    #[test]
+    fn a_stale_queue_key_met_at_run_time_is_skipped_and_removed() {
+        let (_dir, store) = store();
+        let ids = store
+            .enqueue(vec![entry("a", "1"), entry("a", "2")], 10)
+            .unwrap();
+        store
+            .tree(OUTBOX)
+            .unwrap()
+            .remove(ids[0].to_be_bytes())
+            .unwrap();
+        assert_eq!(store.head_of("a").unwrap().unwrap().id, ids[1]);
+        assert_eq!(store.pending_summary().unwrap().0, 1);
     }
 }
