@@ -65,6 +65,7 @@ pub struct Metrics {
     pub outbox_dead: Gauge,
     pub webex_calls: Family<CallLabels, Counter>,
     pub webex_seconds: Histogram,
+    pub store_flush_seconds: Histogram,
     pub webex_final_status: Family<StatusLabels, Counter>,
     pub upstream_blocked_addresses: Gauge,
     pub deliveries_paused: Gauge,
@@ -104,6 +105,8 @@ impl Metrics {
             outbox_dead: Gauge::default(),
             webex_calls: Family::default(),
             webex_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            // 0.1 ms … ~0.8 s: an fsync on a healthy disk is well under a millisecond.
+            store_flush_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 14)),
             webex_final_status: Family::default(),
             upstream_blocked_addresses: Gauge::default(),
             deliveries_paused: Gauge::default(),
@@ -168,6 +171,11 @@ impl Metrics {
             "webex_seconds",
             "Webex API call latency",
             m.webex_seconds.clone(),
+        );
+        r.register(
+            "store_flush_seconds",
+            "Time a request waited for its commands to be flushed to disk before the AS was answered",
+            m.store_flush_seconds.clone(),
         );
         r.register(
             "webex_final_status",

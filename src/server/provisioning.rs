@@ -272,7 +272,13 @@ async fn process(
     }
 
     // Durable before the AS hears anything.
-    if let Err(e) = state.store.flush().await {
+    let flushing = Instant::now();
+    let flushed = state.store.flush().await;
+    state
+        .metrics
+        .store_flush_seconds
+        .observe(flushing.elapsed().as_secs_f64());
+    if let Err(e) = flushed {
         tracing::error!(error = %e, "cannot flush the store");
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
