@@ -263,7 +263,9 @@ impl Store {
         let entry = match entry {
             Ok(entry) => entry,
             Err(error) => {
-                if is_dead {
+                // The key written above points at nothing if the entry is gone; any other
+                // failure leaves the entry as it was, possibly dead already, so the key stays.
+                if is_dead && matches!(error, StoreError::NotFound(_)) {
                     self.tree(DEAD)?.remove(id.to_be_bytes())?;
                 }
                 return Err(error);
@@ -630,6 +632,14 @@ mod tests {
         }
     }
 
+    fn delivered(at_ms: u64) -> EntryState {
+        EntryState::Delivered {
+            at_ms,
+            subscriber_id: None,
+            webex_status: None,
+        }
+    }
+
     #[test]
     fn the_dead_index_follows_finish_retry_drop_and_prune() {
         let (_dir, store) = store();
@@ -647,15 +657,7 @@ mod tests {
         store.finish(ids[0], dead(11), None).unwrap();
         store.finish(ids[1], dead(11), None).unwrap();
         store
-            .finish(
-                ids[2],
-                EntryState::Delivered {
-                    at_ms: 11,
-                    subscriber_id: None,
-                    webex_status: None,
-                },
-                Some("FLOWTHROUGH_1"),
-            )
+            .finish(ids[2], delivered(11), Some("FLOWTHROUGH_1"))
             .unwrap();
         assert_eq!(store.dead_count().unwrap(), 2);
         let listed: Vec<EntryId> = store
@@ -730,17 +732,7 @@ mod tests {
             let ids = store
                 .enqueue(vec![entry("a", "1"), entry("b", "2"), entry("c", "3")], 10)
                 .unwrap();
-            store
-                .finish(
-                    ids[0],
-                    EntryState::Delivered {
-                        at_ms: 11,
-                        subscriber_id: None,
-                        webex_status: None,
-                    },
-                    None,
-                )
-                .unwrap();
+            store.finish(ids[0], delivered(11), None).unwrap();
             let queue = store.tree(USER_QUEUE).unwrap();
             queue.insert(queue_key("a", ids[0]), &[]).unwrap();
             queue.insert(queue_key("ghost", 999_999), &[]).unwrap();
