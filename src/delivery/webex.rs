@@ -38,8 +38,10 @@ impl Deliverer {
     }
 
     async fn attempt(&self, entry: Entry) -> Attempt {
-        // Counted before the request leaves: after a crash, a non-zero count says the call may
-        // have reached Webex, so a provision looks the user up first.
+        // A non-zero count says an earlier call may have reached Webex, so a provision looks the
+        // user up first. A failed call is counted when it returns (`record`), a delivering one in
+        // `Store::finish`; a crash during a call leaves the count as it was, and the POST sent
+        // again is answered as a duplicate, which `provision_once` settles by lookup.
         let previous_attempts = entry.attempts;
         let user_id = entry.new.user_id.as_str();
         let mut tracking_id = None;
