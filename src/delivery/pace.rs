@@ -17,9 +17,15 @@ use tokio::time::Instant;
 /// How far back accepted attempts are counted when a 429 arrives: Webex's limits are per second.
 const WINDOW: Duration = Duration::from_secs(1);
 /// The pace is this share of the rate that was accepted, and at least one attempt per second
-/// under it: a margin for the limit's window not lining up with ours, and for the one catch-up
-/// start a late timer allows.
-const HEADROOM: f64 = 0.98;
+/// under it: a margin for the limit's window not lining up with ours, and for the catch-up
+/// starts late timers allow.
+const HEADROOM: f64 = 0.99;
+/// How far behind its slots the pace may fall and still catch up. Timers and a busy scheduler
+/// wake the engine late, often by more than one interval at hundreds of attempts per second;
+/// starts lost that way are lost for good and the pace falls well below its rate. Catching up
+/// on half the headroom's share of the window bunches at most that much into a burst, leaving
+/// the other half for windows that do not line up with ours.
+const CATCH_UP: Duration = Duration::from_millis(((1.0 - HEADROOM) * 500.0) as u64);
 /// While paced without a 429 for this long, the pace goes up by [`PROBE_STEP`]. Each probe that
 /// finds the limit costs a `Retry-After` pause, so probes are rare.
 const PROBE_EVERY: Duration = Duration::from_secs(30);
@@ -90,9 +96,9 @@ impl Pacer {
             rate
         };
         let interval = Duration::from_secs_f64(1.0 / rate);
-        // Timers wake a little late; counting from the slot rather than the wake-up keeps the
-        // lateness from adding up (up to one interval: a single catch-up start, never a burst).
-        let earliest = now.checked_sub(interval).unwrap_or(now);
+        // Counting from the slot rather than the wake-up keeps lateness from adding up; slots
+        // missed by more than the catch-up allowance (or one interval, at slow paces) are dropped.
+        let earliest = now.checked_sub(interval.max(CATCH_UP)).unwrap_or(now);
         let from = self.next_start.map_or(now, |at| at.max(earliest));
         self.next_start = Some(from + interval);
     }
@@ -173,23 +179,72 @@ mod tests {
             pacer.accepted(t0 + Duration::from_millis(i * 9));
         }
         pacer.limited(t0 + Duration::from_millis(900));
-        assert_eq!(pacer.rate(), Some(98.0));
+        assert_eq!(pacer.rate(), Some(99.0));
         // Every wake-up comes 2 ms after its slot (a fifth of the interval).
         let mut now = t0 + Duration::from_secs(1);
         pacer.started(now);
-        for _ in 0..98 {
+        for _ in 0..99 {
             now = pacer.wait_until(now).unwrap() + Duration::from_millis(2);
             pacer.started(now);
         }
         let elapsed = now - (t0 + Duration::from_secs(1));
         assert!(elapsed < Duration::from_millis(1010), "{elapsed:?}");
-        // Long idle: one start may catch up, the next waits a whole interval.
+        // Long idle: one start may catch up, the next waits a whole interval (at this pace an
+        // interval is longer than the catch-up allowance).
         let later = now + Duration::from_secs(5);
         pacer.started(later);
         pacer.started(later);
         assert_eq!(
             pacer.wait_until(later).unwrap() - later,
-            Duration::from_secs_f64(1.0 / 98.0)
+            Duration::from_secs_f64(1.0 / 99.0)
+        );
+    }
+
+    /// At a thousand attempts per second the interval (1 ms) is shorter than a timer's
+    /// lateness. The pace must still be reached, and no second may carry more than the rate the
+    /// 429 taught plus the headroom.
+    #[test]
+    fn wake_ups_later_than_an_interval_still_reach_the_pace_without_overshooting() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new();
+        for i in 0..1000 {
+            pacer.accepted(t0 + Duration::from_micros(i * 900));
+        }
+        let at = t0 + Duration::from_millis(920);
+        pacer.limited(at);
+        let rate = pacer.rate().unwrap();
+        assert_eq!(rate, 990.0);
+        // The engine wakes 1–4 ms after each slot, and starts everything the pace allows then.
+        let mut starts = Vec::new();
+        let mut now = at;
+        let end = at + Duration::from_secs(10);
+        let mut late = 1;
+        while now < end {
+            while pacer.wait_until(now).is_none() {
+                pacer.started(now);
+                starts.push(now);
+            }
+            now = pacer.wait_until(now).unwrap() + Duration::from_millis(late);
+            late = late % 4 + 1;
+        }
+        let per_second = starts.len() as f64 / 10.0;
+        assert!(per_second > rate * 0.99, "{per_second} of {rate}");
+        let most_in_a_second = starts
+            .iter()
+            .enumerate()
+            .map(|(i, from)| {
+                starts[i..]
+                    .iter()
+                    .take_while(|t| **t - *from < Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap();
+        // The pace plus one catch-up burst, under the 1,000 Webex accepted.
+        let bound = rate * (1.0 + CATCH_UP.as_secs_f64()) + 1.0;
+        assert!(
+            most_in_a_second as f64 <= bound && bound < 1000.0,
+            "{most_in_a_second} starts within one second at a pace of {rate}"
         );
     }
 
