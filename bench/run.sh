@@ -162,12 +162,15 @@ if [ "$MODE" = soak ]; then
   load --target "127.0.0.1:$FT_PORT" --body "$OCI_BODY" --rate "$RATE" -c 16 \
     --duration $((SOAK_MIN * 60)) --json >"$WORK/soak-load.json" &
   LOAD_PID=$!
-  echo "t_s rss_kib fds" | tee "$WORK/soak.txt"
+  # The store's size beside RSS: sled keeps per-page metadata in memory beyond its cache, so a
+  # growing store is the first suspect for a creeping RSS.
+  echo "t_s rss_kib fds store_kib" | tee "$WORK/soak.txt"
   t=0
   while kill -0 "$LOAD_PID" 2>/dev/null; do
     rss=$(awk '/^VmRSS:/{print $2}' "/proc/$FT_PID/status")
     fds=$(find "/proc/$FT_PID/fd" -mindepth 1 -maxdepth 1 | wc -l)
-    echo "$t $rss $fds" | tee -a "$WORK/soak.txt"
+    store=$(du -sk "$WORK/store" | cut -f1)
+    echo "$t $rss $fds $store" | tee -a "$WORK/soak.txt"
     sleep 10
     t=$((t + 10))
   done
