@@ -134,12 +134,9 @@ fn execute(target: &Target, action: &OutboxAction, json: bool) -> Result<ExitCod
             } else if *all {
                 (Filter::All, "all")
             } else {
-                (Filter::All, "active")
+                (Filter::Active, "active")
             };
-            let mut entries = list(target, filter, state, *limit)?;
-            if state == "active" {
-                entries.retain(|e| !matches!(e.state, EntryState::Delivered { .. }));
-            }
+            let entries = list(target, filter, state, *limit)?;
             if json {
                 println!(
                     "{}",

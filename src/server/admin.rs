@@ -229,7 +229,7 @@ fn filter_from(name: Option<&str>) -> Result<Filter, String> {
         "pending" => Ok(Filter::Pending),
         "dead" => Ok(Filter::Dead),
         "delivered" => Ok(Filter::Delivered),
-        "active" => Ok(Filter::All),
+        "active" => Ok(Filter::Active),
         other => Err(format!(
             "unknown state {other:?}; use all, pending, dead or delivered"
         )),

@@ -99,6 +99,8 @@ impl Entry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filter {
     All,
+    /// Pending and dead: what is still on its way or waits for the operator.
+    Active,
     Pending,
     Dead,
     Delivered,
@@ -108,6 +110,7 @@ impl Filter {
     fn matches(self, entry: &Entry) -> bool {
         match self {
             Filter::All => true,
+            Filter::Active => !matches!(entry.state, EntryState::Delivered { .. }),
             Filter::Pending => entry.is_pending(),
             Filter::Dead => matches!(entry.state, EntryState::Dead { .. }),
             Filter::Delivered => matches!(entry.state, EntryState::Delivered { .. }),
@@ -314,26 +317,42 @@ impl Store {
     /// Entries matching `filter`, oldest first, at most `limit`.
     pub fn list(&self, filter: Filter, limit: usize) -> Result<Vec<Entry>, StoreError> {
         // Pending and dead entries are few and indexed; only the other views walk the history.
+        let mut ids = Vec::new();
         match filter {
-            Filter::Dead => {
-                let mut ids = Vec::new();
-                for item in self.tree(DEAD)?.iter().take(limit) {
-                    ids.push(id_from(&item?.0)?);
-                }
-                return self.entries(ids);
+            Filter::Dead => self.dead_ids(&mut ids)?,
+            Filter::Pending => self.pending_ids(&mut ids)?,
+            Filter::Active => {
+                self.dead_ids(&mut ids)?;
+                self.pending_ids(&mut ids)?;
             }
-            Filter::Pending => {
-                let mut ids = Vec::new();
-                for item in self.tree(USER_QUEUE)?.iter() {
-                    let (key, _) = item?;
-                    ids.push(id_from(&key[key.len() - 8..])?);
-                }
-                ids.sort_unstable();
-                ids.truncate(limit);
-                return self.entries(ids);
-            }
-            Filter::All | Filter::Delivered => {}
+            Filter::All | Filter::Delivered => return self.walk_history(filter, limit),
         }
+        ids.sort_unstable();
+        ids.dedup();
+        ids.truncate(limit);
+        // An index key can briefly outlive its entry's state (written key by key, index first).
+        let mut entries = self.entries(ids)?;
+        entries.retain(|entry| filter.matches(entry));
+        Ok(entries)
+    }
+
+    fn dead_ids(&self, ids: &mut Vec<EntryId>) -> Result<(), StoreError> {
+        for item in self.tree(DEAD)?.iter() {
+            ids.push(id_from(&item?.0)?);
+        }
+        Ok(())
+    }
+
+    fn pending_ids(&self, ids: &mut Vec<EntryId>) -> Result<(), StoreError> {
+        for item in self.tree(USER_QUEUE)?.iter() {
+            let (key, _) = item?;
+            ids.push(id_from(&key[key.len() - 8..])?);
+        }
+        Ok(())
+    }
+
+    /// The first `limit` entries of the whole history that match, oldest first.
+    fn walk_history(&self, filter: Filter, limit: usize) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
         for item in self.tree(OUTBOX)?.iter() {
             if out.len() >= limit {
@@ -638,6 +657,37 @@ mod tests {
             subscriber_id: None,
             webex_status: None,
         }
+    }
+
+    /// The operator's default view. It once took the first entries of the whole history and
+    /// kept the undelivered ones, so after a busy day it showed nothing: found when a dead entry
+    /// behind 130,000 delivered ones was listed by `--dead` and not by the default.
+    #[test]
+    fn the_active_view_finds_dead_and_pending_entries_behind_any_history() {
+        let (_dir, store) = store();
+        let history: Vec<NewEntry> = (0..20).map(|i| entry(&format!("u{i}"), "add")).collect();
+        for id in store.enqueue(history, 1).unwrap() {
+            store.finish(id, delivered(2), None).unwrap();
+        }
+        let ids = store
+            .enqueue(vec![entry("dead", "add"), entry("waiting", "add")], 3)
+            .unwrap();
+        let dead = EntryState::Dead {
+            at_ms: 4,
+            reason: "HTTP 400".to_owned(),
+        };
+        store.finish(ids[0], dead, None).unwrap();
+        let active: Vec<EntryId> = store
+            .list(Filter::Active, 5)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(active, ids);
+        assert_eq!(store.list(Filter::Active, 1).unwrap()[0].id, ids[0]);
+        // The history views still walk it, oldest first.
+        assert_eq!(store.list(Filter::Delivered, 5).unwrap().len(), 5);
+        assert_eq!(store.list(Filter::All, 100).unwrap().len(), 22);
     }
 
     #[test]

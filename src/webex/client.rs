@@ -374,6 +374,17 @@ fn classify(resp: RawResponse, tid: &str, cap: Duration) -> Result<RawResponse, 
             })
         }
         404 => Err(WebexError::NotFound),
+        // The server gave up waiting for the whole request (RFC 9110 §15.5.9), so nothing was
+        // applied and it may be sent again, POST included. Seen from a server starved of CPU
+        // while an outage backlog arrived; as a 4xx it had made the entry dead.
+        408 => Err(WebexError::Retryable {
+            reason: format!(
+                "Webex answered HTTP 408: it did not receive the whole request in time {}",
+                body.message
+            )
+            .trim_end()
+            .to_owned(),
+        }),
         _ if status.is_server_error() => Err(WebexError::Retryable {
             reason: format!("Webex answered HTTP {code}: {}", body.message),
         }),
@@ -497,6 +508,11 @@ mod tests {
         assert!(matches!(
             classify(raw(502, &[], ""), "X", cap).unwrap_err(),
             WebexError::Retryable { .. }
+        ));
+        // A request timeout is a 4xx that is not the data's fault: retried, never dead.
+        assert!(matches!(
+            classify(raw(408, &[], ""), "X", cap).unwrap_err(),
+            WebexError::Retryable { reason } if reason.contains("408")
         ));
         assert_eq!(
             classify(raw(429, &[("retry-after", "9")], ""), "X", cap).unwrap_err(),
