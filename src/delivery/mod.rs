@@ -257,14 +257,20 @@ impl Engine {
         if let Some(at) = s.pacer.wait_until(now) {
             return Next::Sleep(Some(next_due.map_or(at, |due| due.min(at))));
         }
-        match s.ready.pop_front() {
-            Some(user) => {
-                s.pacer.started(now);
-                s.busy.insert(user.clone());
-                Next::User(user)
+        while let Some(user) = s.ready.pop_front() {
+            // While Webex is failing, a user other than the probe waits for the probe without a
+            // try of its own: an outage is not hammered by each new arrival (three transport
+            // tries apiece), and all go together as soon as the probe gets through.
+            if s.probe.as_deref().is_some_and(|probe| probe != user) {
+                s.delayed.insert(user.clone());
+                s.parked.push(user);
+                continue;
             }
-            None => Next::Sleep(next_due),
+            s.pacer.started(now);
+            s.busy.insert(user.clone());
+            return Next::User(user);
         }
+        Next::Sleep(next_due)
     }
 
     /// Try the head entry of a user once, store the result, and reschedule the user.
@@ -721,20 +727,76 @@ mod tests {
         for w in waits {
             assert!(matches!(w.await.unwrap(), Finished::Delivered { .. }));
         }
-        // Everyone once; the probe at 10 s and 20 s (still down) and 30 s (back); then the four
-        // others at once, not each on its own backoff.
+        // The four the slots allow once; u4, whose turn comes after the first failure, waits for
+        // the probe without a try. The probe at 10 s and 20 s (still down) and 30 s (back); then
+        // the four others at once, not each on its own backoff.
         let log = log.lock().unwrap().clone();
-        assert_eq!(log.len(), 5 + 3 + 4, "{log:?}");
-        let probe = &log[5];
-        assert!(log[5..8].iter().all(|u| u == probe), "{log:?}");
+        assert_eq!(log.len(), 4 + 3 + 4, "{log:?}");
+        let probe = &log[4];
+        assert!(log[4..7].iter().all(|u| u == probe), "{log:?}");
         for i in 0..5 {
             let user = format!("u{i}");
             let tries = log.iter().filter(|u| **u == user).count();
-            assert_eq!(tries, if user == *probe { 4 } else { 2 }, "{log:?}");
+            let expected = match user.as_str() {
+                _ if user == *probe => 4,
+                "u4" => 1,
+                _ => 2,
+            };
+            assert_eq!(tries, expected, "{log:?}");
         }
         assert_eq!(Instant::now() - started, Duration::from_secs(30));
         assert_eq!(engine.waiting_for_webex(), 0);
         assert_eq!(store.pending_summary().unwrap().0, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn users_arriving_while_webex_fails_wait_for_the_probe_without_a_try() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let down_until = Instant::now() + Duration::from_secs(25);
+        let l = log.clone();
+        let attempt: AttemptFn = Arc::new(move |entry: Entry| {
+            l.lock().unwrap().push(entry.new.user_id.clone());
+            Box::pin(async move {
+                if Instant::now() < down_until {
+                    Attempt::RetryUpstream {
+                        after: Duration::from_secs(10),
+                        reason: "503".into(),
+                    }
+                } else {
+                    delivered()
+                }
+            })
+        });
+        let first = store
+            .enqueue(vec![new_entry("u0", "add")], now_ms())
+            .unwrap();
+        let engine = Engine::new(store.clone(), attempt, limits(4));
+        let mut waits = vec![engine.watch(first[0])];
+        engine.start().unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // u0 failed and probes; three more users arrive during the outage.
+        let later: Vec<NewEntry> = (1..4).map(|i| new_entry(&format!("u{i}"), "add")).collect();
+        for id in store.enqueue(later, now_ms()).unwrap() {
+            waits.push(engine.watch(id));
+        }
+        for i in 1..4 {
+            engine.submit(&format!("u{i}"));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(engine.waiting_for_webex(), 4);
+        assert_eq!(*log.lock().unwrap(), vec!["u0"]);
+        for w in waits {
+            assert!(matches!(w.await.unwrap(), Finished::Delivered { .. }));
+        }
+        // The probe at 0, 10, 20 (down) and 30 s (back), then each newcomer once.
+        let log = log.lock().unwrap().clone();
+        assert_eq!(log[..4], ["u0", "u0", "u0", "u0"], "{log:?}");
+        let mut rest = log[4..].to_vec();
+        rest.sort();
+        assert_eq!(rest, ["u1", "u2", "u3"], "{log:?}");
+        assert_eq!(engine.waiting_for_webex(), 0);
     }
 
     #[tokio::test(start_paused = true)]
