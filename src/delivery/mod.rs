@@ -72,10 +72,44 @@ pub struct Limits {
     pub max_entry_age: Duration,
 }
 
+/// Users whose head entry may be tried now, in the order they became ready, each once.
+/// Membership is a set lookup: every command submitted asks it, and after an outage the queue can
+/// hold every user of a bulk provisioning run.
+#[derive(Default)]
+struct ReadyQueue {
+    order: VecDeque<String>,
+    members: HashSet<String>,
+}
+
+impl ReadyQueue {
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Queue last, unless already queued.
+    fn push_back(&mut self, user: String) {
+        if self.members.insert(user.clone()) {
+            self.order.push_back(user);
+        }
+    }
+
+    /// Queue first, unless already queued.
+    fn push_front(&mut self, user: String) {
+        if self.members.insert(user.clone()) {
+            self.order.push_front(user);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<String> {
+        let user = self.order.pop_front()?;
+        self.members.remove(&user);
+        Some(user)
+    }
+}
+
 #[derive(Default)]
 struct Schedule {
-    /// Users whose head entry may be tried now, in the order they became ready.
-    ready: VecDeque<String>,
+    ready: ReadyQueue,
     /// Users whose head entry is being tried.
     busy: HashSet<String>,
     /// Users to try again later, by due time.
@@ -142,7 +176,7 @@ impl Engine {
             let mut s = self.lock();
             if s.busy.contains(user_id) {
                 s.again.insert(user_id.to_owned());
-            } else if !s.delayed.contains(user_id) && !s.ready.iter().any(|u| u == user_id) {
+            } else if !s.delayed.contains(user_id) {
                 s.ready.push_back(user_id.to_owned());
             }
         }
@@ -239,7 +273,7 @@ impl Engine {
         for t in due {
             for user in s.later.remove(&t).unwrap_or_default() {
                 s.delayed.remove(&user);
-                if !s.ready.contains(&user) && !s.busy.contains(&user) {
+                if !s.busy.contains(&user) {
                     s.ready.push_back(user);
                 }
             }
@@ -439,7 +473,7 @@ impl Schedule {
         }
         for user in release {
             self.delayed.remove(&user);
-            if !self.ready.contains(&user) && !self.busy.contains(&user) {
+            if !self.busy.contains(&user) {
                 self.ready.push_back(user);
             }
         }
@@ -537,6 +571,23 @@ mod tests {
             webex_status: None,
             tracking_id: None,
         }
+    }
+
+    #[test]
+    fn the_ready_queue_holds_each_user_once_in_arrival_order() {
+        let mut ready = ReadyQueue::default();
+        ready.push_back("a".into());
+        ready.push_back("b".into());
+        ready.push_back("a".into());
+        ready.push_front("b".into());
+        ready.push_front("c".into());
+        assert_eq!(ready.pop_front().as_deref(), Some("c"));
+        assert_eq!(ready.pop_front().as_deref(), Some("a"));
+        // Once taken, a user may be queued again.
+        ready.push_back("a".into());
+        assert_eq!(ready.pop_front().as_deref(), Some("b"));
+        assert_eq!(ready.pop_front().as_deref(), Some("a"));
+        assert!(ready.is_empty() && ready.pop_front().is_none());
     }
 
     #[tokio::test(start_paused = true)]
