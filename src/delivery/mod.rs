@@ -749,15 +749,12 @@ mod tests {
         assert_eq!(store.pending_summary().unwrap().0, 0);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn while_webex_fails_one_user_probes_and_the_rest_go_when_it_gets_through() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let down_until = Instant::now() + Duration::from_secs(25);
-        let l = log.clone();
-        let attempt: AttemptFn = Arc::new(move |entry: Entry| {
-            l.lock().unwrap().push(entry.new.user_id.clone());
+    /// Webex failing (503, try again in 10 s) for `down` from now, then accepting; the users tried
+    /// are logged in order.
+    fn down_for(down: Duration, log: Arc<Mutex<Vec<String>>>) -> AttemptFn {
+        let down_until = Instant::now() + down;
+        Arc::new(move |entry: Entry| {
+            log.lock().unwrap().push(entry.new.user_id.clone());
             Box::pin(async move {
                 if Instant::now() < down_until {
                     Attempt::RetryUpstream {
@@ -768,7 +765,15 @@ mod tests {
                     delivered()
                 }
             })
-        });
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_webex_fails_one_user_probes_and_the_rest_go_when_it_gets_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let attempt = down_for(Duration::from_secs(25), log.clone());
         let entries: Vec<NewEntry> = (0..5).map(|i| new_entry(&format!("u{i}"), "add")).collect();
         let ids = store.enqueue(entries, now_ms()).unwrap();
         let engine = Engine::new(store.clone(), attempt, limits(4));
@@ -805,21 +810,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let down_until = Instant::now() + Duration::from_secs(25);
-        let l = log.clone();
-        let attempt: AttemptFn = Arc::new(move |entry: Entry| {
-            l.lock().unwrap().push(entry.new.user_id.clone());
-            Box::pin(async move {
-                if Instant::now() < down_until {
-                    Attempt::RetryUpstream {
-                        after: Duration::from_secs(10),
-                        reason: "503".into(),
-                    }
-                } else {
-                    delivered()
-                }
-            })
-        });
+        let attempt = down_for(Duration::from_secs(25), log.clone());
         let first = store
             .enqueue(vec![new_entry("u0", "add")], now_ms())
             .unwrap();

@@ -651,6 +651,15 @@ mod tests {
         }
     }
 
+    fn ids_listed(store: &Store, filter: Filter, limit: usize) -> Vec<EntryId> {
+        store
+            .list(filter, limit)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect()
+    }
+
     fn delivered(at_ms: u64) -> EntryState {
         EntryState::Delivered {
             at_ms,
@@ -672,18 +681,8 @@ mod tests {
         let ids = store
             .enqueue(vec![entry("dead", "add"), entry("waiting", "add")], 3)
             .unwrap();
-        let dead = EntryState::Dead {
-            at_ms: 4,
-            reason: "HTTP 400".to_owned(),
-        };
-        store.finish(ids[0], dead, None).unwrap();
-        let active: Vec<EntryId> = store
-            .list(Filter::Active, 5)
-            .unwrap()
-            .iter()
-            .map(|e| e.id)
-            .collect();
-        assert_eq!(active, ids);
+        store.finish(ids[0], dead(4), None).unwrap();
+        assert_eq!(ids_listed(&store, Filter::Active, 5), ids);
         assert_eq!(store.list(Filter::Active, 1).unwrap()[0].id, ids[0]);
         // The history views still walk it, oldest first.
         assert_eq!(store.list(Filter::Delivered, 5).unwrap().len(), 5);
@@ -710,30 +709,15 @@ mod tests {
             .finish(ids[2], delivered(11), Some("FLOWTHROUGH_1"))
             .unwrap();
         assert_eq!(store.dead_count().unwrap(), 2);
-        let listed: Vec<EntryId> = store
-            .list(Filter::Dead, 10)
-            .unwrap()
-            .iter()
-            .map(|e| e.id)
-            .collect();
+        let listed = ids_listed(&store, Filter::Dead, 10);
         assert_eq!(listed, vec![ids[0], ids[1]]);
         assert_eq!(store.list(Filter::Dead, 1).unwrap().len(), 1);
-        let pending: Vec<EntryId> = store
-            .list(Filter::Pending, 10)
-            .unwrap()
-            .iter()
-            .map(|e| e.id)
-            .collect();
+        let pending = ids_listed(&store, Filter::Pending, 10);
         assert_eq!(pending, vec![ids[3]]);
 
         assert!(store.retry(ids[0]).unwrap());
         assert_eq!(store.dead_count().unwrap(), 1);
-        let pending: Vec<EntryId> = store
-            .list(Filter::Pending, 10)
-            .unwrap()
-            .iter()
-            .map(|e| e.id)
-            .collect();
+        let pending = ids_listed(&store, Filter::Pending, 10);
         assert_eq!(pending, vec![ids[0], ids[3]], "oldest first across users");
         store.drop_entry(ids[0]).unwrap();
         assert_eq!(store.prune_finished(100).unwrap(), 2);
@@ -805,12 +789,7 @@ mod tests {
         assert!(!store.has_pending("ghost").unwrap());
         assert_eq!(store.users_with_pending().unwrap(), vec!["b"]);
         assert_eq!(store.head_of("b").unwrap().unwrap().id, dead_then_pending);
-        let dead_ids: Vec<EntryId> = store
-            .list(Filter::Dead, 10)
-            .unwrap()
-            .iter()
-            .map(|e| e.id)
-            .collect();
+        let dead_ids = ids_listed(&store, Filter::Dead, 10);
         assert_eq!(dead_ids, vec![kept]);
         assert_eq!(store.dead_count().unwrap(), 1);
         assert!(
