@@ -2,7 +2,12 @@
 //! replaying the store operations of one delivered UserAdd, one thread, a flush every BATCH
 //! requests (the group commit of BATCH concurrent requests):
 //!
-//!   cargo run --release --example store_io -- [STEPS] [BATCH] [N]
+//!   cargo run --release --example store_io -- [STEPS] [BATCH] [N] [USERS] [KEEP]
+//!
+//! USERS (default 0: a new user per request) cycles through that many users instead. KEEP (default
+//! 0: never) prunes the delivered history and the audit down to KEEP records every KEEP requests,
+//! as the housekeeping does with `history_max_entries` and `audit_max_records`, and trims the
+//! heap afterwards as it does.
 //!
 //! STEPS picks the operations besides the enqueue: p save the profile, m map the user, e read the
 //! head, r record an attempt, a map the subscriber, f finish, A two audit records (B: one).
@@ -59,6 +64,8 @@ async fn main() {
     let steps = args.get(1).cloned().unwrap_or("pmeafB".into());
     let batch: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(4);
     let n: usize = args.get(3).and_then(|v| v.parse().ok()).unwrap_or(4000);
+    let users: usize = args.get(4).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let keep: usize = args.get(5).and_then(|v| v.parse().ok()).unwrap_or(0);
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let store = Store::open(dir.path()).unwrap();
     // The body flowthrough builds for schemas/samples/user-add-17sp4.xml.
@@ -89,7 +96,17 @@ async fn main() {
                 dir_mib(dir.path())
             );
         }
-        let user = format!("user{i}@example.com");
+        if keep > 0 && i > 0 && i % keep == 0 {
+            store.prune_audit(0, keep as u64).unwrap();
+            store.prune_finished(0, keep as u64).unwrap();
+            // As the server's housekeeping does after each round.
+            // SAFETY: see `release_freed_heap` in src/server/mod.rs.
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+        let user = format!("user{}@example.com", if users > 0 { i % users } else { i });
         let mut p = profile.clone();
         p.user_id = user.clone();
         if steps.contains('p') {

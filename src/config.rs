@@ -146,6 +146,11 @@ pub struct StoreConfig {
     /// Upper bound on audit records whatever their age, so a flood cannot fill the disk.
     #[serde(default = "default_audit_max_records")]
     pub audit_max_records: u64,
+    /// Upper bound on delivered outbox entries kept as history (`outbox list --delivered`),
+    /// whatever their age. sled's memory follows the store's size, so this is what holds RSS
+    /// level on a busy system; dead entries go only with `audit_retention_days`.
+    #[serde(default = "default_history_max_entries")]
+    pub history_max_entries: u64,
     /// An outbox entry still undelivered after this long becomes dead.
     #[serde(default = "default_max_entry_age_hours")]
     pub max_entry_age_hours: u64,
@@ -160,6 +165,7 @@ impl Default for StoreConfig {
             path: default_store_path(),
             audit_retention_days: default_audit_retention_days(),
             audit_max_records: default_audit_max_records(),
+            history_max_entries: default_history_max_entries(),
             max_entry_age_hours: default_max_entry_age_hours(),
             cache_mib: default_cache_mib(),
         }
@@ -333,6 +339,11 @@ fn default_audit_retention_days() -> u32 {
 fn default_audit_max_records() -> u64 {
     1_000_000
 }
+
+fn default_history_max_entries() -> u64 {
+    1_000_000
+}
+
 fn default_cache_mib() -> u64 {
     DEFAULT_CACHE_MIB
 }

@@ -68,6 +68,12 @@ struct Args {
     /// Extra request header `Name: value` (repeatable), e.g. an Authorization header.
     #[arg(long)]
     header: Vec<String>,
+    /// Cycle through this many userIds instead of a new one per request. With K bodies, each user
+    /// gets the K bodies in order before the next user's turn, so `--body user-add.xml --body
+    /// user-delete.xml --users 1000` adds and deletes the same 1,000 users over and over: the
+    /// store's live data stays bounded, as a soak needs.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    users: Option<u64>,
     /// Run label put in the userIds (default: a random one), so runs never collide.
     #[arg(long)]
     run: Option<String>,
@@ -225,6 +231,7 @@ struct Plan {
     has_body: bool,
     bodies: Vec<BodyTemplate>,
     run: String,
+    users: Option<u64>,
     new_connection: bool,
     interval: Option<Duration>,
     max_requests: u64,
@@ -477,11 +484,21 @@ async fn exchange(plan: &Plan, conn: &mut Option<TlsStream<TcpStream>>, request:
     }
 }
 
+/// Request `n`'s body (an index into `bodies`) and user number.
+fn body_and_user(n: u64, bodies: u64, users: Option<u64>) -> (u64, u64) {
+    let bodies = bodies.max(1);
+    match users {
+        None => (n % bodies, n),
+        Some(users) => (n % bodies, (n / bodies) % users.max(1)),
+    }
+}
+
 fn build_request(plan: &Plan, n: u64) -> (Vec<u8>, String) {
-    let user_id = format!("load-{}-{n}@example.com", plan.run);
+    let (body, user) = body_and_user(n, plan.bodies.len() as u64, plan.users);
+    let user_id = format!("load-{}-{user}@example.com", plan.run);
     let mut request = plan.head.clone().into_bytes();
     if plan.has_body && !plan.bodies.is_empty() {
-        let template = &plan.bodies[(n % plan.bodies.len() as u64) as usize];
+        let template = &plan.bodies[body as usize];
         let body = template.render(&user_id);
         request.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
         request.extend_from_slice(&body);
@@ -649,6 +666,7 @@ fn make_plan(args: &Args) -> Result<Plan, LoadError> {
             .run
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()),
+        users: args.users,
         new_connection: args.new_connection,
         interval,
         max_requests: args.requests.unwrap_or(u64::MAX),
@@ -893,6 +911,17 @@ fn run(args: &Args) -> Result<Value, LoadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_pool_gives_each_user_every_body_in_order() {
+        let picks: Vec<_> = (0..7).map(|n| body_and_user(n, 2, Some(3))).collect();
+        assert_eq!(
+            picks,
+            [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2), (0, 0)]
+        );
+        let fresh: Vec<_> = (0..3).map(|n| body_and_user(n, 2, None)).collect();
+        assert_eq!(fresh, [(0, 0), (1, 1), (0, 2)], "a new user per request");
+    }
 
     #[test]
     fn only_loopback_targets_pass() {

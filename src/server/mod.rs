@@ -361,27 +361,65 @@ fn start_delivery(
     Ok((engine, tokens, upstream))
 }
 
-/// Audit retention and the pruning of finished outbox entries, hourly (and once at start).
+/// How often records past the retention or the caps are deleted. Often enough that each round
+/// deletes a few minutes' worth (a long round of deletes delays the flushes requests wait for),
+/// and the store's size, and with it sled's memory, stays within a few minutes of the caps.
+const PRUNE_EVERY: Duration = Duration::from_secs(300);
+
+/// Audit retention and the pruning of finished outbox entries, every [`PRUNE_EVERY`] (and once at
+/// start), on the blocking pool: a round walks the trees it prunes.
 fn spawn_housekeeping(store: Store, cfg: &crate::config::StoreConfig) {
     let retention_ms = u64::from(cfg.audit_retention_days) * 86_400_000;
-    let max_records = cfg.audit_max_records;
+    let (max_audit, max_history) = (cfg.audit_max_records, cfg.history_max_entries);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        let mut tick = tokio::time::interval(PRUNE_EVERY);
         loop {
             tick.tick().await;
-            let cutoff = crate::store::now_ms().saturating_sub(retention_ms);
-            match (
-                store.prune_audit(cutoff, max_records),
-                store.prune_finished(cutoff),
-            ) {
-                (Ok(audit), Ok(outbox)) if audit + outbox > 0 => {
-                    tracing::info!(audit, outbox, "pruned records past the retention")
+            let store = store.clone();
+            let round = tokio::task::spawn_blocking(move || {
+                let cutoff = crate::store::now_ms().saturating_sub(retention_ms);
+                let pruned = (
+                    store.prune_audit(cutoff, max_audit)?,
+                    store.prune_finished(cutoff, max_history)?,
+                );
+                release_freed_heap();
+                Ok::<_, crate::store::StoreError>(pruned)
+            })
+            .await;
+            match round {
+                Ok(Ok((audit, outbox))) if audit + outbox > 0 => {
+                    tracing::info!(
+                        audit,
+                        outbox,
+                        "pruned records past the retention or the caps"
+                    )
                 }
-                (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "cannot prune old records"),
-                _ => {}
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(
+                    error = %e,
+                    "cannot prune old records; the store keeps growing until this is fixed"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "the pruning round stopped unexpectedly; it runs again at the next interval; \
+                     please report this with the log"
+                ),
             }
         }
     });
+}
+
+/// Hand the heap a pruning round freed back to the kernel. A round of deletes makes sled build
+/// and drop many node versions at once, and glibc keeps what was freed: measured with
+/// `examples/store_io` (1,000 users, history and audit capped at 30,000), RSS ended at 57.6 MiB
+/// without this and 41.5 MiB with it, the store's size the same.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of glibc's own arenas to the kernel; it takes
+    // no pointer and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// `flowthrough serve`: start, then reload on SIGHUP and drain on SIGTERM/SIGINT.

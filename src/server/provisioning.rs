@@ -165,6 +165,9 @@ async fn process(
     let credentials = basic_credentials(req.headers());
     let mut steps = Vec::with_capacity(document.commands.len());
     let mut user_ids: Vec<String> = Vec::new();
+    // Watched as soon as stored: the engine may take an entry up before this request is done
+    // (its user's previous entry ends), and a watch set now leaves it no window to end unseen.
+    let mut watches = Vec::new();
     let mut audit_pending = Vec::new();
     for request in &document.commands {
         let remembered = match mapping::command_user_id(&request.command) {
@@ -251,6 +254,7 @@ async fn process(
                 match state.store.enqueue(vec![entry], now_ms()) {
                     Ok(ids) => {
                         user_ids.push(user);
+                        watches.push((ids[0], engine.watch(ids[0])));
                         Step::Queued {
                             id: ids[0],
                             on_delivery: plan.response(request.echo.clone()),
@@ -287,12 +291,6 @@ async fn process(
     }
 
     let credentials_invalid = state.credentials_invalid();
-    let mut watches = Vec::new();
-    for (_, _, step) in &steps {
-        if let Step::Queued { id, .. } = step {
-            watches.push((*id, engine.watch(*id)));
-        }
-    }
     for user in &user_ids {
         engine.submit(user);
     }

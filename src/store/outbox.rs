@@ -402,21 +402,33 @@ impl Store {
         Ok((count, oldest_ms))
     }
 
-    /// Delete finished (delivered or dead) entries created before `cutoff_ms`.
-    pub fn prune_finished(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+    /// Delete finished entries created before `cutoff_ms`, then the oldest delivered entries
+    /// beyond `max_delivered`. Dead entries go only with age, however many there are: each is
+    /// work an operator has yet to see through (`outbox retry` or `drop`).
+    pub fn prune_finished(&self, cutoff_ms: u64, max_delivered: u64) -> Result<u64, StoreError> {
         let outbox = self.tree(OUTBOX)?;
         let dead = self.tree(DEAD)?;
+        // Counted from the indexes, which a crash can leave with a stale key or two: the cap is
+        // approximate by that much, never more.
+        let undelivered = self.tree(USER_QUEUE)?.len() + dead.len();
+        let delivered = outbox.len().saturating_sub(undelivered) as u64;
+        let mut excess = delivered.saturating_sub(max_delivered);
         let mut removed = 0;
         for item in outbox.iter() {
             let (key, raw) = item?;
             let entry: Entry = decode(&raw, "outbox entry")?;
-            if entry.created_ms >= cutoff_ms {
+            let expired = entry.created_ms < cutoff_ms;
+            if !expired && excess == 0 {
                 break;
             }
-            if !entry.is_pending() {
+            let is_delivered = Filter::Delivered.matches(&entry);
+            if (expired && !entry.is_pending()) || (is_delivered && excess > 0) {
                 outbox.remove(&key)?;
                 dead.remove(&key)?;
                 removed += 1;
+                if is_delivered {
+                    excess = excess.saturating_sub(1);
+                }
             }
         }
         Ok(removed)
@@ -635,7 +647,7 @@ mod tests {
                 None,
             )
             .unwrap();
-        assert_eq!(store.prune_finished(50).unwrap(), 1);
+        assert_eq!(store.prune_finished(50, u64::MAX).unwrap(), 1);
         assert!(store.entry(ids[0]).unwrap().is_none());
         assert!(
             store.entry(ids[1]).unwrap().is_some(),
@@ -689,6 +701,41 @@ mod tests {
         assert_eq!(store.list(Filter::All, 100).unwrap().len(), 22);
     }
 
+    /// The cap holds the delivered history to a size whatever the retention, so the store (and
+    /// sled's memory, which follows its size) levels off; it never touches what is still owed.
+    #[test]
+    fn the_history_cap_removes_the_oldest_delivered_entries_only() {
+        let (_dir, store) = store();
+        let first = store
+            .enqueue(vec![entry("dead", "add"), entry("waiting", "add")], 1)
+            .unwrap();
+        store.finish(first[0], dead(2), None).unwrap();
+        let history: Vec<NewEntry> = (0..6).map(|i| entry(&format!("u{i}"), "add")).collect();
+        let delivered_ids = store.enqueue(history, 3).unwrap();
+        for id in &delivered_ids {
+            store.finish(*id, delivered(4), None).unwrap();
+        }
+
+        assert_eq!(store.prune_finished(0, 4).unwrap(), 2);
+        assert_eq!(
+            ids_listed(&store, Filter::Delivered, 10),
+            delivered_ids[2..],
+            "the oldest two went"
+        );
+        assert_eq!(ids_listed(&store, Filter::Active, 10), first);
+        assert_eq!(
+            store.prune_finished(0, 4).unwrap(),
+            0,
+            "nothing beyond the cap"
+        );
+        assert_eq!(store.prune_finished(0, 0).unwrap(), 4);
+        assert_eq!(
+            ids_listed(&store, Filter::All, 10),
+            first,
+            "dead and pending stay"
+        );
+    }
+
     #[test]
     fn the_dead_index_follows_finish_retry_drop_and_prune() {
         let (_dir, store) = store();
@@ -720,7 +767,7 @@ mod tests {
         let pending = ids_listed(&store, Filter::Pending, 10);
         assert_eq!(pending, vec![ids[0], ids[3]], "oldest first across users");
         store.drop_entry(ids[0]).unwrap();
-        assert_eq!(store.prune_finished(100).unwrap(), 2);
+        assert_eq!(store.prune_finished(100, u64::MAX).unwrap(), 2);
         assert_eq!(store.dead_count().unwrap(), 0);
         assert!(store.list(Filter::Dead, 10).unwrap().is_empty());
     }
