@@ -324,10 +324,19 @@ async fn process(
                             "the Webex refresh token was rejected; the command is kept in the outbox as entry {id} and is delivered once an operator installs a new token with `flowthrough token set`"
                         )),
                     ),
-                    None => OciError::Pending.response(
-                        echo,
-                        Some(format!("outbox entry {id}: Webex has not answered yet; delivery continues")),
-                    ),
+                    None => {
+                        tracing::info!(
+                            entry = id,
+                            command = %request.name,
+                            waited_ms = started.elapsed().as_millis() as u64,
+                            "answered 7020: not delivered within server.ack_deadline_ms; delivery \
+                             continues (see `flowthrough outbox show {id}`)"
+                        );
+                        OciError::Pending.response(
+                            echo,
+                            Some(format!("outbox entry {id}: Webex has not answered yet; delivery continues")),
+                        )
+                    }
                 };
                 (response, Some(id))
             }

@@ -22,9 +22,11 @@ pub use tokens::{TokenRecord, TokenState};
 
 /// The on-disk layout version. Bumped whenever a tree's key or value encoding changes; a store
 /// written by another version is refused at open rather than misread.
-/// Version 2 added the index of dead outbox entries (built from the outbox when a version 1
-/// store is opened).
-pub const SCHEMA_VERSION: u32 = 2;
+/// Version 2 added the index of dead outbox entries. Version 3 changes no encoding: opening an
+/// older store rebuilds the dead and queue indexes from the entries, which indexes the dead
+/// entries of a version 1 store and puts back in their queues the pending entries a version 2
+/// store could lose from them (see [`outbox::rebuild_indexes`]).
+pub const SCHEMA_VERSION: u32 = 3;
 
 const META_TREE: &str = "meta";
 const SCHEMA_KEY: &[u8] = b"schema_version";
@@ -68,6 +70,10 @@ pub struct Store {
     db: sled::Db,
     path: PathBuf,
     commit: Arc<GroupCommit>,
+    /// Held across the two writes that make an entry pending and findable (enqueue, retry) and
+    /// by the check before a queue key that looks stale is removed, so that check never catches
+    /// an entry between its two writes. See the outbox module's header.
+    queueing: Arc<std::sync::Mutex<()>>,
 }
 
 /// Group commit: concurrent callers of [`Store::flush`] share one sled flush. A caller registers
@@ -116,10 +122,19 @@ impl Store {
                         what: "schema version",
                         reason: format!("{} bytes instead of 4", raw.len()),
                     })?;
-                if found == 1 {
-                    outbox::index_dead_entries(&db)?;
+                if found == 1 || found == 2 {
+                    let requeued = outbox::rebuild_indexes(&db)?;
                     meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
                     db.flush()?;
+                    if requeued > 0 {
+                        tracing::warn!(
+                            requeued,
+                            "pending outbox entries had lost their place in their user's queue (a \
+                             defect of earlier versions) and were never delivered; they are queued \
+                             again and are delivered now, or die if older than \
+                             store.max_entry_age_hours (nothing to do)"
+                        );
+                    }
                 } else if found != SCHEMA_VERSION {
                     return Err(StoreError::SchemaMismatch {
                         path: path.to_owned(),
@@ -142,6 +157,7 @@ impl Store {
             db,
             path: path.to_owned(),
             commit: Arc::default(),
+            queueing: Arc::default(),
         })
     }
 

@@ -148,6 +148,7 @@ impl Store {
         let outbox = self.tree(OUTBOX)?;
         let queue = self.tree(USER_QUEUE)?;
         let mut ids = Vec::with_capacity(entries.len());
+        let _queueing = self.queueing();
         for new in entries {
             let entry = Entry {
                 id: self.db.generate_id()?,
@@ -170,6 +171,11 @@ impl Store {
         Ok(ids)
     }
 
+    fn queueing(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The guarded data is `()`: a panic while holding it leaves nothing inconsistent.
+        self.queueing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// One entry by id.
     pub fn entry(&self, id: EntryId) -> Result<Option<Entry>, StoreError> {
         self.tree(OUTBOX)?
@@ -184,10 +190,17 @@ impl Store {
         for item in queue.scan_prefix(queue_prefix(user_id)) {
             let (key, _) = item?;
             let id = id_from(&key[key.len() - 8..])?;
+            if let Some(entry) = self.entry(id)?.filter(Entry::is_pending) {
+                return Ok(Some(entry));
+            }
+            // The key looks stale, but an enqueue or a retry may be between its two writes: the
+            // key written, the entry not yet (a user's next command arriving while the engine
+            // reads the user's queue). Looked at again where that cannot be.
+            let _queueing = self.queueing();
             match self.entry(id)? {
                 Some(entry) if entry.is_pending() => return Ok(Some(entry)),
                 // A key left by a change that ended concurrently (an operator's retry racing a
-                // drop): the entry decides, the key goes.
+                // drop, a finish removing its own key): the entry decides, the key goes.
                 _ => {
                     queue.remove(&key)?;
                 }
@@ -288,6 +301,7 @@ impl Store {
             return Ok(false);
         }
         let queued = queue_key(&entry.new.user_id, id);
+        let _queueing = self.queueing();
         self.tree(USER_QUEUE)?.insert(queued.as_slice(), &[])?;
         let mut revived = false;
         self.update_entry(id, |entry| {
@@ -493,17 +507,37 @@ pub(super) fn reconcile_indexes(db: &sled::Db) -> Result<usize, StoreError> {
     Ok(dropped)
 }
 
-/// Schema 1 → 2: index the dead entries of a store written before the index existed.
-pub(super) fn index_dead_entries(db: &sled::Db) -> Result<(), StoreError> {
+/// Schema 1 or 2 → 3: index every dead and pending entry from the entries themselves, once.
+///
+/// Schema 1 had no dead index. Schema 2 could lose a pending entry from its user's queue: the
+/// engine, reading a user's queue while a request for that user was between the two writes of
+/// its enqueue, took the new key for one a crash had left and removed it; the entry was then
+/// never delivered, not even after a restart. Found by the soak (`bench/run.sh soak`), where a
+/// user's delete arrives while its add is being delivered. Returns how many pending entries had
+/// no queue key.
+pub(super) fn rebuild_indexes(db: &sled::Db) -> Result<usize, StoreError> {
     let dead = db.open_tree(DEAD)?;
+    let queue = db.open_tree(USER_QUEUE)?;
+    let mut requeued = 0;
     for item in db.open_tree(OUTBOX)?.iter() {
         let (key, raw) = item?;
         let entry: Entry = decode(&raw, "outbox entry")?;
-        if matches!(entry.state, EntryState::Dead { .. }) {
-            dead.insert(key, &[])?;
+        match entry.state {
+            EntryState::Dead { .. } => {
+                dead.insert(key, &[])?;
+            }
+            EntryState::Pending => {
+                if queue
+                    .insert(queue_key(&entry.new.user_id, entry.id), &[])?
+                    .is_none()
+                {
+                    requeued += 1;
+                }
+            }
+            EntryState::Delivered { .. } => {}
         }
     }
-    Ok(())
+    Ok(requeued)
 }
 
 #[cfg(test)]
@@ -796,9 +830,80 @@ mod tests {
         assert_eq!(store.dead_count().unwrap(), 1);
         assert_eq!(store.list(Filter::Dead, 10).unwrap()[0].id, dead_id);
         drop(store);
-        // Opened again: version 2 now, nothing to migrate.
+        // Opened again: the current version now, nothing to migrate.
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.dead_count().unwrap(), 1);
+    }
+
+    /// What the engine's look at a user's queue did to a schema 2 store: a pending entry without
+    /// its queue key, never delivered. Opening the store puts it back.
+    #[test]
+    fn a_schema_2_store_gets_its_unqueued_pending_entries_queued_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let lost = {
+            let store = Store::open(dir.path()).unwrap();
+            let ids = store
+                .enqueue(vec![entry("a", "1"), entry("a", "2"), entry("b", "3")], 10)
+                .unwrap();
+            store.finish(ids[2], dead(11), None).unwrap();
+            store
+                .tree(USER_QUEUE)
+                .unwrap()
+                .remove(queue_key("a", ids[1]))
+                .unwrap();
+            store
+                .tree(super::super::META_TREE)
+                .unwrap()
+                .insert(super::super::SCHEMA_KEY, &2u32.to_be_bytes())
+                .unwrap();
+            store.flush_blocking().unwrap();
+            assert_eq!(ids_listed(&store, Filter::Pending, 10), vec![ids[0]]);
+            ids
+        };
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(ids_listed(&store, Filter::Pending, 10), lost[..2]);
+        assert_eq!(ids_listed(&store, Filter::Dead, 10), vec![lost[2]]);
+        assert_eq!(store.users_with_pending().unwrap(), vec!["a".to_owned()]);
+    }
+
+    /// The race the soak found: the engine reads a user's queue while a request for that user is
+    /// between the two writes of its enqueue (the key written, the entry not yet). The key must
+    /// not be taken for one a crash left. If the reader gets to the key before the entry exists,
+    /// it waits for the enqueue; if it comes later, it finds the entry at once: either way the
+    /// entry stays queued and is the head.
+    #[test]
+    fn a_key_whose_enqueue_is_in_progress_is_not_taken_for_a_stale_one() {
+        let (_dir, store) = store();
+        let id: EntryId = 7_000;
+        let enqueue_in_progress = store.queueing();
+        store
+            .tree(USER_QUEUE)
+            .unwrap()
+            .insert(queue_key("erin", id), &[])
+            .unwrap();
+        let reader = {
+            let store = store.clone();
+            std::thread::spawn(move || store.head_of("erin").unwrap().map(|e| e.id))
+        };
+        // Room for the reader to reach the key while the entry is missing.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let pending = Entry {
+            id,
+            created_ms: 1,
+            new: entry("erin", "add"),
+            state: EntryState::Pending,
+            attempts: 0,
+            last_error: None,
+            tracking_id: None,
+        };
+        store
+            .tree(OUTBOX)
+            .unwrap()
+            .insert(id.to_be_bytes(), encode(&pending).unwrap())
+            .unwrap();
+        drop(enqueue_in_progress);
+        assert_eq!(reader.join().unwrap(), Some(id));
+        assert_eq!(ids_listed(&store, Filter::Pending, 10), vec![id]);
     }
 
     #[test]
