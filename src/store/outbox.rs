@@ -14,6 +14,12 @@
 //! entry, and removes it after: a crash can leave an index key whose entry is missing or in
 //! another state, never an entry its index lacks. [`reconcile_indexes`] drops those stale keys
 //! when the store opens, and every reader checks the entry's state anyway.
+//!
+//! At run time a key whose entry is missing or not pending is usually a change still in progress,
+//! not one a crash left: an enqueue or a retry between its two writes. Those two writes are made
+//! under the store's `queueing` lock, and a reader removes a key only after checking the entry
+//! again under it. (Schema 2 removed such keys on sight; the entry stayed pending, unqueued and
+//! never delivered. The soak found it; opening a schema 2 store re-queues those entries.)
 
 use serde::{Deserialize, Serialize};
 
