@@ -207,9 +207,9 @@ impl Engine {
     /// Wait for an entry to end. The caller bounds the wait (the AS deadline).
     ///
     /// The entry may have ended already: when a user's entry ends, the engine goes on with the
-    /// user's next one at once, which can be before that one's request has asked to watch it.
-    /// Found by the soak, where a user's delete follows its add within milliseconds: 7 of 12,000
-    /// requests were answered 7020 at the deadline though Webex had taken them in time.
+    /// user's next one at once, which can be before that one's request has asked to watch it
+    /// (a user's delete arriving while its add is delivered). Waiting for that end would answer
+    /// 7020 at the deadline for a command Webex took in time.
     pub fn watch(&self, id: EntryId) -> oneshot::Receiver<Finished> {
         let (tx, rx) = oneshot::channel();
         // Read under the lock: `finish` stores the end before it takes the waiters, so either
