@@ -170,6 +170,19 @@ async fn the_samples_flow_to_webex_and_back() {
     let status = get_json(&format!("{}/status", server.admin)).await;
     assert_eq!(status["outbox"]["pending"], 0, "{status}");
     assert_eq!(status["ready"], true, "{status}");
+
+    // Every Webex call counted is also timed.
+    let metrics = get_text(&format!("{}/metrics", server.admin)).await;
+    let calls: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("flowthrough_webex_calls_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(calls >= 5, "{metrics}");
+    assert!(
+        metrics.contains(&format!("flowthrough_webex_seconds_count {calls}\n")),
+        "{metrics}"
+    );
     server.stop().await;
 }
 

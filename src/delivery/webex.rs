@@ -56,8 +56,9 @@ impl Deliverer {
                         Err(e) => return self.classify(&entry, e, None),
                     }
                 }
+                let started = std::time::Instant::now();
                 let outcome = self.client.provision_once(user_id, body).await;
-                self.record(&entry, "provision", &outcome);
+                self.record(&entry, "provision", &outcome, started.elapsed());
                 tracking_id = Some(outcome.tracking_id.clone());
                 match outcome.result {
                     Ok(subscriber) => {
@@ -68,8 +69,9 @@ impl Deliverer {
             }
             Call::Update { body } => match self.subscriber_id(user_id).await {
                 Ok(Some(id)) => {
+                    let started = std::time::Instant::now();
                     let outcome = self.client.update(&id, body).await;
-                    self.record(&entry, "update", &outcome);
+                    self.record(&entry, "update", &outcome, started.elapsed());
                     tracking_id = Some(outcome.tracking_id.clone());
                     match outcome.result {
                         Ok(subscriber) => {
@@ -100,8 +102,9 @@ impl Deliverer {
             },
             Call::Remove => match self.subscriber_id(user_id).await {
                 Ok(Some(id)) => {
+                    let started = std::time::Instant::now();
                     let outcome = self.client.remove(&id).await;
-                    self.record(&entry, "remove", &outcome);
+                    self.record(&entry, "remove", &outcome, started.elapsed());
                     tracking_id = Some(outcome.tracking_id.clone());
                     match outcome.result {
                         Ok(()) | Err(WebexError::NotFound) => {
@@ -184,7 +187,8 @@ impl Deliverer {
     }
 
     /// Record the call in metrics and the entry's tracking id in the store.
-    fn record<T>(&self, entry: &Entry, call: &str, outcome: &Outcome<T>) {
+    fn record<T>(&self, entry: &Entry, call: &str, outcome: &Outcome<T>, took: Duration) {
+        self.metrics.webex_seconds.observe(took.as_secs_f64());
         let status = match &outcome.result {
             Ok(_) => "ok".to_owned(),
             Err(WebexError::RetryAfter { status, .. }) => status.to_string(),
