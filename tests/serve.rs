@@ -183,6 +183,10 @@ async fn the_samples_flow_to_webex_and_back() {
         metrics.contains(&format!("flowthrough_webex_seconds_count {calls}\n")),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("flowthrough_token_refreshes_total{outcome=\"ok\"} 1\n"),
+        "the one refresh at start is counted: {metrics}"
+    );
     server.stop().await;
 }
 
@@ -324,6 +328,10 @@ async fn every_error_code_is_reachable() {
     );
     let metrics = get_text(&format!("{}/metrics", server.admin)).await;
     assert!(metrics.contains("flowthrough_token_valid 0"), "{metrics}");
+    assert!(
+        metrics.contains("flowthrough_token_refreshes_total{outcome=\"rejected\"} 1\n"),
+        "{metrics}"
+    );
     server.stop().await;
 }
 

@@ -126,7 +126,7 @@ fn sim_config(dir: &Path, sim: &SimHandle, extra: &str) -> WebexConfig {
 fn build(cfg: &WebexConfig, store_path: &Path, resolver: Resolver) -> Stack {
     let store = Store::open(store_path).unwrap();
     let transport = Transport::new(TransportOptions::from_config(cfg, resolver).unwrap()).unwrap();
-    let tokens = TokenManager::new(cfg, store.clone(), transport.clone()).unwrap();
+    let tokens = TokenManager::new(cfg, store.clone(), transport.clone(), None).unwrap();
     let client = WebexClient::new(cfg, transport.clone(), tokens.clone()).unwrap();
     Stack {
         client,

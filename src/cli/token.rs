@@ -117,7 +117,7 @@ fn set(config: &Path, file: Option<&Path>) -> Result<(), String> {
         let store = Store::open(&cfg.store.path).map_err(|e| e.to_string())?;
         let opts = TransportOptions::from_config(webex, Resolver::System).map_err(|e| e.to_string())?;
         let transport = Transport::new(opts).map_err(|e| e.to_string())?;
-        let tokens = TokenManager::new(webex, store, transport).map_err(|e| e.to_string())?;
+        let tokens = TokenManager::new(webex, store, transport, None).map_err(|e| e.to_string())?;
         tokens
             .install_refresh_token(token)
             .await

@@ -333,8 +333,13 @@ fn start_delivery(
             .map_err(|e| webex_error(&e))?,
     )
     .map_err(|e| webex_error(&e))?;
-    let tokens =
-        TokenManager::new(webex, store.clone(), transport.clone()).map_err(|e| webex_error(&e))?;
+    let tokens = TokenManager::new(
+        webex,
+        store.clone(),
+        transport.clone(),
+        Some(metrics.clone()),
+    )
+    .map_err(|e| webex_error(&e))?;
     let api = reqwest::Url::parse(&webex.api_base)
         .map_err(|e| ServeError::Webex(format!("webex.api_base: {e}")))?;
     let upstream = Upstream {

@@ -93,6 +93,27 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// How long opening waits for the store's file lock. A store closed in this process lets go of
+/// the lock only when sled's I/O pool has finished the writes it had in hand, a few milliseconds
+/// later, longer on a loaded machine; another process holding it is not waited for longer.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn open_when_unlocked(config: &sled::Config) -> sled::Result<sled::Db> {
+    let started = std::time::Instant::now();
+    loop {
+        match config.open() {
+            // sled reports the lock as `Other` with the OS error in the text.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && started.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            opened => return opened,
+        }
+    }
+}
+
 impl Store {
     /// Open (or create) the store with the default cache size and check its schema version.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -101,14 +122,13 @@ impl Store {
 
     /// Open (or create) the store with `cache_mib` of sled page cache (`store.cache_mib`).
     pub fn open_with_cache(path: &Path, cache_mib: u64) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
-            .cache_capacity(cache_mib.saturating_mul(1024 * 1024))
-            .open()
-            .map_err(|e| StoreError::Open {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })?;
+            .cache_capacity(cache_mib.saturating_mul(1024 * 1024));
+        let db = open_when_unlocked(&config).map_err(|e| StoreError::Open {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
         let meta = db.open_tree(META_TREE)?;
         match meta.get(SCHEMA_KEY)? {
             None => {

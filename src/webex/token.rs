@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::error::WebexError;
 use super::transport::{Transport, TransportError};
 use crate::config::{SecretSource, WebexConfig};
+use crate::metrics::{Metrics, OutcomeLabels};
 use crate::secret::Secret;
 use crate::store::{Store, StoreError, TokenRecord, TokenState};
 
@@ -140,6 +141,8 @@ struct Inner {
     current: Mutex<Current>,
     /// Held for the whole refresh: the single flight.
     refresh_lock: tokio::sync::Mutex<()>,
+    /// `flowthrough_token_refreshes_total` (the server's; the CLI counts nothing).
+    metrics: Option<Arc<Metrics>>,
 }
 
 struct Current {
@@ -163,6 +166,7 @@ impl TokenManager {
         cfg: &WebexConfig,
         store: Store,
         transport: Transport,
+        metrics: Option<Arc<Metrics>>,
     ) -> Result<Self, TokenSetupError> {
         let source = cfg.client_secret_source();
         let client_secret = read_secret(&source)?.ok_or(TokenSetupError::MissingClientSecret {
@@ -200,6 +204,7 @@ impl TokenManager {
                     last_error: None,
                 }),
                 refresh_lock: tokio::sync::Mutex::new(()),
+                metrics,
             }),
         })
     }
@@ -342,9 +347,16 @@ impl TokenManager {
             Ok(r) => Some(r),
             Err((_, r)) => r.as_ref(),
         };
-        if let Some(r) = to_store
-            && let Err(e) = self.inner.store.put_token(r)
-        {
+        let persisted = match to_store {
+            Some(r) => self.inner.store.put_token(r),
+            None => Ok(()),
+        };
+        self.count_refresh(match (&result, &persisted) {
+            (Ok(_), Ok(())) => "ok",
+            (Err((WebexError::CredentialsInvalid { .. }, _)), _) => "rejected",
+            _ => "failed",
+        });
+        if let Err(e) = persisted {
             // The refresh token may have rotated: without persisting it, a restart would use a
             // dead token. Report the attempt as failed so it is retried.
             tracing::error!(error = %e, "cannot persist the Webex token record");
@@ -373,6 +385,17 @@ impl TokenManager {
                 cur.last_error = Some(e.clone());
                 Err(e)
             }
+        }
+    }
+
+    fn count_refresh(&self, outcome: &str) {
+        if let Some(metrics) = &self.inner.metrics {
+            metrics
+                .token_refreshes
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.to_owned(),
+                })
+                .inc();
         }
     }
 
