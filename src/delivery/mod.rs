@@ -601,6 +601,22 @@ mod tests {
         })
     }
 
+    /// Answers: entries with this command die with this reason, the others are delivered.
+    fn dead_for(
+        command: &'static str,
+        reason: &'static str,
+    ) -> impl Fn(&Entry, usize) -> Attempt + Send + Sync + 'static {
+        move |e, _| {
+            if e.new.command == command {
+                Attempt::Dead {
+                    reason: reason.into(),
+                }
+            } else {
+                delivered()
+            }
+        }
+    }
+
     fn delivered() -> Attempt {
         Attempt::Delivered {
             subscriber_id: Some("sub".into()),
@@ -671,15 +687,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let attempt = scripted(log.clone(), |e, _| {
-            if e.new.command == "delete" {
-                Attempt::Dead {
-                    reason: "404: gone".into(),
-                }
-            } else {
-                delivered()
-            }
-        });
+        let attempt = scripted(log.clone(), dead_for("delete", "404: gone"));
         let ids = store
             .enqueue(
                 vec![new_entry("dave", "add"), new_entry("dave", "delete")],
@@ -715,15 +723,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let attempt = scripted(log, |e, _| {
-            if e.new.command == "bad" {
-                Attempt::Dead {
-                    reason: "400: invalid".into(),
-                }
-            } else {
-                delivered()
-            }
-        });
+        let attempt = scripted(log, dead_for("bad", "400: invalid"));
         let ids = store
             .enqueue(
                 vec![new_entry("bob", "bad"), new_entry("bob", "good")],
