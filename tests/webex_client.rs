@@ -276,13 +276,24 @@ async fn a_revoked_refresh_token_makes_credentials_invalid_and_is_persisted() {
         stack.client.get("x").await.result,
         Err(WebexError::NotFound)
     );
+    let tokens = stack.tokens.clone();
+    let rejection = tokio::spawn(async move { tokens.credentials_rejected().await });
     sim.control(json!({"refresh_token_revoked": true})).unwrap();
     sim.expire_access_tokens();
+    tokio::task::yield_now().await;
+    assert!(
+        !rejection.is_finished(),
+        "nothing has been rejected yet: a waiting request must not be told otherwise"
+    );
     let err = stack.client.get("x").await.result.unwrap_err();
     assert!(
         matches!(&err, WebexError::CredentialsInvalid { reason } if reason.contains("invalid_grant")),
         "{err:?}"
     );
+    tokio::time::timeout(Duration::from_secs(10), rejection)
+        .await
+        .expect("whoever waits for a rejection hears of it")
+        .expect("the waiting task ends cleanly");
     assert!(err.to_string().contains("flowthrough token set"));
     assert!(matches!(
         stack.tokens.state(),

@@ -290,19 +290,34 @@ async fn process(
         );
     }
 
-    let credentials_invalid = state.credentials_invalid();
     for user in &user_ids {
         engine.submit(user);
     }
     let deadline = tokio::time::Instant::from_std(started) + state.settings.ack_deadline;
     let mut finished = std::collections::HashMap::new();
-    if !credentials_invalid {
-        for (id, watch) in watches {
-            if let Ok(Ok(result)) = tokio::time::timeout_at(deadline, watch).await {
-                finished.insert(id, result);
+    if !state.credentials_invalid() {
+        let deliveries = async {
+            for (id, watch) in watches {
+                if let Ok(Ok(result)) = tokio::time::timeout_at(deadline, watch).await {
+                    finished.insert(id, result);
+                }
             }
+        };
+        // Nothing is delivered without credentials: once Webex rejects the refresh token
+        // (this request's delivery or any other call may find out), waiting longer only turns
+        // a clear 7030 into a vague 7020.
+        let rejected = async {
+            match &state.tokens {
+                Some(tokens) => tokens.credentials_rejected().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = deliveries => {}
+            () = rejected => {}
         }
     }
+    let credentials_invalid = state.credentials_invalid();
 
     let mut responses = Vec::with_capacity(steps.len());
     for (request, template, step) in steps {

@@ -110,6 +110,10 @@ impl TokenStatus {
     }
 }
 
+fn is_rejected(record: Option<&TokenRecord>) -> bool {
+    record.is_none_or(|r| matches!(r.state, TokenState::CredentialsInvalid { .. }))
+}
+
 fn no_token() -> TokenState {
     TokenState::CredentialsInvalid {
         reason: "no refresh token is installed".to_owned(),
@@ -143,6 +147,9 @@ struct Inner {
     refresh_lock: tokio::sync::Mutex<()>,
     /// `flowthrough_token_refreshes_total` (the server's; the CLI counts nothing).
     metrics: Option<Arc<Metrics>>,
+    /// True while the credentials are invalid, so a request waiting on its delivery can answer
+    /// 7030 the moment the refresh token is rejected instead of 7020 at its deadline.
+    rejected: tokio::sync::watch::Sender<bool>,
 }
 
 struct Current {
@@ -189,6 +196,7 @@ impl TokenManager {
                 state: TokenState::Ok,
             }),
         };
+        let rejected = tokio::sync::watch::Sender::new(is_rejected(record.as_ref()));
         Ok(TokenManager {
             inner: Arc::new(Inner {
                 client_id: cfg.client_id.clone(),
@@ -205,6 +213,7 @@ impl TokenManager {
                 }),
                 refresh_lock: tokio::sync::Mutex::new(()),
                 metrics,
+                rejected,
             }),
         })
     }
@@ -214,6 +223,15 @@ impl TokenManager {
         match &self.current().record {
             None => no_token(),
             Some(r) => r.state.clone(),
+        }
+    }
+
+    /// Resolves once the credentials are invalid (at once if they already are).
+    pub async fn credentials_rejected(&self) {
+        let mut rejected = self.inner.rejected.subscribe();
+        if rejected.wait_for(|invalid| *invalid).await.is_err() {
+            // The sender lives as long as `self`: unreachable, but never answer early.
+            std::future::pending::<()>().await;
         }
     }
 
@@ -370,7 +388,7 @@ impl TokenManager {
         }
         let mut cur = self.current();
         cur.attempts += 1;
-        match result {
+        let handed_out = match result {
             Ok(record) => {
                 let token = record.access_token.clone().unwrap_or_default();
                 cur.record = Some(record);
@@ -385,7 +403,11 @@ impl TokenManager {
                 cur.last_error = Some(e.clone());
                 Err(e)
             }
-        }
+        };
+        self.inner
+            .rejected
+            .send_replace(is_rejected(cur.record.as_ref()));
+        handed_out
     }
 
     fn count_refresh(&self, outcome: &str) {
