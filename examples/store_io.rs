@@ -76,6 +76,7 @@ async fn main() {
         "spEnterpriseId": "acme-ent", "timezone": "America/New_York",
         "userId": "alice.smith@acme.example"
     });
+    let call = Call::provision(&body).unwrap();
     let profile_xml = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/schemas/samples/user-add-17sp4.xml"
@@ -121,7 +122,7 @@ async fn main() {
                     user_id: user.clone(),
                     template: "acme".into(),
                     command: "UserAddRequest".into(),
-                    call: Call::Provision { body: body.clone() },
+                    call: call.clone(),
                     client: "CN=as1.example.com serial 01".into(),
                 }],
                 now_ms(),

@@ -416,12 +416,8 @@ fn remember(
         _ => {}
     }
     Ok(match plan {
-        Plan::Provision { body, .. } => Some(Call::Provision {
-            body: serde_json::to_value(body).unwrap_or_default(),
-        }),
-        Plan::Update { body, .. } if !body.is_empty() => Some(Call::Update {
-            body: serde_json::to_value(body).unwrap_or_default(),
-        }),
+        Plan::Provision { body, .. } => Some(Call::provision(body)?),
+        Plan::Update { body, .. } if !body.is_empty() => Some(Call::update(body)?),
         Plan::Remove { .. } => Some(Call::Remove),
         Plan::RecordCustomer(customer) => {
             if let Some(warning) = &customer.mode_mismatch {

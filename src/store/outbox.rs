@@ -22,6 +22,7 @@
 //! never delivered. The soak found it; opening a schema 2 store re-queues those entries.)
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::{Store, StoreError, decode, encode};
 
@@ -32,16 +33,63 @@ const DEAD: &str = "dead";
 /// The id of an outbox entry; ids grow in arrival order.
 pub type EntryId = u64;
 
-/// What Webex is asked to do. The body is the mapped JSON, opaque to the store.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What Webex is asked to do. The body is the mapped JSON, opaque to the store: kept as the
+/// text it was written as, so reading an entry back does not build a JSON tree that delivery
+/// would only serialize again.
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Call {
-    Provision { body: serde_json::Value },
-    Update { body: serde_json::Value },
+    Provision { body: Box<RawValue> },
+    Update { body: Box<RawValue> },
     Remove,
 }
 
+impl PartialEq for Call {
+    fn eq(&self, other: &Call) -> bool {
+        match (self, other) {
+            (Call::Provision { body: a }, Call::Provision { body: b })
+            | (Call::Update { body: a }, Call::Update { body: b }) => a.get() == b.get(),
+            (Call::Remove, Call::Remove) => true,
+            _ => false,
+        }
+    }
+}
+
+/// By hand, because serde's internally tagged enums buffer their fields first, and a raw body
+/// cannot be buffered: it must come straight from the JSON text. Same format as the derive.
+impl<'de> Deserialize<'de> for Call {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Kind {
+            Provision,
+            Update,
+            Remove,
+        }
+        #[derive(Deserialize)]
+        struct Fields {
+            kind: Kind,
+            body: Option<Box<RawValue>>,
+        }
+        let fields = Fields::deserialize(deserializer)?;
+        match (fields.kind, fields.body) {
+            (Kind::Provision, Some(body)) => Ok(Call::Provision { body }),
+            (Kind::Update, Some(body)) => Ok(Call::Update { body }),
+            (Kind::Provision | Kind::Update, None) => Err(serde::de::Error::missing_field("body")),
+            (Kind::Remove, _) => Ok(Call::Remove),
+        }
+    }
+}
+
 impl Call {
+    pub fn provision(body: &impl Serialize) -> Result<Call, StoreError> {
+        Ok(Call::Provision { body: raw(body)? })
+    }
+
+    pub fn update(body: &impl Serialize) -> Result<Call, StoreError> {
+        Ok(Call::Update { body: raw(body)? })
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Call::Provision { .. } => "provision",
@@ -49,6 +97,11 @@ impl Call {
             Call::Remove => "remove",
         }
     }
+}
+
+fn raw(body: &impl Serialize) -> Result<Box<RawValue>, StoreError> {
+    serde_json::value::to_raw_value(body)
+        .map_err(|e| StoreError::Io(format!("cannot encode a Webex request body: {e}")))
 }
 
 /// An entry to enqueue.
@@ -81,6 +134,7 @@ pub enum EntryState {
 
 /// A stored entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredEntry")]
 pub struct Entry {
     pub id: EntryId,
     pub created_ms: u64,
@@ -93,6 +147,44 @@ pub struct Entry {
     pub last_error: Option<String>,
     /// The TrackingID of the last attempt.
     pub tracking_id: Option<String>,
+}
+
+/// How an entry is read: the fields of [`Entry`] with [`NewEntry`]'s inline, as
+/// `#[serde(flatten)]` writes them. Reading through `flatten` would buffer every field first
+/// (the body too, which a raw value cannot be), so it is spelled out once here.
+#[derive(Deserialize)]
+struct StoredEntry {
+    id: EntryId,
+    created_ms: u64,
+    user_id: String,
+    template: String,
+    command: String,
+    call: Call,
+    client: String,
+    state: EntryState,
+    attempts: u32,
+    last_error: Option<String>,
+    tracking_id: Option<String>,
+}
+
+impl From<StoredEntry> for Entry {
+    fn from(s: StoredEntry) -> Entry {
+        Entry {
+            id: s.id,
+            created_ms: s.created_ms,
+            new: NewEntry {
+                user_id: s.user_id,
+                template: s.template,
+                command: s.command,
+                call: s.call,
+                client: s.client,
+            },
+            state: s.state,
+            attempts: s.attempts,
+            last_error: s.last_error,
+            tracking_id: s.tracking_id,
+        }
+    }
 }
 
 impl Entry {
@@ -564,6 +656,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         (dir, store)
+    }
+
+    #[test]
+    fn entries_are_read_and_written_in_the_format_stores_already_hold() {
+        // As schema 3 wrote them (a derive with `flatten` and a tagged `call`).
+        let stored = [
+            r#"{"id":7,"created_ms":1,"user_id":"alice","template":"acme","command":"UserAddRequest17sp4","call":{"kind":"provision","body":{"email":"a@x.example","userId":"alice"}},"client":"CN=as","state":{"state":"delivered","at_ms":2,"subscriber_id":"sub-1","webex_status":null},"attempts":1,"last_error":null,"tracking_id":"FT_1"}"#,
+            r#"{"id":8,"created_ms":1,"user_id":"alice","template":"acme","command":"UserModifyRequest22","call":{"kind":"update","body":{"firstName":"Al"}},"client":"CN=as","state":{"state":"pending"},"attempts":0,"last_error":null,"tracking_id":null}"#,
+            r#"{"id":9,"created_ms":1,"user_id":"alice","template":"acme","command":"UserDeleteRequest","call":{"kind":"remove"},"client":"CN=as","state":{"state":"dead","at_ms":3,"reason":"gone"},"attempts":2,"last_error":"503","tracking_id":"FT_2"}"#,
+        ];
+        let calls = [
+            Call::provision(&serde_json::json!({"email": "a@x.example", "userId": "alice"})),
+            Call::update(&serde_json::json!({"firstName": "Al"})),
+            Ok(Call::Remove),
+        ];
+        for (raw, call) in stored.iter().zip(calls) {
+            let entry: Entry = decode(raw.as_bytes(), "outbox entry").unwrap();
+            assert_eq!(entry.new.call, call.unwrap());
+            assert_eq!(entry.new.user_id, "alice");
+            assert_eq!(String::from_utf8(encode(&entry).unwrap()).unwrap(), *raw);
+        }
+        let without_body =
+            stored[0].replace(r#","body":{"email":"a@x.example","userId":"alice"}"#, "");
+        let err = decode::<Entry>(without_body.as_bytes(), "outbox entry").unwrap_err();
+        assert!(err.to_string().contains("missing field `body`"), "{err}");
+        assert_ne!(
+            Call::provision(&serde_json::json!({"a": 1})).unwrap(),
+            Call::update(&serde_json::json!({"a": 1})).unwrap()
+        );
     }
 
     #[test]
