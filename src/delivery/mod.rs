@@ -19,7 +19,7 @@ use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
 
 use crate::store::{
-    AuditEvent, AuditRecord, Entry, EntryId, EntryState, Store, StoreError, now_ms,
+    AuditEvent, AuditRecord, Entry, EntryId, EntryState, Progress, Store, StoreError, now_ms,
 };
 
 /// What one try of one entry came to.
@@ -59,8 +59,8 @@ pub enum Finished {
 
 impl Finished {
     /// How a stored entry ended; `None` while it is pending.
-    fn of(entry: &Entry) -> Option<Finished> {
-        match &entry.state {
+    fn of(progress: &Progress) -> Option<Finished> {
+        match &progress.state {
             EntryState::Pending => None,
             EntryState::Dead { reason, .. } => Some(Finished::Dead {
                 reason: reason.clone(),
@@ -72,7 +72,7 @@ impl Finished {
             } => Some(Finished::Delivered {
                 subscriber_id: subscriber_id.clone(),
                 webex_status: webex_status.clone(),
-                tracking_id: entry.tracking_id.clone(),
+                tracking_id: progress.tracking_id.clone(),
             }),
         }
     }
@@ -216,7 +216,7 @@ impl Engine {
         // this read sees the end or the waiter is in place before they are taken.
         let mut schedule = self.lock();
         // A read error leaves the wait to the deadline, as for an entry not yet ended.
-        let ended = self.inner.store.entry(id).ok().flatten();
+        let ended = self.inner.store.progress(id).ok().flatten();
         match ended.as_ref().and_then(Finished::of) {
             Some(finished) => {
                 let _ = tx.send(finished);

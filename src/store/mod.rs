@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use audit::{AuditEvent, AuditQuery, AuditRecord};
-pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry};
+pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry, Progress};
 pub use users::{Customer, UserRecord};
 
 mod tokens;

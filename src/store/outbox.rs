@@ -187,6 +187,13 @@ impl From<StoredEntry> for Entry {
     }
 }
 
+/// The part of an entry that says how it ended ([`Store::progress`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Progress {
+    pub state: EntryState,
+    pub tracking_id: Option<String>,
+}
+
 impl Entry {
     pub fn is_pending(&self) -> bool {
         matches!(self.state, EntryState::Pending)
@@ -276,6 +283,15 @@ impl Store {
 
     /// One entry by id.
     pub fn entry(&self, id: EntryId) -> Result<Option<Entry>, StoreError> {
+        self.tree(OUTBOX)?
+            .get(id.to_be_bytes())?
+            .map(|raw| decode(&raw, "outbox entry"))
+            .transpose()
+    }
+
+    /// Where an entry is in its life, read without its body and names: the delivery engine
+    /// asks this for every request it is asked to watch.
+    pub fn progress(&self, id: EntryId) -> Result<Option<Progress>, StoreError> {
         self.tree(OUTBOX)?
             .get(id.to_be_bytes())?
             .map(|raw| decode(&raw, "outbox entry"))
@@ -717,6 +733,21 @@ mod tests {
         assert_eq!(ended.state, done);
         assert_eq!(ended.attempts, 1);
         assert_eq!(ended.tracking_id.as_deref(), Some("FLOWTHROUGH_9"));
+        assert_eq!(
+            store.progress(ids[0]).unwrap(),
+            Some(Progress {
+                state: done,
+                tracking_id: Some("FLOWTHROUGH_9".into())
+            })
+        );
+        assert_eq!(
+            store.progress(ids[2]).unwrap(),
+            Some(Progress {
+                state: EntryState::Pending,
+                tracking_id: None
+            })
+        );
+        assert_eq!(store.progress(ids[2] + 100).unwrap(), None);
         assert_eq!(store.pending_summary().unwrap(), (2, Some(1)));
     }
 
