@@ -46,25 +46,60 @@ impl Store {
         subscriber_id: Option<&str>,
         template: Option<&str>,
     ) -> Result<(), StoreError> {
-        let mut record = self.user(user_id)?.unwrap_or_default();
-        if let Some(id) = subscriber_id {
-            record.subscriber_id = Some(id.to_owned());
-        }
-        if let Some(t) = template {
-            record.template = Some(t.to_owned());
-        }
-        self.tree(USERS)?.insert(user_id, encode(&record)?)?;
-        Ok(())
+        self.update_user(user_id, |record| {
+            let mut record = record.unwrap_or_default();
+            if let Some(id) = subscriber_id {
+                record.subscriber_id = Some(id.to_owned());
+            }
+            if let Some(t) = template {
+                record.template = Some(t.to_owned());
+            }
+            Some(record)
+        })
     }
 
     /// Forget the subscriber id (after a remove); the template and profile stay, so a later IM&P
     /// assignment can provision the user again.
     pub fn unmap_subscriber(&self, user_id: &str) -> Result<(), StoreError> {
-        if let Some(mut record) = self.user(user_id)? {
-            record.subscriber_id = None;
-            self.tree(USERS)?.insert(user_id, encode(&record)?)?;
-        }
-        Ok(())
+        self.update_user(user_id, |record| {
+            record.map(|record| UserRecord {
+                subscriber_id: None,
+                ..record
+            })
+        })
+    }
+
+    /// Read, change and write a user record as one step: the handler (a user's template) and
+    /// the delivery engine (its subscriber id) change the same record concurrently, and a plain
+    /// read then write would let one undo the other.
+    fn update_user(
+        &self,
+        user_id: &str,
+        change: impl Fn(Option<UserRecord>) -> Option<UserRecord>,
+    ) -> Result<(), StoreError> {
+        let mut failure = None;
+        self.tree(USERS)?.fetch_and_update(user_id, |old| {
+            // Called again when another writer got in first: only the last call counts.
+            failure = None;
+            let current = match old.map(|raw| decode::<UserRecord>(raw, "user record")) {
+                Some(Err(e)) => {
+                    // Left as it is: an unreadable record is reported, not overwritten.
+                    failure = Some(e);
+                    return old.map(<[u8]>::to_vec);
+                }
+                Some(Ok(record)) => Some(record),
+                None => None,
+            };
+            match change(current).map(|record| encode(&record)) {
+                Some(Ok(raw)) => Some(raw),
+                Some(Err(e)) => {
+                    failure = Some(e);
+                    old.map(<[u8]>::to_vec)
+                }
+                None => old.map(<[u8]>::to_vec),
+            }
+        })?;
+        failure.map_or(Ok(()), Err)
     }
 
     pub fn profile(&self, user_id: &str) -> Result<Option<UserProfile>, StoreError> {
@@ -118,6 +153,33 @@ mod tests {
         let record = store.user("alice").unwrap().unwrap();
         assert_eq!(record.subscriber_id, None);
         assert_eq!(record.template.as_deref(), Some("acme"));
+    }
+
+    #[test]
+    fn concurrent_changes_to_one_user_record_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let users: Vec<String> = (0..5000).map(|i| format!("user{i}")).collect();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for user in &users {
+                    store.map_user(user, Some("sub"), None).unwrap();
+                }
+            });
+            s.spawn(|| {
+                for user in &users {
+                    store.map_user(user, None, Some("acme")).unwrap();
+                }
+            });
+        });
+        for user in &users {
+            let record = store.user(user).unwrap().unwrap();
+            assert_eq!(
+                (record.subscriber_id.as_deref(), record.template.as_deref()),
+                (Some("sub"), Some("acme")),
+                "{user}"
+            );
+        }
     }
 
     #[test]
