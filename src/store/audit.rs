@@ -83,6 +83,8 @@ impl Store {
             while tree.len() > MAX_DOCUMENTS {
                 tree.pop_min()?;
             }
+        } else {
+            self.counts.audit.added(1);
         }
         Ok(())
     }
@@ -116,18 +118,25 @@ impl Store {
     /// Drop records older than `cutoff_ms`, then the oldest beyond `max_records`.
     pub fn prune_audit(&self, cutoff_ms: u64, max_records: u64) -> Result<u64, StoreError> {
         let tree = self.tree(AUDIT)?;
+        let count = &self.counts.audit;
+        let mut records = count.of(&tree);
         let mut removed = 0;
         while let Some((k, _)) = tree.first()? {
             if k.len() < 8 || u64::from_be_bytes(k[..8].try_into().unwrap_or([0; 8])) >= cutoff_ms {
                 break;
             }
-            tree.remove(k)?;
-            removed += 1;
+            if tree.remove(k)?.is_some() {
+                count.removed(1);
+                records = records.saturating_sub(1);
+                removed += 1;
+            }
         }
-        let mut len = tree.len() as u64;
-        while len > max_records {
-            tree.pop_min()?;
-            len -= 1;
+        while records > max_records {
+            if tree.pop_min()?.is_none() {
+                break;
+            }
+            count.removed(1);
+            records -= 1;
             removed += 1;
         }
         Ok(removed)
@@ -177,6 +186,14 @@ mod tests {
         };
         let left: Vec<u64> = store.audit(&all).unwrap().iter().map(|r| r.at_ms).collect();
         assert_eq!(left, vec![40, 30]);
+        // The count walked at the first round is kept by the appends and removals after it.
+        for t in [50, 60, 70] {
+            store.append_audit(&command(t, "c")).unwrap();
+        }
+        assert_eq!(store.prune_audit(0, 2).unwrap(), 3);
+        let left: Vec<u64> = store.audit(&all).unwrap().iter().map(|r| r.at_ms).collect();
+        assert_eq!(left, vec![70, 60]);
+        assert_eq!(store.prune_audit(0, 2).unwrap(), 0);
     }
 
     #[test]

@@ -271,6 +271,7 @@ impl Store {
             // by lookup, as after any crash between delivery and answer.
             queue.insert(queue_key(&entry.new.user_id, entry.id), &[])?;
             outbox.insert(entry.id.to_be_bytes(), value)?;
+            self.counts.outbox.added(1);
             ids.push(entry.id);
         }
         Ok(ids)
@@ -432,7 +433,11 @@ impl Store {
 
     /// Remove an entry for good (operator's `outbox drop`). Returns the removed entry.
     pub fn drop_entry(&self, id: EntryId) -> Result<Option<Entry>, StoreError> {
-        let Some(raw) = self.tree(OUTBOX)?.remove(id.to_be_bytes())? else {
+        let removed = self.tree(OUTBOX)?.remove(id.to_be_bytes())?;
+        if removed.is_some() {
+            self.counts.outbox.removed(1);
+        }
+        let Some(raw) = removed else {
             return Ok(None);
         };
         let entry: Entry = decode(&raw, "outbox entry")?;
@@ -538,8 +543,9 @@ impl Store {
         let dead = self.tree(DEAD)?;
         // Counted from the indexes, which a crash can leave with a stale key or two: the cap is
         // approximate by that much, never more.
-        let undelivered = self.tree(USER_QUEUE)?.len() + dead.len();
-        let delivered = outbox.len().saturating_sub(undelivered) as u64;
+        // The undelivered are few (pending and dead) and walked; the whole outbox is counted.
+        let undelivered = (self.tree(USER_QUEUE)?.len() + dead.len()) as u64;
+        let delivered = self.counts.outbox.of(&outbox).saturating_sub(undelivered);
         let mut excess = delivered.saturating_sub(max_delivered);
         let mut removed = 0;
         for item in outbox.iter() {
@@ -551,7 +557,9 @@ impl Store {
             }
             let is_delivered = Filter::Delivered.matches(&entry);
             if (expired && !entry.is_pending()) || (is_delivered && excess > 0) {
-                outbox.remove(&key)?;
+                if outbox.remove(&key)?.is_some() {
+                    self.counts.outbox.removed(1);
+                }
                 dead.remove(&key)?;
                 removed += 1;
                 if is_delivered {
@@ -926,6 +934,16 @@ mod tests {
             first,
             "dead and pending stay"
         );
+
+        // The count walked at the first round is kept by the writes after it.
+        let later: Vec<NewEntry> = (0..3).map(|i| entry(&format!("v{i}"), "add")).collect();
+        let later = store.enqueue(later, 5).unwrap();
+        for id in &later {
+            store.finish(*id, delivered(6), None).unwrap();
+        }
+        store.drop_entry(later[0]).unwrap();
+        assert_eq!(store.prune_finished(0, 1).unwrap(), 1);
+        assert_eq!(ids_listed(&store, Filter::Delivered, 10), later[2..]);
     }
 
     #[test]
