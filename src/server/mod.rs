@@ -372,7 +372,8 @@ fn start_delivery(
 const PRUNE_EVERY: Duration = Duration::from_secs(300);
 
 /// Audit retention and the pruning of finished outbox entries, every [`PRUNE_EVERY`] (and once at
-/// start), on the blocking pool: a round walks the trees it prunes.
+/// start), on the blocking pool: the first round counts the records by walking the trees (about
+/// 3 s at a million each), and a round with much to remove takes as long.
 fn spawn_housekeeping(store: Store, cfg: &crate::config::StoreConfig) {
     let retention_ms = u64::from(cfg.audit_retention_days) * 86_400_000;
     let (max_audit, max_history) = (cfg.audit_max_records, cfg.history_max_entries);
