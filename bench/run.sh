@@ -7,6 +7,9 @@
 #   bench/run.sh soak [MINUTES]       RSS and open fds of flowthrough under steady load (default 30)
 #   bench/run.sh crash [N]            kill -9 flowthrough N times under load (default 20), then
 #                                     compare acknowledged requests with the simulator's subscribers
+#   bench/run.sh faults [SECONDS]     fixed-rate load through token-expiry storms, 429 storms and
+#                                     certificate reloads (default 20 s each), beside a quiet
+#                                     baseline; then every acknowledged request is looked for
 #
 # Environment: CARGO_TARGET_DIR (default target), BENCH_PORT_BASE (default 18440),
 # BENCH_KEEP=1 keeps the work directory.
@@ -33,8 +36,9 @@ case "${1:-}" in
   --long) DUR=30 ;;
   soak) MODE=soak; SOAK_MIN=${2:-30} ;;
   crash) MODE=crash; CRASH_N=${2:-20} ;;
+  faults) MODE=faults; FAULT_S=${2:-20} ;;
   "") ;;
-  *) echo "usage: bench/run.sh [--short|--long] | soak [MINUTES] | crash [N]" >&2; exit 1 ;;
+  *) echo "usage: bench/run.sh [--short|--long] | soak [MINUTES] | crash [N] | faults [SECONDS]" >&2; exit 1 ;;
 esac
 
 say() { printf '\n== %s\n' "$*" >&2; }
@@ -234,6 +238,85 @@ if [ "$MODE" = crash ]; then
   echo "delivered without an acknowledgement (in flight at a kill, stored before it): $extra"
   echo "POSTs received by the simulator: $posts for $subs subscribers (re-sent POSTs answered 409: $((posts - subs)))"
   comm -23 "$WORK/acked-sorted.txt" "$WORK/delivered.txt" | head -20
+  [ "$lost" = 0 ] && [ "$dup" = 0 ]
+  exit $?
+fi
+
+# ---------------------------------------------------------------------------------------------
+if [ "$MODE" = faults ]; then
+  start_flowthrough
+  RATE=${BENCH_FAULT_RATE:-500}
+  R=$WORK/results
+  mkdir -p "$R"
+  ACKED=$WORK/acked.txt
+  : >"$ACKED"
+  ft_metric() { # awk regex on the series; the sum of the matching samples
+    curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" | awk -v f="$1" '$1 ~ f { s += $2 } END { printf "%d", s }'
+  }
+  sim_counter() { jq ".counters.$2 // 0" "$1"; }
+  # One phase: the fault loop (a shell function, or none) runs beside FAULT_S s of load at RATE.
+  phase() { # name, fault function or "", extra generator arguments...
+    local name=$1 fault=$2 fault_pid=
+    shift 2
+    say "$name: $RATE req/s for $FAULT_S s"
+    simstate >"$R/$name-sim-before.json"
+    ft_metric '^flowthrough_token_refreshes_total' >"$R/$name-refreshes-before"
+    ft_metric '^flowthrough_webex_calls_total' >"$R/$name-calls-before"
+    ft_metric '^flowthrough_webex_calls_total.*status="429"' >"$R/$name-429-before"
+    ft_metric '^flowthrough_reloads_total.*outcome="ok"' >"$R/$name-reloads-before"
+    if [ -n "$fault" ]; then "$fault" & fault_pid=$!; fi
+    load --target "127.0.0.1:$FT_PORT" --body "$OCI_BODY" --run "$name-$RANDOM" -c "$CONNS" \
+      --rate "$RATE" --duration "$FAULT_S" --acked-out "$ACKED" --server-pid "$FT_PID" --json "$@" >"$R/$name.json"
+    if [ -n "$fault_pid" ]; then kill "$fault_pid" 2>/dev/null; wait "$fault_pid" 2>/dev/null || true; fi
+    simctl '{"rate_limit_per_s": 0}'
+    wait_drained 120 >"$R/$name-drain"
+    simstate >"$R/$name-sim-after.json"
+    ft_metric '^flowthrough_token_refreshes_total' >"$R/$name-refreshes-after"
+    ft_metric '^flowthrough_webex_calls_total' >"$R/$name-calls-after"
+    ft_metric '^flowthrough_webex_calls_total.*status="429"' >"$R/$name-429-after"
+    ft_metric '^flowthrough_reloads_total.*outcome="ok"' >"$R/$name-reloads-after"
+  }
+  # Every second, every access token stops working (a revocation on Webex's side): each call in
+  # flight is answered 401 and wants a new token at the same moment.
+  token_storm() { while :; do sleep 1; curl -sf --cacert "$WORK/sim/ca.pem" -X POST "$SIM/_sim/expire_tokens" >/dev/null; done; }
+  # One second in two, Webex lets through one call per second and answers the rest 429.
+  limit_storm() { while :; do simctl '{"rate_limit_per_s": 1}'; sleep 1; simctl '{"rate_limit_per_s": 0}'; sleep 1; done; }
+  # The certificates are reloaded every half second while new connections keep arriving.
+  reload_storm() {
+    load --target "127.0.0.1:$FT_PORT" --new-connection --method GET --path /tls-probe -c 4 --rate 100 \
+      --duration "$FAULT_S" --json >"$R/reload-handshakes.json" &
+    while :; do sleep 0.5; curl -sf -X POST "http://127.0.0.1:$ADMIN_PORT/admin/reload" >/dev/null || echo "reload refused" >&2; done
+  }
+  load --target "127.0.0.1:$FT_PORT" --body "$OCI_BODY" -c "$CONNS" --duration 2 --json >/dev/null
+  wait_drained 60 >/dev/null
+  phase baseline ""
+  phase token token_storm
+  phase limit limit_storm
+  phase reload reload_storm
+  sleep 0.5 # the handshake generator of the reload phase writes its report as it ends
+
+  delta() { echo $(( $(cat "$R/$1-$2-after") - $(cat "$R/$1-$2-before") )); }
+  sim_delta() { echo $(( $(sim_counter "$R/$1-sim-after.json" "$2") - $(sim_counter "$R/$1-sim-before.json" "$2") )); }
+  echo "Fixed rate $RATE req/s for $FAULT_S s per phase, $CONNS keep-alive connections, UserAdd sample."
+  echo
+  echo "| phase | answers (ok / 7020 / errors) | p50 / p99 / max ms | Webex calls | 429s | 401s | token refreshes | reloads | drained after |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  for p in baseline token limit reload; do
+    f="$R/$p.json"
+    printf '| %s | %s / %s / %s | %s / %s / %s | %s | %s | %s | %s | %s | %s s |\n' "$p" \
+      "$(jq .ok "$f")" "$(jq '.warnings.oci_7020 // 0' "$f")" "$(jq '[.errors[]] | add // 0' "$f")" \
+      "$(jq .latency_ms.p50 "$f")" "$(jq .latency_ms.p99 "$f")" "$(jq .latency_ms.max "$f")" \
+      "$(delta "$p" calls)" "$(delta "$p" 429)" "$(sim_delta "$p" sent_401)" "$(delta "$p" refreshes)" \
+      "$(delta "$p" reloads)" "$(cat "$R/$p-drain")"
+  done
+  echo
+  echo "Token storms: $(sim_delta token tokens_expired) expiries at the simulator."
+  echo "Handshakes during the reloads: $(jq -c '{ok, errors}' "$R/reload-handshakes.json") (answered 404 by design: GET /tls-probe)."
+  jq -r '.subscribers[].userId' "$R/reload-sim-after.json" | sort >"$WORK/delivered.txt"
+  sort -u "$ACKED" >"$WORK/acked-sorted.txt"
+  lost=$(comm -23 "$WORK/acked-sorted.txt" "$WORK/delivered.txt" | wc -l)
+  dup=$(uniq -d "$WORK/delivered.txt" | wc -l)
+  echo "Acknowledged: $(wc -l <"$WORK/acked-sorted.txt"); lost = $lost; duplicated = $dup."
   [ "$lost" = 0 ] && [ "$dup" = 0 ]
   exit $?
 fi

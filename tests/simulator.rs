@@ -146,6 +146,33 @@ async fn validates_like_webex_and_exposes_control_and_state() {
     assert_eq!(subscribers[0]["language"], "en");
     assert_eq!(state["counters"]["sent_5xx"], 1);
     assert_eq!(state["counters"]["refreshes"], 2);
+
+    // Expiring every token over HTTP: the token that worked is refused until refreshed.
+    let r = http
+        .post(format!("{root}/_sim/control"))
+        .json(&json!({"server_error_ratio": 0.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let get = |token: String| http.get(format!("{subs}/{id}")).bearer_auth(token).send();
+    assert_eq!(get(access.clone()).await.unwrap().status(), 200);
+    let r = http
+        .post(format!("{root}/_sim/expire_tokens"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(get(access.clone()).await.unwrap().status(), 401);
+    let state: serde_json::Value = http
+        .get(format!("{root}/_sim/state"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(state["counters"]["tokens_expired"], 1);
     sim.stop().await;
 }
 

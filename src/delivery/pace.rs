@@ -7,6 +7,13 @@
 //! pace creeps up slowly while no 429 comes, so a raised limit is found again; after five minutes
 //! without one, pacing stops.
 //!
+//! A storm of 429s teaches a rate far below the one Webex took before it (one per second while
+//! the storm lasts). Creeping up from there would take the five minutes, with every command
+//! answered 7020 meanwhile (`bench/run.sh faults` found it: 133 of 5,000 commands answered in
+//! time). So the pace goes back quickly towards the rate Webex accepted before the first 429,
+//! halving the distance every two seconds, and a raise that draws a 429 becomes the new bound:
+//! a limit that really came down is found in a few halvings, a storm that passed costs seconds.
+//!
 //! Plain data with the clock passed in: the scheduler owns one and tests drive it directly.
 
 use std::collections::VecDeque;
@@ -32,6 +39,12 @@ const PROBE_EVERY: Duration = Duration::from_secs(30);
 const PROBE_STEP: f64 = 1.01;
 /// No 429 for this long: the limit is gone or far away, so stop pacing (a 429 learns it again).
 const FORGET_AFTER: Duration = Duration::from_secs(300);
+/// While the pace is this far under the rate to return to, it is raised every
+/// [`RETURN_EVERY`], by half the distance, instead of creeping.
+const ROOM: f64 = 1.05;
+/// How long a raise towards the rate to return to is tried before the next; a 429 within it
+/// says the raise went too far.
+const RETURN_EVERY: Duration = Duration::from_secs(2);
 /// Never slower than this, however few attempts were accepted before a 429.
 const MIN_RATE: f64 = 1.0;
 
@@ -47,6 +60,13 @@ pub struct Pacer {
     last_429: Option<Instant>,
     /// Ends of attempts Webex accepted within the last [`WINDOW`].
     accepted: VecDeque<Instant>,
+    /// The most attempts accepted within one window since pacing last stopped.
+    peak: usize,
+    /// The rate to return to: what Webex took before the first 429, lowered by every raise
+    /// that drew one.
+    target: Option<f64>,
+    /// When the pace was last raised towards `target`.
+    raised: Option<Instant>,
 }
 
 impl Default for Pacer {
@@ -63,6 +83,9 @@ impl Pacer {
             changed: None,
             last_429: None,
             accepted: VecDeque::new(),
+            peak: 0,
+            target: None,
+            raised: None,
         }
     }
 
@@ -87,9 +110,21 @@ impl Pacer {
         }
         // Only a pace that holds work back is worth probing above.
         let held_back = self.next_start.is_some_and(|at| at >= now);
-        let rate = if held_back && self.changed.is_some_and(|c| now - c >= PROBE_EVERY) {
+        let target = self.target.filter(|target| *target > rate * ROOM);
+        let every = if target.is_some() {
+            RETURN_EVERY
+        } else {
+            PROBE_EVERY
+        };
+        let rate = if held_back && self.changed.is_some_and(|c| now - c >= every) {
             self.changed = Some(now);
-            let raised = rate * PROBE_STEP;
+            let raised = match target {
+                Some(target) => {
+                    self.raised = Some(now);
+                    (rate + target) / 2.0
+                }
+                None => rate * PROBE_STEP,
+            };
             self.rate = Some(raised);
             raised
         } else {
@@ -107,13 +142,22 @@ impl Pacer {
     pub fn accepted(&mut self, now: Instant) {
         self.accepted.push_back(now);
         self.forget_before(now);
+        self.peak = self.peak.max(self.accepted.len());
     }
 
     /// Webex answered 429: pace at a little under what it accepted in the last second.
     pub fn limited(&mut self, now: Instant) {
         self.forget_before(now);
-        let accepted = self.accepted.len() as f64;
-        let learned = (accepted * HEADROOM).min(accepted - 1.0).max(MIN_RATE);
+        let learned = pace_for(self.accepted.len());
+        if self.raised.take().is_some_and(|at| now - at < RETURN_EVERY)
+            && let Some(rate) = self.rate
+        {
+            // The raise went too far: return no higher than this from now on.
+            self.target = Some(self.target.map_or(rate, |target| target.min(rate)));
+        }
+        if self.target.is_none() {
+            self.target = Some(pace_for(self.peak));
+        }
         self.rate = Some(self.rate.map_or(learned, |rate| rate.min(learned)));
         self.changed = Some(now);
         self.last_429 = Some(now);
@@ -128,6 +172,13 @@ impl Pacer {
             }
         }
     }
+}
+
+/// The pace for what Webex accepted within one window: a little under it, and never under one
+/// attempt per second.
+fn pace_for(accepted: usize) -> f64 {
+    let accepted = accepted as f64;
+    (accepted * HEADROOM).min(accepted - 1.0).max(MIN_RATE)
 }
 
 #[cfg(test)]
@@ -264,6 +315,85 @@ mod tests {
         assert_eq!(pacer.rate(), Some(first));
         pacer.limited(t0 + Duration::from_secs(10));
         assert_eq!(pacer.rate(), Some(MIN_RATE));
+    }
+
+    /// Webex and a busy engine: attempts are offered at `demand` per second and started when
+    /// the pace allows; Webex accepts one while it accepted fewer than `limit(now)` in the last
+    /// second, else answers 429 and everything pauses for a one-second `Retry-After`, as the
+    /// engine does. Returns when each accepted attempt started, and how many 429s there were.
+    fn simulate(
+        pacer: &mut Pacer,
+        from: Instant,
+        to: Instant,
+        demand: f64,
+        limit: impl Fn(Instant) -> usize,
+    ) -> (Vec<Instant>, usize) {
+        let gap = Duration::from_secs_f64(1.0 / demand);
+        let (mut accepted, mut limited) = (Vec::<Instant>::new(), 0);
+        let mut now = from;
+        while now < to {
+            if let Some(at) = pacer.wait_until(now) {
+                now = at;
+                continue;
+            }
+            pacer.started(now);
+            let in_window = accepted
+                .iter()
+                .rev()
+                .take_while(|t| now - **t < Duration::from_secs(1))
+                .count();
+            if in_window < limit(now) {
+                pacer.accepted(now);
+                accepted.push(now);
+                now += gap;
+            } else {
+                pacer.limited(now);
+                limited += 1;
+                now += Duration::from_secs(1);
+            }
+        }
+        (accepted, limited)
+    }
+
+    fn between(accepted: &[Instant], from: Instant, to: Instant) -> usize {
+        accepted.iter().filter(|t| **t >= from && **t < to).count()
+    }
+
+    #[test]
+    fn after_a_short_storm_of_429s_the_pace_returns_to_the_rate_taken_before_it() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut pacer = Pacer::new();
+        // 500/s taken for 5 s, then for 3 s one per second, then no limit again.
+        let (accepted, _) = simulate(&mut pacer, t0, at(30), 500.0, |now| {
+            if now >= at(5) && now < at(8) {
+                1
+            } else {
+                usize::MAX
+            }
+        });
+        let rate = pacer.rate().unwrap();
+        assert!(rate > 450.0 && rate <= 500.0, "paced at {rate}");
+        let last_10_s = between(&accepted, at(20), at(30));
+        assert!(last_10_s >= 4500, "{last_10_s} accepted in the last 10 s");
+    }
+
+    #[test]
+    fn a_limit_that_came_down_for_good_is_found_in_a_few_raises() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut pacer = Pacer::new();
+        // 2,000/s taken for 5 s, then a limit of 500/s for two minutes.
+        let limit = |now: Instant| if now < at(5) { usize::MAX } else { 500 };
+        let (_, settling) = simulate(&mut pacer, t0, at(35), 2000.0, limit);
+        assert!(settling <= 12, "{settling} 429s while the pace settled");
+        let (accepted, later) = simulate(&mut pacer, at(35), at(125), 2000.0, limit);
+        assert!(later <= 4, "{later} 429s in the 90 s after");
+        let delivered = between(&accepted, at(35), at(125));
+        assert!(
+            delivered >= 90 * 450,
+            "{delivered} accepted in 90 s under 500/s"
+        );
     }
 
     #[test]

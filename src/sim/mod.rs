@@ -3,7 +3,8 @@
 //! It answers the subscriber API and the token endpoint like Webex does (validation, duplicates,
 //! asynchronous provisioning, paging) and reproduces on demand the upstream behaviour flowthrough
 //! must survive (429/423/5xx, slow answers, dropped connections, filter-dropping `next` links,
-//! token rotation and revocation), controlled at run time through `POST /_sim/control`.
+//! token rotation and revocation), controlled at run time through `POST /_sim/control` (and
+//! `POST /_sim/expire_tokens`, which invalidates every access token handed out).
 
 mod state;
 
@@ -266,6 +267,7 @@ impl Simulator {
                         .route("/broadworks/subscribers/{id}", web::delete().to(remove)),
                 )
                 .route("/_sim/control", web::post().to(control))
+                .route("/_sim/expire_tokens", web::post().to(expire_tokens))
                 .route("/_sim/state", web::get().to(sim_state))
         })
         .workers(2)
@@ -418,6 +420,15 @@ async fn control(state: Shared, body: web::Bytes) -> HttpResponse {
         Ok(()) => HttpResponse::Ok().json(&s.control),
         Err(e) => HttpResponse::BadRequest().body(format!("bad control document: {e}")),
     }
+}
+
+/// Every access token handed out stops working at once, as after a revocation on Webex's side:
+/// the next call of every client is answered 401 (the token storm of `bench/run.sh faults`).
+async fn expire_tokens(state: Shared) -> HttpResponse {
+    let mut s = lock(&state);
+    s.expire_access_tokens();
+    s.count("tokens_expired");
+    HttpResponse::NoContent().finish()
 }
 
 async fn sim_state(state: Shared) -> HttpResponse {
