@@ -108,8 +108,14 @@ impl Pacer {
             *self = Pacer::new();
             return;
         }
-        // Only a pace that holds work back is worth probing above.
-        let held_back = self.next_start.is_some_and(|at| at >= now);
+        // Only a pace that holds work back is worth probing above: one whose slots are taken as
+        // they come. Timers wake the engine a little after a slot, never on it, so "as they
+        // come" means within an interval or the catch-up allowance of it (an idle engine comes
+        // back long after).
+        let tolerance = Duration::from_secs_f64(1.0 / rate).max(CATCH_UP);
+        let held_back = self
+            .next_start
+            .is_some_and(|at| now.saturating_duration_since(at) < tolerance);
         let target = self.target.filter(|target| *target > rate * ROOM);
         let every = if target.is_some() {
             RETURN_EVERY
@@ -331,9 +337,12 @@ mod tests {
         let gap = Duration::from_secs_f64(1.0 / demand);
         let (mut accepted, mut limited) = (Vec::<Instant>::new(), 0);
         let mut now = from;
+        let mut late = 1;
         while now < to {
             if let Some(at) = pacer.wait_until(now) {
-                now = at;
+                // The engine's timer wakes it 1–4 ms after the slot.
+                now = at + Duration::from_millis(late);
+                late = late % 4 + 1;
                 continue;
             }
             pacer.started(now);
