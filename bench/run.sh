@@ -150,13 +150,17 @@ start_flowthrough() {
   die "flowthrough not ready after 30 s; see $WORK/flowthrough.log"
 }
 pending() { curl -sf "http://127.0.0.1:$ADMIN_PORT/status" | jq '.outbox.pending'; }
-wait_drained() { # timeout seconds; prints the seconds it took
+drained() { [ "$(pending 2>/dev/null || echo x)" = 0 ]; }
+# Delivery is no longer paced (the pace learned from 429s has been dropped).
+unpaced() { curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" | grep -qx 'flowthrough_delivery_pace_per_second 0.0'; }
+wait_drained() { wait_for drained "$1"; }
+wait_for() { # condition, timeout seconds; prints the seconds it took, or "timeout"
   local start now
   start=$(date +%s.%N)
   while :; do
     now=$(date +%s.%N)
-    if [ "$(pending 2>/dev/null || echo x)" = 0 ]; then break; fi
-    if awk -v s="$start" -v n="$now" -v t="$1" 'BEGIN{exit !(n - s > t)}'; then echo "timeout"; return; fi
+    if "$1"; then break; fi
+    if awk -v s="$start" -v n="$now" -v t="$2" 'BEGIN{exit !(n - s > t)}'; then echo "timeout"; return; fi
     sleep 0.1
   done
   awk -v s="$start" -v n="$now" 'BEGIN{printf "%.1f", n - s}'
@@ -270,6 +274,8 @@ if [ "$MODE" = faults ]; then
     if [ -n "$fault_pid" ]; then kill "$fault_pid" 2>/dev/null; wait "$fault_pid" 2>/dev/null || true; fi
     simctl '{"rate_limit_per_s": 0}'
     wait_drained 120 >"$R/$name-drain"
+    # The next phase starts unpaced: what a storm leaves behind is this phase's, not the next's.
+    wait_for unpaced 180 >"$R/$name-unpaced"
     simstate >"$R/$name-sim-after.json"
     ft_metric '^flowthrough_token_refreshes_total' >"$R/$name-refreshes-after"
     ft_metric '^flowthrough_webex_calls_total' >"$R/$name-calls-after"
@@ -299,15 +305,15 @@ if [ "$MODE" = faults ]; then
   sim_delta() { echo $(( $(sim_counter "$R/$1-sim-after.json" "$2") - $(sim_counter "$R/$1-sim-before.json" "$2") )); }
   echo "Fixed rate $RATE req/s for $FAULT_S s per phase, $CONNS keep-alive connections, UserAdd sample."
   echo
-  echo "| phase | answers (ok / 7020 / errors) | p50 / p99 / max ms | Webex calls | 429s | 401s | token refreshes | reloads | drained after |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| phase | answers (ok / 7020 / errors) | p50 / p99 / max ms | Webex calls | 429s | 401s | token refreshes | reloads | drained after | unpaced after that |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   for p in baseline token limit reload; do
     f="$R/$p.json"
-    printf '| %s | %s / %s / %s | %s / %s / %s | %s | %s | %s | %s | %s | %s s |\n' "$p" \
+    printf '| %s | %s / %s / %s | %s / %s / %s | %s | %s | %s | %s | %s | %s s | %s s |\n' "$p" \
       "$(jq .ok "$f")" "$(jq '.warnings.oci_7020 // 0' "$f")" "$(jq '[.errors[]] | add // 0' "$f")" \
       "$(jq .latency_ms.p50 "$f")" "$(jq .latency_ms.p99 "$f")" "$(jq .latency_ms.max "$f")" \
       "$(delta "$p" calls)" "$(delta "$p" 429)" "$(sim_delta "$p" sent_401)" "$(delta "$p" refreshes)" \
-      "$(delta "$p" reloads)" "$(cat "$R/$p-drain")"
+      "$(delta "$p" reloads)" "$(cat "$R/$p-drain")" "$(cat "$R/$p-unpaced")"
   done
   echo
   echo "Token storms: $(sim_delta token tokens_expired) expiries at the simulator."

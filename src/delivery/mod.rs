@@ -239,7 +239,7 @@ impl Engine {
 
     /// Attempts per second allowed since Webex answered 429, if paced.
     pub fn pace(&self) -> Option<f64> {
-        self.lock().pacer.rate()
+        self.lock().pacer.in_force(Instant::now())
     }
 
     /// Users whose deliveries wait for Webex to answer again (the probing user included).
