@@ -10,9 +10,12 @@
 //! A storm of 429s teaches a rate far below the one Webex took before it (one per second while
 //! the storm lasts). Creeping up from there took until pacing stopped, with every command
 //! answered 7020 meanwhile (`bench/run.sh faults` found it: 133 of 5,000 commands answered in
-//! time). So the pace goes back quickly towards the rate Webex accepted before the first 429,
-//! halving the distance every two seconds, and a raise that draws a 429 becomes the new bound:
-//! a limit that really came down is found in a few halvings, a storm that passed costs seconds.
+//! time). So the pace goes back quickly towards the rate Webex accepted in the busiest second
+//! of the ten before the first 429, halving the distance every two seconds, and a raise that
+//! draws a 429 becomes the new bound: a limit that really came down is found in a few halvings,
+//! a storm that passed costs seconds. Only the last ten seconds count: a burst from before a
+//! limit was set says nothing of it, and each raise towards it would cost a 429 and a pause
+//! (`bench/run.sh` found 0.73 R delivered under a steady limit met after its flat-out run).
 //!
 //! A long storm that comes and goes (Webex taking one call in every other second for 20 s) also
 //! meets each raise with a 429, and lowers the bound as a limit that came down would: from
@@ -54,6 +57,10 @@ const ROOM: f64 = 1.05;
 /// How long a raise towards the rate to return to is tried before the next; a 429 within it
 /// says the raise went too far.
 const RETURN_EVERY: Duration = Duration::from_secs(2);
+/// How long the busiest second counts as the rate Webex took "before the first 429". Returning
+/// towards a rate from further back (a burst before a limit was set, or long before it was met)
+/// costs a 429 and a `Retry-After` pause for every raise that finds the limit instead.
+const PEAK_MEMORY: Duration = Duration::from_secs(10);
 /// Never slower than this, however few attempts were accepted before a 429.
 const MIN_RATE: f64 = 1.0;
 
@@ -69,8 +76,10 @@ pub struct Pacer {
     last_429: Option<Instant>,
     /// Ends of attempts Webex accepted within the last [`WINDOW`].
     accepted: VecDeque<Instant>,
-    /// The most attempts accepted within one window since pacing last stopped.
+    /// The most attempts accepted within one window lately, and when that was last seen: a peak
+    /// older than [`PEAK_MEMORY`] gives way to the current count.
     peak: usize,
+    peak_seen: Option<Instant>,
     /// The rate to return to: what Webex took before the first 429, lowered by every raise
     /// that drew one.
     target: Option<f64>,
@@ -93,6 +102,7 @@ impl Pacer {
             last_429: None,
             accepted: VecDeque::new(),
             peak: 0,
+            peak_seen: None,
             target: None,
             raised: None,
         }
@@ -168,7 +178,15 @@ impl Pacer {
     pub fn accepted(&mut self, now: Instant) {
         self.accepted.push_back(now);
         self.forget_before(now);
-        self.peak = self.peak.max(self.accepted.len());
+        let count = self.accepted.len();
+        if count >= self.peak || !self.peak_is_recent(now) {
+            self.peak = count;
+            self.peak_seen = Some(now);
+        }
+    }
+
+    fn peak_is_recent(&self, now: Instant) -> bool {
+        self.peak_seen.is_some_and(|at| now - at <= PEAK_MEMORY)
     }
 
     /// Webex answered 429: pace at a little under what it accepted in the last second.
@@ -182,7 +200,12 @@ impl Pacer {
             self.target = Some(self.target.map_or(rate, |target| target.min(rate)));
         }
         if self.target.is_none() {
-            self.target = Some(pace_for(self.peak));
+            let recent = if self.peak_is_recent(now) {
+                self.peak
+            } else {
+                0
+            };
+            self.target = Some(pace_for(recent.max(self.accepted.len())));
         }
         self.rate = Some(self.rate.map_or(learned, |rate| rate.min(learned)));
         self.changed = Some(now);
@@ -462,6 +485,25 @@ mod tests {
         assert!(
             delivered >= 90 * 450,
             "{delivered} accepted in 90 s under 500/s"
+        );
+    }
+
+    /// `bench/run.sh`'s limit scenario: the same process ran flat out (and unlimited) before a
+    /// limit was met. What it took then says nothing of what Webex takes now, so the pace is not
+    /// raised towards it; each raise would cost a 429 and a `Retry-After` pause.
+    #[test]
+    fn a_limit_met_long_after_a_faster_burst_is_not_raised_towards_the_burst() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut pacer = Pacer::new();
+        simulate(&mut pacer, t0, at(5), 2000.0, sliding(|_| usize::MAX));
+        let limit = sliding(|_| 500);
+        let (accepted, limited) = simulate(&mut pacer, at(60), at(80), 1000.0, limit);
+        assert!(limited <= 2, "{limited} 429s under a steady limit");
+        let delivered = between(&accepted, at(60), at(80));
+        assert!(
+            delivered >= 20 * 475,
+            "{delivered} accepted in 20 s under 500/s"
         );
     }
 
