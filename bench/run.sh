@@ -285,8 +285,10 @@ if [ "$MODE" = faults ]; then
   # Every second, every access token stops working (a revocation on Webex's side): each call in
   # flight is answered 401 and wants a new token at the same moment.
   token_storm() { while :; do sleep 1; curl -sf --cacert "$WORK/sim/ca.pem" -X POST "$SIM/_sim/expire_tokens" >/dev/null; done; }
-  # One second in two, Webex lets through one call per second and answers the rest 429.
-  limit_storm() { while :; do simctl '{"rate_limit_per_s": 1}'; sleep 1; simctl '{"rate_limit_per_s": 0}'; sleep 1; done; }
+  # One second in two, Webex lets through one call per second and answers the rest 429. It
+  # starts 3 s into the load, as a storm meets a node in steady traffic: what Webex took before
+  # it is what the pace returns to.
+  limit_storm() { sleep 3; while :; do simctl '{"rate_limit_per_s": 1}'; sleep 1; simctl '{"rate_limit_per_s": 0}'; sleep 1; done; }
   # The certificates are reloaded every half second while new connections keep arriving.
   reload_storm() {
     load --target "127.0.0.1:$FT_PORT" --new-connection --method GET --path /tls-probe -c 4 --rate 100 \
