@@ -71,7 +71,7 @@ pub fn run(args: SandboxArgs) -> ExitCode {
     } else {
         "warn,flowthrough=info"
     };
-    logging::init(&LogConfig {
+    let _log_writer = logging::init(&LogConfig {
         level: level.to_owned(),
         ..LogConfig::default()
     });

@@ -25,7 +25,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    logging::init(&config.log);
+    let _log_writer = logging::init(&config.log);
     let system = actix_rt::System::new();
     match system.block_on(crate::server::serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
