@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,58 +17,18 @@ use flowthrough::sim::SimOptions;
 const ROUNDS: usize = 4;
 const CLIENTS: usize = 8;
 
-fn spawn(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_flowthrough"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_ready(admin: &str) {
-    let ready = eventually(Duration::from_secs(30), || {
-        std::net::TcpStream::connect(admin).is_ok()
-    })
-    .await;
-    assert!(ready, "flowthrough did not start listening on {admin}");
-    for _ in 0..300 {
-        if let Ok(r) = reqwest::get(format!("http://{admin}/readyz")).await
-            && r.status() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("flowthrough never became ready");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_nothing_and_duplicates_nothing() {
     let world = World::new(SimOptions::default()).await;
-    let port = free_port();
-    let admin = format!("127.0.0.1:{}", free_port());
-    let text = world
-        .config_text(
-            "ack_deadline_ms = 1000",
-            &format!("\n[admin]\nlisten = \"{admin}\"\n"),
-        )
-        .replace(
-            "listen = [\"127.0.0.1:0\"]",
-            &format!("listen = [\"127.0.0.1:{port}\"]"),
-        )
-        .replace("[admin]\nlisten = \"127.0.0.1:0\"\n", "");
-    let config = world.path("flowthrough.toml");
-    std::fs::write(&config, text).unwrap();
-    let url = format!("https://localhost:{port}/provisioning");
+    let Served {
+        config, admin, url, ..
+    } = serve_config(&world, "ack_deadline_ms = 1000");
     let client = world.as_client();
     let acknowledged: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     let sent: Arc<Mutex<BTreeSet<String>>> = Arc::default();
 
     for round in 0..ROUNDS {
-        let mut child = spawn(&config);
+        let mut child = spawn(&config, "warn", Stdio::inherit());
         wait_ready(&admin).await;
         let mut load = Vec::new();
         for c in 0..CLIENTS {
@@ -109,7 +69,7 @@ async fn kill_9_under_load_loses_nothing_and_duplicates_nothing() {
     }
 
     // Restart once more and let the outbox drain.
-    let mut child = spawn(&config);
+    let mut child = spawn(&config, "warn", Stdio::inherit());
     wait_ready(&admin).await;
     let mut drained = false;
     for _ in 0..600 {

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use flowthrough::certs::{DevPki, DevPkiFiles};
 use flowthrough::sim::{SimHandle, SimOptions, Simulator};
@@ -239,4 +241,61 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A `flowthrough serve` config for a child process: fixed ports, so it can be restarted on them.
+pub struct Served {
+    pub config: PathBuf,
+    pub admin: String,
+    pub url: String,
+}
+
+/// Write the config of a `flowthrough serve` child process pointed at `world`.
+pub fn serve_config(world: &World, server_extra: &str) -> Served {
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let text = world
+        .config_text(server_extra, &format!("\n[admin]\nlisten = \"{admin}\"\n"))
+        .replace(
+            "listen = [\"127.0.0.1:0\"]",
+            &format!("listen = [\"127.0.0.1:{port}\"]"),
+        )
+        .replace("[admin]\nlisten = \"127.0.0.1:0\"\n", "");
+    let config = world.path("flowthrough.toml");
+    std::fs::write(&config, text).unwrap();
+    Served {
+        config,
+        admin,
+        url: format!("https://localhost:{port}/provisioning"),
+    }
+}
+
+/// `flowthrough serve` as a child process, its log at `level` to `stderr`.
+pub fn spawn(config: &Path, level: &str, stderr: Stdio) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_flowthrough"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", level)
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
+/// Wait until the child's admin listener answers and says it is ready.
+pub async fn wait_ready(admin: &str) {
+    let ready = eventually(Duration::from_secs(30), || {
+        std::net::TcpStream::connect(admin).is_ok()
+    })
+    .await;
+    assert!(ready, "flowthrough did not start listening on {admin}");
+    for _ in 0..300 {
+        if let Ok(r) = reqwest::get(format!("http://{admin}/readyz")).await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("flowthrough never became ready");
 }
