@@ -12,6 +12,28 @@ fn client(ca_pem: &str) -> reqwest::Client {
         .unwrap()
 }
 
+/// POST a control document to the simulator over HTTP; its answer's status.
+async fn control(http: &reqwest::Client, root: &str, body: serde_json::Value) -> u16 {
+    let r = http
+        .post(format!("{root}/_sim/control"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    r.status().as_u16()
+}
+
+/// The simulator's state document, over HTTP.
+async fn sim_state(http: &reqwest::Client, root: &str) -> serde_json::Value {
+    http.get(format!("{root}/_sim/state"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn validates_like_webex_and_exposes_control_and_state() {
     let sim = Simulator::start(SimOptions::default()).await.unwrap();
@@ -110,13 +132,10 @@ async fn validates_like_webex_and_exposes_control_and_state() {
     assert_eq!(r.status(), 200);
 
     // Control over HTTP, then the state document.
-    let r = http
-        .post(format!("{root}/_sim/control"))
-        .json(&json!({"server_error_ratio": 1.0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        control(&http, &root, json!({"server_error_ratio": 1.0})).await,
+        200
+    );
     let r = http
         .get(format!("{subs}/{id}"))
         .bearer_auth(&access)
@@ -124,21 +143,8 @@ async fn validates_like_webex_and_exposes_control_and_state() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
-    let r = http
-        .post(format!("{root}/_sim/control"))
-        .json(&json!({"no_such_knob": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let state: serde_json::Value = http
-        .get(format!("{root}/_sim/state"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(control(&http, &root, json!({"no_such_knob": 1})).await, 400);
+    let state = sim_state(&http, &root).await;
     let subscribers = state["subscribers"].as_array().unwrap();
     assert_eq!(subscribers.len(), 1);
     assert_eq!(subscribers[0]["userId"], "u1@example.com");
@@ -148,13 +154,10 @@ async fn validates_like_webex_and_exposes_control_and_state() {
     assert_eq!(state["counters"]["refreshes"], 2);
 
     // Expiring every token over HTTP: the token that worked is refused until refreshed.
-    let r = http
-        .post(format!("{root}/_sim/control"))
-        .json(&json!({"server_error_ratio": 0.0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        control(&http, &root, json!({"server_error_ratio": 0.0})).await,
+        200
+    );
     let get = |token: String| http.get(format!("{subs}/{id}")).bearer_auth(token).send();
     assert_eq!(get(access.clone()).await.unwrap().status(), 200);
     let r = http
@@ -164,14 +167,7 @@ async fn validates_like_webex_and_exposes_control_and_state() {
         .unwrap();
     assert_eq!(r.status(), 204);
     assert_eq!(get(access.clone()).await.unwrap().status(), 401);
-    let state: serde_json::Value = http
-        .get(format!("{root}/_sim/state"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = sim_state(&http, &root).await;
     assert_eq!(state["counters"]["tokens_expired"], 1);
     sim.stop().await;
 }

@@ -8,6 +8,11 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// Lines queued for the writer thread: seconds of a full-load stall, minutes of a normal one.
+/// The queue is allocated whole at start, so its size is resident memory (the default of 128,000
+/// lines cost 4 MiB of RSS).
+const QUEUED_LINES: usize = 16_384;
+
 /// Install the global subscriber. A second call (tests, sandbox) keeps the first one.
 ///
 /// Lines are written to stderr by a thread of their own. Under systemd stderr is a pipe to
@@ -21,6 +26,7 @@ pub fn init(config: &LogConfig) -> WorkerGuard {
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = NonBlockingBuilder::default()
+        .buffered_lines_limit(QUEUED_LINES)
         .lossy(false)
         .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
