@@ -3,12 +3,19 @@
 
 mod common;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use flowthrough::certs::{self, LeafParams};
 use flowthrough::sim::SimOptions;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio_rustls::TlsConnector;
 
 const SETTLE: Duration = Duration::from_secs(20);
 
@@ -696,5 +703,95 @@ async fn clients_outside_allowed_networks_are_refused_before_tls() {
         "{metrics}"
     );
     assert!(world.subscriber("net@acme.example").is_none());
+    server.stop().await;
+}
+
+/// The AS's side of a request it gives up on: sent over mutual TLS, then, after `patience`, the
+/// connection reset (SO_LINGER 0), as an AS whose process times out or dies leaves it.
+async fn send_then_reset(tls: &TlsConnector, addr: SocketAddr, body: &str, patience: Duration) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut stream = tls.connect(name, tcp).await.unwrap();
+    let request = format!(
+        "POST /provisioning HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    tokio::time::sleep(patience).await;
+    let (tcp, _) = stream.into_inner();
+    socket2::SockRef::from(&tcp)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+}
+
+/// An AS that gives up on a request after flowthrough stored its command: the command is
+/// delivered all the same, not left pending until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_whose_as_hangs_up_mid_request_are_still_delivered() {
+    let world = World::new(SimOptions::default()).await;
+    let server = start(&world, "", "").await;
+    let addr = server.running.provisioning_addrs[0];
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&world.pki.ca_cert).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(&world.pki.client_cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&world.pki.client_key).unwrap();
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+    let tls = TlsConnector::from(Arc::new(config));
+
+    const SENT: u64 = 240;
+    let mut senders = Vec::new();
+    for c in 0..4u64 {
+        let tls = tls.clone();
+        senders.push(tokio::spawn(async move {
+            for n in 0..SENT / 4 {
+                let user = format!("hangup-{c}-{n}@acme.example");
+                // Given up at moments spread over the request's life in a debug build (mostly
+                // the handshake's verification), the flush among them.
+                let patience = Duration::from_micros((n * 3331 + c * 711) % 200_000);
+                send_then_reset(
+                    &tls,
+                    addr,
+                    &document(&user_add(&user, Some(&user))),
+                    patience,
+                )
+                .await;
+            }
+        }));
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+
+    let status_url = format!("{}/status", server.admin);
+    let mut status = get_json(&status_url).await;
+    for _ in 0..200 {
+        if status["outbox"]["pending"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = get_json(&status_url).await;
+    }
+    assert_eq!(
+        status["outbox"]["pending"], 0,
+        "every stored command is delivered though the AS hung up on each: {status}"
+    );
+    let delivered = world.subscribers().len() as u64;
+    assert!(
+        delivered > 0 && delivered < SENT,
+        "some commands were stored, some requests cut before: {delivered} of {SENT} delivered"
+    );
+    eprintln!("{delivered} of {SENT} commands stored and delivered");
     server.stop().await;
 }

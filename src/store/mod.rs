@@ -129,6 +129,23 @@ struct GroupCommit {
     done: tokio::sync::Notify,
 }
 
+/// One flusher's turn of a [`GroupCommit`]. However it ends, its future dropped half-way
+/// included (the AS hung up), the lock is released and *then* the waiters are woken, so a woken
+/// waiter finds the lock free. A waiter left unwoken, or woken while the lock is still held,
+/// waits for a flush that nobody starts once traffic stops: its request never answers and its
+/// command never reaches delivery (`bench/run.sh` left three so at the end of a burst).
+struct FlushTurn<'a> {
+    lock: Option<tokio::sync::MutexGuard<'a, ()>>,
+    done: &'a tokio::sync::Notify,
+}
+
+impl Drop for FlushTurn<'_> {
+    fn drop(&mut self) {
+        drop(self.lock.take());
+        self.done.notify_waiters();
+    }
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("path", &self.path).finish()
@@ -240,7 +257,11 @@ impl Store {
                 return Ok(());
             }
             match commit.flusher.try_lock() {
-                Ok(_guard) => {
+                Ok(lock) => {
+                    let _turn = FlushTurn {
+                        lock: Some(lock),
+                        done: &commit.done,
+                    };
                     // Every ticket up to `covers` belongs to writes that happened before this
                     // load, hence before the flush below starts.
                     let covers = commit.requested.load(Ordering::SeqCst);
@@ -248,7 +269,6 @@ impl Store {
                     if result.is_ok() {
                         commit.flushed.fetch_max(covers, Ordering::SeqCst);
                     }
-                    commit.done.notify_waiters();
                     result?;
                     return Ok(());
                 }
