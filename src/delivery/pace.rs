@@ -108,8 +108,10 @@ impl Pacer {
         }
     }
 
-    /// Attempts per second, if paced.
-    pub fn rate(&self) -> Option<f64> {
+    /// Attempts per second as last set, whatever the time: what the tests follow step by step.
+    /// The engine asks [`Pacer::in_force`].
+    #[cfg(test)]
+    fn rate(&self) -> Option<f64> {
         self.rate
     }
 
