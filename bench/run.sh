@@ -12,7 +12,8 @@
 #                                     baseline; then every acknowledged request is looked for
 #
 # Environment: CARGO_TARGET_DIR (default target), BENCH_PORT_BASE (default 18440),
-# BENCH_KEEP=1 keeps the work directory.
+# BENCH_KEEP=1 keeps the work directory, BENCH_SKIP_BUILD=1 measures the binaries already in
+# CARGO_TARGET_DIR/release (to compare two builds in one sitting).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,8 +49,14 @@ for tool in curl jq; do
   command -v "$tool" >/dev/null || die "$tool is needed (apt-get install $tool)"
 done
 
-say "building release binaries"
-(cd "$ROOT" && cargo build --release --locked --bins >&2)
+if [ "${BENCH_SKIP_BUILD:-0}" = 1 ]; then
+  # Comparing builds: point CARGO_TARGET_DIR at a directory holding release/flowthrough and
+  # release/flowthrough-load of the build to measure.
+  [ -x "$BIN" ] && [ -x "$LOAD" ] || die "BENCH_SKIP_BUILD=1 needs $BIN and $LOAD"
+else
+  say "building release binaries"
+  (cd "$ROOT" && cargo build --release --locked --bins >&2)
+fi
 
 WORK=$(mktemp -d /var/tmp/flowthrough-bench.XXXXXX)
 SIM_PID= FT_PID= NGX_PID= LOAD_PID=

@@ -167,8 +167,9 @@ async fn process(
     let credentials = basic_credentials(req.headers());
     let mut steps = Vec::with_capacity(document.commands.len());
     let mut user_ids: Vec<String> = Vec::new();
-    // Watched as soon as stored: the engine may take an entry up before this request is done
-    // (its user's previous entry ends), and a watch set now leaves it no window to end unseen.
+    // Watched before stored: the engine may take an entry up as soon as it is stored, before
+    // this request is done (its user's previous entry ends), and a watch set before then leaves
+    // it no window to end unseen.
     let mut watches = Vec::new();
     let mut audit_pending = Vec::new();
     for request in &document.commands {
@@ -253,10 +254,12 @@ async fn process(
                     call,
                     client: client.clone(),
                 };
-                match state.store.enqueue(vec![entry], now_ms()) {
+                let stored = state.store.enqueue_announced(vec![entry], now_ms(), |id| {
+                    watches.push((id, engine.watch_new(id)));
+                });
+                match stored {
                     Ok(ids) => {
                         user_ids.push(user);
-                        watches.push((ids[0], engine.watch(ids[0])));
                         Step::Queued {
                             id: ids[0],
                             on_delivery: plan.response(request.echo.clone()),
@@ -264,6 +267,7 @@ async fn process(
                         }
                     }
                     Err(e) => {
+                        engine.unwatch(watches.iter().map(|(id, _)| *id));
                         tracing::error!(error = %e, "cannot write to the outbox");
                         return plain(
                             StatusCode::SERVICE_UNAVAILABLE,

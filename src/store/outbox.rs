@@ -250,6 +250,17 @@ fn id_from(raw: &[u8]) -> Result<EntryId, StoreError> {
 impl Store {
     /// Store new entries, pending, in the given order. Not durable until [`Store::flush`].
     pub fn enqueue(&self, entries: Vec<NewEntry>, now_ms: u64) -> Result<Vec<EntryId>, StoreError> {
+        self.enqueue_announced(entries, now_ms, |_| {})
+    }
+
+    /// [`Store::enqueue`], telling `announce` each entry's id before delivery can find the
+    /// entry, so a watch set there cannot miss its end and needs no read of the store.
+    pub fn enqueue_announced(
+        &self,
+        entries: Vec<NewEntry>,
+        now_ms: u64,
+        mut announce: impl FnMut(EntryId),
+    ) -> Result<Vec<EntryId>, StoreError> {
         let outbox = self.tree(OUTBOX)?;
         let queue = self.tree(USER_QUEUE)?;
         let mut ids = Vec::with_capacity(entries.len());
@@ -265,6 +276,7 @@ impl Store {
                 tracking_id: None,
             };
             let value = encode(&entry)?;
+            announce(entry.id);
             // Index first: see the module header. A document's entries are not stored all or
             // nothing; the AS is answered after the flush, so a crash before it makes the AS
             // send the document again, and a provision sent twice is answered 409 and settled
