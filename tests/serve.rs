@@ -708,6 +708,59 @@ async fn clients_outside_allowed_networks_are_refused_before_tls() {
 
 /// The AS's side of a request it gives up on: sent over mutual TLS, then, after `patience`, the
 /// connection reset (SO_LINGER 0), as an AS whose process times out or dies leaves it.
+/// A raw TLS connector with the AS's client certificate, for requests cut short on purpose.
+fn as_connector(world: &World) -> TlsConnector {
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&world.pki.ca_cert).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(&world.pki.client_cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&world.pki.client_key).unwrap();
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// How many users the simulator holds, and those of them whose command has no audit record,
+/// waiting a little for records still being written.
+async fn delivered_without_audit(world: &World, server: &Server) -> (usize, Vec<String>) {
+    let delivered: Vec<String> = world
+        .subscribers()
+        .iter()
+        .filter_map(|s| s["userId"].as_str().map(str::to_owned))
+        .collect();
+    let audit_url = format!("{}/admin/audit?limit=1000", server.admin);
+    let mut unaudited = Vec::new();
+    for _ in 0..100 {
+        let audited: Vec<String> = get_json(&audit_url)
+            .await
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["kind"] == "command" && r["outbox_id"].is_u64())
+            .filter_map(|r| r["user_id"].as_str().map(str::to_owned))
+            .collect();
+        unaudited = delivered
+            .iter()
+            .filter(|user| !audited.contains(user))
+            .cloned()
+            .collect();
+        if unaudited.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (delivered.len(), unaudited)
+}
+
 async fn send_then_reset(tls: &TlsConnector, addr: SocketAddr, body: &str, patience: Duration) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("localhost").unwrap();
@@ -728,27 +781,11 @@ async fn send_then_reset(tls: &TlsConnector, addr: SocketAddr, body: &str, patie
 /// An AS that gives up on a request after flowthrough stored its command: the command is
 /// delivered all the same, not left pending until a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commands_whose_as_hangs_up_mid_request_are_still_delivered() {
+async fn commands_whose_as_hangs_up_mid_request_are_still_delivered_and_audited() {
     let world = World::new(SimOptions::default()).await;
     let server = start(&world, "", "").await;
     let addr = server.running.provisioning_addrs[0];
-    let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(&world.pki.ca_cert).unwrap() {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let chain: Vec<_> = CertificateDer::pem_file_iter(&world.pki.client_cert)
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&world.pki.client_key).unwrap();
-    let config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap();
-    let tls = TlsConnector::from(Arc::new(config));
+    let tls = as_connector(&world);
 
     const SENT: u64 = 240;
     let mut senders = Vec::new();
@@ -787,11 +824,61 @@ async fn commands_whose_as_hangs_up_mid_request_are_still_delivered() {
         status["outbox"]["pending"], 0,
         "every stored command is delivered though the AS hung up on each: {status}"
     );
-    let delivered = world.subscribers().len() as u64;
+    let (delivered, unaudited) = delivered_without_audit(&world, &server).await;
     assert!(
-        delivered > 0 && delivered < SENT,
+        delivered > 0 && (delivered as u64) < SENT,
         "some commands were stored, some requests cut before: {delivered} of {SENT} delivered"
     );
-    eprintln!("{delivered} of {SENT} commands stored and delivered");
+    assert!(
+        unaudited.is_empty(),
+        "{} of {delivered} delivered commands have no audit record, e.g. {:?}",
+        unaudited.len(),
+        unaudited.first()
+    );
+    eprintln!("{delivered} of {SENT} commands stored, delivered and audited");
+    server.stop().await;
+}
+
+/// An AS that hangs up while its command is being delivered: the answer has nobody to go to, but
+/// the command's audit record is written when its delivery ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_as_hangs_up_during_delivery_is_audited() {
+    let world = World::new(SimOptions::default()).await;
+    // Each Webex call takes 1.5 s; the AS gives up 0.3 s into its request, after flowthrough
+    // stored the command and before its delivery ends.
+    world.sim.control(json!({"latency_ms": 1500})).unwrap();
+    let server = start(&world, "", "").await;
+    let addr = server.running.provisioning_addrs[0];
+    let tls = as_connector(&world);
+    const SENT: usize = 8;
+    let mut senders = Vec::new();
+    for n in 0..SENT {
+        let tls = tls.clone();
+        senders.push(tokio::spawn(async move {
+            let user = format!("gone-{n}@acme.example");
+            let body = document(&user_add(&user, Some(&user)));
+            send_then_reset(&tls, addr, &body, Duration::from_millis(300)).await;
+        }));
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let status_url = format!("{}/status", server.admin);
+    for _ in 0..200 {
+        if get_json(&status_url).await["outbox"]["pending"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (delivered, unaudited) = delivered_without_audit(&world, &server).await;
+    assert_eq!(
+        delivered, SENT,
+        "every command was stored before its AS hung up"
+    );
+    assert!(
+        unaudited.is_empty(),
+        "{} of {delivered} delivered commands have no audit record: {unaudited:?}",
+        unaudited.len()
+    );
     server.stop().await;
 }

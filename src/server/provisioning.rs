@@ -18,7 +18,7 @@ use crate::mapping::{self, MapContext, OciError, Plan};
 use crate::oci::{self, Command, ErrorClass, ParseLimits, Request, ResponseCommand, Session};
 use crate::secret::BasicCredentials;
 use crate::store::{
-    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, Store, StoreError, now_ms,
+    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, StoreError, now_ms,
 };
 
 /// How much of a document the audit keeps when flowthrough cannot use it.
@@ -59,6 +59,9 @@ fn oci_reply(session: &Session, responses: &[ResponseCommand]) -> HttpResponse {
         .body(oci::write(session, responses))
 }
 
+/// The end of a stored command, when delivery reaches it.
+type Watch = tokio::sync::oneshot::Receiver<Finished>;
+
 /// What one command came to before delivery.
 enum Step {
     /// Answered without Webex.
@@ -72,6 +75,28 @@ enum Step {
     },
 }
 
+/// A command of the document and what it came to, owned: the answer and the audit record are
+/// made by a task that outlives the request when the AS hangs up (see [`conclude`]).
+struct CommandStep {
+    name: String,
+    kind: &'static str,
+    user_id: Option<String>,
+    template: Option<String>,
+    step: Step,
+}
+
+impl CommandStep {
+    fn new(request: &Request, template: Option<String>, step: Step) -> CommandStep {
+        CommandStep {
+            name: request.name.clone(),
+            kind: command_kind(&request.command),
+            user_id: mapping::command_user_id(&request.command).map(str::to_owned),
+            template,
+            step,
+        }
+    }
+}
+
 pub async fn handle(
     req: HttpRequest,
     body: web::Bytes,
@@ -79,14 +104,13 @@ pub async fn handle(
     path: Option<web::Path<String>>,
 ) -> HttpResponse {
     let started = Instant::now();
-    let state = state.get_ref();
     let template = path.as_deref().map(String::as_str);
     let span = tracing::info_span!(
         "provisioning",
         client = %super::client_label(&req),
         template = template.unwrap_or("-"),
     );
-    let response = process(&req, &body, state, template, started)
+    let response = process(&req, &body, &state, template, started)
         .instrument(span)
         .await;
     state
@@ -113,7 +137,7 @@ pub async fn handle(
 async fn process(
     req: &HttpRequest,
     body: &[u8],
-    state: &AppState,
+    state: &web::Data<AppState>,
     explicit: Option<&str>,
     started: Instant,
 ) -> HttpResponse {
@@ -171,7 +195,6 @@ async fn process(
     // this request is done (its user's previous entry ends), and a watch set before then leaves
     // it no window to end unseen.
     let mut watches = Vec::new();
-    let mut audit_pending = Vec::new();
     for request in &document.commands {
         let remembered = match mapping::command_user_id(&request.command) {
             Some(user) => state
@@ -194,7 +217,7 @@ async fn process(
                         body,
                     );
                 }
-                steps.push((
+                steps.push(CommandStep::new(
                     request,
                     None,
                     Step::Answered(Plan::from(reject).response(request.echo.clone())),
@@ -205,7 +228,7 @@ async fn process(
         let Some(template) = config.templates.get(&template_name) else {
             // select_template only returns configured names; answer rather than drop a command.
             let response = OciError::UnknownTemplate.response(request.echo.clone(), None);
-            steps.push((request, None, Step::Answered(response)));
+            steps.push(CommandStep::new(request, None, Step::Answered(response)));
             continue;
         };
         if let Some(account) = &template.provisioning_account
@@ -278,22 +301,66 @@ async fn process(
             }
             Ok(None) => Step::Answered(plan.response(request.echo.clone())),
         };
-        steps.push((request, Some(template_name), step));
+        steps.push(CommandStep::new(request, Some(template_name), step));
     }
 
+    // From here on nothing depends on the AS still listening. Once stored, a command must reach
+    // delivery and its audit record must be written even if the AS hangs up and actix drops this
+    // future: the benchmark's generator, stopping with requests in flight, left stored commands
+    // undelivered until a restart that way, and their audit records were never written.
+    let concluding = actix_rt::spawn(
+        conclude(
+            state.clone(),
+            engine.clone(),
+            user_ids,
+            watches,
+            steps,
+            client,
+            started,
+        )
+        .in_current_span(),
+    );
+    match concluding.await {
+        Ok(Ok(responses)) => oci_reply(&document.session, &responses),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot flush the store");
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store cannot be flushed to disk; the AS should retry — check the data volume",
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the task concluding a request ended early");
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "flowthrough could not conclude the request; the AS should retry (a command that was stored is delivered once, whatever the retry)",
+            )
+        }
+    }
+}
+
+/// Make the stored commands durable, hand them to delivery, wait for their ends up to the ack
+/// deadline, write the audit records and make the answers. Runs as a task of its own, which the
+/// request only awaits (see the end of [`process`]).
+async fn conclude(
+    state: web::Data<AppState>,
+    engine: Engine,
+    users: Vec<String>,
+    watches: Vec<(EntryId, Watch)>,
+    steps: Vec<CommandStep>,
+    client: String,
+    started: Instant,
+) -> Result<Vec<ResponseCommand>, StoreError> {
     // Durable before the AS hears anything.
     let flushing = Instant::now();
-    let flushed = flush_and_hand_over(&state.store, engine, user_ids).await;
+    let flushed = state.store.flush().await;
     state
         .metrics
         .store_flush_seconds
         .observe(flushing.elapsed().as_secs_f64());
-    if let Err(e) = flushed {
-        tracing::error!(error = %e, "cannot flush the store");
-        return plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the store cannot be flushed to disk; the AS should retry — check the data volume",
-        );
+    flushed?;
+    for user in &users {
+        engine.submit(user);
     }
 
     let deadline = tokio::time::Instant::from_std(started) + state.settings.ack_deadline;
@@ -323,7 +390,15 @@ async fn process(
     let credentials_invalid = state.credentials_invalid();
 
     let mut responses = Vec::with_capacity(steps.len());
-    for (request, template, step) in steps {
+    let mut audit_pending = Vec::with_capacity(steps.len());
+    for CommandStep {
+        name,
+        kind,
+        user_id,
+        template,
+        step,
+    } in steps
+    {
         let (response, outbox_id) = match step {
             Step::Answered(response) => (response, None),
             Step::Queued {
@@ -345,7 +420,7 @@ async fn process(
                     None => {
                         tracing::info!(
                             entry = id,
-                            command = %request.name,
+                            command = %name,
                             waited_ms = started.elapsed().as_millis() as u64,
                             "answered 7020: not delivered within server.ack_deadline_ms; delivery \
                              continues (see `flowthrough outbox show {id}`)"
@@ -369,16 +444,14 @@ async fn process(
             }) => (webex_status.clone(), tracking_id.clone()),
             _ => (None, None),
         };
-        state
-            .metrics
-            .count_command(command_kind(&request.command), &outcome);
+        state.metrics.count_command(kind, &outcome);
         audit_pending.push(AuditRecord {
             at_ms: now_ms(),
             client: client.clone(),
             event: AuditEvent::Command {
                 template,
-                command: request.name.clone(),
-                user_id: mapping::command_user_id(&request.command).map(str::to_owned),
+                command: name,
+                user_id,
                 outcome,
                 webex_status,
                 tracking_id,
@@ -393,28 +466,7 @@ async fn process(
             tracing::warn!(error = %e, "cannot write an audit record");
         }
     }
-    oci_reply(&document.session, &responses)
-}
-
-/// Flush the store, then hand the users whose commands were stored to the engine, in a task of
-/// its own. Once stored, a command must reach the engine even if the AS hangs up and actix drops
-/// the request's future at this await; it would otherwise wait for the next restart (the
-/// benchmark's generator, stopping with requests in flight, left three entries that way).
-async fn flush_and_hand_over(
-    store: &Store,
-    engine: &Engine,
-    users: Vec<String>,
-) -> Result<(), StoreError> {
-    let (store, engine) = (store.clone(), engine.clone());
-    let task = actix_rt::spawn(async move {
-        store.flush().await?;
-        for user in &users {
-            engine.submit(user);
-        }
-        Ok(())
-    });
-    task.await
-        .map_err(|e| StoreError::Io(format!("the flush task ended early: {e}")))?
+    Ok(responses)
 }
 
 /// Update what the adapter remembers about the user and customer, and return the Webex call to
