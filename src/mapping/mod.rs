@@ -19,7 +19,7 @@ pub use locale::{LanguageTable, is_language_code, is_supported_locale, resolve_l
 pub use phone::phone_for_webex;
 pub use plan::{
     Customer, IMP_SERVICE, MapContext, Method, Plan, ProvisionBody, Rejection, SUBSCRIBER_PATH,
-    SUBSCRIBERS_PATH, UpdateBody, WebexBody, WebexCall, apply_changes, plan,
+    SUBSCRIBERS_PATH, UpdateBody, WebexBody, WebexCall, apply_changes, plan, uses_last_profile,
 };
 pub use select::{Selection, command_service_provider, command_user_id, select_template};
 pub use template::{Package, Template, TemplateError, UserVerification};

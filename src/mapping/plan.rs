@@ -275,6 +275,18 @@ fn malformed(reason: &str) -> Rejection {
     }
 }
 
+/// Whether [`plan`] reads [`MapContext::last_profile`] for this command. The handler reads the
+/// profile from the store only then: a UserAdd carries the whole profile, and adds are most of
+/// the traffic.
+pub fn uses_last_profile(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::UserModify(_)
+            | Command::ServiceAssign { .. }
+            | Command::IntegratedImpModify { .. }
+    )
+}
+
 /// The plan for one command under one template (SPEC §2 table).
 pub fn plan(command: &Command, ctx: &MapContext) -> Plan {
     match command {
@@ -684,6 +696,51 @@ mod tests {
             user_id: "alice.smith@acme.example".into(),
             ..changes
         })
+    }
+
+    #[test]
+    fn commands_said_not_to_use_the_last_profile_plan_the_same_without_it() {
+        let user = "alice.smith@acme.example".to_owned();
+        let commands = [
+            Command::UserAdd(alice()),
+            modify(UserChanges::default()),
+            Command::UserDelete {
+                user_id: user.clone(),
+            },
+            Command::ServiceAssign {
+                user_id: user.clone(),
+                services: vec![IMP_SERVICE.into()],
+            },
+            Command::ServiceUnassign {
+                user_id: user.clone(),
+                services: vec![IMP_SERVICE.into()],
+            },
+            Command::IntegratedImpModify {
+                user_id: user.clone(),
+                is_active: Some(true),
+            },
+            Command::GroupAdd {
+                service_provider_id: "acme".into(),
+                group_id: "hq".into(),
+                group_name: None,
+            },
+            Command::Unsupported,
+        ];
+        let last = UserProfile {
+            first_name: "Before".into(),
+            ..alice()
+        };
+        let mut used = 0;
+        for command in &commands {
+            let with = plan_with(command, &template(), Some(&last));
+            let without = plan_with(command, &template(), None);
+            if uses_last_profile(command) {
+                used += 1;
+            } else {
+                assert_eq!(with, without, "{command:?} does use the last profile");
+            }
+        }
+        assert_eq!(used, 3);
     }
 
     #[test]

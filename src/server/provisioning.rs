@@ -246,8 +246,10 @@ async fn process(
         }
         let user_id = mapping::command_user_id(&request.command).map(str::to_owned);
         let last_profile = match &user_id {
-            Some(user) => state.store.profile(user).ok().flatten(),
-            None => None,
+            Some(user) if mapping::uses_last_profile(&request.command) => {
+                state.store.profile(user).ok().flatten()
+            }
+            _ => None,
         };
         let languages = &state.languages;
         let ctx = MapContext {
