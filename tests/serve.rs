@@ -511,17 +511,11 @@ async fn an_upstream_outage_queues_then_delivers_in_per_user_order() {
         "after recovery every add and then its modify is applied: {:?}",
         world.subscribers()
     );
-    let admin = server.admin.clone();
-    let mut empty = false;
-    for _ in 0..100 {
-        let status = get_json(&format!("{admin}/status")).await;
-        if status["outbox"]["pending"] == 0 {
-            empty = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(empty, "the outbox empties");
+    let status = status_once_drained(&server).await;
+    assert_eq!(
+        status["outbox"]["pending"], 0,
+        "the outbox empties: {status}"
+    );
     assert_eq!(world.subscribers().len(), 5, "no duplicates");
     server.stop().await;
 }
@@ -729,6 +723,20 @@ fn as_connector(world: &World) -> TlsConnector {
     TlsConnector::from(Arc::new(config))
 }
 
+/// The admin listener's status once the outbox has drained, or after 10 s.
+async fn status_once_drained(server: &Server) -> serde_json::Value {
+    let status_url = format!("{}/status", server.admin);
+    let mut status = get_json(&status_url).await;
+    for _ in 0..200 {
+        if status["outbox"]["pending"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = get_json(&status_url).await;
+    }
+    status
+}
+
 /// How many users the simulator holds, and those of them whose command has no audit record,
 /// waiting a little for records still being written.
 async fn delivered_without_audit(world: &World, server: &Server) -> (usize, Vec<String>) {
@@ -811,15 +819,7 @@ async fn commands_whose_as_hangs_up_mid_request_are_still_delivered_and_audited(
         sender.await.unwrap();
     }
 
-    let status_url = format!("{}/status", server.admin);
-    let mut status = get_json(&status_url).await;
-    for _ in 0..200 {
-        if status["outbox"]["pending"] == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        status = get_json(&status_url).await;
-    }
+    let status = status_once_drained(&server).await;
     assert_eq!(
         status["outbox"]["pending"], 0,
         "every stored command is delivered though the AS hung up on each: {status}"
@@ -863,13 +863,8 @@ async fn a_command_whose_as_hangs_up_during_delivery_is_audited() {
     for sender in senders {
         sender.await.unwrap();
     }
-    let status_url = format!("{}/status", server.admin);
-    for _ in 0..200 {
-        if get_json(&status_url).await["outbox"]["pending"] == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = status_once_drained(&server).await;
+    assert_eq!(status["outbox"]["pending"], 0, "{status}");
     let (delivered, unaudited) = delivered_without_audit(&world, &server).await;
     assert_eq!(
         delivered, SENT,
