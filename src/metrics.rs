@@ -83,6 +83,7 @@ pub struct Metrics {
     pub tunnel_bytes: Family<DirectionLabels, Counter>,
     pub tunnel_connect_seconds: Histogram,
     pub ready: Gauge,
+    pub log_lines_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -124,6 +125,7 @@ impl Metrics {
             tunnel_bytes: Family::default(),
             tunnel_connect_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             ready: Gauge::default(),
+            log_lines_dropped: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -254,6 +256,11 @@ impl Metrics {
             m.tunnel_connect_seconds.clone(),
         );
         r.register("ready", "1 when /readyz is green", m.ready.clone());
+        r.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log's reader (journald, a collector) fell behind",
+            m.log_lines_dropped.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -263,6 +270,14 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Bring the dropped-lines counter up to the log writer's own count (read at each scrape).
+    pub fn set_log_lines_dropped(&self, dropped: u64) {
+        // fetch_max: two scrapes at once never count the same lines twice.
+        self.log_lines_dropped
+            .inner()
+            .fetch_max(dropped, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn count_command(&self, command: &str, outcome: &str) {

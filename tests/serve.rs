@@ -723,11 +723,11 @@ fn as_connector(world: &World) -> TlsConnector {
     TlsConnector::from(Arc::new(config))
 }
 
-/// The admin listener's status once the outbox has drained, or after 10 s.
+/// The admin listener's status once the outbox has drained, or after 30 s.
 async fn status_once_drained(server: &Server) -> serde_json::Value {
     let status_url = format!("{}/status", server.admin);
     let mut status = get_json(&status_url).await;
-    for _ in 0..200 {
+    for _ in 0..600 {
         if status["outbox"]["pending"] == 0 {
             break;
         }
@@ -740,14 +740,15 @@ async fn status_once_drained(server: &Server) -> serde_json::Value {
 /// How many users the simulator holds, and those of them whose command has no audit record,
 /// waiting a little for records still being written.
 async fn delivered_without_audit(world: &World, server: &Server) -> (usize, Vec<String>) {
-    let delivered: Vec<String> = world
-        .subscribers()
-        .iter()
-        .filter_map(|s| s["userId"].as_str().map(str::to_owned))
-        .collect();
     let audit_url = format!("{}/admin/audit?limit=1000", server.admin);
+    let mut delivered = Vec::new();
     let mut unaudited = Vec::new();
     for _ in 0..100 {
+        delivered = world
+            .subscribers()
+            .iter()
+            .filter_map(|s| s["userId"].as_str().map(str::to_owned))
+            .collect::<Vec<_>>();
         let audited: Vec<String> = get_json(&audit_url)
             .await
             .as_array()
@@ -839,13 +840,15 @@ async fn commands_whose_as_hangs_up_mid_request_are_still_delivered_and_audited(
     server.stop().await;
 }
 
-/// An AS that hangs up while its command is being delivered: the answer has nobody to go to, but
-/// the command's audit record is written when its delivery ends.
+/// An AS that hangs up while Webex does not answer in time: the answer (7020 at the ack
+/// deadline) has nobody to go to, but the command's audit record is written all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_whose_as_hangs_up_during_delivery_is_audited() {
+async fn a_command_whose_as_hangs_up_while_webex_is_slow_is_audited() {
     let world = World::new(SimOptions::default()).await;
-    // Each Webex call takes 1.5 s; the AS gives up 0.3 s into its request, after flowthrough
-    // stored the command and before its delivery ends.
+    // Each Webex call takes 1.5 s, past the test config's 1 s request timeout, so no attempt
+    // ends in time; the AS gives up 0.3 s into its request, after flowthrough stored the
+    // command. (With calls that succeed within the deadline the old handler finished before
+    // actix dropped it; with these, 8 of 8 audit records were missing.)
     world.sim.control(json!({"latency_ms": 1500})).unwrap();
     let server = start(&world, "", "").await;
     let addr = server.running.provisioning_addrs[0];
@@ -863,12 +866,10 @@ async fn a_command_whose_as_hangs_up_during_delivery_is_audited() {
     for sender in senders {
         sender.await.unwrap();
     }
-    let status = status_once_drained(&server).await;
-    assert_eq!(status["outbox"]["pending"], 0, "{status}");
     let (delivered, unaudited) = delivered_without_audit(&world, &server).await;
     assert_eq!(
         delivered, SENT,
-        "every command was stored before its AS hung up"
+        "every command was stored and reached Webex before its AS hung up"
     );
     assert!(
         unaudited.is_empty(),

@@ -7,7 +7,6 @@
 
 mod certs;
 mod doctor;
-mod logging;
 mod outbox;
 mod sandbox;
 mod serve;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{fail, logging};
+use super::fail;
 use crate::certs::{DevPki, DevPkiFiles};
 use crate::config::{Config, LogConfig};
 use crate::sim::{SimHandle, SimOptions, Simulator};
@@ -71,7 +71,7 @@ pub fn run(args: SandboxArgs) -> ExitCode {
     } else {
         "warn,flowthrough=info"
     };
-    let _log_writer = logging::init(&LogConfig {
+    let _log_writer = crate::logging::init(&LogConfig {
         level: level.to_owned(),
         ..LogConfig::default()
     });

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::{fail, logging};
+use super::fail;
 use crate::config::Config;
 
 #[derive(Debug, Args)]
@@ -25,7 +25,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let _log_writer = logging::init(&config.log);
+    let _log_writer = crate::logging::init(&config.log);
     let system = actix_rt::System::new();
     match system.block_on(crate::server::serve(config)) {
         Ok(()) => ExitCode::SUCCESS,

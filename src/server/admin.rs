@@ -114,6 +114,7 @@ fn readiness(state: &AppState) -> (bool, Vec<String>) {
 
 fn refresh_gauges(state: &AppState) {
     let m = &state.metrics;
+    m.set_log_lines_dropped(crate::logging::dropped_lines());
     if let Ok((pending, oldest)) = state.store.pending_summary() {
         m.outbox_pending.set(pending as i64);
         let age = oldest.map_or(0, |t| now_ms().saturating_sub(t)) as f64 / 1000.0;

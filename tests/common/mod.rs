@@ -93,7 +93,7 @@ ca_bundle = "{sim_ca}"
 client_id = "{client_id}"
 client_secret_file = "{secret}"
 refresh_token_file = "{refresh}"
-request_timeout_ms = 1000
+{timeout}
 follow_up_s = 5
 {extra}
 "#,
@@ -101,6 +101,11 @@ follow_up_s = 5
                 ""
             } else {
                 "ack_deadline_ms = 3000"
+            },
+            timeout = if extra.contains("request_timeout_ms") {
+                ""
+            } else {
+                "request_timeout_ms = 1000"
             },
             cert = p(&self.pki.server_cert),
             key = p(&self.pki.server_key),
