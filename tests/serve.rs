@@ -349,6 +349,45 @@ async fn every_error_code_is_reachable() {
     server.stop().await;
 }
 
+/// A document whose second command needs the provisioning account the AS did not send is refused
+/// whole, before anything is stored: the AS sends it again with credentials, and the first
+/// command must not be left half-done in the outbox meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_refused_401_leaves_nothing_stored() {
+    let world = World::new(SimOptions::default()).await;
+    let server = start(&world, "", "").await;
+    let client = world.as_client();
+    let url = format!("{}/provisioning", server.base);
+    let open = user_add("open@acme.example", Some("open@acme.example"));
+    let secured = user_add("locked@acme.example", Some("locked@acme.example"))
+        .replace("acme-ent", "secure-ent");
+    let (status, body) = post(&client, &url, document(&format!("{open}{secured}"))).await;
+    assert_eq!(status, 401, "{body}");
+    let status = get_json(&format!("{}/status", server.admin)).await;
+    assert_eq!(status["outbox"]["pending"], 0, "nothing stored: {status}");
+    let audit = get_json(&format!(
+        "{}/admin/audit?user=open@acme.example",
+        server.admin
+    ))
+    .await;
+    assert_eq!(audit, json!([]), "nothing recorded for the first command");
+    // Sent again with the account, both go through, once each.
+    let response = client
+        .post(&url)
+        .header("content-type", "text/xml")
+        .basic_auth("bwprov", Some("example"))
+        .body(document(&format!("{open}{secured}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    let kinds: Vec<_> = answers(&body).into_iter().map(|a| a.kind).collect();
+    assert_eq!(kinds, ["SuccessResponse", "SuccessResponse"], "{body}");
+    assert_eq!(world.sim.counter("provision"), 2);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transport_refusals_basic_auth_413_415_400() {
     let world = World::new(SimOptions::default()).await;

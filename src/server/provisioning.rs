@@ -189,24 +189,59 @@ async fn process(
 
     let config = &state.config;
     let credentials = basic_credentials(req.headers());
+    // Every command's template is chosen, and its provisioning account checked, before anything
+    // is stored: a document refused 401 comes again with the credentials, and its first commands
+    // must not wait in the outbox meanwhile (stored, never handed to delivery).
+    let mut chosen = Vec::with_capacity(document.commands.len());
+    // The templates this document's own UserAdds give their users, as the store will remember
+    // them by the time a later command of the document is mapped.
+    let mut added_here: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for request in &document.commands {
+        let remembered = match mapping::command_user_id(&request.command) {
+            Some(user) => match added_here.get(user) {
+                Some(template) => Some((*template).to_owned()),
+                None => state
+                    .store
+                    .user(user)
+                    .ok()
+                    .flatten()
+                    .and_then(|u| u.template),
+            },
+            None => None,
+        };
+        let selection = config.selection(explicit, remembered.as_deref());
+        let choice = mapping::select_template(&request.command, &selection);
+        if let Ok(name) = &choice
+            && let Some((template_name, template)) = config.templates.get_key_value(name)
+        {
+            if let Some(account) = &template.provisioning_account
+                && !account.verify(credentials.as_ref())
+            {
+                return HttpResponse::Unauthorized()
+                    .insert_header((
+                        header::WWW_AUTHENTICATE,
+                        format!("Basic realm=\"flowthrough {template_name}\", charset=\"UTF-8\""),
+                    ))
+                    .content_type("text/plain; charset=utf-8")
+                    .body(format!(
+                        "template \"{template_name}\" requires the provisioning account's HTTP Basic credentials; configure them on the AS\n"
+                    ));
+            }
+            if let Command::UserAdd(profile) = &request.command {
+                added_here.insert(&profile.user_id, template_name);
+            }
+        }
+        chosen.push(choice);
+    }
+
     let mut steps = Vec::with_capacity(document.commands.len());
     let mut user_ids: Vec<String> = Vec::new();
     // Watched before stored: the engine may take an entry up as soon as it is stored, before
     // this request is done (its user's previous entry ends), and a watch set before then leaves
     // it no window to end unseen.
     let mut watches = Vec::new();
-    for request in &document.commands {
-        let remembered = match mapping::command_user_id(&request.command) {
-            Some(user) => state
-                .store
-                .user(user)
-                .ok()
-                .flatten()
-                .and_then(|u| u.template),
-            None => None,
-        };
-        let selection = config.selection(explicit, remembered.as_deref());
-        let template_name = match mapping::select_template(&request.command, &selection) {
+    for (request, choice) in document.commands.iter().zip(chosen) {
+        let template_name = match choice {
             Ok(name) => name,
             Err(reject) => {
                 if matches!(request.command, Command::Unsupported) {
@@ -231,19 +266,6 @@ async fn process(
             steps.push(CommandStep::new(request, None, Step::Answered(response)));
             continue;
         };
-        if let Some(account) = &template.provisioning_account
-            && !account.verify(credentials.as_ref())
-        {
-            return HttpResponse::Unauthorized()
-                    .insert_header((
-                        header::WWW_AUTHENTICATE,
-                        format!("Basic realm=\"flowthrough {template_name}\", charset=\"UTF-8\""),
-                    ))
-                    .content_type("text/plain; charset=utf-8")
-                    .body(format!(
-                        "template \"{template_name}\" requires the provisioning account's HTTP Basic credentials; configure them on the AS\n"
-                    ));
-        }
         let user_id = mapping::command_user_id(&request.command).map(str::to_owned);
         let last_profile = match &user_id {
             Some(user) if mapping::uses_last_profile(&request.command) => {

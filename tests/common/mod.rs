@@ -41,6 +41,7 @@ provisioning_account = { user = "bwprov", password_hash = "$argon2id$v=19$m=1945
 
 [template_overrides]
 "acme-ent" = "acme"
+"secure-ent" = "secured"
 "#;
 
 impl World {
