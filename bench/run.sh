@@ -448,11 +448,16 @@ row() { # label file-stem
 }
 CMD="bench/run.sh${1:+ $1}"
 SECTION=$WORK/section.md
+if [ "${BENCH_SKIP_BUILD:-0}" = 1 ]; then
+  BUILT="prebuilt binaries from $TARGET/release"
+else
+  BUILT="built from commit $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '(not a git checkout)')"
+fi
 {
   echo "<!-- bench:start (written by bench/run.sh; everything outside these markers is kept) -->"
   echo "## Comparison: (a) simulator direct, (b) flowthrough, (c) nginx mTLS proxy"
   echo
-  echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') in one run with \`$CMD\` (${DUR} s per measurement)."
+  echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') in one run with \`$CMD\` (${DUR} s per measurement), $BUILT."
   echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -h | awk '/^Mem:/{print $2}') RAM."
   echo "Generator: \`flowthrough-load\`, 1 thread, $CONNS keep-alive connections; flowthrough: 2 workers (fixed),"
   echo "log level info, store on disk (\`$WORK\` is under /var/tmp); nginx $(nginx -v 2>&1 | cut -d/ -f2): $WORKERS workers,"
