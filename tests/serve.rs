@@ -826,38 +826,47 @@ async fn send_then_reset(tls: &TlsConnector, addr: SocketAddr, body: &str, patie
         .unwrap();
 }
 
-/// An AS that gives up on a request after flowthrough stored its command: the command is
-/// delivered all the same, not left pending until a restart.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commands_whose_as_hangs_up_mid_request_are_still_delivered_and_audited() {
-    let world = World::new(SimOptions::default()).await;
-    let server = start(&world, "", "").await;
+/// `clients` ASes side by side, each sending `per_client` UserAdds one after the other (users
+/// `{prefix}-{client}-{n}@acme.example`) and resetting each connection after `patience(client, n)`.
+async fn hang_up_on_user_adds(
+    world: &World,
+    server: &Server,
+    prefix: &'static str,
+    clients: u64,
+    per_client: u64,
+    patience: fn(u64, u64) -> Duration,
+) {
     let addr = server.running.provisioning_addrs[0];
-    let tls = as_connector(&world);
-
-    const SENT: u64 = 240;
+    let tls = as_connector(world);
     let mut senders = Vec::new();
-    for c in 0..4u64 {
+    for c in 0..clients {
         let tls = tls.clone();
         senders.push(tokio::spawn(async move {
-            for n in 0..SENT / 4 {
-                let user = format!("hangup-{c}-{n}@acme.example");
-                // Given up at moments spread over the request's life in a debug build (mostly
-                // the handshake's verification), the flush among them.
-                let patience = Duration::from_micros((n * 3331 + c * 711) % 200_000);
-                send_then_reset(
-                    &tls,
-                    addr,
-                    &document(&user_add(&user, Some(&user))),
-                    patience,
-                )
-                .await;
+            for n in 0..per_client {
+                let user = format!("{prefix}-{c}-{n}@acme.example");
+                let body = document(&user_add(&user, Some(&user)));
+                send_then_reset(&tls, addr, &body, patience(c, n)).await;
             }
         }));
     }
     for sender in senders {
         sender.await.unwrap();
     }
+}
+
+/// An AS that gives up on a request after flowthrough stored its command: the command is
+/// delivered all the same, not left pending until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_whose_as_hangs_up_mid_request_are_still_delivered_and_audited() {
+    let world = World::new(SimOptions::default()).await;
+    let server = start(&world, "", "").await;
+    const SENT: u64 = 240;
+    // Given up at moments spread over the request's life in a debug build (mostly the
+    // handshake's verification), the flush among them.
+    hang_up_on_user_adds(&world, &server, "hangup", 4, SENT / 4, |c, n| {
+        Duration::from_micros((n * 3331 + c * 711) % 200_000)
+    })
+    .await;
 
     let status = status_once_drained(&server).await;
     assert_eq!(
@@ -890,21 +899,11 @@ async fn a_command_whose_as_hangs_up_while_webex_is_slow_is_audited() {
     // actix dropped it; with these, 8 of 8 audit records were missing.)
     world.sim.control(json!({"latency_ms": 1500})).unwrap();
     let server = start(&world, "", "").await;
-    let addr = server.running.provisioning_addrs[0];
-    let tls = as_connector(&world);
     const SENT: usize = 8;
-    let mut senders = Vec::new();
-    for n in 0..SENT {
-        let tls = tls.clone();
-        senders.push(tokio::spawn(async move {
-            let user = format!("gone-{n}@acme.example");
-            let body = document(&user_add(&user, Some(&user)));
-            send_then_reset(&tls, addr, &body, Duration::from_millis(300)).await;
-        }));
-    }
-    for sender in senders {
-        sender.await.unwrap();
-    }
+    hang_up_on_user_adds(&world, &server, "gone", SENT as u64, 1, |_, _| {
+        Duration::from_millis(300)
+    })
+    .await;
     let (delivered, unaudited) = delivered_without_audit(&world, &server).await;
     assert_eq!(
         delivered, SENT,
