@@ -3,6 +3,7 @@
 //! PostgreSQL backend for two-node deployments (SPEC §11) is an addition, not a rewrite.
 
 mod audit;
+mod commit;
 mod outbox;
 mod users;
 
@@ -69,7 +70,7 @@ impl From<sled::Error> for StoreError {
 pub struct Store {
     db: sled::Db,
     path: PathBuf,
-    commit: Arc<GroupCommit>,
+    commit: Arc<commit::GroupCommit>,
     /// Held across the two writes that make an entry pending and findable (enqueue, retry) and
     /// by the check before a queue key that looks stale is removed, so that check never catches
     /// an entry between its two writes. See the outbox module's header.
@@ -115,34 +116,6 @@ impl Count {
             self.known.store(true, Ordering::Release);
         }
         self.records.load(Ordering::Relaxed)
-    }
-}
-
-/// Group commit: concurrent callers of [`Store::flush`] share one sled flush. A caller registers
-/// (its writes are already in sled), then either runs a flush that covers every caller registered
-/// before it started, or waits for one that does.
-#[derive(Default)]
-struct GroupCommit {
-    requested: AtomicU64,
-    flushed: AtomicU64,
-    flusher: tokio::sync::Mutex<()>,
-    done: tokio::sync::Notify,
-}
-
-/// One flusher's turn of a [`GroupCommit`]. However it ends, its future dropped half-way
-/// included (the AS hung up), the lock is released and *then* the waiters are woken, so a woken
-/// waiter finds the lock free. A waiter left unwoken, or woken while the lock is still held,
-/// waits for a flush that nobody starts once traffic stops: its request never answers and its
-/// command never reaches delivery (`bench/run.sh` left three so at the end of a burst).
-struct FlushTurn<'a> {
-    lock: Option<tokio::sync::MutexGuard<'a, ()>>,
-    done: &'a tokio::sync::Notify,
-}
-
-impl Drop for FlushTurn<'_> {
-    fn drop(&mut self) {
-        drop(self.lock.take());
-        self.done.notify_waiters();
     }
 }
 
@@ -232,10 +205,11 @@ impl Store {
             );
             db.flush()?;
         }
+        let commit = Arc::new(commit::GroupCommit::start(db.clone())?);
         Ok(Store {
             db,
             path: path.to_owned(),
-            commit: Arc::default(),
+            commit,
             queueing: Arc::default(),
             counts: Arc::default(),
         })
@@ -246,35 +220,10 @@ impl Store {
     }
 
     /// Make every write made before this call durable. The AS is answered only after this
-    /// returns. Concurrent callers share flushes (group commit), so durability does not cost one
-    /// fsync per request.
+    /// returns. Concurrent callers share flushes (group commit, [`commit`]), so durability does
+    /// not cost one fsync per request.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let commit = &self.commit;
-        let ticket = commit.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        loop {
-            let notified = commit.done.notified();
-            if commit.flushed.load(Ordering::SeqCst) >= ticket {
-                return Ok(());
-            }
-            match commit.flusher.try_lock() {
-                Ok(lock) => {
-                    let _turn = FlushTurn {
-                        lock: Some(lock),
-                        done: &commit.done,
-                    };
-                    // Every ticket up to `covers` belongs to writes that happened before this
-                    // load, hence before the flush below starts.
-                    let covers = commit.requested.load(Ordering::SeqCst);
-                    let result = self.db.flush_async().await;
-                    if result.is_ok() {
-                        commit.flushed.fetch_max(covers, Ordering::SeqCst);
-                    }
-                    result?;
-                    return Ok(());
-                }
-                Err(_) => notified.await,
-            }
-        }
+        self.commit.flush().await
     }
 
     /// Blocking flush for the CLI and shutdown paths that have no runtime at hand.
@@ -353,6 +302,6 @@ mod tests {
         for task in tasks {
             task.await.unwrap().unwrap();
         }
-        assert!(store.commit.flushed.load(Ordering::SeqCst) >= 64);
+        assert!(store.commit.flushed() >= 64);
     }
 }

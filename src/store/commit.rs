@@ -1,0 +1,166 @@
+//! Group commit on a thread of its own: every caller of [`GroupCommit::flush`] registers after its
+//! writes are in sled, and one flusher thread makes all registered writes durable with a single
+//! sled flush, then wakes the callers it covered.
+//!
+//! Why a thread rather than sled's `flush_async`: that hands the flush to sled's I/O pool, whose
+//! thread hands the buffer write to a second pool thread and sleeps until it is done, so each
+//! answer to the AS waited for four thread wake-ups (runtime, pool, pool, runtime). Here it waits
+//! for two: the flusher, which writes the buffer itself (the vendored sled's `make_stable` does
+//! the write in the thread that asked for it; `vendor/README.md`), and the runtime. At 6,000
+//! requests/s that was about a third of the server's context switches (bench/RESULTS.md, eighth
+//! sitting).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use super::StoreError;
+
+/// The shared half: tickets, the flusher's wake-up, the callers' wake-up.
+struct Shared {
+    /// Tickets handed out: each caller of `flush` takes the next one after its writes.
+    requested: AtomicU64,
+    /// Every ticket up to this one is durable.
+    flushed: AtomicU64,
+    /// The last flush that failed and the tickets it covered: they are answered with its error.
+    failed: Mutex<Option<Failure>>,
+    wake: Mutex<FlusherState>,
+    wake_up: Condvar,
+    done: tokio::sync::Notify,
+}
+
+#[derive(Clone)]
+struct Failure {
+    covered: u64,
+    reason: String,
+}
+
+#[derive(Default)]
+struct FlusherState {
+    sleeping: bool,
+    stop: bool,
+}
+
+/// The store's group commit. Dropping the last handle stops the flusher thread and waits for it,
+/// so the thread's handle on the database is gone (and sled's file lock with it) when the last
+/// store handle is.
+pub(super) struct GroupCommit {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing run under these locks can panic half-way through a change.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl GroupCommit {
+    /// Start the flusher thread for `db`.
+    pub(super) fn start(db: sled::Db) -> Result<GroupCommit, StoreError> {
+        let shared = Arc::new(Shared {
+            requested: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            failed: Mutex::new(None),
+            wake: Mutex::new(FlusherState::default()),
+            wake_up: Condvar::new(),
+            done: tokio::sync::Notify::new(),
+        });
+        let thread = std::thread::Builder::new()
+            .name("store-flusher".into())
+            .spawn({
+                let shared = shared.clone();
+                move || run_flusher(&db, &shared)
+            })
+            .map_err(|e| StoreError::Io(format!("cannot start the store's flusher thread: {e}")))?;
+        Ok(GroupCommit {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Wait until every write made before this call is durable.
+    pub(super) async fn flush(&self) -> Result<(), StoreError> {
+        let shared = &*self.shared;
+        let ticket = shared.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        {
+            let mut state = lock(&shared.wake);
+            if state.sleeping {
+                state.sleeping = false;
+                shared.wake_up.notify_one();
+            }
+        }
+        loop {
+            // Created before the check, so a flush that ends between the check and the await
+            // still wakes this caller.
+            let notified = shared.done.notified();
+            if shared.flushed.load(Ordering::SeqCst) >= ticket {
+                return Ok(());
+            }
+            if let Some(failure) = lock(&shared.failed).as_ref()
+                && failure.covered >= ticket
+            {
+                return Err(StoreError::Io(failure.reason.clone()));
+            }
+            notified.await;
+        }
+    }
+
+    /// The highest ticket known durable (for tests).
+    #[cfg(test)]
+    pub(super) fn flushed(&self) -> u64 {
+        self.shared.flushed.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        {
+            let mut state = lock(&self.shared.wake);
+            state.stop = true;
+            self.shared.wake_up.notify_one();
+        }
+        if let Some(thread) = self.thread.take() {
+            // The thread only flushes and waits; a panic in sled there has already been
+            // reported by the panic hook, and the store is being closed anyway.
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run_flusher(db: &sled::Db, shared: &Shared) {
+    let mut attempted = 0;
+    loop {
+        {
+            let mut state = lock(&shared.wake);
+            loop {
+                if state.stop {
+                    return;
+                }
+                if shared.requested.load(Ordering::SeqCst) > attempted {
+                    break;
+                }
+                state.sleeping = true;
+                state = shared
+                    .wake_up
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            state.sleeping = false;
+        }
+        // Every ticket up to `covers` was taken after its writes, hence before this flush starts.
+        let covers = shared.requested.load(Ordering::SeqCst);
+        attempted = covers;
+        match db.flush() {
+            Ok(_) => {
+                shared.flushed.fetch_max(covers, Ordering::SeqCst);
+            }
+            Err(e) => {
+                *lock(&shared.failed) = Some(Failure {
+                    covered: covers,
+                    reason: e.to_string(),
+                });
+            }
+        }
+        shared.done.notify_waiters();
+    }
+}
