@@ -12,8 +12,9 @@
 #                                     baseline; then every acknowledged request is looked for
 #
 # Environment: CARGO_TARGET_DIR (default target), BENCH_PORT_BASE (default 18440),
-# BENCH_KEEP=1 keeps the work directory, BENCH_SKIP_BUILD=1 measures the binaries already in
-# CARGO_TARGET_DIR/release (to compare two builds in one sitting).
+# BENCH_KEEP=1 keeps the work directory, BENCH_WORKERS (default 2) sets both proxies' AS-side
+# workers, BENCH_SKIP_BUILD=1 measures the binaries already in CARGO_TARGET_DIR/release (to
+# compare two builds in one sitting).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,9 +26,9 @@ SIM_PORT=$BASE
 FT_PORT=$((BASE + 1))
 NGX_PORT=$((BASE + 2))
 ADMIN_PORT=$((BASE + 3))
-# Both proxies get the same number of worker processes/threads as flowthrough has (2, fixed in
-# src/server/mod.rs); the generator runs on 1 thread.
-WORKERS=2
+# Both proxies get the same number of AS-side worker threads/processes (flowthrough's
+# `server.workers`, nginx's `worker_processes`); the generator runs on 1 thread.
+WORKERS=${BENCH_WORKERS:-2}
 CONNS=${BENCH_CONNECTIONS:-64}
 
 MODE=bench
@@ -113,6 +114,7 @@ certificate = "$WORK/pki/server.pem"
 private_key = "$WORK/pki/server.key"
 client_ca = "$WORK/pki/ca.pem"
 public_name = "localhost"
+workers = $WORKERS
 
 [admin]
 listen = "127.0.0.1:$ADMIN_PORT"
@@ -459,7 +461,7 @@ fi
   echo
   echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') in one run with \`$CMD\` (${DUR} s per measurement), $BUILT."
   echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -h | awk '/^Mem:/{print $2}') RAM."
-  echo "Generator: \`flowthrough-load\`, 1 thread, $CONNS keep-alive connections; flowthrough: 2 workers (fixed),"
+  echo "Generator: \`flowthrough-load\`, 1 thread, $CONNS keep-alive connections; flowthrough: $WORKERS workers,"
   echo "log level info, store on disk (\`$WORK\` is under /var/tmp); nginx $(nginx -v 2>&1 | cut -d/ -f2): $WORKERS workers,"
   echo "access log on, upstream keep-alive; simulator: 2 workers. Everything shares the same $(nproc) cores."
   echo

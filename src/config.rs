@@ -87,6 +87,10 @@ pub struct ServerConfig {
     /// On SIGTERM, how long in-flight requests get before their work is left to the outbox.
     #[serde(default = "default_drain_seconds")]
     pub drain_seconds: u64,
+    /// Threads serving the AS side (TLS, HTTP, parsing, mapping, the request's store writes).
+    /// Delivery, the store's flusher and the admin listener have threads of their own.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
 }
 
 /// `[client_policy]`: the rules of SPEC §6 applied to the AS's client certificate.
@@ -312,6 +316,9 @@ fn default_private_key() -> PathBuf {
 fn default_client_ca() -> PathBuf {
     PathBuf::from("certs/ca.pem")
 }
+/// The most AS-side worker threads `server.workers` accepts.
+const MAX_WORKERS: usize = 64;
+
 fn default_max_body_bytes() -> usize {
     256 * 1024
 }
@@ -323,6 +330,12 @@ fn default_max_connection_age_s() -> u64 {
 }
 fn default_drain_seconds() -> u64 {
     10
+}
+/// Two: one worker already serves more than 10,000 requests/s (bench/RESULTS.md), far beyond
+/// what an AS sends; the second keeps the AS side answering while the first waits on a store
+/// write that waits on the disk.
+fn default_workers() -> usize {
+    2
 }
 fn default_common_names() -> Vec<String> {
     vec!["bwcticlient.webex.com".to_owned()]
@@ -547,6 +560,16 @@ impl Config {
                 return Err(Problem::new(
                     "server.ack_deadline_ms",
                     "must be greater than 0 (default 5000)",
+                ));
+            }
+            if !(1..=MAX_WORKERS).contains(&server.workers) {
+                return Err(Problem::new(
+                    "server.workers",
+                    format!(
+                        "{} threads: use 1 to {MAX_WORKERS} (default 2); more than the host's cores \
+                         only adds thread switching",
+                        server.workers
+                    ),
                 ));
             }
         }
@@ -850,6 +873,27 @@ calling_code = "+1"
         let text = format!("{TEMPLATE}\n[store]\ncache_mib = 8\n");
         assert_eq!(parse(&text).unwrap().store.cache_mib, 8);
         assert_eq!(parse(TEMPLATE).unwrap().store.cache_mib, DEFAULT_CACHE_MIB);
+    }
+
+    #[test]
+    fn server_workers_default_to_two_and_must_be_1_to_64() {
+        let server =
+            |extra: &str| format!("{TEMPLATE}\n[server]\nlisten = [\"127.0.0.1:8443\"]\n{extra}");
+        assert_eq!(parse(&server("")).unwrap().server.unwrap().workers, 2);
+        assert_eq!(
+            parse(&server("workers = 1\n"))
+                .unwrap()
+                .server
+                .unwrap()
+                .workers,
+            1
+        );
+        for bad in ["workers = 0\n", "workers = 65\n"] {
+            let (line, key, message) = invalid(&server(bad));
+            assert_eq!(key, "server.workers");
+            assert_eq!(line, Some(12), "{bad}");
+            assert!(message.contains("use 1 to 64"), "{message}");
+        }
     }
 
     #[test]

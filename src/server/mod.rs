@@ -239,7 +239,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         }),
     };
     let mut builder = actix_server::Server::build()
-        .workers(2)
+        .workers(server.workers)
         .shutdown_timeout(server.drain_seconds)
         .disable_signals();
     let mut provisioning_addrs = Vec::new();
