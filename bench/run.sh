@@ -461,8 +461,8 @@ fi
   echo
   echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') in one run with \`$CMD\` (${DUR} s per measurement), $BUILT."
   echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -h | awk '/^Mem:/{print $2}') RAM."
-  echo "Generator: \`flowthrough-load\`, 1 thread, $CONNS keep-alive connections; flowthrough: $WORKERS workers,"
-  echo "log level info, store on disk (\`$WORK\` is under /var/tmp); nginx $(nginx -v 2>&1 | cut -d/ -f2): $WORKERS workers,"
+  echo "Generator: \`flowthrough-load\`, 1 thread, $CONNS keep-alive connections; flowthrough: server.workers = $WORKERS,"
+  echo "log level info, store on disk (\`$WORK\` is under /var/tmp); nginx $(nginx -v 2>&1 | cut -d/ -f2): worker_processes $WORKERS,"
   echo "access log on, upstream keep-alive; simulator: 2 workers. Everything shares the same $(nproc) cores."
   echo
   echo "| scenario | (a) direct | (b) flowthrough | (c) nginx | b/c | target |"
