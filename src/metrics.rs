@@ -176,7 +176,7 @@ impl Metrics {
         );
         r.register(
             "store_flush_seconds",
-            "Time a request waited for its commands to be flushed to disk before the AS was answered",
+            "Time from a request asking for its commands to be flushed to disk to the end of the flush that did it (the AS is answered only after it)",
             m.store_flush_seconds.clone(),
         );
         r.register(

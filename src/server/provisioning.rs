@@ -363,8 +363,8 @@ async fn process(
     }
 }
 
-/// Make the stored commands durable, hand them to delivery, wait for their ends up to the ack
-/// deadline, write the audit records and make the answers. Runs as a task of its own, which the
+/// Hand the stored commands to delivery while they are made durable, wait for their ends up to
+/// the ack deadline and for the flush, write the audit records and make the answers. Runs as a task of its own, which the
 /// request only awaits (see the end of [`process`]).
 async fn conclude(
     state: web::Data<AppState>,
@@ -375,14 +375,12 @@ async fn conclude(
     client: String,
     started: Instant,
 ) -> Result<Vec<ResponseCommand>, StoreError> {
-    // Durable before the AS hears anything.
-    let flushing = Instant::now();
-    let flushed = state.store.flush().await;
-    state
-        .metrics
-        .store_flush_seconds
-        .observe(flushing.elapsed().as_secs_f64());
-    flushed?;
+    // The commands are written, so delivery may start while they are flushed: the Webex call
+    // and the flush overlap instead of following each other, and a flush that has ended by the
+    // time delivery has wakes nobody. The AS still hears nothing before the flush. A crash before
+    // it ends can leave a Webex call whose command the store lost, but then the AS got no answer
+    // and sends the command again, and a provision sent again looks the user up first.
+    let flushing = state.store.start_flush();
     for user in &users {
         engine.submit(user);
     }
@@ -411,6 +409,12 @@ async fn conclude(
             () = rejected => {}
         }
     }
+    // Durable before the AS hears anything.
+    let flush_took = state.store.flushed(flushing).await?;
+    state
+        .metrics
+        .store_flush_seconds
+        .observe(flush_took.as_secs_f64());
     let credentials_invalid = state.credentials_invalid();
 
     let mut responses = Vec::with_capacity(steps.len());

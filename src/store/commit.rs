@@ -1,6 +1,6 @@
-//! Group commit on a thread of its own: every caller of [`GroupCommit::flush`] registers after its
-//! writes are in sled, and one flusher thread makes all registered writes durable with a single
-//! sled flush, then wakes the callers it covered.
+//! Group commit on a thread of its own: a caller takes a ticket ([`GroupCommit::request`]) after
+//! its writes are in sled, one flusher thread makes the writes of every ticket taken so far durable
+//! with a single sled flush, and callers waiting for a ticket it covered are woken.
 //!
 //! Why a thread rather than sled's `flush_async`: that hands the flush to sled's I/O pool, whose
 //! thread hands the buffer write to a second pool thread and sleeps until it is done, so each
@@ -13,8 +13,17 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::StoreError;
+
+/// A caller's place in the group commit: its writes are durable once the flusher has flushed
+/// every ticket up to `number`.
+#[derive(Debug)]
+pub struct FlushTicket {
+    number: u64,
+    requested: Instant,
+}
 
 /// The shared half: tickets, the flusher's wake-up, the callers' wake-up.
 struct Shared {
@@ -22,6 +31,9 @@ struct Shared {
     requested: AtomicU64,
     /// Every ticket up to this one is durable.
     flushed: AtomicU64,
+    /// When the last successful flush ended, in nanoseconds since `epoch`.
+    last_end_ns: AtomicU64,
+    epoch: Instant,
     /// The last flush that failed and the tickets it covered: they are answered with its error.
     failed: Mutex<Option<Failure>>,
     wake: Mutex<FlusherState>,
@@ -60,6 +72,8 @@ impl GroupCommit {
         let shared = Arc::new(Shared {
             requested: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
+            last_end_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
             failed: Mutex::new(None),
             wake: Mutex::new(FlusherState::default()),
             wake_up: Condvar::new(),
@@ -78,26 +92,38 @@ impl GroupCommit {
         })
     }
 
-    /// Wait until every write made before this call is durable.
-    pub(super) async fn flush(&self) -> Result<(), StoreError> {
+    /// Ask for every write made before this call to be made durable; [`GroupCommit::wait`]
+    /// for the ticket returned.
+    pub(super) fn request(&self) -> FlushTicket {
         let shared = &*self.shared;
-        let ticket = shared.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        {
-            let mut state = lock(&shared.wake);
-            if state.sleeping {
-                state.sleeping = false;
-                shared.wake_up.notify_one();
-            }
+        let ticket = FlushTicket {
+            number: shared.requested.fetch_add(1, Ordering::SeqCst) + 1,
+            requested: Instant::now(),
+        };
+        let mut state = lock(&shared.wake);
+        if state.sleeping {
+            state.sleeping = false;
+            shared.wake_up.notify_one();
         }
+        ticket
+    }
+
+    /// Wait until the writes a ticket stands for are durable, and say how long that took from
+    /// the request: up to the end of the flush that covered it, or of a later one that ended
+    /// before this call looked.
+    pub(super) async fn wait(&self, ticket: FlushTicket) -> Result<Duration, StoreError> {
+        let shared = &*self.shared;
         loop {
             // Created before the check, so a flush that ends between the check and the await
             // still wakes this caller.
             let notified = shared.done.notified();
-            if shared.flushed.load(Ordering::SeqCst) >= ticket {
-                return Ok(());
+            if shared.flushed.load(Ordering::SeqCst) >= ticket.number {
+                let ended = Duration::from_nanos(shared.last_end_ns.load(Ordering::SeqCst));
+                let requested = ticket.requested.saturating_duration_since(shared.epoch);
+                return Ok(ended.saturating_sub(requested));
             }
             if let Some(failure) = lock(&shared.failed).as_ref()
-                && failure.covered >= ticket
+                && failure.covered >= ticket.number
             {
                 return Err(StoreError::Io(failure.reason.clone()));
             }
@@ -152,6 +178,10 @@ fn run_flusher(db: &sled::Db, shared: &Shared) {
         attempted = covers;
         match db.flush() {
             Ok(_) => {
+                let ended = shared.epoch.elapsed().as_nanos();
+                shared
+                    .last_end_ns
+                    .store(u64::try_from(ended).unwrap_or(u64::MAX), Ordering::SeqCst);
                 shared.flushed.fetch_max(covers, Ordering::SeqCst);
             }
             Err(e) => {

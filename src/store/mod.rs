@@ -4,6 +4,7 @@
 
 mod audit;
 mod commit;
+pub use commit::FlushTicket;
 mod outbox;
 mod users;
 
@@ -223,7 +224,19 @@ impl Store {
     /// returns. Concurrent callers share flushes (group commit, [`commit`]), so durability does
     /// not cost one fsync per request.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.commit.flush().await
+        self.commit.wait(self.commit.request()).await.map(drop)
+    }
+
+    /// Ask for every write made before this call to be made durable, without waiting: the
+    /// flush runs while the caller does other work, then [`Store::flushed`] waits for it.
+    pub fn start_flush(&self) -> FlushTicket {
+        self.commit.request()
+    }
+
+    /// Wait until the writes a [`Store::start_flush`] ticket stands for are durable; returns how
+    /// long the flush took from the request (at most: a later flush may have ended first).
+    pub async fn flushed(&self, ticket: FlushTicket) -> Result<std::time::Duration, StoreError> {
+        self.commit.wait(ticket).await
     }
 
     /// Blocking flush for the CLI and shutdown paths that have no runtime at hand.
