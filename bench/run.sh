@@ -248,7 +248,7 @@ if [ "$MODE" = crash ]; then
   echo "acknowledged requests: $acked"
   echo "lost = $lost (acknowledged, not at the simulator)"
   echo "duplicated = $dup (userIds with more than one subscriber)"
-  echo "delivered without an acknowledgement (in flight at a kill, stored before it): $extra"
+  echo "delivered without an acknowledgement (in flight at a kill, written before it): $extra"
   echo "POSTs received by the simulator: $posts for $subs subscribers (re-sent POSTs answered 409: $((posts - subs)))"
   comm -23 "$WORK/acked-sorted.txt" "$WORK/delivered.txt" | head -20
   [ "$lost" = 0 ] && [ "$dup" = 0 ]
