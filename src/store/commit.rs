@@ -194,3 +194,41 @@ fn run_flusher(db: &sled::Db, shared: &Shared) {
         shared.done.notify_waiters();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tickets_can_be_waited_for_late_and_out_of_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let commit = GroupCommit::start(db.clone()).unwrap();
+        db.insert(b"a", b"1").unwrap();
+        let first = commit.request();
+        db.insert(b"b", b"2").unwrap();
+        let second = commit.request();
+        // Both flushes may well have ended before anyone waits: nothing is left to wake.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        commit.wait(second).await.unwrap();
+        commit.wait(first).await.unwrap();
+        assert!(commit.flushed() >= 2);
+        // A ticket taken after the flusher went back to sleep wakes it.
+        db.insert(b"c", b"3").unwrap();
+        let third = commit.request();
+        commit.wait(third).await.unwrap();
+        assert!(commit.flushed() >= 3);
+    }
+
+    #[test]
+    fn dropping_the_commit_stops_the_flusher_and_lets_go_of_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let commit = GroupCommit::start(db.clone()).unwrap();
+        drop(commit);
+        drop(db);
+        // sled locks its directory until the last handle is dropped: a flusher still holding
+        // its clone would make this open fail.
+        sled::Config::new().path(dir.path()).open().unwrap();
+    }
+}
