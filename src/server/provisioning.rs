@@ -364,8 +364,8 @@ async fn process(
 }
 
 /// Hand the stored commands to delivery while they are made durable, wait for their ends up to
-/// the ack deadline and for the flush, write the audit records and make the answers. Runs as a task of its own, which the
-/// request only awaits (see the end of [`process`]).
+/// the ack deadline and for the flush, write the audit records and make the answers. Runs as a
+/// task of its own, which the request only awaits (see the end of [`process`]).
 async fn conclude(
     state: web::Data<AppState>,
     engine: Engine,

@@ -1,6 +1,8 @@
 //! Group commit on a thread of its own: a caller takes a ticket ([`GroupCommit::request`]) after
 //! its writes are in sled, one flusher thread makes the writes of every ticket taken so far durable
-//! with a single sled flush, and callers waiting for a ticket it covered are woken.
+//! with a single sled flush, and callers waiting for a ticket it covered are woken. A flush asked
+//! for runs whatever becomes of the caller: a request dropped half-way (its AS hung up) cannot
+//! leave the others waiting for a flush nobody starts.
 //!
 //! Why a thread rather than sled's `flush_async`: that hands the flush to sled's I/O pool, whose
 //! thread hands the buffer write to a second pool thread and sleeps until it is done, so each

@@ -220,9 +220,8 @@ impl Store {
         &self.path
     }
 
-    /// Make every write made before this call durable. The AS is answered only after this
-    /// returns. Concurrent callers share flushes (group commit, [`commit`]), so durability does
-    /// not cost one fsync per request.
+    /// Make every write made before this call durable. Concurrent callers share flushes (group
+    /// commit, [`commit`]), so durability does not cost one fsync per caller.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.commit.wait(self.commit.request()).await.map(drop)
     }
