@@ -94,14 +94,32 @@ pub struct LogGuard {
     writer: Option<(Arc<Queue>, JoinHandle<()>)>,
 }
 
+/// How long the end of the program waits for the writer to write out the queue. A journald that
+/// stopped reading would otherwise hold the exit of `serve` (and its exit code) until systemd
+/// kills it.
+const FINAL_WRITE_PATIENCE: Duration = Duration::from_secs(2);
+
 impl Drop for LogGuard {
     fn drop(&mut self) {
         if let Some((queue, thread)) = self.writer.take() {
-            lock(&queue.state).stop = true;
-            queue.wake_up.notify_one();
-            let _ = thread.join();
+            stop_writer(&queue, thread, FINAL_WRITE_PATIENCE);
         }
     }
+}
+
+/// Ask the writer thread to write what is queued and stop; wait for it up to `patience`, then
+/// leave it behind (its lines are lost with a stderr nobody reads).
+fn stop_writer(queue: &Queue, thread: JoinHandle<()>, patience: Duration) {
+    lock(&queue.state).stop = true;
+    queue.wake_up.notify_one();
+    let deadline = std::time::Instant::now() + patience;
+    while !thread.is_finished() {
+        if std::time::Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = thread.join();
 }
 
 /// Lines waiting for the writer thread.
@@ -216,6 +234,41 @@ impl Drop for LineWriter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_writer_stuck_on_stderr_does_not_hold_up_the_exit() {
+        /// Stands for a stderr pipe nobody reads: every write blocks until the test ends.
+        struct StuckPipe(std::sync::mpsc::Receiver<()>);
+        impl Write for StuckPipe {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                let _ = self.0.recv();
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (release, stuck) = std::sync::mpsc::channel();
+        let queue = Arc::new(Queue::default());
+        queue.push(b"a line nobody will read\n");
+        let thread = std::thread::spawn({
+            let queue = queue.clone();
+            move || write_out(&queue, &mut StuckPipe(stuck))
+        });
+        let (stopped, stop_returned) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let queue = queue.clone();
+            move || {
+                stop_writer(&queue, thread, Duration::from_millis(100));
+                let _ = stopped.send(());
+            }
+        });
+        assert!(
+            stop_returned.recv_timeout(Duration::from_secs(30)).is_ok(),
+            "stopping waited for a writer blocked on its pipe"
+        );
+        drop(release);
+    }
 
     #[test]
     fn lines_past_the_queue_limit_are_dropped_whole_and_counted() {
