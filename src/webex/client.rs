@@ -36,6 +36,9 @@ pub struct ClientSetupError {
 #[derive(Debug, Clone)]
 pub struct WebexClient {
     base: Url,
+    /// `base` joined with `broadworks/subscribers` once: a join parses the path again (and the
+    /// host through IDNA) on every call.
+    subscribers: Url,
     transport: Transport,
     tokens: TokenManager,
     retry_after_cap: Duration,
@@ -82,8 +85,12 @@ impl WebexClient {
             let path = format!("{}/", base.path());
             base.set_path(&path);
         }
+        let subscribers = base
+            .join("broadworks/subscribers")
+            .map_err(|e| bad(&e.to_string()))?;
         Ok(WebexClient {
             base,
+            subscribers,
             transport,
             tokens,
             retry_after_cap: Duration::from_secs(cfg.retry_after_cap_s.max(1)),
@@ -100,7 +107,7 @@ impl WebexClient {
     }
 
     fn subscriber_url(&self, id: &str) -> Url {
-        let mut url = self.url("broadworks/subscribers");
+        let mut url = self.subscribers.clone();
         if let Ok(mut segs) = url.path_segments_mut() {
             segs.push(id);
         }
@@ -253,15 +260,14 @@ impl WebexClient {
         body: &impl serde::Serialize,
     ) -> Result<Subscriber, WebexError> {
         let body = serde_json::to_vec(body).map_err(body_error)?;
-        let url = self.url("broadworks/subscribers");
         let resp = self
-            .call(tid, Method::POST, &url, Some(body), false)
+            .call(tid, Method::POST, &self.subscribers, Some(body), false)
             .await?;
         parse(&resp)
     }
 
     async fn list(&self, tid: &str, user_id: &str) -> Result<Vec<Subscriber>, WebexError> {
-        let mut url = self.url("broadworks/subscribers");
+        let mut url = self.subscribers.clone();
         url.query_pairs_mut().append_pair("userId", user_id);
         let mut out = Vec::new();
         for _ in 0..MAX_PAGES {
