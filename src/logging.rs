@@ -18,8 +18,9 @@ use crate::config::{LogConfig, LogFormat};
 const QUEUED_BYTES: usize = 4 * 1024 * 1024;
 
 /// How long the writer thread lets lines gather before it writes them. Waking it for each line
-/// cost a thread wake-up per Webex call (one `info` line each): 22,000 context switches in 7 s at
-/// 6,000 requests/s (bench/RESULTS.md, eighth sitting). A line reaches stderr at most this late.
+/// cost a thread wake-up per Webex call (one `info` line each): 22,000–28,000 context switches in
+/// 7 s at 6,000 requests/s (bench/RESULTS.md, eighth sitting). A line reaches stderr at most this
+/// late.
 const GATHER: Duration = Duration::from_millis(20);
 
 /// The installed subscriber's queue; set once, by the [`init`] that installs it.
@@ -89,7 +90,8 @@ pub fn dropped_lines() -> u64 {
         .map_or(0, |q| q.dropped.load(Ordering::Relaxed))
 }
 
-/// Stops the writer thread when dropped, after it has written every queued line.
+/// Stops the writer thread when dropped, after it has written every queued line (or after
+/// [`FINAL_WRITE_PATIENCE`], if stderr blocks).
 pub struct LogGuard {
     writer: Option<(Arc<Queue>, JoinHandle<()>)>,
 }
