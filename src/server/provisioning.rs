@@ -409,12 +409,15 @@ async fn conclude(
             () = rejected => {}
         }
     }
-    // Durable before the AS hears anything.
-    let flush_took = state.store.flushed(flushing).await?;
-    state
-        .metrics
-        .store_flush_seconds
-        .observe(flush_took.as_secs_f64());
+    // Durable before the AS hears anything. A failed flush still leaves the audit records
+    // below: delivery may already have taken the commands to Webex.
+    let flushed = state.store.flushed(flushing).await;
+    if let Ok(took) = &flushed {
+        state
+            .metrics
+            .store_flush_seconds
+            .observe(took.as_secs_f64());
+    }
     let credentials_invalid = state.credentials_invalid();
 
     let mut responses = Vec::with_capacity(steps.len());
@@ -494,6 +497,7 @@ async fn conclude(
             tracing::warn!(error = %e, "cannot write an audit record");
         }
     }
+    flushed?;
     Ok(responses)
 }
 

@@ -43,7 +43,6 @@ struct Shared {
     done: tokio::sync::Notify,
 }
 
-#[derive(Clone)]
 struct Failure {
     covered: u64,
     reason: String,
