@@ -21,6 +21,8 @@ pub use plan::{
     Customer, IMP_SERVICE, MapContext, Method, Plan, ProvisionBody, Rejection, SUBSCRIBER_PATH,
     SUBSCRIBERS_PATH, UpdateBody, WebexBody, WebexCall, apply_changes, plan, uses_last_profile,
 };
-pub use select::{Selection, command_service_provider, command_user_id, select_template};
+pub use select::{
+    Selection, command_service_provider, command_user_id, remembered_template_user, select_template,
+};
 pub use template::{Package, Template, TemplateError, UserVerification};
 pub use timezone::resolve_timezone;

@@ -46,6 +46,20 @@ pub fn command_service_provider(command: &Command) -> Option<&str> {
     }
 }
 
+/// The user whose remembered template [`select_template`] consults for `command` under a URL
+/// naming `explicit`: only a user command that carries no serviceProviderId, under a URL that
+/// names no template. For every other command the caller skips the look-up (a store read per
+/// UserAdd) and passes `remembered: None`; the choice is the same.
+pub fn remembered_template_user<'c>(
+    command: &'c Command,
+    explicit: Option<&str>,
+) -> Option<&'c str> {
+    if explicit.is_some() || command_service_provider(command).is_some() {
+        return None;
+    }
+    command_user_id(command)
+}
+
 /// Where the template choice came from, for the refusal message.
 #[derive(Debug, Clone, Copy)]
 enum Source {
@@ -56,7 +70,7 @@ enum Source {
 }
 
 /// Everything the choice depends on. `remembered` is the template the command's user was
-/// provisioned with (the caller looks it up by [`command_user_id`]).
+/// provisioned with (the caller looks it up by [`remembered_template_user`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Selection<'a> {
     /// The `{template}` of `POST /provisioning/{template}` or `translate --template`.
@@ -221,6 +235,27 @@ mod tests {
             m.contains("[template_overrides]") && m.contains("\"gone\""),
             "{m}"
         );
+    }
+
+    #[test]
+    fn the_remembered_template_is_looked_up_exactly_when_the_choice_can_use_it() {
+        let modify = Command::UserModify(UserChanges {
+            user_id: "u@x.example".into(),
+            ..Default::default()
+        });
+        let group = Command::GroupAdd {
+            service_provider_id: "acme-ent".into(),
+            group_id: "g".into(),
+            group_name: None,
+        };
+        for command in [user_add("acme-ent"), user_add("other"), modify, group] {
+            for explicit in [None, Some("isp")] {
+                let chosen = |remembered| select(&command, explicit, remembered, Some("fallback"));
+                let used = chosen(Some("acme")) != chosen(None);
+                let looked_up = remembered_template_user(&command, explicit).is_some();
+                assert_eq!(used, looked_up, "{command:?} under {explicit:?}");
+            }
+        }
     }
 
     #[test]

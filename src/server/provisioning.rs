@@ -197,7 +197,7 @@ async fn process(
     // them by the time a later command of the document is mapped.
     let mut added_here: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
     for request in &document.commands {
-        let remembered = match mapping::command_user_id(&request.command) {
+        let remembered = match mapping::remembered_template_user(&request.command, explicit) {
             Some(user) => match added_here.get(user) {
                 Some(template) => Some((*template).to_owned()),
                 None => state
