@@ -50,8 +50,11 @@ struct Page {
     items: Vec<Subscriber>,
 }
 
+/// A version 4 UUID from the thread's random generator: `Uuid::new_v4` asks the kernel
+/// (`getrandom`) for every id, a system call per Webex call.
 fn new_tracking_id() -> String {
-    format!("FLOWTHROUGH_{}", uuid::Uuid::new_v4())
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    format!("FLOWTHROUGH_{id}")
 }
 
 impl From<TransportError> for WebexError {
@@ -439,6 +442,20 @@ fn same_origin(a: &Url, b: &Url) -> bool {
 mod tests {
     use super::*;
     use reqwest::header::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn tracking_ids_are_distinct_version_4_uuids() {
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_tracking_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            let uuid = id
+                .strip_prefix("FLOWTHROUGH_")
+                .and_then(|u| uuid::Uuid::parse_str(u).ok())
+                .unwrap_or_else(|| panic!("{id} is not FLOWTHROUGH_ and a UUID"));
+            assert_eq!(uuid.get_version(), Some(uuid::Version::Random), "{id}");
+            assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{id}");
+        }
+    }
 
     fn raw(status: u16, headers: &[(&str, &str)], body: &str) -> RawResponse {
         let mut h = HeaderMap::new();
