@@ -77,6 +77,7 @@ pub struct Store {
     /// an entry between its two writes. See the outbox module's header.
     queueing: Arc<std::sync::Mutex<()>>,
     counts: Arc<Counts>,
+    fresh: Arc<outbox::Fresh>,
 }
 
 /// Record counts of the two trees that grow with traffic, for housekeeping's caps. sled's `len`
@@ -213,6 +214,7 @@ impl Store {
             commit,
             queueing: Arc::default(),
             counts: Arc::default(),
+            fresh: Arc::default(),
         })
     }
 
