@@ -153,10 +153,12 @@ pub struct SimState {
     refresh_tokens: HashMap<String, Instant>,
     access_tokens: HashMap<String, Instant>,
     subs: Vec<Sub>,
-    /// Position of each subscriber id in `subs`, and how many subscribers carry each userId:
-    /// lookups stay O(1) when benchmarks create tens of thousands of subscribers.
+    /// Position of each subscriber id in `subs`, and the ids of the subscribers carrying each
+    /// userId: lookups stay O(1) when benchmarks create hundreds of thousands of subscribers. (A
+    /// lookup by userId once scanned them all under the state's lock: 20–60 ms each after a
+    /// crash run's restarts, which held up every other call.)
     positions: HashMap<String, usize>,
-    user_ids: HashMap<String, usize>,
+    user_ids: HashMap<String, Vec<String>>,
     counters: BTreeMap<String, u64>,
     window: (Instant, u32),
 }
@@ -432,7 +434,7 @@ impl SimState {
     }
 
     fn duplicate(&self, user_id: &str, except: Option<&str>) -> bool {
-        let carriers = self.user_ids.get(user_id).copied().unwrap_or(0);
+        let carriers = self.user_ids.get(user_id).map_or(0, Vec::len);
         let except_carries = except
             .and_then(|id| self.find(id))
             .is_some_and(|s| s.fields.get("userId").map(String::as_str) == Some(user_id));
@@ -443,11 +445,21 @@ impl SimState {
         self.positions.get(id).and_then(|&i| self.subs.get(i))
     }
 
-    fn count_user_id(&mut self, user_id: Option<&String>, delta: isize) {
+    fn carry(&mut self, user_id: Option<&String>, sub_id: &str) {
         if let Some(u) = user_id {
-            let n = self.user_ids.entry(u.clone()).or_default();
-            *n = n.saturating_add_signed(delta);
-            if *n == 0 {
+            self.user_ids
+                .entry(u.clone())
+                .or_default()
+                .push(sub_id.to_owned());
+        }
+    }
+
+    fn uncarry(&mut self, user_id: Option<&String>, sub_id: &str) {
+        if let Some(u) = user_id
+            && let Some(ids) = self.user_ids.get_mut(u)
+        {
+            ids.retain(|id| id != sub_id);
+            if ids.is_empty() {
                 self.user_ids.remove(u);
             }
         }
@@ -482,7 +494,7 @@ impl SimState {
             fails,
         };
         let out = self.sub_json(&sub);
-        self.count_user_id(sub.fields.get("userId"), 1);
+        self.carry(sub.fields.get("userId"), &sub.id);
         self.positions.insert(sub.id.clone(), self.subs.len());
         self.subs.push(sub);
         ok(out)
@@ -536,8 +548,8 @@ impl SimState {
                 .get(at)
                 .and_then(|s| s.fields.get("userId"))
                 .cloned();
-            self.count_user_id(old.as_ref(), -1);
-            self.count_user_id(Some(u), 1);
+            self.uncarry(old.as_ref(), id);
+            self.carry(Some(u), id);
         }
         let Some(sub) = self.subs.get_mut(at) else {
             return error(404, "Subscriber not found", &[]);
@@ -560,7 +572,7 @@ impl SimState {
             return error(404, "Subscriber not found", &[]);
         };
         let sub = self.subs.remove(at);
-        self.count_user_id(sub.fields.get("userId"), -1);
+        self.uncarry(sub.fields.get("userId"), &sub.id);
         for (i, s) in self.subs.iter().enumerate().skip(at) {
             self.positions.insert(s.id.clone(), i);
         }
@@ -586,17 +598,20 @@ impl SimState {
             .get("start")
             .and_then(|s| s.parse::<usize>().ok())
             .unwrap_or(0);
-        // A userId nobody carries (the lookup before a retried provision) is answered from the
-        // index: a scan of hundreds of thousands of subscribers per lookup is what stalled the
-        // benchmark's drain after an outage.
-        let unknown_user = user_id.is_some_and(|u| self.user_ids.get(u).is_none_or(|n| *n == 0));
-        let matching: Vec<&Sub> = if unknown_user {
-            Vec::new()
-        } else {
-            self.subs
-                .iter()
-                .filter(|s| user_id.is_none_or(|u| s.fields.get("userId") == Some(u)))
-                .collect()
+        // By userId from the index, in creation order like the whole list.
+        let matching: Vec<&Sub> = match user_id {
+            None => self.subs.iter().collect(),
+            Some(u) => {
+                let mut at: Vec<usize> = self
+                    .user_ids
+                    .get(u)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| self.positions.get(id).copied())
+                    .collect();
+                at.sort_unstable();
+                at.into_iter().filter_map(|i| self.subs.get(i)).collect()
+            }
         };
         let items: Vec<Value> = matching
             .iter()
@@ -656,5 +671,68 @@ impl SimState {
             })
             .collect();
         json!({"subscribers": subs, "counters": self.counters})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(reply: Reply) -> Value {
+        match reply {
+            Reply::Json { body, .. } => body,
+            Reply::Empty(status) => panic!("expected a JSON reply, got an empty {status}"),
+            Reply::Drop => panic!("expected a JSON reply, got a dropped connection"),
+        }
+    }
+
+    fn ids_of(state: &SimState, user_id: &str) -> Vec<String> {
+        let query = HashMap::from([("userId".to_owned(), user_id.to_owned())]);
+        body(state.list(&query, "https://sim.example/v1/broadworks/subscribers"))["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|s| s["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The userId index follows every change: a lookup finds exactly the subscribers that carry
+    /// the userId now, as the scan it replaced did.
+    #[test]
+    fn lookups_by_user_id_follow_provision_update_and_remove() {
+        let mut state = SimState::new(Control::default(), "c".into(), "s".into(), "r".into());
+        let mut provision = |user: &str| -> String {
+            let reply = state.provision(&json!({"provisioningId": "p", "userId": user,
+                "spEnterpriseId": "e", "firstName": "A", "lastName": "B", "package": "premium"}));
+            body(reply)["id"].as_str().unwrap_or_default().to_owned()
+        };
+        let a = provision("a@x.example");
+        let b = provision("b@x.example");
+        let c = provision("c@x.example");
+        assert!(!a.is_empty() && !b.is_empty() && !c.is_empty());
+        assert_eq!(ids_of(&state, "a@x.example"), [a.clone()]);
+        assert!(ids_of(&state, "nobody@x.example").is_empty());
+
+        body(state.update(&b, &json!({"userId": "d@x.example"})));
+        assert!(ids_of(&state, "b@x.example").is_empty());
+        assert_eq!(ids_of(&state, "d@x.example"), [b.clone()]);
+        assert!(matches!(
+            state.update(&c, &json!({"userId": "a@x.example"})),
+            Reply::Json { status: 409, .. }
+        ));
+
+        assert!(matches!(state.remove(&a), Reply::Empty(204)));
+        assert!(ids_of(&state, "a@x.example").is_empty());
+        assert_eq!(ids_of(&state, "c@x.example"), [c.clone()]);
+        assert_eq!(ids_of(&state, "d@x.example"), [b]);
+        // A userId freed by the remove can be provisioned again.
+        assert!(matches!(
+            state.update(&c, &json!({"userId": "a@x.example"})),
+            Reply::Json { status: 200, .. }
+        ));
+        assert_eq!(ids_of(&state, "a@x.example"), [c]);
     }
 }

@@ -1257,7 +1257,10 @@ mod tests {
             panic!("one id per entry")
         };
         assert!(store.drop_entry(carol).unwrap().is_some());
-        assert!(store.fresh.get(carol).is_none(), "a dropped entry is not kept in memory");
+        assert!(
+            store.fresh.get(carol).is_none(),
+            "a dropped entry is not kept in memory"
+        );
         assert_eq!(store.head_of("carol").unwrap(), None);
         assert!(matches!(
             store.finish(carol, delivered(4), None),
