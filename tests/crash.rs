@@ -121,3 +121,128 @@ async fn kill_9_under_load_loses_nothing_and_duplicates_nothing() {
     assert!(twice.is_empty(), "provisioned twice: {twice:?}");
     assert!(unknown.is_empty(), "subscribers nobody sent: {unknown:?}");
 }
+
+/// `flowthrough serve` as a child process that cannot write a file past `bytes` (RLIMIT_FSIZE,
+/// with SIGXFSZ ignored so a write past it fails with EFBIG instead of killing the process):
+/// what a full data volume looks like to the store. Its log goes nowhere, since a log file past
+/// the limit would fail too.
+fn spawn_with_file_size_limit(config: &std::path::Path, bytes: u64) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_flowthrough"));
+    command
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: between fork and exec only async-signal-safe calls are made (setrlimit, signal).
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0
+                || libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.spawn().unwrap()
+}
+
+/// A store that cannot grow (a full volume; here a file size limit): the AS hears 503 and why,
+/// the node reports itself not ready with what to do, it keeps running, and every command it
+/// acknowledged before is delivered once after a restart with room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_grow_refuses_goes_unready_and_loses_nothing_acknowledged() {
+    let world = World::new(SimOptions::default()).await;
+    let Served {
+        config, admin, url, ..
+    } = serve_config(&world, "");
+    let client = world.as_client();
+    let post = |user: &str| {
+        client
+            .post(&url)
+            .header("content-type", "text/xml")
+            .body(document(&user_add(user, Some(user))))
+            .send()
+    };
+
+    let mut child = spawn_with_file_size_limit(&config, 3_000_000);
+    wait_ready(&admin).await;
+    let mut acknowledged = BTreeSet::new();
+    let mut refusal = None;
+    for n in 0..20_000 {
+        let user = format!("full-{n}@acme.example");
+        let response = post(&user).await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        if status == 503 {
+            refusal = Some(text);
+            break;
+        }
+        assert_eq!(status, 200, "{text}");
+        let answer = &answers(&text)[0];
+        if answer.kind == "SuccessResponse" || answer.code == Some(7020) {
+            acknowledged.insert(user);
+        }
+    }
+    let refusal = refusal.expect("3 MB of store fill up within 20,000 commands");
+    assert!(
+        refusal.contains("store") && refusal.contains("data volume"),
+        "{refusal}"
+    );
+    assert!(
+        acknowledged.len() >= 10,
+        "commands were acknowledged before the store filled up"
+    );
+
+    let readyz = reqwest::get(format!("http://{admin}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(readyz.status(), 503);
+    let why = readyz.text().await.unwrap();
+    assert!(
+        why.contains("the store cannot be written") && why.contains("restart flowthrough"),
+        "{why}"
+    );
+    let again = post("full-after@acme.example").await.unwrap();
+    assert_eq!(again.status(), 503, "a full store keeps refusing");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "flowthrough must keep running on a full store"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut child = spawn(&config, "warn", Stdio::inherit());
+    wait_ready(&admin).await;
+    let drained = eventually(Duration::from_secs(30), || {
+        let subscribers = world.subscribers();
+        acknowledged.iter().all(|user| {
+            subscribers
+                .iter()
+                .any(|s| s["userId"].as_str() == Some(user.as_str()))
+        })
+    })
+    .await;
+    let status = get_json(&format!("http://{admin}/status")).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        drained,
+        "every acknowledged command reaches Webex after the restart"
+    );
+    assert_eq!(status["outbox"]["dead"], 0, "{status}");
+    let mut per_user: BTreeMap<String, usize> = BTreeMap::new();
+    for s in world.subscribers() {
+        *per_user
+            .entry(s["userId"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = per_user.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "provisioned twice: {twice:?}");
+}

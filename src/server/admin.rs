@@ -102,6 +102,11 @@ fn readiness(state: &AppState) -> (bool, Vec<String>) {
     if !state.tls_loaded.load(Ordering::SeqCst) {
         reasons.push("certificates not loaded".to_owned());
     }
+    if let Some(failure) = state.store.write_failure() {
+        reasons.push(format!(
+            "the store cannot be written ({failure}); every command is refused with 503 — free space on or repair the volume of store.path, then restart flowthrough"
+        ));
+    }
     if let Some(tokens) = &state.tokens
         && let TokenState::CredentialsInvalid { reason } = tokens.state()
     {

@@ -70,6 +70,8 @@ impl From<sled::Error> for StoreError {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// What the database was opened with; it shares sled's record of a failed log write.
+    config: sled::Config,
     path: PathBuf,
     commit: Arc<commit::GroupCommit>,
     /// Held across the two writes that make an entry pending and findable (enqueue, retry) and
@@ -210,6 +212,7 @@ impl Store {
         let commit = Arc::new(commit::GroupCommit::start(db.clone())?);
         Ok(Store {
             db,
+            config,
             path: path.to_owned(),
             commit,
             queueing: Arc::default(),
@@ -220,6 +223,14 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Why the store can no longer be written, if it cannot. sled keeps the first error of a log
+    /// write (a full disk, a file size limit, a failing volume) and refuses every later write and
+    /// flush with it until the store is opened again; reads still work, so nothing else shows
+    /// it. The running process does not recover: the operator frees the volume and restarts.
+    pub fn write_failure(&self) -> Option<String> {
+        self.config.global_error().err().map(|e| e.to_string())
     }
 
     /// Make every write made before this call durable. Concurrent callers share flushes (group

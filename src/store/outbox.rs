@@ -250,8 +250,8 @@ fn id_from(raw: &[u8]) -> Result<EntryId, StoreError> {
 /// Entries exactly as [`Store::enqueue`] wrote them, with their stored bytes, until anything
 /// changes them. The delivery engine reads a new entry moments after the handler wrote it
 /// ([`Store::head_of`]) and then rewrites it once ([`Store::finish`]); without this, each of the
-/// two read the entry back from sled and decoded its JSON, a twentieth of the store's CPU per
-/// request.
+/// two read the entry back from sled and decoded its JSON: a tenth of the store's CPU per request
+/// in `examples/store_io` (bench/RESULTS.md, ninth sitting).
 ///
 /// Sound because every change of an entry goes through `update_entry` or `drop_entry`, and both
 /// take the entry out of here before they write; pruning removes only ended entries, which a
