@@ -211,6 +211,11 @@ async fn a_store_that_cannot_grow_refuses_goes_unready_and_loses_nothing_acknowl
     );
     let again = post("full-after@acme.example").await.unwrap();
     assert_eq!(again.status(), 503, "a full store keeps refusing");
+    let again = again.text().await.unwrap();
+    assert!(
+        again.contains("data volume") && again.contains("restart flowthrough"),
+        "{again}"
+    );
     assert!(
         child.try_wait().unwrap().is_none(),
         "flowthrough must keep running on a full store"

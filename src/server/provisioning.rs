@@ -153,6 +153,14 @@ async fn process(
             "flowthrough is shutting down; the AS should retry on another node or in a moment",
         );
     }
+    // Refused before any work and without a log line each: the write that failed was logged,
+    // `/readyz` names the failure, and every later write would fail the same way.
+    if state.store.write_failure().is_some() {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the store cannot be written (see /status on the admin listener); nothing was accepted — free space on or repair the data volume and restart flowthrough, then the AS can retry",
+        );
+    }
     if !content_type_ok(req) {
         return plain(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
