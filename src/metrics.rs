@@ -63,6 +63,8 @@ pub struct Metrics {
     pub outbox_pending: Gauge,
     pub outbox_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub outbox_dead: Gauge,
+    pub store_volume_available_bytes: Gauge,
+    pub store_volume_size_bytes: Gauge,
     pub webex_calls: Family<CallLabels, Counter>,
     pub webex_seconds: Histogram,
     pub store_flush_seconds: Histogram,
@@ -104,6 +106,8 @@ impl Metrics {
             outbox_pending: Gauge::default(),
             outbox_oldest_age_seconds: Gauge::default(),
             outbox_dead: Gauge::default(),
+            store_volume_available_bytes: Gauge::default(),
+            store_volume_size_bytes: Gauge::default(),
             webex_calls: Family::default(),
             webex_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             // 0.1 ms … ~0.8 s: an fsync on a healthy disk is well under a millisecond.
@@ -254,6 +258,16 @@ impl Metrics {
             "tunnel_connect_seconds",
             "Time to connect a tunnel to its destination",
             m.tunnel_connect_seconds.clone(),
+        );
+        r.register(
+            "store_volume_available_bytes",
+            "Bytes flowthrough can still write on the store's volume; at 0 every command is refused",
+            m.store_volume_available_bytes.clone(),
+        );
+        r.register(
+            "store_volume_size_bytes",
+            "Size of the store's volume in bytes",
+            m.store_volume_size_bytes.clone(),
         );
         r.register("ready", "1 when /readyz is green", m.ready.clone());
         r.register(

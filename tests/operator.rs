@@ -87,6 +87,10 @@ async fn doctor_passes_a_good_deployment_and_names_the_fix_for_a_bad_one() {
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains("✓ server name"), "{stdout}");
     assert!(
+        stdout.contains(" store volume: ") && stdout.contains(" GiB free of "),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("✓ Webex API reachable"),
         "the simulator answered over verified TLS: {stdout}"
     );

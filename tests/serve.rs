@@ -194,6 +194,16 @@ async fn the_samples_flow_to_webex_and_back() {
         metrics.contains("flowthrough_token_refreshes_total{outcome=\"ok\"} 1\n"),
         "the one refresh at start is counted: {metrics}"
     );
+    // The store's volume, for the alert before it fills up.
+    let gauge = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
+    };
+    let available = gauge("flowthrough_store_volume_available_bytes");
+    let size = gauge("flowthrough_store_volume_size_bytes");
+    assert!(size > 0 && available <= size, "{available} of {size}");
     server.stop().await;
 }
 

@@ -132,6 +132,13 @@ pub fn run(args: DoctorArgs) -> ExitCode {
     }
 
     report.check("store", store_check(&config));
+    match crate::store::volume_space(&config.store.path) {
+        Ok(space) => {
+            let (verdict, detail) = volume_verdict(space);
+            report.line(verdict, "store volume", detail);
+        }
+        Err(e) => report.line(Verdict::Fail, "store volume", e.to_string()),
+    }
 
     if let Some(webex) = &config.webex {
         report.check("client secret", secret_check(&webex.client_secret_source()));
@@ -320,6 +327,35 @@ fn store_check(config: &Config) -> Result<String, String> {
     }
 }
 
+/// Under this share of its volume free, the store is a warning; the alert rule
+/// `FlowthroughStoreVolumeLow` (deploy/prometheus-alerts.yml) fires at the same share.
+const LOW_SPACE_SHARE: f64 = 0.10;
+
+fn volume_verdict(space: crate::store::VolumeSpace) -> (Verdict, String) {
+    let gib = |bytes: u64| bytes as f64 / f64::from(1 << 30);
+    let share = if space.total == 0 {
+        0.0
+    } else {
+        space.available as f64 / space.total as f64
+    };
+    let detail = format!(
+        "{:.1} GiB free of {:.1} GiB ({:.0} %)",
+        gib(space.available),
+        gib(space.total),
+        share * 100.0
+    );
+    if share < LOW_SPACE_SHARE {
+        (
+            Verdict::Warn,
+            format!(
+                "{detail}; when it is full every command is refused with 503 until flowthrough restarts — free space or grow the volume, or lower store.history_max_entries and store.audit_max_records"
+            ),
+        )
+    } else {
+        (Verdict::Pass, detail)
+    }
+}
+
 fn secret_check(source: &SecretSource) -> Result<String, String> {
     match crate::webex::read_secret(source) {
         Ok(Some(_)) => {
@@ -408,5 +444,38 @@ fn bindable(addr: std::net::SocketAddr) -> Result<String, String> {
         Err(e) => Err(format!(
             "cannot bind {addr}: {e}; ports below 1024 need CAP_NET_BIND_SERVICE"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::VolumeSpace;
+
+    #[test]
+    fn a_volume_under_a_tenth_free_is_a_warning_that_says_what_to_do() {
+        let gib = 1u64 << 30;
+        let (verdict, detail) = volume_verdict(VolumeSpace {
+            available: 50 * gib,
+            total: 100 * gib,
+        });
+        assert_eq!(verdict, Verdict::Pass);
+        assert_eq!(detail, "50.0 GiB free of 100.0 GiB (50 %)");
+        let (verdict, detail) = volume_verdict(VolumeSpace {
+            available: 9 * gib,
+            total: 100 * gib,
+        });
+        assert_eq!(verdict, Verdict::Warn);
+        assert!(
+            detail.starts_with("9.0 GiB free of 100.0 GiB (9 %); ")
+                && detail.contains("503")
+                && detail.contains("store.history_max_entries"),
+            "{detail}"
+        );
+        let (verdict, _) = volume_verdict(VolumeSpace {
+            available: 0,
+            total: 0,
+        });
+        assert_eq!(verdict, Verdict::Warn, "a volume of no size is no room");
     }
 }

@@ -128,6 +128,12 @@ fn refresh_gauges(state: &AppState) {
     if let Ok(dead) = state.store.dead_count() {
         m.outbox_dead.set(dead as i64);
     }
+    if let Ok(space) = crate::store::volume_space(state.store.path()) {
+        m.store_volume_available_bytes
+            .set(i64::try_from(space.available).unwrap_or(i64::MAX));
+        m.store_volume_size_bytes
+            .set(i64::try_from(space.total).unwrap_or(i64::MAX));
+    }
     if let Some(up) = &state.upstream {
         m.upstream_blocked_addresses
             .set(up.transport.blocked(&up.host, up.port).len() as i64);

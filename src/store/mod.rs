@@ -273,6 +273,29 @@ fn decode<T: DeserializeOwned>(raw: &[u8], what: &'static str) -> Result<T, Stor
     })
 }
 
+/// Space on the volume that holds a store, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeSpace {
+    /// What flowthrough (not root) can still write.
+    pub available: u64,
+    pub total: u64,
+}
+
+/// Space on the volume of the store at `path` (which may be open in another process). When it
+/// runs out, every command is refused ([`Store::write_failure`]); this is the early warning.
+pub fn volume_space(path: &Path) -> Result<VolumeSpace, StoreError> {
+    let stats = fs2::statvfs(path).map_err(|e| {
+        StoreError::Io(format!(
+            "cannot read the free space of {}: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(VolumeSpace {
+        available: stats.available_space(),
+        total: stats.total_space(),
+    })
+}
+
 /// Milliseconds since the Unix epoch, the time unit of every record.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -306,6 +329,22 @@ mod tests {
             }
             other => panic!("expected a schema mismatch, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_volume_space_of_a_store_is_read_and_a_missing_path_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let space = volume_space(dir.path()).unwrap();
+        assert!(
+            space.total > 0 && space.available <= space.total,
+            "{space:?}"
+        );
+        let missing = dir.path().join("not-there");
+        let err = volume_space(&missing).unwrap_err().to_string();
+        assert!(
+            err.contains("not-there") && err.contains("free space"),
+            "{err}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
