@@ -128,13 +128,7 @@ async fn kill_9_under_load_loses_nothing_and_duplicates_nothing() {
 /// the limit would fail too.
 fn spawn_with_file_size_limit(config: &std::path::Path, bytes: u64) -> std::process::Child {
     use std::os::unix::process::CommandExt;
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_flowthrough"));
-    command
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut command = serve_command(config, "warn", Stdio::null());
     // SAFETY: between fork and exec only async-signal-safe calls are made (setrlimit, signal).
     unsafe {
         command.pre_exec(move || {

@@ -276,16 +276,21 @@ pub fn serve_config(world: &World, server_extra: &str) -> Served {
     }
 }
 
-/// `flowthrough serve` as a child process, its log at `level` to `stderr`.
-pub fn spawn(config: &Path, level: &str, stderr: Stdio) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_flowthrough"))
+/// The command that runs `flowthrough serve` with `config`, its log at `level` to `stderr`.
+pub fn serve_command(config: &Path, level: &str, stderr: Stdio) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_flowthrough"));
+    command
         .args(["serve", "--config"])
         .arg(config)
         .env("RUST_LOG", level)
         .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap()
+        .stderr(stderr);
+    command
+}
+
+/// `flowthrough serve` as a child process, its log at `level` to `stderr`.
+pub fn spawn(config: &Path, level: &str, stderr: Stdio) -> Child {
+    serve_command(config, level, stderr).spawn().unwrap()
 }
 
 /// Wait until the child's admin listener answers and says it is ready.
