@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The flowthrough benchmark harness: one run, one load generator, one set of certificates,
-# three targets — (a) the Webex API simulator directly, (b) flowthrough, (c) nginx as a plain
-# mutual-TLS reverse proxy — all on loopback. See bench/README.md.
+# four targets — (a) the Webex API simulator directly, (b) flowthrough, (c) nginx as a plain
+# mutual-TLS reverse proxy, (d) the same relay built from flowthrough's own crates (actix-web,
+# rustls, reqwest; examples/stack_floor.rs) — all on loopback. See bench/README.md.
 #
 #   bench/run.sh [--short|--long]     the comparison; writes bench/RESULTS.md (default ≤ 10 min)
 #   bench/run.sh soak [MINUTES]       RSS and open fds of flowthrough under steady load (default 30)
@@ -21,11 +22,13 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET/release/flowthrough
 LOAD=$TARGET/release/flowthrough-load
+FLOOR=$TARGET/release/examples/stack_floor
 BASE=${BENCH_PORT_BASE:-18440}
 SIM_PORT=$BASE
 FT_PORT=$((BASE + 1))
 NGX_PORT=$((BASE + 2))
 ADMIN_PORT=$((BASE + 3))
+FLOOR_PORT=$((BASE + 4))
 # Both proxies get the same number of AS-side worker threads/processes (flowthrough's
 # `server.workers`, nginx's `worker_processes`); the generator runs on 1 thread.
 WORKERS=${BENCH_WORKERS:-2}
@@ -52,18 +55,19 @@ done
 
 if [ "${BENCH_SKIP_BUILD:-0}" = 1 ]; then
   # Comparing builds: point CARGO_TARGET_DIR at a directory holding release/flowthrough and
-  # release/flowthrough-load of the build to measure.
+  # release/flowthrough-load of the build to measure (and release/examples/stack_floor).
   [ -x "$BIN" ] && [ -x "$LOAD" ] || die "BENCH_SKIP_BUILD=1 needs $BIN and $LOAD"
+  [ "$MODE" != bench ] || [ -x "$FLOOR" ] || die "BENCH_SKIP_BUILD=1 needs $FLOOR"
 else
   say "building release binaries"
-  (cd "$ROOT" && cargo build --release --locked --bins >&2)
+  (cd "$ROOT" && cargo build --release --locked --bins --example stack_floor >&2)
 fi
 
 WORK=$(mktemp -d /var/tmp/flowthrough-bench.XXXXXX)
-SIM_PID= FT_PID= NGX_PID= LOAD_PID=
+SIM_PID= FT_PID= NGX_PID= FLOOR_PID= LOAD_PID=
 cleanup() {
   # Only the processes this script started and that are still current.
-  for pid in $LOAD_PID $FT_PID $NGX_PID $SIM_PID; do kill "$pid" 2>/dev/null || true; done
+  for pid in $LOAD_PID $FT_PID $NGX_PID $FLOOR_PID $SIM_PID; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   if [ "${BENCH_KEEP:-0}" = 1 ]; then echo "work directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
 }
@@ -359,6 +363,12 @@ for p in $(pgrep -P "$NGX_PID"); do NGX_PIDS+=("$p"); done
 NGX_PID_ARGS=()
 for p in "${NGX_PIDS[@]}"; do NGX_PID_ARGS+=(--server-pid "$p"); done
 
+say "(d) actix-web + reqwest relay (examples/stack_floor.rs) on 127.0.0.1:$FLOOR_PORT"
+"$FLOOR" "127.0.0.1:$FLOOR_PORT" "$SIM" "$WORK/pki/server.pem" "$WORK/pki/server.key" "$WORK/pki/ca.pem" \
+  "$WORK/sim/ca.pem" "$WORKERS" >"$WORK/floor.log" 2>&1 &
+FLOOR_PID=$!
+wait_tcp "$FLOOR_PORT" "the stack floor relay"
+
 # (a) and (c) send the Webex call flowthrough itself would make for the same document, with a
 # bearer token from the simulator: the same upstream work as (b), minus translation and the outbox.
 TOKEN=$(curl -sf --cacert "$WORK/sim/ca.pem" -d grant_type=refresh_token -d client_id=bench \
@@ -374,26 +384,29 @@ target_a() { load --target "127.0.0.1:$SIM_PORT" --ca "$WORK/sim/ca.pem" --path 
 target_b() { load --target "127.0.0.1:$FT_PORT" --path /provisioning --body "$OCI_BODY" --server-pid "$FT_PID" "$@"; }
 target_c() { load --target "127.0.0.1:$NGX_PORT" --path /v1/broadworks/subscribers --body "$WORK/webex-body.json" \
   --content-type application/json --header "Authorization: Bearer $TOKEN" "${NGX_PID_ARGS[@]}" "$@"; }
+target_d() { load --target "127.0.0.1:$FLOOR_PORT" --path /v1/broadworks/subscribers --body "$WORK/webex-body.json" \
+  --content-type application/json --header "Authorization: Bearer $TOKEN" --server-pid "$FLOOR_PID" "$@"; }
 
 # Idle first, so each process's RSS is its footprint with the connections, not after a load run.
 say "1,000 idle mTLS connections"
 target_a --idle 1000 --json >"$R/idle-a.json"
 target_b --idle 1000 --json >"$R/idle-b.json"
 target_c --idle 1000 --json >"$R/idle-c.json"
+target_d --idle 1000 --json >"$R/idle-d.json"
 
 say "warm-up"
-for t in a b c; do "target_$t" -c "$CONNS" --duration 2 --json >/dev/null; done
+for t in a b c d; do "target_$t" -c "$CONNS" --duration 2 --json >/dev/null; done
 
 say "max throughput, keep-alive, $CONNS connections, ${DUR} s each"
-for t in a b c; do "target_$t" -c "$CONNS" --duration "$DUR" --json >"$R/max-$t.json"; done
+for t in a b c d; do "target_$t" -c "$CONNS" --duration "$DUR" --json >"$R/max-$t.json"; done
 
 HALF=$(jq '.ok_per_s / 2 | floor' "$R/max-b.json")
 [ "$HALF" -ge 1 ] || HALF=1
-say "latency at half of flowthrough's max: $HALF req/s fixed rate on all three"
-for t in a b c; do "target_$t" -c "$CONNS" --rate "$HALF" --duration "$DUR" --json >"$R/half-$t.json"; done
+say "latency at half of flowthrough's max: $HALF req/s fixed rate on all four"
+for t in a b c d; do "target_$t" -c "$CONNS" --rate "$HALF" --duration "$DUR" --json >"$R/half-$t.json"; done
 
 say "new-connection handshakes (GET /tls-probe, answered locally), 16 clients"
-for t in a b c; do
+for t in a b c d; do
   "target_$t" --new-connection --method GET --path /tls-probe -c 16 --duration "$DUR" --json >"$R/handshake-$t.json"
 done
 
@@ -441,8 +454,8 @@ limit_row() { # b: from flowthrough's metrics; c: from the generator's answers
   awk -v s="$subs" -v d="$LIMIT_DUR" -v r="$LIMIT" -v c="$calls" -v q="$n429" \
     'BEGIN{ printf "%.1f/s = %.2f R | %.1f %% (%d of %d upstream calls)", s / d, s / d / r, (c > 0 ? 100 * q / c : 0), q, c }'
 }
-MAX_B=$(j .ok_per_s max-b.json); MAX_C=$(j .ok_per_s max-c.json)
-HS_B=$(j .answered_per_s handshake-b.json); HS_C=$(j .answered_per_s handshake-c.json)
+MAX_B=$(j .ok_per_s max-b.json); MAX_C=$(j .ok_per_s max-c.json); MAX_D=$(j .ok_per_s max-d.json)
+HS_B=$(j .answered_per_s handshake-b.json); HS_C=$(j .answered_per_s handshake-c.json); HS_D=$(j .answered_per_s handshake-d.json)
 P99A=$(j .latency_ms.p99 half-a.json)
 added() { awk -v x="$(j .latency_ms.p99 "half-$1.json")" -v a="$P99A" 'BEGIN{printf "%.2f", x - a}'; }
 row() { # label file-stem
@@ -457,34 +470,35 @@ else
 fi
 {
   echo "<!-- bench:start (written by bench/run.sh; everything outside these markers is kept) -->"
-  echo "## Comparison: (a) simulator direct, (b) flowthrough, (c) nginx mTLS proxy"
+  echo "## Comparison: (a) simulator direct, (b) flowthrough, (c) nginx mTLS proxy, (d) the stack's floor"
   echo
   echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') in one run with \`$CMD\` (${DUR} s per measurement), $BUILT."
   echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -h | awk '/^Mem:/{print $2}') RAM."
   echo "Generator: \`flowthrough-load\`, 1 thread, $CONNS keep-alive connections; flowthrough: server.workers = $WORKERS,"
   echo "log level info, store on disk (\`$WORK\` is under /var/tmp); nginx $(nginx -v 2>&1 | cut -d/ -f2): worker_processes $WORKERS,"
-  echo "access log on, upstream keep-alive; simulator: 2 workers. Everything shares the same $(nproc) cores."
+  echo "access log on, upstream keep-alive; (d) relays as nginx does with actix-web, rustls and reqwest, $WORKERS workers,"
+  echo "one reqwest client per worker, no logging (examples/stack_floor.rs); simulator: 2 workers."
+  echo "Everything shares the same $(nproc) cores."
   echo
-  echo "| scenario | (a) direct | (b) flowthrough | (c) nginx | b/c | target |"
-  echo "| --- | --- | --- | --- | --- | --- |"
-  printf '| max throughput, keep-alive (ok req/s) | %.0f | %.0f | %.0f | %s | b/c ≥ 1.0 |\n' \
-    "$(j .ok_per_s max-a.json)" "$MAX_B" "$MAX_C" "$(ratio "$MAX_B" "$MAX_C")"
-  printf '| server CPU per request at max (µs) | %.0f | %.0f | %.0f | %s | |\n' \
-    "$(j .server.cpu_per_request_us max-a.json)" "$(j .server.cpu_per_request_us max-b.json)" \
-    "$(j .server.cpu_per_request_us max-c.json)" \
-    "$(ratio "$(j .server.cpu_per_request_us max-b.json)" "$(j .server.cpu_per_request_us max-c.json)")"
-  printf '| p50 / p99 / p99.9 ms at %s req/s | %s / %s / %s | %s / %s / %s | %s / %s / %s | | |\n' "$HALF" \
-    "$(j .latency_ms.p50 half-a.json)" "$(j .latency_ms.p99 half-a.json)" "$(j .latency_ms.p99_9 half-a.json)" \
-    "$(j .latency_ms.p50 half-b.json)" "$(j .latency_ms.p99 half-b.json)" "$(j .latency_ms.p99_9 half-b.json)" \
-    "$(j .latency_ms.p50 half-c.json)" "$(j .latency_ms.p99 half-c.json)" "$(j .latency_ms.p99_9 half-c.json)"
-  printf '| p99 added over direct at %s req/s (ms) | — | %s | %s | | b ≤ 1 ms |\n' "$HALF" "$(added b)" "$(added c)"
-  printf '| new-connection mTLS handshakes/s | %.0f | %.0f | %.0f | %s | b/c ≥ 1.0 |\n' \
-    "$(j .answered_per_s handshake-a.json)" "$HS_B" "$HS_C" "$(ratio "$HS_B" "$HS_C")"
-  printf '| RSS with 1,000 idle mTLS connections (MiB) | %.1f | %.1f | %.1f | %s | b ≤ 40 MiB |\n' \
-    "$(j .server.rss_mib idle-a.json)" "$(j .server.rss_mib idle-b.json)" "$(j .server.rss_mib idle-c.json)" \
-    "$(ratio "$(j .server.rss_mib idle-b.json)" "$(j .server.rss_mib idle-c.json)")"
-  printf '| idle connections open after the hold | %s | %s | %s | | 1000 |\n' \
-    "$(j .alive_after_hold idle-a.json)" "$(j .alive_after_hold idle-b.json)" "$(j .alive_after_hold idle-c.json)"
+  echo "| scenario | (a) direct | (b) flowthrough | (c) nginx | (d) stack floor | b/c | d/c | target |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+  cpu() { j .server.cpu_per_request_us "max-$1.json"; }
+  printf '| max throughput, keep-alive (ok req/s) | %.0f | %.0f | %.0f | %.0f | %s | %s | b/c ≥ 1.0 |\n' \
+    "$(j .ok_per_s max-a.json)" "$MAX_B" "$MAX_C" "$MAX_D" "$(ratio "$MAX_B" "$MAX_C")" "$(ratio "$MAX_D" "$MAX_C")"
+  printf '| server CPU per request at max (µs) | %.0f | %.0f | %.0f | %.0f | %s | %s | |\n' \
+    "$(cpu a)" "$(cpu b)" "$(cpu c)" "$(cpu d)" "$(ratio "$(cpu b)" "$(cpu c)")" "$(ratio "$(cpu d)" "$(cpu c)")"
+  percentiles() { echo "$(j .latency_ms.p50 "half-$1.json") / $(j .latency_ms.p99 "half-$1.json") / $(j .latency_ms.p99_9 "half-$1.json")"; }
+  printf '| p50 / p99 / p99.9 ms at %s req/s | %s | %s | %s | %s | | | |\n' "$HALF" \
+    "$(percentiles a)" "$(percentiles b)" "$(percentiles c)" "$(percentiles d)"
+  printf '| p99 added over direct at %s req/s (ms) | — | %s | %s | %s | | | b ≤ 1 ms |\n' "$HALF" "$(added b)" "$(added c)" "$(added d)"
+  printf '| new-connection mTLS handshakes/s | %.0f | %.0f | %.0f | %.0f | %s | %s | b/c ≥ 1.0 |\n' \
+    "$(j .answered_per_s handshake-a.json)" "$HS_B" "$HS_C" "$HS_D" "$(ratio "$HS_B" "$HS_C")" "$(ratio "$HS_D" "$HS_C")"
+  rss() { j .server.rss_mib "idle-$1.json"; }
+  printf '| RSS with 1,000 idle mTLS connections (MiB) | %.1f | %.1f | %.1f | %.1f | %s | %s | b ≤ 40 MiB |\n' \
+    "$(rss a)" "$(rss b)" "$(rss c)" "$(rss d)" "$(ratio "$(rss b)" "$(rss c)")" "$(ratio "$(rss d)" "$(rss c)")"
+  printf '| idle connections open after the hold | %s | %s | %s | %s | | | 1000 |\n' \
+    "$(j .alive_after_hold idle-a.json)" "$(j .alive_after_hold idle-b.json)" "$(j .alive_after_hold idle-c.json)" \
+    "$(j .alive_after_hold idle-d.json)"
   echo
   echo "Upstream rate limit R = $LIMIT/s on the simulator, offered load 2R for ${LIMIT_DUR} s:"
   echo
@@ -502,10 +516,10 @@ fi
   echo "Outage: the simulator answered 503 while $N_OUTAGE requests arrived ($(jq -c '{ok, warnings, errors}' "$R/outage-b.json"));"
   echo "$(jq .pending_at_recovery "$R/outage-pending.json") were pending at recovery and the outbox drained in $(cat "$R/outage-drain.txt") s."
   echo
-  echo "Errors by kind per measurement (a / b / c):"
+  echo "Errors by kind per measurement (a / b / c / d):"
   echo
   for s in max half handshake; do
-    echo "- $s: $(jq -c .errors "$R/$s-a.json") / $(jq -c .errors "$R/$s-b.json") / $(jq -c .errors "$R/$s-c.json")"
+    echo "- $s: $(jq -c .errors "$R/$s-a.json") / $(jq -c .errors "$R/$s-b.json") / $(jq -c .errors "$R/$s-c.json") / $(jq -c .errors "$R/$s-d.json")"
   done
   echo
   echo "Raw reports: \`BENCH_KEEP=1 $CMD\` keeps them in the work directory (results/*.json)."
