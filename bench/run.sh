@@ -382,10 +382,13 @@ mkdir -p "$R"
 target_a() { load --target "127.0.0.1:$SIM_PORT" --ca "$WORK/sim/ca.pem" --path /v1/broadworks/subscribers --body "$WORK/webex-body.json" \
   --content-type application/json --header "Authorization: Bearer $TOKEN" --server-pid "$SIM_PID" "$@"; }
 target_b() { load --target "127.0.0.1:$FT_PORT" --path /provisioning --body "$OCI_BODY" --server-pid "$FT_PID" "$@"; }
-target_c() { load --target "127.0.0.1:$NGX_PORT" --path /v1/broadworks/subscribers --body "$WORK/webex-body.json" \
-  --content-type application/json --header "Authorization: Bearer $TOKEN" "${NGX_PID_ARGS[@]}" "$@"; }
-target_d() { load --target "127.0.0.1:$FLOOR_PORT" --path /v1/broadworks/subscribers --body "$WORK/webex-body.json" \
-  --content-type application/json --header "Authorization: Bearer $TOKEN" --server-pid "$FLOOR_PID" "$@"; }
+relayed() { # port, then the generator's other arguments: the Webex call, through a relay to the simulator
+  local port=$1; shift
+  load --target "127.0.0.1:$port" --path /v1/broadworks/subscribers --body "$WORK/webex-body.json" \
+    --content-type application/json --header "Authorization: Bearer $TOKEN" "$@"
+}
+target_c() { relayed "$NGX_PORT" "${NGX_PID_ARGS[@]}" "$@"; }
+target_d() { relayed "$FLOOR_PORT" --server-pid "$FLOOR_PID" "$@"; }
 
 # Idle first, so each process's RSS is its footprint with the connections, not after a load run.
 say "1,000 idle mTLS connections"
@@ -471,9 +474,6 @@ added() { # target: p99 minus the direct p99 of the same round; the median, then
     awk -v x="$(j .latency_ms.p99 "half-$1-$round.json")" -v a="$(j .latency_ms.p99 "half-a-$round.json")" 'BEGIN{printf "%.2f\n", x - a}'
   done)
   printf '%.2f (%s to %s)' "$(echo "$diffs" | median)" "$(echo "$diffs" | sort -g | head -1)" "$(echo "$diffs" | sort -g | tail -1)"
-}
-row() { # label file-stem
-  printf '| %s | %.0f | %.0f | %.0f |\n' "$1" "$(j "$3" "$2-a.json")" "$(j "$3" "$2-b.json")" "$(j "$3" "$2-c.json")"
 }
 CMD="bench/run.sh${1:+ $1}"
 SECTION=$WORK/section.md
