@@ -520,8 +520,21 @@ pub fn write_files(dir: &Path, files: &[OutFile], force: bool) -> Result<Vec<Pat
         }
         out.write_all(file.contents.expose().as_bytes())
             .map_err(|e| io(path, e))?;
+        // A CA key that reached only the page cache is gone after a power cut, while the
+        // certificates it signed may already be deployed: nothing could sign their successors.
+        out.sync_all().map_err(|e| io(path, e))?;
+    }
+    sync_dir(dir).map_err(|e| io(dir, e))?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent).map_err(|e| io(parent, e))?;
     }
     Ok(paths)
+}
+
+/// Make the names of the files created in `dir` durable: a file's own fsync does not cover its
+/// directory entry.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// A ready-made development PKI: a CA, a server certificate for localhost/127.0.0.1/::1 and a

@@ -176,6 +176,11 @@ async fn process(
         Ok(document) => document,
         Err(error) => {
             keep_document(state, &client, &error.to_string(), body);
+            // Kept for the operator to study: durable before the AS hears of it, as every other
+            // record is (a document that only reached the page cache is gone after a power cut).
+            if let Err(e) = state.store.flush().await {
+                tracing::warn!(error = %e, "cannot flush the kept document to the store");
+            }
             return match error.class() {
                 ErrorClass::TooLarge => plain(StatusCode::PAYLOAD_TOO_LARGE, &error.to_string()),
                 ErrorClass::NotOci => plain(

@@ -573,7 +573,19 @@ impl Config {
             options.create_new(true);
         }
 
-        self.try_lock(options.open(&self.db_path())?)
+        let file = self.try_lock(options.open(&self.db_path())?)?;
+        // flowthrough patch: a new store's directory entries (the store directory itself, `db`,
+        // `blobs`) are only durable once their directories are synced; without it a power cut
+        // soon after the first start can leave a log whose records were fsynced but whose name
+        // is gone.
+        if !self.temporary {
+            let path = self.get_path();
+            sync_dir(&path)?;
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
+        Ok(file)
     }
 
     fn try_lock(&self, file: File) -> Result<File> {
@@ -669,15 +681,30 @@ impl Config {
         let crc_arr = u32_to_arr(crc);
 
         let path = self.config_path();
+        // flowthrough patch: written beside, synced, renamed into place and the directory
+        // synced, so that a power cut leaves either no `conf` or a whole one. Upstream wrote it
+        // in place without a sync: after a power cut sled found it empty and rewrote it
+        // ("empty/corrupt configuration file found").
+        let tmp = path.with_extension("tmp");
 
-        let mut f =
-            fs::OpenOptions::new().write(true).create(true).open(path)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
 
         io_fail!(self, "write_config bytes");
         f.write_all(&*bytes)?;
         io_fail!(self, "write_config crc");
         f.write_all(&crc_arr)?;
         io_fail!(self, "write_config post");
+        if !self.temporary {
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, &path)?;
+        if !self.temporary {
+            sync_dir(&self.get_path())?;
+        }
         Ok(())
     }
 
@@ -853,6 +880,20 @@ impl RunningConfig {
         }
 
         Ok(snap_dir.read_dir()?.filter_map(filter).collect())
+    }
+}
+
+/// flowthrough patch: makes the directory entries under `dir` (files created, renamed or
+/// removed in it) durable. On Linux a file's own fsync does not cover its name.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        fs::File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
     }
 }
 

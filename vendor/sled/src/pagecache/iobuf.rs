@@ -729,31 +729,13 @@ impl IoBufs {
             let f = &self.config.file;
             pwrite_all(f, data, log_offset)?;
             if !self.config.temporary {
-                #[cfg(target_os = "linux")]
-                {
-                    use std::os::unix::io::AsRawFd;
-                    let ret = unsafe {
-                        libc::sync_file_range(
-                            f.as_raw_fd(),
-                            i64::try_from(log_offset).unwrap(),
-                            i64::try_from(total_len).unwrap(),
-                            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                                | libc::SYNC_FILE_RANGE_WRITE
-                                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                        )
-                    };
-                    if ret < 0 {
-                        let err = std::io::Error::last_os_error();
-                        if let Some(libc::ENOSYS) = err.raw_os_error() {
-                            f.sync_all()?;
-                        } else {
-                            return Err(err.into());
-                        }
-                    }
-                }
-
-                #[cfg(not(target_os = "linux"))]
-                f.sync_all()?;
+                // flowthrough patch: `fdatasync` instead of `sync_file_range`. The latter only
+                // starts and waits for the write-back of the data pages: it does not make the
+                // file's new size durable as the log grows, nor flush the disk's write cache, so
+                // a buffer reported stable (and an AS acknowledged) could vanish in a power cut
+                // (vendor/README.md has the LazyFS measurement). One call still serves every
+                // record in the buffer, so group commit is kept.
+                f.sync_data()?;
             }
         }
         io_fail!(self, "buffer write post");

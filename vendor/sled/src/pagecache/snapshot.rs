@@ -559,6 +559,9 @@ fn write_snapshot(config: &RunningConfig, snapshot: &Snapshot) -> Result<()> {
 
     io_fail!(config, "snap write mv");
     std::fs::rename(&path_1, &path_2)?;
+    // flowthrough patch: the new snapshot's name must be durable before the old snapshots are
+    // removed below, or a power cut could leave the store with no snapshot at all.
+    crate::config::sync_dir(parent)?;
     io_fail!(config, "snap write mv post");
 
     trace!("renamed snapshot to {}", path_2.to_string_lossy());
