@@ -36,7 +36,16 @@ impl Traced {
         let serve = serve_command(config, "warn", Stdio::inherit());
         let mut command = Command::new("strace");
         command
-            .args(["-f", "-qq", "--seccomp-bpf", "-s", "65536", "-e", TRACED, "-o"])
+            .args([
+                "-f",
+                "-qq",
+                "--seccomp-bpf",
+                "-s",
+                "65536",
+                "-e",
+                TRACED,
+                "-o",
+            ])
             .arg(trace)
             .arg("--")
             .arg(serve.get_program())
@@ -204,11 +213,15 @@ fn judge(calls: &[Call], users: &[String]) -> Verdict {
     let mut checked = 0;
     for user in users {
         let Some(write) = db_writes.iter().find(|w| w.args.contains(user.as_str())) else {
-            failures.push(format!("{user}: its record was never written to the store's log"));
+            failures.push(format!(
+                "{user}: its record was never written to the store's log"
+            ));
             continue;
         };
         let Some(answer) = answers.iter().find(|a| a.began > write.returned) else {
-            failures.push(format!("{user}: no answer was sent after its record was written"));
+            failures.push(format!(
+                "{user}: no answer was sent after its record was written"
+            ));
             continue;
         };
         checked += 1;
