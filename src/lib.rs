@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod failover;
+pub mod listener;
 pub mod logging;
 pub mod mapping;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! The invariants of ARCHITECTURE.md, checked on the source: pure modules import no I/O, nothing
-//! imports the CLI, and `serve` never reaches the simulator.
+//! imports the CLI, the tunnel does not reach into the server, and `serve` never reaches the
+//! simulator.
 
 use std::path::{Path, PathBuf};
 
@@ -88,9 +89,19 @@ fn nothing_imports_the_cli() {
     }
 }
 
+/// The listener pipeline both modes share lives below both: the tunnel never reaches into the
+/// translating server, so either can change without the other.
+#[test]
+fn the_tunnel_does_not_import_the_server() {
+    let found = offenders("tunnel", &["crate::server"]);
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
 #[test]
 fn serve_never_reaches_the_simulator() {
-    for module in ["server", "delivery", "webex", "store", "tls", "tunnel"] {
+    for module in [
+        "server", "delivery", "webex", "store", "tls", "tunnel", "listener",
+    ] {
         let found = offenders(module, &["crate::sim", "sim::"]);
         assert!(found.is_empty(), "{}", found.join("\n"));
     }

@@ -99,7 +99,7 @@ struct Running {
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     store: Store,
-    tls: flowthrough::server::CurrentTls,
+    tls: flowthrough::listener::CurrentTls,
     tls_enabled: Option<rustls::ClientConfig>,
 }
 
@@ -117,7 +117,7 @@ fn start(world: &World, tunnel_toml: &str, names: &[(&str, Vec<IpAddr>)]) -> Run
         observer,
     )
     .unwrap();
-    let tls: flowthrough::server::CurrentTls = Arc::new(ArcSwap::new(loaded.config));
+    let tls: flowthrough::listener::CurrentTls = Arc::new(ArcSwap::new(loaded.config));
     let store = Store::open(&world.dir.path().join(format!("store-{}", rand_id()))).unwrap();
     let resolver = Resolver::Static(
         names

@@ -11,8 +11,9 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{AppState, CurrentTls, ServeError};
+use super::{AppState, ServeError};
 use crate::config::{ClientPolicyConfig, ServerConfig};
+use crate::listener::CurrentTls;
 use crate::metrics::{FileLabels, Metrics, OutcomeLabels};
 use crate::store::{Filter, now_ms};
 use crate::tls::{LoadedTls, Observer};

@@ -5,7 +5,6 @@
 //! start with a message that says what to fix; after that nothing is re-parsed on the hot path.
 
 mod admin;
-pub mod listener;
 mod provisioning;
 
 use std::net::SocketAddr;
@@ -23,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::webex::{TokenManager, TokenState, WebexClient};
 
-pub use listener::{CurrentTls, address_allowed};
+use crate::listener::{self, CurrentTls};
 pub use provisioning::Settings;
 
 /// Why `serve` could not start or stopped abnormally. Each says what to fix.

@@ -118,7 +118,7 @@ pub async fn handle(
         .request_seconds
         .observe(started.elapsed().as_secs_f64());
     let mut response = response;
-    if super::listener::connection_too_old(&req, state.settings.max_connection_age) {
+    if crate::listener::connection_too_old(&req, state.settings.max_connection_age) {
         // actix writes `Connection: close` and closes after this response.
         response
             .head_mut()

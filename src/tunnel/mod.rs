@@ -32,9 +32,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::config::TunnelConfig;
 use crate::failover::{Failover, Resolver};
+use crate::listener::{CurrentTls, address_allowed};
 use crate::metrics::{DirectionLabels, Metrics, OutcomeLabels};
 use crate::secret::{BasicCredentials, PasswordAccount};
-use crate::server::listener::{CurrentTls, address_allowed};
 use crate::store::{AuditEvent, AuditRecord, Store, now_ms};
 
 pub use check::{CheckLine, Level, check};

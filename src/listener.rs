@@ -1,4 +1,7 @@
-//! The HTTPS listener in front of an actix-web app: client-address allow-list *before* TLS,
+//! The mTLS listener pipeline below both `server` and `tunnel`: the client-address allow-list
+//! checked *before* TLS and the TLS server config current at each handshake ([`CurrentTls`],
+//! swapped whole on reload) serve both; for the provisioning and admin apps it also builds the
+//! HTTPS listener in front of an actix-web app:
 //! `TCP_NODELAY`, a TLS handshake with whatever server config is current (so a reload applies to
 //! the next handshake without touching live connections), the client identity handed to request
 //! handlers, and a maximum connection age.
