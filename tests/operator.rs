@@ -87,6 +87,14 @@ async fn doctor_passes_a_good_deployment_and_names_the_fix_for_a_bad_one() {
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains("✓ server name"), "{stdout}");
     assert!(
+        !world.path("store").exists(),
+        "a check changes nothing: doctor does not create the store"
+    );
+    assert!(
+        stdout.contains("✓ Webex token: none stored yet"),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains(" store volume: ") && stdout.contains(" GiB free of "),
         "{stdout}"
     );
@@ -159,6 +167,7 @@ async fn outbox_commands_work_on_a_stopped_store_and_through_a_running_server() 
                 vec![entry("dead@acme.example"), entry("gone@acme.example")],
                 flowthrough::store::now_ms(),
             )
+            .await
             .unwrap();
         store
             .finish(
@@ -169,6 +178,7 @@ async fn outbox_commands_work_on_a_stopped_store_and_through_a_running_server() 
                 },
                 None,
             )
+            .await
             .unwrap();
         store.flush().await.unwrap();
         ids

@@ -175,7 +175,7 @@ async fn process(
     let document = match oci::parse(body, &limits) {
         Ok(document) => document,
         Err(error) => {
-            keep_document(state, &client, &error.to_string(), body);
+            keep_document(state, &client, &error.to_string(), body).await;
             return match error.class() {
                 ErrorClass::TooLarge => plain(StatusCode::PAYLOAD_TOO_LARGE, &error.to_string()),
                 ErrorClass::NotOci => plain(
@@ -211,6 +211,7 @@ async fn process(
                 None => state
                     .store
                     .user(user)
+                    .await
                     .ok()
                     .flatten()
                     .and_then(|u| u.template),
@@ -258,7 +259,8 @@ async fn process(
                         &client,
                         &format!("unsupported command {}", request.name),
                         body,
-                    );
+                    )
+                    .await;
                 }
                 steps.push(CommandStep::new(
                     request,
@@ -277,7 +279,7 @@ async fn process(
         let user_id = mapping::command_user_id(&request.command).map(str::to_owned);
         let last_profile = match &user_id {
             Some(user) if mapping::uses_last_profile(&request.command) => {
-                state.store.profile(user).ok().flatten()
+                state.store.profile(user).await.ok().flatten()
             }
             _ => None,
         };
@@ -292,7 +294,9 @@ async fn process(
         for note in plan.notes() {
             tracing::info!(command = %request.name, user_id = user_id.as_deref().unwrap_or(""), "{note}");
         }
-        let step = match remember(state, request, &template_name, last_profile.as_ref(), &plan) {
+        let step = match remember(state, request, &template_name, last_profile.as_ref(), &plan)
+            .await
+        {
             Err(e) => {
                 tracing::error!(error = %e, "cannot write to the store");
                 return plain(
@@ -309,9 +313,12 @@ async fn process(
                     call,
                     client: client.clone(),
                 };
-                let stored = state.store.enqueue_announced(vec![entry], now_ms(), |id| {
-                    watches.push((id, engine.watch_new(id)));
-                });
+                let stored = state
+                    .store
+                    .enqueue_announced(vec![entry], now_ms(), |id| {
+                        watches.push((id, engine.watch_new(id)));
+                    })
+                    .await;
                 match stored {
                     Ok(ids) => {
                         user_ids.push(user);
@@ -501,7 +508,7 @@ async fn conclude(
         responses.push(response);
     }
     for record in &audit_pending {
-        if let Err(e) = state.store.append_audit(record) {
+        if let Err(e) = state.store.append_audit(record).await {
             tracing::warn!(error = %e, "cannot write an audit record");
         }
     }
@@ -511,7 +518,7 @@ async fn conclude(
 
 /// Update what the adapter remembers about the user and customer, and return the Webex call to
 /// store for this plan, if any.
-fn remember(
+async fn remember(
     state: &AppState,
     request: &Request,
     template: &str,
@@ -521,12 +528,16 @@ fn remember(
     let store = &state.store;
     match &request.command {
         Command::UserAdd(profile) => {
-            store.save_profile(profile)?;
-            store.map_user(&profile.user_id, None, Some(template))?;
+            store.save_profile(profile).await?;
+            store
+                .map_user(&profile.user_id, None, Some(template))
+                .await?;
         }
         Command::UserModify(changes) => {
             if let Some(profile) = last_profile {
-                store.save_profile(&mapping::apply_changes(profile, changes))?;
+                store
+                    .save_profile(&mapping::apply_changes(profile, changes))
+                    .await?;
             }
         }
         _ => {}
@@ -539,13 +550,15 @@ fn remember(
             if let Some(warning) = &customer.mode_mismatch {
                 tracing::warn!(service_provider_id = %customer.service_provider_id, "{warning}");
             }
-            store.record_customer(&Customer {
-                service_provider_id: customer.service_provider_id.clone(),
-                group_id: customer.group_id.clone(),
-                name: customer.name.clone(),
-                enterprise: customer.enterprise,
-                template: template.to_owned(),
-            })?;
+            store
+                .record_customer(&Customer {
+                    service_provider_id: customer.service_provider_id.clone(),
+                    group_id: customer.group_id.clone(),
+                    name: customer.name.clone(),
+                    enterprise: customer.enterprise,
+                    template: template.to_owned(),
+                })
+                .await?;
             None
         }
         Plan::NoOp { reason } => {
@@ -585,7 +598,7 @@ fn outcome_label(response: &ResponseCommand) -> String {
 }
 
 /// Keep a document (or a command) flowthrough could not use, redacted, for the operator.
-fn keep_document(state: &AppState, client: &str, reason: &str, body: &[u8]) {
+async fn keep_document(state: &AppState, client: &str, reason: &str, body: &[u8]) {
     let record = AuditRecord {
         at_ms: now_ms(),
         client: client.to_owned(),
@@ -594,7 +607,7 @@ fn keep_document(state: &AppState, client: &str, reason: &str, body: &[u8]) {
             excerpt: oci::redacted_excerpt(body, EXCERPT_BYTES),
         },
     };
-    if let Err(e) = state.store.append_audit(&record) {
+    if let Err(e) = state.store.append_audit(&record).await {
         tracing::warn!(error = %e, "cannot keep the unreadable document in the audit");
     }
 }

@@ -2,6 +2,8 @@
 //! config pointing flowthrough at it, and an mTLS HTTP client playing the Application Server.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
