@@ -1039,6 +1039,103 @@ calling_code = "+1"
     }
 
     #[test]
+    fn the_postgres_store_keys_are_read_with_their_defaults() {
+        assert_eq!(parse(TEMPLATE).unwrap().store.backend, StoreBackend::Sled);
+        let text = format!(
+            "{TEMPLATE}\n[store]\nbackend = \"postgres\"\n\n[store.postgres]\nhost = \"db.example.net\"\ndbname = \"flowthrough\"\nuser = \"flowthrough\"\nca_bundle = \"/etc/flowthrough/db-ca.pem\"\n"
+        );
+        let store = parse(&text).unwrap().store;
+        assert_eq!(store.backend, StoreBackend::Postgres);
+        let pg = store.postgres.unwrap();
+        assert_eq!(pg.tls, PostgresTls::VerifyFull);
+        assert_eq!(
+            (pg.pool_size, pg.connect_timeout_ms, pg.statement_timeout_ms),
+            (16, 5000, 10_000)
+        );
+        assert_eq!(pg.password_source().env, "FLOWTHROUGH_PG_PASSWORD");
+        let url = format!(
+            "{TEMPLATE}\n[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"postgresql://flowthrough@db:5433/ft?sslmode=disable\"\ntls = \"require\"\n"
+        );
+        assert_eq!(
+            parse(&url).unwrap().store.postgres.unwrap().tls,
+            PostgresTls::Require
+        );
+    }
+
+    #[test]
+    fn a_bad_postgres_store_section_names_its_line_and_key() {
+        let section = |body: &str| {
+            format!("{TEMPLATE}\n[store]\nbackend = \"postgres\"\n\n[store.postgres]\n{body}")
+        };
+        for (body, key, line, says) in [
+            (
+                "url = \"postgresql://flowthrough:s3cret@db/ft\"\ntls = \"disable\"\n",
+                "store.postgres.url",
+                Some(14),
+                "holds a password",
+            ),
+            (
+                "url = \"host=db user=ft password=s3cret\"\ntls = \"disable\"\n",
+                "store.postgres.url",
+                Some(14),
+                "holds a password",
+            ),
+            (
+                "url = \"postgres://db/ft?user=ft&password=x\"\ntls = \"disable\"\n",
+                "store.postgres.url",
+                Some(14),
+                "holds a password",
+            ),
+            (
+                "url = \"postgresql://ft@db/ft\"\nhost = \"db\"\ntls = \"disable\"\n",
+                "store.postgres.url",
+                Some(14),
+                "either the url or",
+            ),
+            (
+                "host = \"db\"\nuser = \"ft\"\ntls = \"disable\"\n",
+                "store.postgres.dbname",
+                Some(13),
+                "required",
+            ),
+            (
+                "host = \"db\"\ndbname = \"ft\"\nuser = \"ft\"\n",
+                "store.postgres.ca_bundle",
+                Some(13),
+                "verify-full",
+            ),
+            (
+                "url = \"postgresql://ft@db/ft\"\ntls = \"disable\"\npool_size = 0\n",
+                "store.postgres.pool_size",
+                Some(16),
+                "at least 1",
+            ),
+        ] {
+            let (got_line, got_key, message) = invalid(&section(body));
+            assert_eq!(
+                (got_key.as_str(), got_line),
+                (key, line),
+                "{body}: {message}"
+            );
+            assert!(message.contains(says), "{body}: {message}");
+        }
+        let (_, key, message) = invalid(&format!("{TEMPLATE}\n[store]\nbackend = \"postgres\"\n"));
+        assert_eq!(key, "store.backend");
+        assert!(message.contains("[store.postgres]"), "{message}");
+        let err = parse(&section("tls = \"verify-ca\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("test.toml:14") && err.contains("verify-ca"),
+            "{err}"
+        );
+        let err = parse(&section("passwrd = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
     fn a_store_cache_of_zero_is_refused() {
         let text = format!("{TEMPLATE}\n[store]\ncache_mib = 0\n");
         let (line, key, message) = invalid(&text);

@@ -91,6 +91,11 @@ pub struct Limits {
     pub max_parallel_users: usize,
     /// An entry older than this is dead instead of tried again.
     pub max_entry_age: Duration,
+    /// How often to look in the store for users with pending work nobody submitted: on a shared
+    /// store (PostgreSQL) a command can be stored without reaching this engine (its request
+    /// dropped between the commit and the hand-over, an operator's retry from another host, and
+    /// with several nodes another node's work). None: every command comes through `submit`.
+    pub poll: Option<Duration>,
 }
 
 /// Users whose head entry may be tried now, in the order they became ready, each once.
@@ -187,8 +192,29 @@ impl Engine {
         for user in self.inner.store.users_with_pending().await? {
             self.submit(&user);
         }
+        if let Some(every) = self.inner.limits.poll {
+            let engine = self.clone();
+            tokio::spawn(async move { engine.poll(every).await });
+        }
         let engine = self.clone();
         Ok(tokio::spawn(async move { engine.run().await }))
+    }
+
+    /// Submit every user with pending work, every `every`, until the engine stops. A user
+    /// backing off or waiting for the probe stays where it is (`submit` leaves it).
+    async fn poll(&self, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if self.lock().stopping {
+                return;
+            }
+            match self.inner.store.users_with_pending().await {
+                Ok(users) => users.iter().for_each(|user| self.submit(user)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot look for pending work; will look again")
+                }
+            }
+        }
     }
 
     /// A user has new pending work.
@@ -607,6 +633,7 @@ mod tests {
 
     fn limits(parallel: usize) -> Limits {
         Limits {
+            poll: None,
             max_parallel_users: parallel,
             max_entry_age: Duration::from_secs(3600),
         }

@@ -104,7 +104,7 @@ fn readiness(state: &AppState) -> (bool, Vec<String>) {
     }
     if let Some(failure) = state.store.write_failure() {
         reasons.push(format!(
-            "the store ({}) cannot be written ({failure}); every command is refused with 503 — {}",
+            "the store cannot be written ({}: {failure}); every command is refused with 503 — {}",
             state.store.backend_name(),
             state.store.write_failure_remedy()
         ));

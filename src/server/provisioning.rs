@@ -158,7 +158,10 @@ async fn process(
     if state.store.write_failure().is_some() {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the store cannot be written (see /status on the admin listener); nothing was accepted — free space on or repair the data volume and restart flowthrough, then the AS can retry",
+            &format!(
+                "the store cannot be written (see /status on the admin listener); nothing was accepted — {}; then the AS can retry",
+                state.store.write_failure_remedy()
+            ),
         );
     }
     if !content_type_ok(req) {

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{SledStore, StoreError, decode, encode};
 
-const AUDIT: &str = "audit";
-const DOCUMENTS: &str = "documents";
+pub(super) const AUDIT: &str = "audit";
+pub(super) const DOCUMENTS: &str = "documents";
 
 /// One audit record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

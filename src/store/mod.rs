@@ -9,6 +9,7 @@
 
 mod audit;
 mod commit;
+pub mod copy;
 mod outbox;
 pub mod postgres;
 mod sled_backend;
@@ -267,7 +268,7 @@ impl Store {
     pub fn write_failure_remedy(&self) -> &'static str {
         match &self.backend {
             Backend::Sled(_) => {
-                "free space on or repair the volume of store.path, then restart flowthrough"
+                "free space on or repair the data volume of store.path, then restart flowthrough"
             }
             Backend::Postgres(_) => {
                 "bring PostgreSQL back (reachable, writable, with free space); flowthrough resumes by itself"

@@ -26,7 +26,7 @@ use serde_json::value::RawValue;
 
 use super::{SledStore, StoreError, decode, encode};
 
-const OUTBOX: &str = "outbox";
+pub(super) const OUTBOX: &str = "outbox";
 const USER_QUEUE: &str = "user_queue";
 const DEAD: &str = "dead";
 

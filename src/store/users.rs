@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use super::{SledStore, StoreError, decode, encode};
 use crate::oci::UserProfile;
 
-const USERS: &str = "users";
-const PROFILES: &str = "profiles";
+pub(super) const USERS: &str = "users";
+pub(super) const PROFILES: &str = "profiles";
 const CUSTOMERS: &str = "customers";
 
 /// A user known to the adapter.

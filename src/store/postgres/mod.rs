@@ -17,6 +17,7 @@
 //! before any work; a probe clears it when a write succeeds again.
 
 mod connect;
+mod import;
 mod migrate;
 mod outbox;
 mod records;
