@@ -357,3 +357,70 @@ async fn a_sled_store_copied_into_postgres_is_served_from_there() {
         "new entries come after the copied ones: {late}"
     );
 }
+
+/// TLS to the database as configured, with rustls: a server that takes TLS connections only is
+/// reached with `require` and with `verify-full` against its CA, refused plain and refused under
+/// another CA. `doctor` reports the database and, on an empty one, changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_used_as_configured_and_doctor_reports_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pki) = flowthrough::certs::DevPki::generate(&dir.path().join("pki")).unwrap();
+    let (_, other) = flowthrough::certs::DevPki::generate(&dir.path().join("other")).unwrap();
+    let cluster = PgCluster::start_tls(&pki.server_cert, &pki.server_key);
+    let db = cluster.database();
+    let section = |tls: &str| cluster.store_section_tls(&db, tls);
+    let open = |text: String| async move {
+        let config = flowthrough::config::Config::parse(&text, Path::new("pg.toml")).unwrap();
+        Store::open_configured(&config.store).await
+    };
+
+    let plain = open(section("tls = \"disable\""))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(plain.contains("no encryption"), "{plain}");
+    open(section("tls = \"require\"")).await.unwrap();
+    let verified = format!(
+        "tls = \"verify-full\"\nca_bundle = \"{}\"",
+        pki.ca_cert.display()
+    );
+    let store = open(section(&verified)).await.unwrap();
+    store.enqueue(vec![], 1).await.unwrap();
+    drop(store);
+    let wrong_ca = format!(
+        "tls = \"verify-full\"\nca_bundle = \"{}\"",
+        other.ca_cert.display()
+    );
+    let refused = open(section(&wrong_ca)).await.unwrap_err().to_string();
+    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+
+    let config = dir.path().join("flowthrough.toml");
+    std::fs::write(&config, section(&verified)).unwrap();
+    let (_, out, err) = flowthrough(&["doctor", "--offline", "--config", path(&config)]);
+    for line in [
+        "✓ PostgreSQL reachable: 127.0.0.1:",
+        "✓ PostgreSQL TLS: verify-full",
+        "✓ PostgreSQL schema: version 1 (current)",
+        "✓ PostgreSQL durability: fsync = on, synchronous_commit = on",
+        "✓ PostgreSQL commit: one commit took",
+        "✓ store: 0 pending, 0 dead",
+    ] {
+        assert!(out.contains(line), "{line:?} missing:\n{out}{err}");
+    }
+
+    let empty = cluster.database();
+    std::fs::write(&config, cluster.store_section_tls(&empty, &verified)).unwrap();
+    let (_, out, err) = flowthrough(&["doctor", "--offline", "--config", path(&config)]);
+    assert!(
+        out.contains("! PostgreSQL schema: version 0, 001_init to apply"),
+        "{out}{err}"
+    );
+    assert_eq!(
+        cluster.psql(
+            &empty,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        "0",
+        "a check changes nothing"
+    );
+}

@@ -52,6 +52,16 @@ fn as_root() -> bool {
 impl PgCluster {
     /// A new cluster, started and accepting connections.
     pub fn start() -> PgCluster {
+        PgCluster::start_with(None)
+    }
+
+    /// A cluster that accepts TLS connections only (`hostssl` in pg_hba.conf), with this
+    /// server certificate chain and key (PEM).
+    pub fn start_tls(certificate: &Path, key: &Path) -> PgCluster {
+        PgCluster::start_with(Some((certificate, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> PgCluster {
         let bin = bindir();
         let dir = tempfile::Builder::new()
             .prefix("flowthrough-pg-")
@@ -63,6 +73,15 @@ impl PgCluster {
             port: super::free_port(),
             user: "flowthrough".to_owned(),
         };
+        if let Some((certificate, key)) = tls {
+            std::fs::copy(certificate, cluster.dir.path().join("server.crt")).unwrap();
+            std::fs::copy(key, cluster.dir.path().join("server.key")).unwrap();
+            std::fs::set_permissions(
+                cluster.dir.path().join("server.key"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
+        }
         if as_root() {
             let status = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -85,12 +104,23 @@ impl PgCluster {
                 "--no-instructions",
             ],
         );
-        let settings = format!(
+        let mut settings = format!(
             "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
              fsync = on\nsynchronous_commit = on\nmax_connections = 200\nshared_buffers = 32MB\n",
             cluster.port,
             cluster.dir.path().display()
         );
+        if tls.is_some() {
+            let dir = cluster.dir.path().display();
+            settings.push_str(&format!(
+                "ssl = on\nssl_cert_file = '{dir}/server.crt'\nssl_key_file = '{dir}/server.key'\n"
+            ));
+            std::fs::write(
+                cluster.data().join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .unwrap();
+        }
         let conf = cluster.data().join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf).unwrap();
         text.push_str(&settings);
@@ -228,9 +258,14 @@ impl PgCluster {
 
     /// The `[store]` section of a flowthrough config using `dbname` of this cluster.
     pub fn store_section(&self, dbname: &str) -> String {
+        self.store_section_tls(dbname, "tls = \"disable\"")
+    }
+
+    /// [`PgCluster::store_section`] with these TLS keys (`tls = …`, `ca_bundle = …`).
+    pub fn store_section_tls(&self, dbname: &str, tls: &str) -> String {
         format!(
             "[store]\nbackend = \"postgres\"\n\n[store.postgres]\nhost = \"127.0.0.1\"\nport = {}\n\
-             dbname = \"{dbname}\"\nuser = \"{}\"\ntls = \"disable\"\npool_size = 8\n\
+             dbname = \"{dbname}\"\nuser = \"{}\"\n{tls}\npool_size = 8\n\
              connect_timeout_ms = 2000\n",
             self.port, self.user
         )
