@@ -12,7 +12,7 @@ use flowthrough::oci::UserProfile;
 use flowthrough::secret::Secret;
 use flowthrough::store::{
     AuditEvent, AuditQuery, AuditRecord, Call, Customer, EntryId, EntryState, Filter, NewEntry,
-    Progress, Store, StoreError, TokenRecord, TokenState,
+    Progress, Remembered, Store, StoreError, TokenRecord, TokenState,
 };
 
 /// A store of one backend, and what it takes to open it again as a restarted node would.
@@ -108,7 +108,54 @@ both_backends!(
     documents_are_capped_apart_from_commands,
     the_token_record_round_trips,
     flushes_complete_for_every_ticket,
+    accepting_a_command_writes_its_records_and_its_entry,
 );
+
+/// On PostgreSQL a command's records and entry are one transaction: when one statement fails,
+/// nothing of it is stored, and the connection it failed on (left inside the transaction) is not
+/// handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_accept_stores_nothing_on_postgres() {
+    let h = Harness::postgres().await;
+    let store = h.store();
+    let remembered = Remembered {
+        profile: Some(UserProfile {
+            user_id: "half@acme.example".into(),
+            ..UserProfile::default()
+        }),
+        template: Some(("half@acme.example".into(), "acme".into())),
+        customer: None,
+    };
+    // PostgreSQL text cannot hold a NUL: the entry's insert fails after the profile's.
+    let failed = store
+        .accept(
+            remembered,
+            Some(entry("half\0@acme.example", "add")),
+            1,
+            |_| panic!("nothing is announced that was not stored"),
+        )
+        .await;
+    assert!(
+        matches!(failed, Err(StoreError::Database { .. })),
+        "{failed:?}"
+    );
+    assert_eq!(store.profile("half@acme.example").await.unwrap(), None);
+    assert_eq!(store.user("half@acme.example").await.unwrap(), None);
+    for i in 0..20 {
+        let id = store
+            .accept(
+                Remembered::default(),
+                Some(entry(&format!("u{i}"), "add")),
+                2,
+                |_| {},
+            )
+            .await
+            .unwrap();
+        assert!(id.is_some());
+    }
+    assert_eq!(store.pending_summary().await.unwrap().0, 20);
+    assert_eq!(store.write_failure(), None, "a bad record is not an outage");
+}
 
 fn entry(user: &str, command: &str) -> NewEntry {
     NewEntry {
@@ -749,4 +796,65 @@ async fn flushes_complete_for_every_ticket(h: Harness) {
         task.await.unwrap();
     }
     assert_eq!(h.store().pending_summary().await.unwrap().0, 32);
+}
+
+/// What the handler stores for one command, in one call: the profile, the user's template, a
+/// customer, the entry (announced), or any of them alone.
+async fn accepting_a_command_writes_its_records_and_its_entry(h: Harness) {
+    let store = h.store();
+    let profile = UserProfile {
+        user_id: "new@acme.example".into(),
+        first_name: "Neu".into(),
+        ..UserProfile::default()
+    };
+    let customer = Customer {
+        service_provider_id: "acme-ent".into(),
+        group_id: None,
+        name: None,
+        enterprise: true,
+        template: "acme".into(),
+    };
+    store
+        .map_user("new@acme.example", Some("sub-9"), None)
+        .await
+        .unwrap();
+    let mut announced = Vec::new();
+    let id = store
+        .accept(
+            Remembered {
+                profile: Some(profile.clone()),
+                template: Some(("new@acme.example".into(), "acme".into())),
+                customer: Some(customer.clone()),
+            },
+            Some(entry("new@acme.example", "add")),
+            7,
+            |id| announced.push(id),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(announced, vec![id]);
+    assert_eq!(
+        store.head_of("new@acme.example").await.unwrap().unwrap().id,
+        id
+    );
+    assert_eq!(
+        store.profile("new@acme.example").await.unwrap(),
+        Some(profile)
+    );
+    let record = store.user("new@acme.example").await.unwrap().unwrap();
+    assert_eq!(
+        (record.subscriber_id.as_deref(), record.template.as_deref()),
+        (Some("sub-9"), Some("acme")),
+        "the template is added, the subscriber id kept"
+    );
+    assert_eq!(store.customers().await.unwrap(), vec![customer]);
+    let nothing_queued = store
+        .accept(Remembered::default(), None, 8, |_| {
+            panic!("no entry, no id")
+        })
+        .await
+        .unwrap();
+    assert_eq!(nothing_queued, None);
+    assert_eq!(store.pending_summary().await.unwrap().0, 1);
 }

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::pg::PgCluster;
@@ -12,22 +11,6 @@ use common::*;
 use flowthrough::sim::SimOptions;
 use flowthrough::store::{AuditQuery, Customer, EntryState, Filter, Store, StoreError};
 use serde_json::json;
-
-fn flowthrough(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_flowthrough"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_applies_once_checks_and_refuses_a_newer_schema() {

@@ -18,7 +18,7 @@ use crate::mapping::{self, MapContext, OciError, Plan};
 use crate::oci::{self, Command, ErrorClass, ParseLimits, Request, ResponseCommand, Session};
 use crate::secret::BasicCredentials;
 use crate::store::{
-    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, StoreError, now_ms,
+    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, Remembered, StoreError, now_ms,
 };
 
 /// How much of a document the audit keeps when flowthrough cannot use it.
@@ -297,51 +297,52 @@ async fn process(
         for note in plan.notes() {
             tracing::info!(command = %request.name, user_id = user_id.as_deref().unwrap_or(""), "{note}");
         }
-        let step = match remember(state, request, &template_name, last_profile.as_ref(), &plan)
-            .await
-        {
-            Err(e) => {
-                tracing::error!(error = %e, "cannot write to the store");
-                return plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the store cannot be written; nothing was accepted — check the data volume, then the AS can retry",
-                );
-            }
-            Ok(Some(call)) => {
-                let user = plan.user_id().unwrap_or_default().to_owned();
-                let entry = NewEntry {
-                    user_id: user.clone(),
-                    template: template_name.clone(),
-                    command: request.name.clone(),
-                    call,
-                    client: client.clone(),
-                };
-                let stored = state
-                    .store
-                    .enqueue_announced(vec![entry], now_ms(), |id| {
-                        watches.push((id, engine.watch_new(id)));
-                    })
-                    .await;
-                match stored {
-                    Ok(ids) => {
-                        user_ids.push(user);
-                        Step::Queued {
-                            id: ids[0],
-                            on_delivery: plan.response(request.echo.clone()),
-                            echo: request.echo.clone(),
-                        }
-                    }
-                    Err(e) => {
-                        engine.unwatch(watches.iter().map(|(id, _)| *id));
-                        tracing::error!(error = %e, "cannot write to the outbox");
-                        return plain(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "the outbox cannot be written; nothing was accepted — check the data volume, then the AS can retry",
-                        );
-                    }
+        let refused = || {
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "the store cannot be written; nothing was accepted — {}; then the AS can retry",
+                    state.store.write_failure_remedy()
+                ),
+            )
+        };
+        let (remembered, call) =
+            match what_to_keep(request, &template_name, last_profile.as_ref(), &plan) {
+                Ok(kept) => kept,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode a command for the store");
+                    return refused();
+                }
+            };
+        let user = plan.user_id().unwrap_or_default().to_owned();
+        let entry = call.map(|call| NewEntry {
+            user_id: user.clone(),
+            template: template_name.clone(),
+            command: request.name.clone(),
+            call,
+            client: client.clone(),
+        });
+        let stored = state
+            .store
+            .accept(remembered, entry, now_ms(), |id| {
+                watches.push((id, engine.watch_new(id)));
+            })
+            .await;
+        let step = match stored {
+            Ok(Some(id)) => {
+                user_ids.push(user);
+                Step::Queued {
+                    id,
+                    on_delivery: plan.response(request.echo.clone()),
+                    echo: request.echo.clone(),
                 }
             }
             Ok(None) => Step::Answered(plan.response(request.echo.clone())),
+            Err(e) => {
+                engine.unwatch(watches.iter().map(|(id, _)| *id));
+                tracing::error!(error = %e, "cannot write to the store");
+                return refused();
+            }
         };
         steps.push(CommandStep::new(request, Some(template_name), step));
     }
@@ -519,33 +520,27 @@ async fn conclude(
     Ok(responses)
 }
 
-/// Update what the adapter remembers about the user and customer, and return the Webex call to
-/// store for this plan, if any.
-async fn remember(
-    state: &AppState,
+/// What a command leaves in the store: what the adapter remembers about the user and customer,
+/// and the Webex call to queue for this plan, if any.
+fn what_to_keep(
     request: &Request,
     template: &str,
     last_profile: Option<&oci::UserProfile>,
     plan: &Plan,
-) -> Result<Option<Call>, crate::store::StoreError> {
-    let store = &state.store;
+) -> Result<(Remembered, Option<Call>), crate::store::StoreError> {
+    let mut remembered = Remembered::default();
     match &request.command {
         Command::UserAdd(profile) => {
-            store.save_profile(profile).await?;
-            store
-                .map_user(&profile.user_id, None, Some(template))
-                .await?;
+            remembered.profile = Some(profile.clone());
+            remembered.template = Some((profile.user_id.clone(), template.to_owned()));
         }
         Command::UserModify(changes) => {
-            if let Some(profile) = last_profile {
-                store
-                    .save_profile(&mapping::apply_changes(profile, changes))
-                    .await?;
-            }
+            remembered.profile =
+                last_profile.map(|profile| mapping::apply_changes(profile, changes));
         }
         _ => {}
     }
-    Ok(match plan {
+    let call = match plan {
         Plan::Provision { body, .. } => Some(Call::provision(body)?),
         Plan::Update { body, .. } if !body.is_empty() => Some(Call::update(body)?),
         Plan::Remove { .. } => Some(Call::Remove),
@@ -553,15 +548,13 @@ async fn remember(
             if let Some(warning) = &customer.mode_mismatch {
                 tracing::warn!(service_provider_id = %customer.service_provider_id, "{warning}");
             }
-            store
-                .record_customer(&Customer {
-                    service_provider_id: customer.service_provider_id.clone(),
-                    group_id: customer.group_id.clone(),
-                    name: customer.name.clone(),
-                    enterprise: customer.enterprise,
-                    template: template.to_owned(),
-                })
-                .await?;
+            remembered.customer = Some(Customer {
+                service_provider_id: customer.service_provider_id.clone(),
+                group_id: customer.group_id.clone(),
+                name: customer.name.clone(),
+                enterprise: customer.enterprise,
+                template: template.to_owned(),
+            });
             None
         }
         Plan::NoOp { reason } => {
@@ -569,7 +562,8 @@ async fn remember(
             None
         }
         Plan::Update { .. } | Plan::Reject { .. } => None,
-    })
+    };
+    Ok((remembered, call))
 }
 
 /// The metric label of a command: its kind, not its name, so release suffixes and unknown names

@@ -94,6 +94,17 @@ enum Backend {
     Postgres(PgStore),
 }
 
+/// What the adapter remembers from one command (written by [`Store::accept`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Remembered {
+    /// The last profile seen for its user.
+    pub profile: Option<UserProfile>,
+    /// A user and the template it was provisioned with.
+    pub template: Option<(String, String)>,
+    /// A customer recorded from a group or service-provider add.
+    pub customer: Option<Customer>,
+}
+
 /// A request's place in the store's durability: on sled, its place in the group commit; on
 /// PostgreSQL nothing, since every write there has committed before it returned.
 #[derive(Debug)]
@@ -251,6 +262,40 @@ impl Store {
                 let ids = p.enqueue(entries, now_ms).await?;
                 ids.iter().copied().for_each(&mut announce);
                 Ok(ids)
+            }
+        }
+    }
+
+    /// Write what one command leaves behind: the records it changes and its outbox entry, the
+    /// entry's id told to `announce` as [`Store::enqueue_announced`] does. On PostgreSQL one
+    /// transaction, its statements sent together: one round trip to the acknowledgement.
+    pub async fn accept(
+        &self,
+        remembered: Remembered,
+        entry: Option<NewEntry>,
+        now_ms: u64,
+        mut announce: impl FnMut(EntryId),
+    ) -> Result<Option<EntryId>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => {
+                if let Some(profile) = &remembered.profile {
+                    s.save_profile(profile)?;
+                }
+                if let Some((user, template)) = &remembered.template {
+                    s.map_user(user, None, Some(template))?;
+                }
+                if let Some(customer) = &remembered.customer {
+                    s.record_customer(customer)?;
+                }
+                match entry {
+                    Some(entry) => Ok(s.enqueue_announced(vec![entry], now_ms, announce)?.pop()),
+                    None => Ok(None),
+                }
+            }
+            Backend::Postgres(p) => {
+                let id = p.accept(remembered, entry, now_ms).await?;
+                id.into_iter().for_each(&mut announce);
+                Ok(id)
             }
         }
     }

@@ -5,7 +5,9 @@
 use tokio_postgres::Row;
 
 use super::{Access, OpError, PgStore, to_i64, to_u64};
-use crate::store::{Call, Entry, EntryId, EntryState, Filter, NewEntry, Progress, StoreError};
+use crate::store::{
+    Call, Entry, EntryId, EntryState, Filter, NewEntry, Progress, Remembered, StoreError,
+};
 
 const COLUMNS: &str = "id, created_ms, user_id, template, command, call::text, client, state, \
                        ended_ms, subscriber_id, webex_status, dead_reason, attempts, last_error, \
@@ -19,6 +21,16 @@ const PRUNE_BATCH: i64 = 5000;
 const INSERT: &str = "WITH lane AS (INSERT INTO lanes (user_id) VALUES ($2) ON CONFLICT DO NOTHING) \
      INSERT INTO outbox (created_ms, user_id, template, command, call, client, state) \
      VALUES ($1, $2, $3, $4, $5::text::json, $6, 'pending') RETURNING id";
+
+pub(super) const SAVE_PROFILE: &str = "INSERT INTO profiles (user_id, profile) VALUES ($1, $2::text::json) \
+     ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile";
+
+const MAP_TEMPLATE: &str = "INSERT INTO user_map (user_id, template) VALUES ($1, $2) \
+     ON CONFLICT (user_id) DO UPDATE SET template = excluded.template";
+
+pub(super) const RECORD_CUSTOMER: &str = "INSERT INTO customers (service_provider_id, group_id, record) \
+     VALUES ($1, $2, $3::text::json) \
+     ON CONFLICT (service_provider_id, group_id) DO UPDATE SET record = excluded.record";
 
 fn entry_from(row: &Row) -> Result<Entry, OpError> {
     let state: &str = row.try_get(7)?;
@@ -155,6 +167,116 @@ impl PgStore {
                 }
                 tx.commit().await?;
                 Ok(ids)
+            })
+        })
+        .await
+    }
+
+    /// [`crate::store::Store::accept`]: the records and the entry in one transaction whose
+    /// statements are sent together (tokio-postgres pipelines requests made at once), so the
+    /// commit is one round trip away. A connection whose pipeline failed is not given back to
+    /// the pool: it may be left inside the transaction.
+    pub async fn accept(
+        &self,
+        remembered: Remembered,
+        entry: Option<NewEntry>,
+        now_ms: u64,
+    ) -> Result<Option<EntryId>, StoreError> {
+        let profile = remembered
+            .profile
+            .as_ref()
+            .map(|p| {
+                serde_json::to_string(p)
+                    .map(|raw| (p.user_id.clone(), raw))
+                    .map_err(|e| StoreError::Io(format!("cannot encode a profile: {e}")))
+            })
+            .transpose()?;
+        let customer = remembered
+            .customer
+            .as_ref()
+            .map(|c| {
+                serde_json::to_string(c)
+                    .map(|raw| (c.service_provider_id.clone(), c.group_id.clone(), raw))
+                    .map_err(|e| StoreError::Io(format!("cannot encode a customer: {e}")))
+            })
+            .transpose()?;
+        let template = remembered.template;
+        let entry = entry
+            .map(|e| {
+                Ok::<_, StoreError>((
+                    e.user_id,
+                    e.template,
+                    e.command,
+                    encode_call(&e.call)?,
+                    e.client,
+                ))
+            })
+            .transpose()?;
+        let created = to_i64(now_ms);
+        self.run("store the command", Access::Write, move |c| {
+            Box::pin(async move {
+                let statements = (
+                    c.prepare_cached(SAVE_PROFILE).await?,
+                    c.prepare_cached(MAP_TEMPLATE).await?,
+                    c.prepare_cached(RECORD_CUSTOMER).await?,
+                    c.prepare_cached(INSERT).await?,
+                );
+                type Pending<'a> = std::pin::Pin<
+                    Box<
+                        dyn std::future::Future<Output = Result<Option<i64>, tokio_postgres::Error>>
+                            + Send
+                            + 'a,
+                    >,
+                >;
+                let mut steps: Vec<Pending<'_>> = vec![Box::pin(async {
+                    c.batch_execute("BEGIN").await.map(|()| None)
+                })];
+                if let Some((user, raw)) = &profile {
+                    steps.push(Box::pin(async {
+                        c.execute(&statements.0, &[user, raw]).await.map(|_| None)
+                    }));
+                }
+                if let Some((user, template)) = &template {
+                    steps.push(Box::pin(async {
+                        c.execute(&statements.1, &[user, template])
+                            .await
+                            .map(|_| None)
+                    }));
+                }
+                if let Some((sp, group, raw)) = &customer {
+                    steps.push(Box::pin(async {
+                        c.execute(&statements.2, &[sp, group, raw])
+                            .await
+                            .map(|_| None)
+                    }));
+                }
+                if let Some((user, template, command, call, client)) = &entry {
+                    steps.push(Box::pin(async {
+                        let row = c
+                            .query_one(
+                                &statements.3,
+                                &[&created, user, template, command, call, client],
+                            )
+                            .await?;
+                        row.try_get::<_, i64>(0).map(Some)
+                    }));
+                }
+                steps.push(Box::pin(async {
+                    c.batch_execute("COMMIT").await.map(|()| None)
+                }));
+                let results = futures_util::future::try_join_all(steps).await;
+                match results {
+                    Ok(values) => values
+                        .into_iter()
+                        .flatten()
+                        .next()
+                        .map(|id| to_u64(id, "outbox entry id").map_err(OpError::from))
+                        .transpose(),
+                    Err(e) => {
+                        drop(deadpool_postgres::Object::take(c));
+                        Err(OpError::from(e))
+                    }
+                }
             })
         })
         .await

@@ -6,6 +6,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::outbox::{RECORD_CUSTOMER, SAVE_PROFILE};
 use super::{Access, OpError, PgStore, to_i64};
 use crate::oci::UserProfile;
 use crate::store::{
@@ -140,8 +141,7 @@ impl PgStore {
     pub async fn save_profile(&self, profile: &UserProfile) -> Result<(), StoreError> {
         self.write(
             "write a profile",
-            "INSERT INTO profiles (user_id, profile) VALUES ($1, $2::text::json) \
-             ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile",
+            SAVE_PROFILE,
             vec![
                 Some(profile.user_id.clone()),
                 Some(json(profile, "a profile")?),
@@ -153,9 +153,7 @@ impl PgStore {
     pub async fn record_customer(&self, customer: &Customer) -> Result<(), StoreError> {
         self.write(
             "record a customer",
-            "INSERT INTO customers (service_provider_id, group_id, record) \
-             VALUES ($1, $2, $3::text::json) \
-             ON CONFLICT (service_provider_id, group_id) DO UPDATE SET record = excluded.record",
+            RECORD_CUSTOMER,
             vec![
                 Some(customer.service_provider_id.clone()),
                 customer.group_id.clone(),
