@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 
 pub use audit::{AuditEvent, AuditQuery, AuditRecord};
 pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry, Progress};
-pub use sled_backend::SledStore;
+use sled_backend::SledStore;
 pub use tokens::{TokenRecord, TokenState};
 pub use users::{Customer, UserRecord};
 

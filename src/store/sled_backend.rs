@@ -205,7 +205,8 @@ impl SledStore {
         self.commit.wait(ticket).await
     }
 
-    /// Blocking flush for the CLI and shutdown paths that have no runtime at hand.
+    /// Blocking flush, for tests that shape a store on disk.
+    #[cfg(test)]
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())

@@ -162,6 +162,26 @@ mod tests {
         Resolver::Static(map)
     }
 
+    /// `doctor --offline` resolves nothing: a name that would not resolve is only noted.
+    #[tokio::test]
+    async fn offline_no_name_is_resolved() {
+        let cfg = config("listen = []\nallowed_destinations = [\"gone.test:443\"]");
+        let lines = check(&cfg, None).await;
+        let line = lines
+            .iter()
+            .find(|l| l.check == "destination gone.test:443")
+            .unwrap();
+        assert_eq!(line.level, Level::Warn, "{line:?}");
+        assert!(line.detail.contains("--offline"), "{line:?}");
+        let online = check(&cfg, Some(&resolver())).await;
+        assert!(
+            online
+                .iter()
+                .any(|l| l.check == "destination gone.test:443" && l.level == Level::Fail),
+            "the same name resolved fails: {online:?}"
+        );
+    }
+
     #[tokio::test]
     async fn lines_for_listener_protection_and_each_exact_name() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
