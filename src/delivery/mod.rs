@@ -201,12 +201,20 @@ impl Engine {
     }
 
     /// Submit every user with pending work, every `every`, until the engine stops. A user
-    /// backing off or waiting for the probe stays where it is (`submit` leaves it).
+    /// backing off or waiting for the probe stays where it is (`submit` leaves it). Skipped while
+    /// users wait for a slot: the engine is behind anyway (a backlog after an outage can be every
+    /// user), and what it was not handed is found once it has caught up.
     async fn poll(&self, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
-            if self.lock().stopping {
-                return;
+            {
+                let schedule = self.lock();
+                if schedule.stopping {
+                    return;
+                }
+                if !schedule.ready.is_empty() {
+                    continue;
+                }
             }
             match self.inner.store.users_with_pending().await {
                 Ok(users) => users.iter().for_each(|user| self.submit(user)),

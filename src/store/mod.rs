@@ -59,7 +59,7 @@ pub enum StoreError {
     NotFound(u64),
     /// PostgreSQL refused or could not do an operation; `kind` is the metrics label.
     #[error(
-        "PostgreSQL {what}: {reason}; nothing that failed was acknowledged — check that the database is up, reachable and writable (`flowthrough doctor`); flowthrough carries on by itself when it is back"
+        "PostgreSQL could not {what}: {reason}; nothing that failed was acknowledged — check that the database is up, reachable and writable (`flowthrough doctor`); flowthrough carries on by itself when it is back"
     )]
     Database {
         kind: &'static str,

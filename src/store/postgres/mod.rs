@@ -184,7 +184,7 @@ impl PgStore {
     }
 
     /// Run one operation on a pooled connection, on the backend's runtime. `what` completes
-    /// "PostgreSQL cannot …" in the error.
+    /// "PostgreSQL could not …" in the error.
     pub(super) async fn run<T: Send + 'static>(
         &self,
         what: &'static str,
