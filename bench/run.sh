@@ -11,6 +11,9 @@
 #   bench/run.sh faults [SECONDS]     fixed-rate load through token-expiry storms, 429 storms and
 #                                     certificate reloads (default 20 s each), beside a quiet
 #                                     baseline; then every acknowledged request is looked for
+#   bench/run.sh pg [--short]         (b) beside (b-pg): flowthrough on a throwaway PostgreSQL
+#                                     cluster (initdb here, fsync on); throughput, CPU per request
+#                                     (flowthrough + postgres processes), p99 added at half load
 #
 # Environment: CARGO_TARGET_DIR (default target), BENCH_PORT_BASE (default 18440),
 # BENCH_KEEP=1 keeps the work directory, BENCH_WORKERS (default 2) sets both proxies' AS-side
@@ -29,6 +32,9 @@ FT_PORT=$((BASE + 1))
 NGX_PORT=$((BASE + 2))
 ADMIN_PORT=$((BASE + 3))
 FLOOR_PORT=$((BASE + 4))
+PG_PORT=$((BASE + 5))
+FTPG_PORT=$((BASE + 6))
+ADMIN_PG_PORT=$((BASE + 7))
 # Both proxies get the same number of AS-side worker threads/processes (flowthrough's
 # `server.workers`, nginx's `worker_processes`); the generator runs on 1 thread.
 WORKERS=${BENCH_WORKERS:-2}
@@ -42,8 +48,9 @@ case "${1:-}" in
   soak) MODE=soak; SOAK_MIN=${2:-30} ;;
   crash) MODE=crash; CRASH_N=${2:-20} ;;
   faults) MODE=faults; FAULT_S=${2:-20} ;;
+  pg) MODE=pg; [ "${2:-}" = --short ] && DUR=4 ;;
   "") ;;
-  *) echo "usage: bench/run.sh [--short|--long] | soak [MINUTES] | crash [N] | faults [SECONDS]" >&2; exit 1 ;;
+  *) echo "usage: bench/run.sh [--short|--long] | soak [MINUTES] | crash [N] | faults [SECONDS] | pg [--short]" >&2; exit 1 ;;
 esac
 
 say() { printf '\n== %s\n' "$*" >&2; }
@@ -64,10 +71,14 @@ else
 fi
 
 WORK=$(mktemp -d /var/tmp/flowthrough-bench.XXXXXX)
-SIM_PID= FT_PID= NGX_PID= FLOOR_PID= LOAD_PID=
+SIM_PID= FT_PID= NGX_PID= FLOOR_PID= LOAD_PID= FTPG_PID= PGBIN=
+# PostgreSQL refuses to run as root: its programs run as the postgres user then.
+AS_PG=()
+[ "$(id -u)" = 0 ] && AS_PG=(runuser -u postgres --)
 cleanup() {
   # Only the processes this script started and that are still current.
-  for pid in $LOAD_PID $FT_PID $NGX_PID $FLOOR_PID $SIM_PID; do kill "$pid" 2>/dev/null || true; done
+  for pid in $LOAD_PID $FT_PID $FTPG_PID $NGX_PID $FLOOR_PID $SIM_PID; do kill "$pid" 2>/dev/null || true; done
+  if [ -n "$PGBIN" ]; then "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m immediate stop >/dev/null 2>&1 || true; fi
   wait 2>/dev/null || true
   if [ "${BENCH_KEEP:-0}" = 1 ]; then echo "work directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
 }
@@ -342,9 +353,44 @@ if [ "$MODE" = faults ]; then
   exit $?
 fi
 
+# A throwaway PostgreSQL cluster (fsync on) and flowthrough (b-pg) on it, beside (b).
+start_flowthrough_pg() {
+  PGBIN=$(pg_config --bindir 2>/dev/null || true)
+  [ -x "$PGBIN/initdb" ] || PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+  [ -x "$PGBIN/initdb" ] || die "PostgreSQL's server binaries are missing (apt-get install postgresql)"
+  say "PostgreSQL ($PGBIN) on 127.0.0.1:$PG_PORT, data in $WORK/pg"
+  chmod 755 "$WORK"
+  mkdir -p "$WORK/pg"
+  [ "$(id -u)" = 0 ] && chown postgres "$WORK/pg"
+  "${AS_PG[@]}" "$PGBIN/initdb" -D "$WORK/pg/data" -U flowthrough --auth=trust -E UTF8 --locale=C >"$WORK/pg/initdb.log" 2>&1 ||
+    die "initdb failed; see $WORK/pg/initdb.log"
+  printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s'\nfsync = on\nsynchronous_commit = on\n" \
+    "$PG_PORT" "$WORK/pg" | "${AS_PG[@]}" tee -a "$WORK/pg/data/postgresql.conf" >/dev/null
+  "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/server.log" -w start >/dev/null ||
+    die "PostgreSQL did not start; see $WORK/pg/server.log"
+  PG_PID=$(head -1 "$WORK/pg/data/postmaster.pid")
+  "${AS_PG[@]}" "$PGBIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U flowthrough flowthrough
+  awk -v pg="$PG_PORT" -v ft="$FTPG_PORT" -v admin="$ADMIN_PG_PORT" -v ftp="$FT_PORT" -v adminp="$ADMIN_PORT" '
+    /^path = / { print "backend = \"postgres\""; print ""; print "[store.postgres]";
+      print "host = \"127.0.0.1\""; print "port = " pg; print "dbname = \"flowthrough\"";
+      print "user = \"flowthrough\""; print "tls = \"disable\""; next }
+    { gsub("127.0.0.1:" ftp "\"", "127.0.0.1:" ft "\""); gsub("127.0.0.1:" adminp "\"", "127.0.0.1:" admin "\""); print }
+  ' "$WORK/flowthrough.toml" >"$WORK/flowthrough-pg.toml"
+  "$BIN" serve --config "$WORK/flowthrough-pg.toml" >>"$WORK/flowthrough-pg.log" 2>&1 &
+  FTPG_PID=$!
+  for _ in $(seq 1 300); do
+    if curl -sf "http://127.0.0.1:$ADMIN_PG_PORT/readyz" >/dev/null 2>&1; then return 0; fi
+    kill -0 "$FTPG_PID" 2>/dev/null || die "flowthrough (b-pg) exited at start; see $WORK/flowthrough-pg.log"
+    sleep 0.1
+  done
+  die "flowthrough (b-pg) not ready after 30 s; see $WORK/flowthrough-pg.log"
+}
+
 # ---------------------------------------------------------------------------------------------
 start_flowthrough
+if [ "$MODE" = pg ]; then start_flowthrough_pg; fi
 
+if [ "$MODE" = bench ]; then
 say "nginx (plain mTLS reverse proxy) on 127.0.0.1:$NGX_PORT"
 if ! command -v nginx >/dev/null; then
   echo "nginx is missing: installing the Debian package" >&2
@@ -368,6 +414,7 @@ say "(d) actix-web + reqwest relay (examples/stack_floor.rs) on 127.0.0.1:$FLOOR
   "$WORK/sim/ca.pem" "$WORKERS" >"$WORK/floor.log" 2>&1 &
 FLOOR_PID=$!
 wait_tcp "$FLOOR_PORT" "the stack floor relay"
+fi
 
 # (a) and (c) send the Webex call flowthrough itself would make for the same document, with a
 # bearer token from the simulator: the same upstream work as (b), minus translation and the outbox.
@@ -389,6 +436,74 @@ relayed() { # port, then the generator's other arguments: the Webex call, throug
 }
 target_c() { relayed "$NGX_PORT" "${NGX_PID_ARGS[@]}" "$@"; }
 target_d() { relayed "$FLOOR_PORT" --server-pid "$FLOOR_PID" "$@"; }
+# (b-pg): its CPU is flowthrough's and every PostgreSQL process's (the postmaster, its background
+# workers and the backends of flowthrough's pool, listed after the warm-up has opened them).
+PG_PID_ARGS=()
+target_bpg() { load --target "127.0.0.1:$FTPG_PORT" --path /provisioning --body "$OCI_BODY" --server-pid "$FTPG_PID" "${PG_PID_ARGS[@]}" "$@"; }
+
+if [ "$MODE" = pg ]; then
+  j() { jq -r "$1" "$R/$2"; }
+  median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+  say "warm-up"
+  for t in a b bpg; do "target_$t" -c "$CONNS" --duration 2 --json >/dev/null; done
+  PG_PID_ARGS=(--server-pid "$PG_PID")
+  for p in $(pgrep -P "$PG_PID"); do PG_PID_ARGS+=(--server-pid "$p"); done
+  say "max throughput, keep-alive, $CONNS connections, ${DUR} s each (PostgreSQL: ${#PG_PID_ARGS[@]} processes counted)"
+  for t in a b bpg; do "target_$t" -c "$CONNS" --duration "$DUR" --json >"$R/max-$t.json"; done
+  HALF=$(jq '.ok_per_s / 2 | floor' "$R/max-b.json")
+  [ "$HALF" -ge 1 ] || HALF=1
+  ROUNDS=${BENCH_HALF_ROUNDS:-3}
+  say "latency at half of (b)'s max: $HALF req/s, $ROUNDS rounds"
+  for round in $(seq 1 "$ROUNDS"); do
+    for t in a b bpg; do "target_$t" -c "$CONNS" --rate "$HALF" --duration "$DUR" --json >"$R/half-$t-$round.json"; done
+  done
+  wait_drained 60 >/dev/null
+  added_median() { # target: median over the rounds of its p99 minus (a)'s of the same round
+    for round in $(seq 1 "$ROUNDS"); do
+      awk -v x="$(j .latency_ms.p99 "half-$1-$round.json")" -v a="$(j .latency_ms.p99 "half-a-$round.json")" 'BEGIN{printf "%.2f\n", x - a}'
+    done | median
+  }
+  ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+  MAX_B=$(j .ok_per_s max-b.json); MAX_P=$(j .ok_per_s max-bpg.json)
+  ADD_B=$(added_median b); ADD_P=$(added_median bpg)
+  SECTION=$WORK/section.md
+  {
+    echo "<!-- bench-pg:start (written by bench/run.sh pg; everything outside these markers is kept) -->"
+    echo "## (b) flowthrough on sled beside (b-pg) flowthrough on PostgreSQL"
+    echo
+    echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') with \`bench/run.sh pg${2:+ $2}\` (${DUR} s per measurement), built from commit $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')."
+    echo "PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') in a throwaway cluster on the same machine (fsync on, synchronous_commit on, defaults otherwise; data under /var/tmp);"
+    echo "flowthrough (b-pg): pool of 16, tls = disable (loopback). Everything shares the same $(nproc) cores. Generator as above, $CONNS connections."
+    echo
+    echo "| measure | (a) direct | (b) sled | (b-pg) PostgreSQL | b-pg / b | target |"
+    echo "| --- | --- | --- | --- | --- | --- |"
+    printf '| max throughput, keep-alive (ok req/s) | %.0f | %.0f | %.0f | %s | ≥ 0.5 |\n' "$(j .ok_per_s max-a.json)" "$MAX_B" "$MAX_P" "$(ratio "$MAX_P" "$MAX_B")"
+    printf '| server CPU per request at max (µs; b-pg: flowthrough + postgres) | %.0f | %.0f | %.0f | %s | |\n' \
+      "$(j .server.cpu_per_request_us max-a.json)" "$(j .server.cpu_per_request_us max-b.json)" "$(j .server.cpu_per_request_us max-bpg.json)" \
+      "$(ratio "$(j .server.cpu_per_request_us max-bpg.json)" "$(j .server.cpu_per_request_us max-b.json)")"
+    printf '| p99 at %s req/s (ms), median of %s rounds | %s | %s | %s | | |\n' "$HALF" "$ROUNDS" \
+      "$(for r in $(seq 1 "$ROUNDS"); do j .latency_ms.p99 "half-a-$r.json"; done | median)" \
+      "$(for r in $(seq 1 "$ROUNDS"); do j .latency_ms.p99 "half-b-$r.json"; done | median)" \
+      "$(for r in $(seq 1 "$ROUNDS"); do j .latency_ms.p99 "half-bpg-$r.json"; done | median)"
+    printf '| p99 added over direct at %s req/s (ms) | — | %s | %s | %s | ≤ 2 |\n' "$HALF" "$ADD_B" "$ADD_P" "$(ratio "$ADD_P" "$ADD_B")"
+    echo
+    echo "Errors: max $(jq -c .errors "$R/max-b.json") / $(jq -c .errors "$R/max-bpg.json"); half-load 7020s (b-pg): $(jq -s '[.[].warnings.oci_7020 // 0] | add' "$R"/half-bpg-*.json)."
+    echo "<!-- bench-pg:end -->"
+  } >"$SECTION"
+  OUT=$ROOT/bench/RESULTS.md
+  if grep -q '<!-- bench-pg:start' "$OUT"; then
+    awk -v f="$SECTION" '
+      /<!-- bench-pg:start/ { while ((getline line < f) > 0) print line; skip = 1; next }
+      /<!-- bench-pg:end -->/ { skip = 0; next }
+      !skip { print }' "$OUT" >"$OUT.new"
+    mv "$OUT.new" "$OUT"
+  else
+    { cat "$OUT"; echo; cat "$SECTION"; } >"$OUT.new"
+    mv "$OUT.new" "$OUT"
+  fi
+  cat "$SECTION"
+  exit 0
+fi
 
 # Idle first, so each process's RSS is its footprint with the connections, not after a load run.
 say "1,000 idle mTLS connections"

@@ -98,8 +98,8 @@ async fn main() {
             );
         }
         if keep > 0 && i > 0 && i % keep == 0 {
-            store.prune_audit(0, keep as u64).unwrap();
-            store.prune_finished(0, keep as u64).unwrap();
+            store.prune_audit(0, keep as u64).await.unwrap();
+            store.prune_finished(0, keep as u64).await.unwrap();
             // As the server's housekeeping does after each round.
             // SAFETY: see `release_freed_heap` in src/server/mod.rs.
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -111,10 +111,10 @@ async fn main() {
         let mut p = profile.clone();
         p.user_id = user.clone();
         if steps.contains('p') {
-            store.save_profile(&p).unwrap();
+            store.save_profile(&p).await.unwrap();
         }
         if steps.contains('m') {
-            store.map_user(&user, None, Some("acme")).unwrap();
+            store.map_user(&user, None, Some("acme")).await.unwrap();
         }
         let id = store
             .enqueue(
@@ -127,18 +127,22 @@ async fn main() {
                 }],
                 now_ms(),
             )
+            .await
             .unwrap()[0];
         if i % batch == 0 {
             store.flush().await.unwrap();
         }
         if steps.contains('e') {
-            let _ = store.head_of(&user).unwrap();
+            let _ = store.head_of(&user).await.unwrap();
         }
         if steps.contains('r') {
-            store.record_attempt(id, "FLOWTHROUGH_abc").unwrap();
+            store.record_attempt(id, "FLOWTHROUGH_abc").await.unwrap();
         }
         if steps.contains('a') {
-            store.map_user(&user, Some("sub-1"), Some("acme")).unwrap();
+            store
+                .map_user(&user, Some("sub-1"), Some("acme"))
+                .await
+                .unwrap();
         }
         if steps.contains('f') {
             store
@@ -151,6 +155,7 @@ async fn main() {
                     },
                     Some("FLOWTHROUGH_abc"),
                 )
+                .await
                 .unwrap();
         }
         if steps.contains('A') {
@@ -170,6 +175,7 @@ async fn main() {
                             latency_ms: 3,
                         },
                     })
+                    .await
                     .unwrap();
             }
         }
@@ -187,8 +193,8 @@ async fn main() {
     for round in ["first", "second"] {
         let pruning = std::time::Instant::now();
         let cutoff = now_ms().saturating_sub(7 * 24 * 3600 * 1000);
-        let removed = store.prune_audit(cutoff, 1_000_000).unwrap()
-            + store.prune_finished(cutoff, 1_000_000).unwrap();
+        let removed = store.prune_audit(cutoff, 1_000_000).await.unwrap()
+            + store.prune_finished(cutoff, 1_000_000).await.unwrap();
         println!(
             "{round} pruning round under the default caps: {} ms, {removed} removed",
             pruning.elapsed().as_millis()

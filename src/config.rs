@@ -161,6 +161,80 @@ pub struct StoreConfig {
     /// sled's page cache: RSS grows until it is full, then stays there.
     #[serde(default = "default_cache_mib")]
     pub cache_mib: u64,
+    /// Where the records live: sled in `path` (one node) or PostgreSQL (`[store.postgres]`).
+    #[serde(default)]
+    pub backend: StoreBackend,
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
+}
+
+/// `[store] backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    #[default]
+    Sled,
+    Postgres,
+}
+
+/// `[store.postgres]`: the database of a PostgreSQL-backed store. Either `url` or the separate
+/// keys; the password never in the config itself (`password_file` or `FLOWTHROUGH_PG_PASSWORD`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgresql://user@host:port/dbname` (or libpq's `key=value` form), without a password.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub dbname: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default, deserialize_with = "empty_path_is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls: PostgresTls,
+    /// The CA bundle (PEM) the server's certificate must chain to, with `tls = "verify-full"`.
+    #[serde(default, deserialize_with = "empty_path_is_none")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Connections kept open to the database.
+    #[serde(default = "default_pg_pool_size")]
+    pub pool_size: usize,
+    #[serde(default = "default_pg_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Bound on every statement; a statement that takes longer fails (and is not acknowledged).
+    #[serde(default = "default_pg_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+}
+
+impl PostgresConfig {
+    /// Where the password comes from: `FLOWTHROUGH_PG_PASSWORD`, else the file; none is fine
+    /// for peer or certificate authentication.
+    pub fn password_source(&self) -> SecretSource {
+        SecretSource {
+            env: "FLOWTHROUGH_PG_PASSWORD",
+            file: self.password_file.clone(),
+            key: "store.postgres.password_file",
+        }
+    }
+}
+
+/// `[store.postgres] tls`: libpq's sslmode values that flowthrough supports, with rustls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum PostgresTls {
+    /// Encrypted, the server's certificate chains to `ca_bundle` and names the host.
+    #[default]
+    #[serde(rename = "verify-full")]
+    VerifyFull,
+    /// Encrypted, the server's certificate not checked (protects against eavesdropping only).
+    #[serde(rename = "require")]
+    Require,
+    /// Plain TCP or a Unix socket: only on a trusted network or the same host.
+    #[serde(rename = "disable")]
+    Disable,
 }
 
 impl Default for StoreConfig {
@@ -172,8 +246,99 @@ impl Default for StoreConfig {
             history_max_entries: default_history_max_entries(),
             max_entry_age_hours: default_max_entry_age_hours(),
             cache_mib: default_cache_mib(),
+            backend: StoreBackend::default(),
+            postgres: None,
         }
     }
+}
+
+impl StoreConfig {
+    fn validate_postgres(&self) -> Result<(), Problem> {
+        let Some(pg) = &self.postgres else {
+            return match self.backend {
+                StoreBackend::Postgres => Err(Problem::new(
+                    "store.backend",
+                    "is \"postgres\" but there is no [store.postgres] section; add one with url (or host, dbname and user)",
+                )),
+                StoreBackend::Sled => Ok(()),
+            };
+        };
+        match &pg.url {
+            Some(url) => {
+                if pg.host.is_some()
+                    || pg.port.is_some()
+                    || pg.dbname.is_some()
+                    || pg.user.is_some()
+                {
+                    return Err(Problem::new(
+                        "store.postgres.url",
+                        "is given together with host, port, dbname or user; use either the url or the separate keys",
+                    ));
+                }
+                if url_holds_password(url) {
+                    return Err(Problem::new(
+                        "store.postgres.url",
+                        "holds a password; a config file is no place for one — remove it from the url and put it in the file named by store.postgres.password_file or in FLOWTHROUGH_PG_PASSWORD",
+                    ));
+                }
+            }
+            None => {
+                for (key, value) in [
+                    ("host", &pg.host),
+                    ("dbname", &pg.dbname),
+                    ("user", &pg.user),
+                ] {
+                    if value.as_deref().is_none_or(|v| v.trim().is_empty()) {
+                        return Err(Problem::new(
+                            format!("store.postgres.{key}"),
+                            "is required when store.postgres.url is not given",
+                        ));
+                    }
+                }
+            }
+        }
+        if pg.tls == PostgresTls::VerifyFull && pg.ca_bundle.is_none() {
+            return Err(Problem::new(
+                "store.postgres.ca_bundle",
+                "is required with tls = \"verify-full\" (the default); name the PEM bundle of the CA that signed the server's certificate, or set tls = \"require\" (encrypted, not verified) or \"disable\"",
+            ));
+        }
+        for (key, value, min) in [
+            ("pool_size", pg.pool_size as u64, 1),
+            ("connect_timeout_ms", pg.connect_timeout_ms, 100),
+            ("statement_timeout_ms", pg.statement_timeout_ms, 100),
+        ] {
+            if value < min {
+                return Err(Problem::new(
+                    format!("store.postgres.{key}"),
+                    format!("is {value}; use at least {min}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a PostgreSQL connection string carries a password: `user:password@` in a URL, or a
+/// `password` parameter (URL query or libpq's `key=value` form).
+fn url_holds_password(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+        let rest = &url[url.find("://").map_or(0, |i| i + 3)..];
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        if let Some((userinfo, _)) = authority.rsplit_once('@')
+            && userinfo.contains(':')
+        {
+            return true;
+        }
+        return rest
+            .split_once('?')
+            .is_some_and(|(_, query)| query.split('&').any(|p| p.starts_with("password=")));
+    }
+    lower
+        .split_whitespace()
+        .any(|p| p.starts_with("password=") || p.starts_with("password "))
+        || lower.contains("password =")
 }
 
 /// `[webex]`: the upstream API and the partner's OAuth credentials.
@@ -363,6 +528,15 @@ fn default_cache_mib() -> u64 {
 fn default_max_entry_age_hours() -> u64 {
     72
 }
+fn default_pg_pool_size() -> usize {
+    16
+}
+fn default_pg_connect_timeout_ms() -> u64 {
+    5000
+}
+fn default_pg_statement_timeout_ms() -> u64 {
+    10_000
+}
 fn default_api_base() -> String {
     "https://webexapis.com/v1".to_owned()
 }
@@ -506,6 +680,7 @@ impl Config {
                 format!("must be at least 1 (default {DEFAULT_CACHE_MIB})"),
             ));
         }
+        self.store.validate_postgres()?;
         for (name, template) in &self.templates {
             template.validate().map_err(|e| Problem {
                 key: format!("templates.{name}.{}", e.key),
@@ -861,6 +1036,103 @@ calling_code = "+1"
         let (line, key, _) = invalid(&text);
         assert_eq!(key, "template_overrides.\"sp.one\"");
         assert_eq!(line, Some(11));
+    }
+
+    #[test]
+    fn the_postgres_store_keys_are_read_with_their_defaults() {
+        assert_eq!(parse(TEMPLATE).unwrap().store.backend, StoreBackend::Sled);
+        let text = format!(
+            "{TEMPLATE}\n[store]\nbackend = \"postgres\"\n\n[store.postgres]\nhost = \"db.example.net\"\ndbname = \"flowthrough\"\nuser = \"flowthrough\"\nca_bundle = \"/etc/flowthrough/db-ca.pem\"\n"
+        );
+        let store = parse(&text).unwrap().store;
+        assert_eq!(store.backend, StoreBackend::Postgres);
+        let pg = store.postgres.unwrap();
+        assert_eq!(pg.tls, PostgresTls::VerifyFull);
+        assert_eq!(
+            (pg.pool_size, pg.connect_timeout_ms, pg.statement_timeout_ms),
+            (16, 5000, 10_000)
+        );
+        assert_eq!(pg.password_source().env, "FLOWTHROUGH_PG_PASSWORD");
+        let url = format!(
+            "{TEMPLATE}\n[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"postgresql://flowthrough@db:5433/ft?sslmode=disable\"\ntls = \"require\"\n"
+        );
+        assert_eq!(
+            parse(&url).unwrap().store.postgres.unwrap().tls,
+            PostgresTls::Require
+        );
+    }
+
+    #[test]
+    fn a_bad_postgres_store_section_names_its_line_and_key() {
+        let section = |body: &str| {
+            format!("{TEMPLATE}\n[store]\nbackend = \"postgres\"\n\n[store.postgres]\n{body}")
+        };
+        for (body, key, line, says) in [
+            (
+                "url = \"postgresql://flowthrough:s3cret@db/ft\"\ntls = \"disable\"\n",
+                "store.postgres.url",
+                Some(14),
+                "holds a password",
+            ),
+            (
+                "url = \"host=db user=ft password=s3cret\"\ntls = \"disable\"\n",
+                "store.postgres.url",
+                Some(14),
+                "holds a password",
+            ),
+            (
+                "url = \"postgres://db/ft?user=ft&password=x\"\ntls = \"disable\"\n",
+                "store.postgres.url",
+                Some(14),
+                "holds a password",
+            ),
+            (
+                "url = \"postgresql://ft@db/ft\"\nhost = \"db\"\ntls = \"disable\"\n",
+                "store.postgres.url",
+                Some(14),
+                "either the url or",
+            ),
+            (
+                "host = \"db\"\nuser = \"ft\"\ntls = \"disable\"\n",
+                "store.postgres.dbname",
+                Some(13),
+                "required",
+            ),
+            (
+                "host = \"db\"\ndbname = \"ft\"\nuser = \"ft\"\n",
+                "store.postgres.ca_bundle",
+                Some(13),
+                "verify-full",
+            ),
+            (
+                "url = \"postgresql://ft@db/ft\"\ntls = \"disable\"\npool_size = 0\n",
+                "store.postgres.pool_size",
+                Some(16),
+                "at least 1",
+            ),
+        ] {
+            let (got_line, got_key, message) = invalid(&section(body));
+            assert_eq!(
+                (got_key.as_str(), got_line),
+                (key, line),
+                "{body}: {message}"
+            );
+            assert!(message.contains(says), "{body}: {message}");
+        }
+        let (_, key, message) = invalid(&format!("{TEMPLATE}\n[store]\nbackend = \"postgres\"\n"));
+        assert_eq!(key, "store.backend");
+        assert!(message.contains("[store.postgres]"), "{message}");
+        let err = parse(&section("tls = \"verify-ca\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("test.toml:14") && err.contains("verify-ca"),
+            "{err}"
+        );
+        let err = parse(&section("passwrd = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field"), "{err}");
     }
 
     #[test]

@@ -49,6 +49,12 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `unreachable`, `connection_lost`, `read_only`, `full`, `timeout`, `authentication`, `other`.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: String,
 }
@@ -68,6 +74,11 @@ pub struct Metrics {
     pub webex_calls: Family<CallLabels, Counter>,
     pub webex_seconds: Histogram,
     pub store_flush_seconds: Histogram,
+    pub store_commit_seconds: Histogram,
+    pub store_errors: Family<KindLabels, Counter>,
+    pub store_pool_in_use: Gauge,
+    pub store_pool_waiting: Gauge,
+    pub store_pool_size: Gauge,
     pub webex_final_status: Family<StatusLabels, Counter>,
     pub upstream_blocked_addresses: Gauge,
     pub deliveries_paused: Gauge,
@@ -112,6 +123,12 @@ impl Metrics {
             webex_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             // 0.1 ms … ~0.8 s: an fsync on a healthy disk is well under a millisecond.
             store_flush_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 14)),
+            // 0.1 ms … ~1.6 s: a round trip and a commit's WAL flush (and a standby's, if any).
+            store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+            store_errors: Family::default(),
+            store_pool_in_use: Gauge::default(),
+            store_pool_waiting: Gauge::default(),
+            store_pool_size: Gauge::default(),
             webex_final_status: Family::default(),
             upstream_blocked_addresses: Gauge::default(),
             deliveries_paused: Gauge::default(),
@@ -182,6 +199,31 @@ impl Metrics {
             "store_flush_seconds",
             "Time from a request asking for its commands to be flushed to disk to the end of the flush that did it (the AS is answered only after it)",
             m.store_flush_seconds.clone(),
+        );
+        r.register(
+            "store_commit_seconds",
+            "PostgreSQL store: time of each write, its round trip and commit included (an acknowledgement waits for one)",
+            m.store_commit_seconds.clone(),
+        );
+        r.register(
+            "store_errors",
+            "PostgreSQL store: failed operations by kind (unreachable, connection_lost, read_only, full, timeout, authentication, other)",
+            m.store_errors.clone(),
+        );
+        r.register(
+            "store_pool_in_use",
+            "PostgreSQL store: pooled connections in use",
+            m.store_pool_in_use.clone(),
+        );
+        r.register(
+            "store_pool_waiting",
+            "PostgreSQL store: operations waiting for a pooled connection",
+            m.store_pool_waiting.clone(),
+        );
+        r.register(
+            "store_pool_size",
+            "PostgreSQL store: connections the pool may open (store.postgres.pool_size)",
+            m.store_pool_size.clone(),
         );
         r.register(
             "webex_final_status",
@@ -299,6 +341,14 @@ impl Metrics {
             .get_or_create(&CommandLabels {
                 command: command.to_owned(),
                 outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn count_store_error(&self, kind: &str) {
+        self.store_errors
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
             })
             .inc();
     }

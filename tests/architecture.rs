@@ -106,3 +106,26 @@ fn serve_never_reaches_the_simulator() {
         assert!(found.is_empty(), "{}", found.join("\n"));
     }
 }
+
+/// The store is one API over two backends: neither's types nor SQL leak out of it.
+#[test]
+fn no_sled_type_and_no_sql_outside_the_store() {
+    for entry in std::fs::read_dir(src()).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name == "store" {
+            continue;
+        }
+        let found = offenders(
+            name.trim_end_matches(".rs"),
+            &[
+                "sled::",
+                "tokio_postgres",
+                "deadpool_postgres",
+                "SELECT ",
+                "INSERT INTO",
+                "DELETE FROM",
+            ],
+        );
+        assert!(found.is_empty(), "{}", found.join("\n"));
+    }
+}

@@ -18,8 +18,17 @@ const ROUNDS: usize = 4;
 const CLIENTS: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_under_load_loses_nothing_and_duplicates_nothing() {
-    let world = World::new(SimOptions::default()).await;
+async fn kill_9_under_load_loses_nothing_and_duplicates_nothing_on_sled() {
+    kill_9_under_load(Backend::Sled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_nothing_and_duplicates_nothing_on_postgres() {
+    kill_9_under_load(Backend::Postgres).await;
+}
+
+async fn kill_9_under_load(backend: Backend) {
+    let world = World::on(SimOptions::default(), backend).await;
     let Served {
         config, admin, url, ..
     } = serve_config(&world, "ack_deadline_ms = 1000");
@@ -103,7 +112,7 @@ async fn kill_9_under_load_loses_nothing_and_duplicates_nothing() {
     let twice: Vec<_> = per_user.iter().filter(|(_, n)| **n > 1).collect();
     let unknown: Vec<_> = per_user.keys().filter(|u| !sent.contains(*u)).collect();
     eprintln!(
-        "crash test: {ROUNDS} kills, {} sent, {} acknowledged, {} provisioned, lost {}, twice {}",
+        "crash test ({backend:?}): {ROUNDS} kills, {} sent, {} acknowledged, {} provisioned, lost {}, twice {}",
         sent.len(),
         acknowledged.len(),
         per_user.len(),
@@ -244,4 +253,153 @@ async fn a_store_that_cannot_grow_refuses_goes_unready_and_loses_nothing_acknowl
     }
     let twice: Vec<_> = per_user.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "provisioned twice: {twice:?}");
+}
+
+/// PostgreSQL stopped under load and started again, flowthrough left running: the AS hears 503
+/// (nothing acknowledged that is not committed), `/readyz` turns red with the reason and green
+/// again by itself, and every acknowledged command is delivered, in per-user order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_under_load_loses_nothing_and_recovers_by_itself() {
+    let cluster = Arc::new(common::pg::PgCluster::start());
+    let world = World::on_cluster(SimOptions::default(), cluster.clone()).await;
+    let Served {
+        config, admin, url, ..
+    } = serve_config(&world, "ack_deadline_ms = 1000");
+    let mut child = spawn(&config, "warn", Stdio::inherit());
+    wait_ready(&admin).await;
+    let client = world.as_client();
+    // Per user: an add, then modifies numbered in sending order.
+    let acknowledged: Arc<Mutex<BTreeMap<String, Vec<usize>>>> = Arc::default();
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for c in 0..CLIENTS {
+        let (client, url) = (client.clone(), url.clone());
+        let (acknowledged, refused, stop) = (acknowledged.clone(), refused.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let user = format!("pg-{c}@acme.example");
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let command = if n == 0 {
+                    user_add(&user, Some(&user))
+                } else {
+                    format!(
+                        r#"<command xsi:type="UserModifyRequest22" xmlns=""><userId>{user}</userId><firstName>V{n}</firstName></command>"#
+                    )
+                };
+                let Ok(response) = client
+                    .post(&url)
+                    .header("content-type", "text/xml")
+                    .body(document(&command))
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                if status == 503 {
+                    refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                let answer = &answers(&text)[0];
+                if answer.kind == "SuccessResponse" || answer.code == Some(7020) {
+                    acknowledged.lock().unwrap().entry(user.clone()).or_default().push(n);
+                    n += 1;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = acknowledged
+        .lock()
+        .unwrap()
+        .values()
+        .map(Vec::len)
+        .sum::<usize>();
+    cluster.stop();
+    let (status, why) = readiness_until(&admin, Duration::from_secs(20), |status, why| {
+        status == 503 && why.contains("PostgreSQL")
+    })
+    .await;
+    assert!(
+        status == 503
+            && why.contains("the store cannot be written")
+            && why.contains("resumes by itself"),
+        "{status} {why}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.restart();
+    let (status, why) =
+        readiness_until(&admin, Duration::from_secs(30), |status, _| status == 200).await;
+    assert_eq!(
+        status, 200,
+        "/readyz turns green once PostgreSQL is back, without a restart: {why}"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for task in load {
+        task.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let total: usize = acknowledged.values().map(Vec::len).sum();
+    assert!(
+        total > before && before > 0,
+        "commands were acknowledged before the outage ({before}) and after it ({total})"
+    );
+    assert!(
+        refused.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the AS heard 503 while the database was down"
+    );
+    // Delivered, each user's last acknowledged modify last: an older one applied after a newer
+    // would leave an older name.
+    let delivered = eventually(Duration::from_secs(30), || {
+        acknowledged.iter().all(|(user, ns)| {
+            let last = ns.last().copied().unwrap_or(0);
+            // The command after the last acknowledged one may have committed as the database
+            // went away (answered 503, then sent again): it may be the last applied too.
+            world.subscriber(user).is_some_and(|s| {
+                let name = s["firstName"].as_str().unwrap_or_default();
+                (last == 0 && name == "User")
+                    || name == format!("V{last}")
+                    || name == format!("V{}", last + 1)
+            })
+        })
+    })
+    .await;
+    let status = get_json(&format!("http://{admin}/status")).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        delivered,
+        "every acknowledged command is delivered in per-user order: {acknowledged:?} {:?} {status}",
+        world.subscribers()
+    );
+    assert_eq!(status["outbox"]["dead"], 0, "{status}");
+    assert_eq!(
+        world.subscribers().len(),
+        CLIENTS,
+        "one subscriber per user"
+    );
+    drop(world);
+}
+
+/// Poll `/readyz` until `done` holds for its status and text, or `limit` passes; the last answer.
+async fn readiness_until(
+    admin: &str,
+    limit: Duration,
+    done: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let answer = match reqwest::get(format!("http://{admin}/readyz")).await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        };
+        if done(answer.0, &answer.1) || tokio::time::Instant::now() >= deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -12,6 +12,7 @@ fn exported_metric_names() -> BTreeSet<String> {
     let m = Metrics::new();
     m.count_command("UserAddRequest", "success");
     m.count_refusal("expired");
+    m.count_store_error("unreachable");
     let file = flowthrough::metrics::FileLabels { file: "x".into() };
     m.certificate_expiry_seconds.get_or_create(&file).set(1);
     m.crl_next_update_seconds.get_or_create(&file).set(1);

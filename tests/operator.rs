@@ -4,29 +4,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use flowthrough::sim::SimOptions;
 use flowthrough::store::{Call, EntryState, NewEntry, Store};
-
-fn flowthrough(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_flowthrough"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn sandbox_demo_sends_every_sample_and_succeeds() {
@@ -86,6 +69,14 @@ async fn doctor_passes_a_good_deployment_and_names_the_fix_for_a_bad_one() {
             .unwrap();
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains("✓ server name"), "{stdout}");
+    assert!(
+        !world.path("store").exists(),
+        "a check changes nothing: doctor does not create the store"
+    );
+    assert!(
+        stdout.contains("✓ Webex token: none stored yet"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains(" store volume: ") && stdout.contains(" GiB free of "),
         "{stdout}"
@@ -159,6 +150,7 @@ async fn outbox_commands_work_on_a_stopped_store_and_through_a_running_server() 
                 vec![entry("dead@acme.example"), entry("gone@acme.example")],
                 flowthrough::store::now_ms(),
             )
+            .await
             .unwrap();
         store
             .finish(
@@ -169,6 +161,7 @@ async fn outbox_commands_work_on_a_stopped_store_and_through_a_running_server() 
                 },
                 None,
             )
+            .await
             .unwrap();
         store.flush().await.unwrap();
         ids

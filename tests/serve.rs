@@ -19,6 +19,37 @@ use tokio_rustls::TlsConnector;
 
 const SETTLE: Duration = Duration::from_secs(20);
 
+/// The flows that go through the store run on both of its backends.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod on_sled {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Sled).await;
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    the_samples_flow_to_webex_and_back,
+    every_error_code_is_reachable,
+    a_document_refused_401_leaves_nothing_stored,
+    an_upstream_outage_queues_then_delivers_in_per_user_order,
+    commands_whose_as_hangs_up_mid_request_are_still_delivered_and_audited,
+    a_command_whose_as_hangs_up_while_webex_is_slow_is_audited,
+);
+
 struct Server {
     running: flowthrough::server::Running,
     base: String,
@@ -71,9 +102,8 @@ fn only(body: &str) -> Answer {
     all.into_iter().next().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_samples_flow_to_webex_and_back() {
-    let world = World::new(SimOptions::default()).await;
+async fn the_samples_flow_to_webex_and_back(backend: Backend) {
+    let world = World::on(SimOptions::default(), backend).await;
     let server = start(&world, "", "").await;
     let client = world.as_client();
     let url = format!("{}/provisioning", server.base);
@@ -194,22 +224,34 @@ async fn the_samples_flow_to_webex_and_back() {
         metrics.contains("flowthrough_token_refreshes_total{outcome=\"ok\"} 1\n"),
         "the one refresh at start is counted: {metrics}"
     );
-    // The store's volume, for the alert before it fills up.
     let gauge = |name: &str| {
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
             .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
     };
-    let available = gauge("flowthrough_store_volume_available_bytes");
-    let size = gauge("flowthrough_store_volume_size_bytes");
-    assert!(size > 0 && available <= size, "{available} of {size}");
+    match backend {
+        // The store's volume, for the alert before it fills up.
+        Backend::Sled => {
+            let available = gauge("flowthrough_store_volume_available_bytes");
+            let size = gauge("flowthrough_store_volume_size_bytes");
+            assert!(size > 0 && available <= size, "{available} of {size}");
+        }
+        // The database's commits and pool.
+        Backend::Postgres => {
+            assert!(
+                gauge("flowthrough_store_commit_seconds_count") >= calls,
+                "{metrics}"
+            );
+            assert_eq!(gauge("flowthrough_store_pool_size"), 8, "{metrics}");
+            assert!(gauge("flowthrough_store_pool_in_use") <= 8, "{metrics}");
+        }
+    }
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_error_code_is_reachable() {
-    let world = World::new(SimOptions::default()).await;
+async fn every_error_code_is_reachable(backend: Backend) {
+    let world = World::on(SimOptions::default(), backend).await;
     let server = start(&world, "", "").await;
     let client = world.as_client();
     let url = format!("{}/provisioning", server.base);
@@ -362,9 +404,8 @@ async fn every_error_code_is_reachable() {
 /// A document whose second command needs the provisioning account the AS did not send is refused
 /// whole, before anything is stored: the AS sends it again with credentials, and the first
 /// command must not be left half-done in the outbox meanwhile.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_document_refused_401_leaves_nothing_stored() {
-    let world = World::new(SimOptions::default()).await;
+async fn a_document_refused_401_leaves_nothing_stored(backend: Backend) {
+    let world = World::on(SimOptions::default(), backend).await;
     let server = start(&world, "", "").await;
     let client = world.as_client();
     let url = format!("{}/provisioning", server.base);
@@ -521,9 +562,8 @@ async fn bad_client_certificates_fail_the_handshake() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_outage_queues_then_delivers_in_per_user_order() {
-    let world = World::new(SimOptions::default()).await;
+async fn an_upstream_outage_queues_then_delivers_in_per_user_order(backend: Backend) {
+    let world = World::on(SimOptions::default(), backend).await;
     let server = start(&world, "ack_deadline_ms = 500", "").await;
     let client = world.as_client();
     let url = format!("{}/provisioning", server.base);
@@ -866,9 +906,8 @@ async fn hang_up_on_user_adds(
 
 /// An AS that gives up on a request after flowthrough stored its command: the command is
 /// delivered all the same, not left pending until a restart.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commands_whose_as_hangs_up_mid_request_are_still_delivered_and_audited() {
-    let world = World::new(SimOptions::default()).await;
+async fn commands_whose_as_hangs_up_mid_request_are_still_delivered_and_audited(backend: Backend) {
+    let world = World::on(SimOptions::default(), backend).await;
     let server = start(&world, "", "").await;
     const SENT: u64 = 240;
     // Given up at moments spread over the request's life in a debug build (mostly the
@@ -900,9 +939,8 @@ async fn commands_whose_as_hangs_up_mid_request_are_still_delivered_and_audited(
 
 /// An AS that hangs up while Webex does not answer in time: the answer (7020 at the ack
 /// deadline) has nobody to go to, but the command's audit record is written all the same.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_whose_as_hangs_up_while_webex_is_slow_is_audited() {
-    let world = World::new(SimOptions::default()).await;
+async fn a_command_whose_as_hangs_up_while_webex_is_slow_is_audited(backend: Backend) {
+    let world = World::on(SimOptions::default(), backend).await;
     // Each Webex call takes 1.5 s, past the test config's 1 s request timeout, so no attempt
     // ends in time; the AS gives up 0.3 s into its request, after flowthrough stored the
     // command. (With calls that succeed within the deadline the old handler finished before

@@ -304,6 +304,7 @@ async fn audits(run: &Running, n: usize) -> Vec<(String, AuditEvent)> {
                 limit: 1000,
                 ..AuditQuery::default()
             })
+            .await
             .unwrap()
             .into_iter()
             .map(|r| (r.client, r.event))
@@ -1080,6 +1081,7 @@ async fn shutdown_stops_accepting_and_drains_open_tunnels_until_the_deadline() {
             limit: 10,
             ..AuditQuery::default()
         })
+        .await
         .unwrap();
     assert_eq!(end_of(&records[0].event), "shutdown");
 }

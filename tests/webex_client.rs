@@ -56,12 +56,12 @@ fn assert_no_secret_logged(secrets: &[String]) {
 
 /// The client secret, every refresh token the simulator handed out that we know of, and the
 /// stored access token.
-fn secrets_of(sim: &SimHandle, store: &Store) -> Vec<String> {
+async fn secrets_of(sim: &SimHandle, store: &Store) -> Vec<String> {
     let mut out = vec![
         sim.client_secret.expose().to_owned(),
         sim.refresh_token.expose().to_owned(),
     ];
-    if let Some(r) = store.token().unwrap() {
+    if let Some(r) = store.token().await.unwrap() {
         out.push(r.refresh_token.expose().to_owned());
         if let Some(a) = r.access_token {
             out.push(a.expose().to_owned());
@@ -123,10 +123,12 @@ fn sim_config(dir: &Path, sim: &SimHandle, extra: &str) -> WebexConfig {
     )
 }
 
-fn build(cfg: &WebexConfig, store_path: &Path, resolver: Resolver) -> Stack {
+async fn build(cfg: &WebexConfig, store_path: &Path, resolver: Resolver) -> Stack {
     let store = Store::open(store_path).unwrap();
     let transport = Transport::new(TransportOptions::from_config(cfg, resolver).unwrap()).unwrap();
-    let tokens = TokenManager::new(cfg, store.clone(), transport.clone(), None).unwrap();
+    let tokens = TokenManager::new(cfg, store.clone(), transport.clone(), None)
+        .await
+        .unwrap();
     let client = WebexClient::new(cfg, transport.clone(), tokens.clone()).unwrap();
     Stack {
         client,
@@ -141,7 +143,7 @@ async fn sim_and_stack(extra: &str) -> (SimHandle, Stack, tempfile::TempDir) {
     let sim = Simulator::start(SimOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = sim_config(dir.path(), &sim, extra);
-    let stack = build(&cfg, &dir.path().join("store"), Resolver::System);
+    let stack = build(&cfg, &dir.path().join("store"), Resolver::System).await;
     (sim, stack, dir)
 }
 
@@ -169,12 +171,17 @@ async fn five_hundred_concurrent_calls_with_an_expired_token_cause_one_refresh()
         last_refresh: Some(now - 7200),
         state: TokenState::Ok,
     };
-    Store::open(&store_path).unwrap().put_token(&stale).unwrap();
+    Store::open(&store_path)
+        .unwrap()
+        .put_token(&stale)
+        .await
+        .unwrap();
     let stack = build(
         &sim_config(dir.path(), &sim, ""),
         &store_path,
         Resolver::System,
-    );
+    )
+    .await;
     let calls = (0..500).map(|i| {
         let c = stack.client.clone();
         tokio::spawn(async move { c.get(&format!("missing-{i}")).await })
@@ -189,7 +196,7 @@ async fn five_hundred_concurrent_calls_with_an_expired_token_cause_one_refresh()
     assert_eq!(sim.counter("get"), 500);
     assert_eq!(sim.counter("sent_401"), 0, "the stale token was never sent");
     assert_eq!(stack.tokens.state(), TokenState::Ok);
-    assert_no_secret_logged(&secrets_of(&sim, &stack.store));
+    assert_no_secret_logged(&secrets_of(&sim, &stack.store).await);
     sim.stop().await;
 }
 
@@ -208,7 +215,7 @@ async fn a_401_refreshes_once_and_retries_once() {
     assert_eq!(got.id, created.id);
     assert_eq!(sim.counter("refreshes"), 2);
     assert_eq!(sim.counter("sent_401"), 1);
-    assert_no_secret_logged(&secrets_of(&sim, &stack.store));
+    assert_no_secret_logged(&secrets_of(&sim, &stack.store).await);
     sim.stop().await;
 }
 
@@ -220,7 +227,7 @@ async fn rotated_refresh_token_is_used_next_also_after_a_restart() {
         stack.client.get("nobody").await.result,
         Err(WebexError::NotFound)
     );
-    let first = stack.store.token().unwrap().unwrap();
+    let first = stack.store.token().await.unwrap().unwrap();
     assert_ne!(
         first.refresh_token, sim.refresh_token,
         "the rotated token was persisted"
@@ -233,10 +240,10 @@ async fn rotated_refresh_token_is_used_next_also_after_a_restart() {
         stack.client.get("nobody").await.result,
         Err(WebexError::NotFound)
     );
-    let second = stack.store.token().unwrap().unwrap();
+    let second = stack.store.token().await.unwrap().unwrap();
     assert_ne!(second.refresh_token, first.refresh_token);
     assert_eq!(sim.counter("refresh_rejected"), 0);
-    let mut secrets = secrets_of(&sim, &stack.store);
+    let mut secrets = secrets_of(&sim, &stack.store).await;
     secrets.push(first.refresh_token.expose().to_owned());
 
     // Restart: reopen the store. A still-valid access token is reused without a refresh.
@@ -245,7 +252,8 @@ async fn rotated_refresh_token_is_used_next_also_after_a_restart() {
         &sim_config(dir.path(), &sim, ""),
         &dir.path().join("store"),
         Resolver::System,
-    );
+    )
+    .await;
     let refreshes = sim.counter("refreshes");
     assert_eq!(
         restarted.client.get("nobody").await.result,
@@ -264,7 +272,7 @@ async fn rotated_refresh_token_is_used_next_also_after_a_restart() {
     );
     assert_eq!(sim.counter("refreshes"), refreshes + 1);
     assert_eq!(sim.counter("refresh_rejected"), 0);
-    secrets.extend(secrets_of(&sim, &restarted.store));
+    secrets.extend(secrets_of(&sim, &restarted.store).await);
     assert_no_secret_logged(&secrets);
     sim.stop().await;
 }
@@ -306,13 +314,14 @@ async fn a_revoked_refresh_token_makes_credentials_invalid_and_is_persisted() {
         Err(WebexError::CredentialsInvalid { .. })
     ));
     assert_eq!(sim.counter("refreshes"), refreshes);
-    let secrets = secrets_of(&sim, &stack.store);
+    let secrets = secrets_of(&sim, &stack.store).await;
     drop(stack);
     let restarted = build(
         &sim_config(dir.path(), &sim, ""),
         &dir.path().join("store"),
         Resolver::System,
-    );
+    )
+    .await;
     assert!(matches!(
         restarted.tokens.state(),
         TokenState::CredentialsInvalid { .. }
@@ -579,7 +588,7 @@ async fn failover_over_loopback_addresses() {
     let mut map = HashMap::new();
     map.insert("api.sim.test".to_owned(), vec![ip(2), ip(3), ip(4), ip(5)]);
     map.insert("localhost".to_owned(), vec![ip(5)]);
-    let stack = build(&cfg, &dir.path().join("store"), Resolver::Static(map));
+    let stack = build(&cfg, &dir.path().join("store"), Resolver::Static(map)).await;
     let all: Vec<SocketAddr> = (2..=5).map(|n| SocketAddr::new(ip(n), port)).collect();
 
     // First request: .2 refuses, .3 answers 503, .4 is too slow: three tries, all failed.
@@ -624,6 +633,6 @@ async fn failover_over_loopback_addresses() {
         all[..3],
         "the answering address is unblocked"
     );
-    assert_no_secret_logged(&secrets_of(&healthy, &stack.store));
+    assert_no_secret_logged(&secrets_of(&healthy, &stack.store).await);
     healthy.stop().await;
 }

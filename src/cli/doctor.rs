@@ -10,8 +10,9 @@ use std::time::{Duration, SystemTime};
 use clap::Args;
 
 use super::fail;
-use crate::config::{Config, SecretSource};
-use crate::store::{Store, StoreError, TokenState};
+use crate::config::{Config, PostgresTls, SecretSource, StoreBackend};
+use crate::store::postgres::PgStore;
+use crate::store::{Store, StoreError, TokenRecord, TokenState};
 
 #[derive(Debug, Args)]
 pub struct DoctorArgs {
@@ -131,23 +132,29 @@ pub fn run(args: DoctorArgs) -> ExitCode {
         );
     }
 
-    report.check("store", store_check(&config));
-    match crate::store::volume_space(&config.store.path) {
-        Ok(space) => {
-            let (verdict, detail) = volume_verdict(space);
-            report.line(verdict, "store volume", detail);
-        }
-        Err(e) => report.line(Verdict::Fail, "store volume", e.to_string()),
-    }
+    let store = match config.store.backend {
+        StoreBackend::Sled => sled_checks(&mut report, &config),
+        StoreBackend::Postgres => runtime.block_on(postgres_checks(&mut report, &config)),
+    };
 
     if let Some(webex) = &config.webex {
         report.check("client secret", secret_check(&webex.client_secret_source()));
-        match Store::open(&config.store.path) {
-            Ok(store) => report.check("Webex token", token_check(&store, &webex.refresh_token_source())),
-            Err(_) => report.line(
-                Verdict::Pass,
+        match &store {
+            StoreFound::Open(store) => report.check(
                 "Webex token",
-                "the store is in use by a running flowthrough: see `flowthrough token status` or /status",
+                runtime
+                    .block_on(store.token())
+                    .map_err(|e| e.to_string())
+                    .and_then(|record| token_check(record, &webex.refresh_token_source())),
+            ),
+            StoreFound::Missing => report.check(
+                "Webex token",
+                token_check(None, &webex.refresh_token_source()),
+            ),
+            StoreFound::Unavailable => report.line(
+                Verdict::Warn,
+                "Webex token",
+                "not checked: the store could not be opened (see the store lines above); `flowthrough token status` or /status show it",
             ),
         }
         if !args.offline {
@@ -161,9 +168,10 @@ pub fn run(args: DoctorArgs) -> ExitCode {
     }
 
     if let Some(tunnel) = &config.tunnel {
+        let resolver = crate::failover::Resolver::System;
         let lines = runtime.block_on(crate::tunnel::check(
             tunnel,
-            &crate::failover::Resolver::System,
+            (!args.offline).then_some(&resolver),
         ));
         for line in lines {
             let verdict = match line.level {
@@ -301,30 +309,210 @@ fn crl_check(path: &Path) -> Result<String, String> {
     }
 }
 
-fn store_check(config: &Config) -> Result<String, String> {
-    match Store::open(&config.store.path) {
+/// What the store checks found, for the token check after them.
+enum StoreFound {
+    Open(Store),
+    /// No sled store yet: `serve` creates it, and takes the initial refresh token then.
+    Missing,
+    Unavailable,
+}
+
+/// The sled store and its volume. A store that does not exist yet is reported, not created:
+/// a check changes nothing; the volume is then the one it will be created on.
+fn sled_checks(report: &mut Report, config: &Config) -> StoreFound {
+    let path = &config.store.path;
+    let volume = path.ancestors().find(|p| p.exists()).unwrap_or(path);
+    match crate::store::volume_space(volume) {
+        Ok(space) => {
+            let (verdict, detail) = volume_verdict(space);
+            report.line(verdict, "store volume", detail);
+        }
+        Err(e) => report.line(Verdict::Fail, "store volume", e.to_string()),
+    }
+    if !path.exists() {
+        report.line(
+            Verdict::Pass,
+            "store",
+            format!(
+                "{} does not exist yet; `serve` creates it at its first start (its parent must be writable by the flowthrough user)",
+                path.display()
+            ),
+        );
+        return StoreFound::Missing;
+    }
+    match Store::open(path) {
         Ok(store) => {
-            let (pending, _) = store.pending_summary().map_err(|e| e.to_string())?;
-            let dead = store
-                .list(crate::store::Filter::Dead, usize::MAX)
-                .map_err(|e| e.to_string())?
-                .len();
-            if dead > 0 {
-                println!("  ! {dead} dead outbox entries: `flowthrough outbox list --dead`");
-            }
-            Ok(format!(
-                "{} opens; {pending} pending, {dead} dead",
-                config.store.path.display()
-            ))
+            report.check(
+                "store",
+                counts(&store).map(|counts| format!("{} opens; {counts}", path.display())),
+            );
+            StoreFound::Open(store)
         }
         Err(StoreError::Open { reason, .. }) if reason.to_lowercase().contains("lock") => {
-            Ok(format!(
-                "{} is in use by a running flowthrough (that is fine)",
-                config.store.path.display()
-            ))
+            report.line(
+                Verdict::Pass,
+                "store",
+                format!(
+                    "{} is in use by a running flowthrough (that is fine)",
+                    path.display()
+                ),
+            );
+            StoreFound::Unavailable
         }
-        Err(e) => Err(e.to_string()),
+        Err(e) => {
+            report.line(Verdict::Fail, "store", e.to_string());
+            StoreFound::Unavailable
+        }
     }
+}
+
+/// Pending and dead entries, read without a runtime of the caller's (sled answers at once).
+fn counts(store: &Store) -> Result<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    runtime.block_on(store_counts(store))
+}
+
+async fn store_counts(store: &Store) -> Result<String, String> {
+    let (pending, _) = store.pending_summary().await.map_err(|e| e.to_string())?;
+    let dead = store.dead_count().await.map_err(|e| e.to_string())?;
+    if dead > 0 {
+        println!("  ! {dead} dead outbox entries: `flowthrough outbox list --dead`");
+    }
+    Ok(format!("{pending} pending, {dead} dead"))
+}
+
+/// The PostgreSQL store: reachable (with TLS as configured), schema version, durability
+/// settings, the time of one commit. Nothing is written: the commit is of a transaction that
+/// only takes a transaction id. Returns the store when its schema is current.
+async fn postgres_checks(report: &mut Report, config: &Config) -> StoreFound {
+    let Some(settings) = config.store.postgres.as_ref() else {
+        report.line(
+            Verdict::Fail,
+            "PostgreSQL",
+            "store.backend is \"postgres\" but there is no [store.postgres]; add it",
+        );
+        return StoreFound::Unavailable;
+    };
+    let pg = match PgStore::connect(settings) {
+        Ok(pg) => pg,
+        Err(e) => {
+            report.line(Verdict::Fail, "PostgreSQL", e.to_string());
+            return StoreFound::Unavailable;
+        }
+    };
+    let started = std::time::Instant::now();
+    let schema = match pg.schema().await {
+        Ok(schema) => schema,
+        Err(e) => {
+            report.line(
+                Verdict::Fail,
+                "PostgreSQL reachable",
+                format!("{}: {e}", pg.target()),
+            );
+            return StoreFound::Unavailable;
+        }
+    };
+    report.line(
+        Verdict::Pass,
+        "PostgreSQL reachable",
+        format!(
+            "{} answered in {} ms",
+            pg.target(),
+            started.elapsed().as_millis()
+        ),
+    );
+    match settings.tls {
+        PostgresTls::VerifyFull => report.line(
+            Verdict::Pass,
+            "PostgreSQL TLS",
+            "verify-full: encrypted, the server's certificate chains to store.postgres.ca_bundle and names the host",
+        ),
+        PostgresTls::Require => report.line(
+            Verdict::Warn,
+            "PostgreSQL TLS",
+            "require: encrypted but the server's certificate is not checked; set tls = \"verify-full\" with ca_bundle to stop an active attacker",
+        ),
+        PostgresTls::Disable => report.line(
+            Verdict::Warn,
+            "PostgreSQL TLS",
+            "disable: plain TCP; fine on the same host or a trusted network only, else set tls = \"verify-full\"",
+        ),
+    }
+    let current = match crate::store::postgres::check_schema(&schema) {
+        Err(e) => {
+            report.line(Verdict::Fail, "PostgreSQL schema", e.to_string());
+            false
+        }
+        Ok(()) if !schema.pending.is_empty() => {
+            report.line(
+                Verdict::Warn,
+                "PostgreSQL schema",
+                format!(
+                    "version {}, {} to apply: `serve` applies them at start, or run `flowthrough store migrate`",
+                    schema.found,
+                    schema.pending.join(", ")
+                ),
+            );
+            false
+        }
+        Ok(()) => {
+            report.line(
+                Verdict::Pass,
+                "PostgreSQL schema",
+                format!("version {} (current)", schema.found),
+            );
+            true
+        }
+    };
+    match pg.durability().await {
+        Ok(d) => {
+            report.check("PostgreSQL durability", durability_verdict(&d));
+            let standby = if d.synchronous_standby_names.is_empty() {
+                "no synchronous standby: a commit is on this server's disk only".to_owned()
+            } else {
+                format!("synchronous standbys {}", d.synchronous_standby_names)
+            };
+            report.line(
+                Verdict::Pass,
+                "PostgreSQL commit",
+                format!(
+                    "one commit took {:.2} ms; {standby}",
+                    d.commit.as_secs_f64() * 1000.0
+                ),
+            );
+        }
+        Err(e) => report.line(Verdict::Fail, "PostgreSQL durability", e.to_string()),
+    }
+    if !current {
+        return StoreFound::Unavailable;
+    }
+    let store = Store::from(pg);
+    report.check("store", store_counts(&store).await);
+    StoreFound::Open(store)
+}
+
+fn durability_verdict(d: &crate::store::postgres::Durability) -> Result<String, String> {
+    if d.fsync != "on" {
+        return Err(format!(
+            "fsync = {}: a crash of the database server can lose acknowledged commands; set fsync = on",
+            d.fsync
+        ));
+    }
+    if d.synchronous_commit != "on"
+        && d.synchronous_commit != "remote_apply"
+        && d.synchronous_commit != "remote_write"
+    {
+        return Err(format!(
+            "synchronous_commit = {} on flowthrough's connections: an acknowledgement would not wait for the disk; report this",
+            d.synchronous_commit
+        ));
+    }
+    Ok(format!(
+        "fsync = on, synchronous_commit = {} ({})",
+        d.synchronous_commit, d.server_version
+    ))
 }
 
 /// Under this share of its volume free, the store is a warning; the alert rule
@@ -375,8 +563,7 @@ fn secret_check(source: &SecretSource) -> Result<String, String> {
     }
 }
 
-fn token_check(store: &Store, initial: &SecretSource) -> Result<String, String> {
-    let record = store.token().map_err(|e| e.to_string())?;
+fn token_check(record: Option<TokenRecord>, initial: &SecretSource) -> Result<String, String> {
     if record.is_none() {
         return match crate::webex::read_secret(initial) {
             Ok(Some(_)) => Ok(

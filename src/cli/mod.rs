@@ -11,6 +11,7 @@ mod outbox;
 mod sandbox;
 mod serve;
 mod simulator;
+mod store;
 mod token;
 mod tools;
 mod translate;
@@ -60,6 +61,8 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Webex OAuth credentials: show their state, or install a new refresh token.
     Token(token::TokenArgs),
+    /// The PostgreSQL store: apply (or check) schema migrations; copy a sled store into it.
+    Store(store::StoreArgs),
     /// Run the Webex API SIMULATOR (for tests, staging and benchmarks; never used by serve).
     Simulator(simulator::SimulatorArgs),
     /// Hash a password for a provisioning or proxy account (read from stdin).
@@ -87,6 +90,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Certs(args) => certs::run(args),
         Command::Token(args) => token::run(args),
+        Command::Store(args) => store::run(args),
         Command::Simulator(args) => simulator::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Sandbox(args) => sandbox::run(args),

@@ -73,9 +73,13 @@ enum OutboxAction {
     },
 }
 
-/// Either the store itself (instance stopped) or the admin API of the running instance.
+/// Either the store itself (sled with the instance stopped, or PostgreSQL) or the admin API of
+/// the running instance.
 enum Target {
-    Store(Store),
+    Store {
+        store: Store,
+        runtime: tokio::runtime::Runtime,
+    },
     Admin {
         base: String,
         runtime: tokio::runtime::Runtime,
@@ -88,16 +92,16 @@ pub fn run(args: OutboxArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let target = match Store::open(&config.store.path) {
-        Ok(store) => Target::Store(store),
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start a runtime: {e}")),
+    };
+    let target = match runtime.block_on(Store::connect_configured(&config.store)) {
+        Ok(store) => Target::Store { store, runtime },
         Err(StoreError::Open { .. }) => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => return fail(format!("cannot start a runtime: {e}")),
-            };
             let http = match reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(30))
                 .build()
@@ -217,7 +221,9 @@ fn execute(target: &Target, action: &OutboxAction, json: bool) -> Result<ExitCod
 
 fn audit(target: &Target, query: &AuditQuery) -> Result<Vec<AuditRecord>, String> {
     match target {
-        Target::Store(store) => store.audit(query).map_err(|e| e.to_string()),
+        Target::Store { store, runtime } => runtime
+            .block_on(store.audit(query))
+            .map_err(|e| e.to_string()),
         Target::Admin { .. } => {
             let mut path = format!(
                 "/admin/audit?limit={}&documents={}",
@@ -322,7 +328,9 @@ fn admin_call(target: &Target, method: reqwest::Method, path: &str) -> Result<Va
 
 fn list(target: &Target, filter: Filter, state: &str, limit: usize) -> Result<Vec<Entry>, String> {
     match target {
-        Target::Store(store) => store.list(filter, limit).map_err(|e| e.to_string()),
+        Target::Store { store, runtime } => runtime
+            .block_on(store.list(filter, limit))
+            .map_err(|e| e.to_string()),
         Target::Admin { .. } => {
             let value = admin_call(
                 target,
@@ -336,11 +344,14 @@ fn list(target: &Target, filter: Filter, state: &str, limit: usize) -> Result<Ve
 
 fn show(target: &Target, id: u64) -> Result<Entry, String> {
     match target {
-        Target::Store(store) => store.entry(id).map_err(|e| e.to_string())?.ok_or_else(|| {
-            format!(
-                "no outbox entry {id}; `flowthrough outbox list --all` shows the entries there are"
-            )
-        }),
+        Target::Store { store, runtime } => runtime
+            .block_on(store.entry(id))
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "no outbox entry {id}; `flowthrough outbox list --all` shows the entries there are"
+                )
+            }),
         Target::Admin { .. } => {
             let value = admin_call(target, reqwest::Method::GET, &format!("/admin/outbox/{id}"))?;
             serde_json::from_value(value).map_err(|e| e.to_string())
@@ -350,8 +361,8 @@ fn show(target: &Target, id: u64) -> Result<Entry, String> {
 
 fn retry(target: &Target, id: u64) -> Result<(), String> {
     match target {
-        Target::Store(store) => match store.retry(id) {
-            Ok(true) => store.flush_blocking().map_err(|e| e.to_string()),
+        Target::Store { store, runtime } => match runtime.block_on(store.retry(id)) {
+            Ok(true) => runtime.block_on(store.flush()).map_err(|e| e.to_string()),
             Ok(false) => Err(format!(
                 "entry {id} is not dead (or does not exist); only dead entries are retried"
             )),
@@ -368,8 +379,8 @@ fn retry(target: &Target, id: u64) -> Result<(), String> {
 
 fn drop_entry(target: &Target, id: u64) -> Result<(), String> {
     match target {
-        Target::Store(store) => match store.drop_entry(id) {
-            Ok(Some(_)) => store.flush_blocking().map_err(|e| e.to_string()),
+        Target::Store { store, runtime } => match runtime.block_on(store.drop_entry(id)) {
+            Ok(Some(_)) => runtime.block_on(store.flush()).map_err(|e| e.to_string()),
             Ok(None) => Err(format!("no outbox entry {id}")),
             Err(e) => Err(e.to_string()),
         },

@@ -58,8 +58,13 @@ fn fmt_time(t: Option<i64>) -> String {
 
 fn status(config: &Path, json: bool) -> Result<(), String> {
     let cfg = Config::load(config).map_err(|e| e.to_string())?;
-    let store = Store::open(&cfg.store.path).map_err(|e| e.to_string())?;
-    let record = store.token().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    let record = runtime
+        .block_on(async { Store::connect_configured(&cfg.store).await?.token().await })
+        .map_err(|e| e.to_string())?;
     let status = TokenStatus::of(record.as_ref());
     if json {
         let text = serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?;
@@ -114,10 +119,14 @@ fn set(config: &Path, file: Option<&Path>) -> Result<(), String> {
     }
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let store = Store::open(&cfg.store.path).map_err(|e| e.to_string())?;
+        let store = Store::connect_configured(&cfg.store)
+            .await
+            .map_err(|e| e.to_string())?;
         let opts = TransportOptions::from_config(webex, Resolver::System).map_err(|e| e.to_string())?;
         let transport = Transport::new(opts).map_err(|e| e.to_string())?;
-        let tokens = TokenManager::new(webex, store, transport, None).map_err(|e| e.to_string())?;
+        let tokens = TokenManager::new(webex, store, transport, None)
+            .await
+            .map_err(|e| e.to_string())?;
         tokens
             .install_refresh_token(token)
             .await

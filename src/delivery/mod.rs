@@ -91,6 +91,11 @@ pub struct Limits {
     pub max_parallel_users: usize,
     /// An entry older than this is dead instead of tried again.
     pub max_entry_age: Duration,
+    /// How often to look in the store for users with pending work nobody submitted: on a shared
+    /// store (PostgreSQL) a command can be stored without reaching this engine (its request
+    /// dropped between the commit and the hand-over, an operator's retry from another host, and
+    /// with several nodes another node's work). None: every command comes through `submit`.
+    pub poll: Option<Duration>,
 }
 
 /// Users whose head entry may be tried now, in the order they became ready, each once.
@@ -183,12 +188,41 @@ impl Engine {
 
     /// Start the scheduler loop on the current runtime, after queueing every user that has
     /// pending entries in the store (recovery after a restart or crash).
-    pub fn start(&self) -> Result<tokio::task::JoinHandle<()>, StoreError> {
-        for user in self.inner.store.users_with_pending()? {
+    pub async fn start(&self) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+        for user in self.inner.store.users_with_pending().await? {
             self.submit(&user);
+        }
+        if let Some(every) = self.inner.limits.poll {
+            let engine = self.clone();
+            tokio::spawn(async move { engine.poll(every).await });
         }
         let engine = self.clone();
         Ok(tokio::spawn(async move { engine.run().await }))
+    }
+
+    /// Submit every user with pending work, every `every`, until the engine stops. A user
+    /// backing off or waiting for the probe stays where it is (`submit` leaves it). Skipped while
+    /// users wait for a slot: the engine is behind anyway (a backlog after an outage can be every
+    /// user), and what it was not handed is found once it has caught up.
+    async fn poll(&self, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            {
+                let schedule = self.lock();
+                if schedule.stopping {
+                    return;
+                }
+                if !schedule.ready.is_empty() {
+                    continue;
+                }
+            }
+            match self.inner.store.users_with_pending().await {
+                Ok(users) => users.iter().for_each(|user| self.submit(user)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot look for pending work; will look again")
+                }
+            }
+        }
     }
 
     /// A user has new pending work.
@@ -210,19 +244,30 @@ impl Engine {
     /// user's next one at once, which can be before that one's request has asked to watch it
     /// (a user's delete arriving while its add is delivered). Waiting for that end would answer
     /// 7020 at the deadline for a command Webex took in time.
-    pub fn watch(&self, id: EntryId) -> oneshot::Receiver<Finished> {
+    pub async fn watch(&self, id: EntryId) -> oneshot::Receiver<Finished> {
+        // The waiter is in place before the read: `finish` stores the end before it takes the
+        // waiters, so either the read sees the end or the waiter gets it.
         let (tx, rx) = oneshot::channel();
-        // Read under the lock: `finish` stores the end before it takes the waiters, so either
-        // this read sees the end or the waiter is in place before they are taken.
-        let mut schedule = self.lock();
+        self.lock().waiters.entry(id).or_default().push(tx);
         // A read error leaves the wait to the deadline, as for an entry not yet ended.
-        let ended = self.inner.store.progress(id).ok().flatten();
-        match ended.as_ref().and_then(Finished::of) {
-            Some(finished) => {
-                let _ = tx.send(finished);
+        let ended = self.inner.store.progress(id).await.ok().flatten();
+        let Some(finished) = ended.as_ref().and_then(Finished::of) else {
+            return rx;
+        };
+        // Ended before the waiter was in place: answered here, and the waiter (now closed)
+        // taken out so it does not wait for an end that has been.
+        drop(rx);
+        {
+            let mut schedule = self.lock();
+            if let Some(waiters) = schedule.waiters.get_mut(&id) {
+                waiters.retain(|waiter| !waiter.is_closed());
+                if waiters.is_empty() {
+                    schedule.waiters.remove(&id);
+                }
             }
-            None => schedule.waiters.entry(id).or_default().push(tx),
         }
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(finished);
         rx
     }
 
@@ -365,7 +410,7 @@ impl Engine {
     /// Try the head entry of a user once, store the result, and reschedule the user.
     async fn deliver_head(&self, user: &str) {
         let store = &self.inner.store;
-        let (reschedule, answered) = match store.head_of(user) {
+        let (reschedule, answered) = match store.head_of(user).await {
             Ok(Some(entry)) => self.try_entry(entry).await,
             Ok(None) => (Reschedule::Idle, false),
             Err(e) => {
@@ -376,7 +421,7 @@ impl Engine {
         // Looked up here rather than by trying the user again: an empty try would take a turn
         // of the pace.
         let more = matches!(reschedule, Reschedule::Now)
-            && store.has_pending(user).unwrap_or_else(|e| {
+            && store.has_pending(user).await.unwrap_or_else(|e| {
                 tracing::error!(user_id = user, error = %e, "cannot read the outbox; will look again");
                 true
             });
@@ -464,19 +509,19 @@ impl Engine {
                 Reschedule::Now,
             ),
             Attempt::RetryUser { after, reason } => {
-                self.record_failure(id, &reason);
+                self.record_failure(id, &reason).await;
                 return (Reschedule::After(after), true);
             }
             Attempt::RetryUpstream { after, reason } => {
-                self.record_failure(id, &reason);
+                self.record_failure(id, &reason).await;
                 return (Reschedule::Upstream(after), false);
             }
             Attempt::PauseAll { after, reason } => {
-                self.record_failure(id, &reason);
+                self.record_failure(id, &reason).await;
                 return (Reschedule::PauseAll(after), false);
             }
         };
-        let ended = match store.finish(id, state, last_call.as_deref()) {
+        let ended = match store.finish(id, state, last_call.as_deref()).await {
             Ok(entry) => entry,
             Err(e) => {
                 tracing::error!(entry = id, error = %e, "cannot record the end of an outbox entry; it will be tried again");
@@ -494,13 +539,13 @@ impl Engine {
         // A request still waiting writes the command's audit record with this outcome in it;
         // past its deadline, this record says how the entry ended.
         if !answered_in_time {
-            audit_end(store, &ended, &finished);
+            audit_end(store, &ended, &finished).await;
         }
         (reschedule, !too_old)
     }
 
-    fn record_failure(&self, id: EntryId, reason: &str) {
-        if let Err(e) = self.inner.store.record_failure(id, reason) {
+    async fn record_failure(&self, id: EntryId, reason: &str) {
+        if let Err(e) = self.inner.store.record_failure(id, reason).await {
             tracing::error!(entry = id, error = %e, "cannot record a failed attempt");
         }
     }
@@ -536,7 +581,7 @@ impl Schedule {
 }
 
 /// One audit record when an entry ends, with the TrackingID of its last Webex call.
-fn audit_end(store: &Store, entry: &Entry, finished: &Finished) {
+async fn audit_end(store: &Store, entry: &Entry, finished: &Finished) {
     let (outcome, webex_status) = match finished {
         Finished::Delivered { webex_status, .. } => ("delivered".to_owned(), webex_status.clone()),
         Finished::Dead { reason } => (format!("dead: {reason}"), None),
@@ -555,7 +600,7 @@ fn audit_end(store: &Store, entry: &Entry, finished: &Finished) {
             latency_ms: now_ms().saturating_sub(entry.created_ms),
         },
     };
-    if let Err(e) = store.append_audit(&record) {
+    if let Err(e) = store.append_audit(&record).await {
         tracing::warn!(entry = entry.id, error = %e, "cannot write an audit record");
     }
 }
@@ -596,6 +641,7 @@ mod tests {
 
     fn limits(parallel: usize) -> Limits {
         Limits {
+            poll: None,
             max_parallel_users: parallel,
             max_entry_age: Duration::from_secs(3600),
         }
@@ -682,20 +728,27 @@ mod tests {
                 vec![new_entry("alice", "add"), new_entry("alice", "modify")],
                 now_ms(),
             )
+            .await
             .unwrap();
         let engine = Engine::new(store.clone(), attempt, limits(4));
-        let last = engine.watch(ids[1]);
-        engine.start().unwrap();
+        let last = engine.watch(ids[1]).await;
+        engine.start().await.unwrap();
         assert!(matches!(last.await.unwrap(), Finished::Delivered { .. }));
         assert_eq!(
             *log.lock().unwrap(),
             vec!["alice:add", "alice:add", "alice:modify"]
         );
         assert_eq!(
-            store.entry(ids[0]).unwrap().unwrap().last_error.as_deref(),
+            store
+                .entry(ids[0])
+                .await
+                .unwrap()
+                .unwrap()
+                .last_error
+                .as_deref(),
             Some("503")
         );
-        assert!(store.head_of("alice").unwrap().is_none());
+        assert!(store.head_of("alice").await.unwrap().is_none());
     }
 
     /// A user's next entry is delivered as soon as the one before ends, which can be before its
@@ -712,23 +765,24 @@ mod tests {
                 vec![new_entry("dave", "add"), new_entry("dave", "delete")],
                 now_ms(),
             )
+            .await
             .unwrap();
         let engine = Engine::new(store.clone(), attempt, limits(1));
-        engine.start().unwrap();
+        engine.start().await.unwrap();
         for _ in 0..100 {
-            if !store.entry(ids[1]).unwrap().unwrap().is_pending() {
+            if !store.entry(ids[1]).await.unwrap().unwrap().is_pending() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(*log.lock().unwrap(), vec!["dave:add", "dave:delete"]);
 
-        let late = tokio::time::timeout(Duration::from_secs(1), engine.watch(ids[0])).await;
+        let late = tokio::time::timeout(Duration::from_secs(1), engine.watch(ids[0]).await).await;
         assert!(
             matches!(late, Ok(Ok(Finished::Delivered { .. }))),
             "{late:?}"
         );
-        let late = tokio::time::timeout(Duration::from_secs(1), engine.watch(ids[1])).await;
+        let late = tokio::time::timeout(Duration::from_secs(1), engine.watch(ids[1]).await).await;
         assert_eq!(
             late.unwrap().unwrap(),
             Finished::Dead {
@@ -748,11 +802,12 @@ mod tests {
                 vec![new_entry("bob", "bad"), new_entry("bob", "good")],
                 now_ms(),
             )
+            .await
             .unwrap();
         let engine = Engine::new(store.clone(), attempt, limits(1));
-        let first = engine.watch(ids[0]);
-        let second = engine.watch(ids[1]);
-        engine.start().unwrap();
+        let first = engine.watch(ids[0]).await;
+        let second = engine.watch(ids[1]).await;
+        engine.start().await.unwrap();
         assert_eq!(
             first.await.unwrap(),
             Finished::Dead {
@@ -761,7 +816,7 @@ mod tests {
         );
         assert!(matches!(second.await.unwrap(), Finished::Delivered { .. }));
         assert!(matches!(
-            store.entry(ids[0]).unwrap().unwrap().state,
+            store.entry(ids[0]).await.unwrap().unwrap().state,
             EntryState::Dead { .. }
         ));
     }
@@ -773,11 +828,12 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let attempt = scripted(log.clone(), |_, _| delivered());
         let engine = Engine::new(store.clone(), attempt, limits(1));
-        engine.start().unwrap();
+        engine.start().await.unwrap();
         let first = store
             .enqueue(vec![new_entry("dave", "add")], now_ms())
+            .await
             .unwrap();
-        let first_done = engine.watch(first[0]);
+        let first_done = engine.watch(first[0]).await;
         engine.submit("dave");
         // Stored while the add is under way and never submitted: the engine takes it up the
         // moment the add ends, with nobody to read its end after the fact.
@@ -786,6 +842,7 @@ mod tests {
             .enqueue_announced(vec![new_entry("dave", "modify")], now_ms(), |id| {
                 watches.push(engine.watch_new(id))
             })
+            .await
             .unwrap();
         assert!(matches!(
             first_done.await.unwrap(),
@@ -817,10 +874,13 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let attempt = scripted(log.clone(), |_, _| delivered());
-        let ids = store.enqueue(vec![new_entry("carol", "add")], 1).unwrap();
+        let ids = store
+            .enqueue(vec![new_entry("carol", "add")], 1)
+            .await
+            .unwrap();
         let engine = Engine::new(store, attempt, limits(1));
-        let done = engine.watch(ids[0]);
-        engine.start().unwrap();
+        let done = engine.watch(ids[0]).await;
+        engine.start().await.unwrap();
         match done.await.unwrap() {
             Finished::Dead { reason } => {
                 assert!(reason.contains("max_entry_age_hours"), "{reason}")
@@ -850,11 +910,12 @@ mod tests {
                 vec![new_entry("u1", "add"), new_entry("u2", "add")],
                 now_ms(),
             )
+            .await
             .unwrap();
         let engine = Engine::new(store, attempt, limits(1));
-        let second = engine.watch(ids[1]);
+        let second = engine.watch(ids[1]).await;
         let started = Instant::now();
-        engine.start().unwrap();
+        engine.start().await.unwrap();
         second.await.unwrap();
         // With the clock paused, time only moves when every task sleeps: u2 cannot have been
         // tried before the pause ended.
@@ -885,15 +946,18 @@ mod tests {
         let entries: Vec<NewEntry> = (0..20)
             .map(|i| new_entry(&format!("user{i}"), "add"))
             .collect();
-        let ids = store.enqueue(entries, now_ms()).unwrap();
+        let ids = store.enqueue(entries, now_ms()).await.unwrap();
         let engine = Engine::new(store.clone(), attempt, limits(4));
-        let waits: Vec<_> = ids.iter().map(|id| engine.watch(*id)).collect();
-        engine.start().unwrap();
+        let mut waits = Vec::new();
+        for id in &ids {
+            waits.push(engine.watch(*id).await);
+        }
+        engine.start().await.unwrap();
         for w in waits {
             w.await.unwrap();
         }
         assert_eq!(peak.load(Ordering::SeqCst), 4);
-        assert_eq!(store.pending_summary().unwrap().0, 0);
+        assert_eq!(store.pending_summary().await.unwrap().0, 0);
     }
 
     /// Webex failing (503, try again in 10 s) for `down` from now, then accepting; the users tried
@@ -922,11 +986,14 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let attempt = down_for(Duration::from_secs(25), log.clone());
         let entries: Vec<NewEntry> = (0..5).map(|i| new_entry(&format!("u{i}"), "add")).collect();
-        let ids = store.enqueue(entries, now_ms()).unwrap();
+        let ids = store.enqueue(entries, now_ms()).await.unwrap();
         let engine = Engine::new(store.clone(), attempt, limits(4));
-        let waits: Vec<_> = ids.iter().map(|id| engine.watch(*id)).collect();
+        let mut waits = Vec::new();
+        for id in &ids {
+            waits.push(engine.watch(*id).await);
+        }
         let started = Instant::now();
-        engine.start().unwrap();
+        engine.start().await.unwrap();
         for w in waits {
             assert!(matches!(w.await.unwrap(), Finished::Delivered { .. }));
         }
@@ -949,7 +1016,7 @@ mod tests {
         }
         assert_eq!(Instant::now() - started, Duration::from_secs(30));
         assert_eq!(engine.waiting_for_webex(), 0);
-        assert_eq!(store.pending_summary().unwrap().0, 0);
+        assert_eq!(store.pending_summary().await.unwrap().0, 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -960,15 +1027,16 @@ mod tests {
         let attempt = down_for(Duration::from_secs(25), log.clone());
         let first = store
             .enqueue(vec![new_entry("u0", "add")], now_ms())
+            .await
             .unwrap();
         let engine = Engine::new(store.clone(), attempt, limits(4));
-        let mut waits = vec![engine.watch(first[0])];
-        engine.start().unwrap();
+        let mut waits = vec![engine.watch(first[0]).await];
+        engine.start().await.unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
         // u0 failed and probes; three more users arrive during the outage.
         let later: Vec<NewEntry> = (1..4).map(|i| new_entry(&format!("u{i}"), "add")).collect();
-        for id in store.enqueue(later, now_ms()).unwrap() {
-            waits.push(engine.watch(id));
+        for id in store.enqueue(later, now_ms()).await.unwrap() {
+            waits.push(engine.watch(id).await);
         }
         for i in 1..4 {
             engine.submit(&format!("u{i}"));
@@ -1012,10 +1080,13 @@ mod tests {
         let entries: Vec<NewEntry> = (0..30)
             .map(|i| new_entry(&format!("u{i}"), "add"))
             .collect();
-        let ids = store.enqueue(entries, now_ms()).unwrap();
+        let ids = store.enqueue(entries, now_ms()).await.unwrap();
         let engine = Engine::new(store.clone(), attempt, limits(1));
-        let waits: Vec<_> = ids.iter().map(|id| engine.watch(*id)).collect();
-        engine.start().unwrap();
+        let mut waits = Vec::new();
+        for id in &ids {
+            waits.push(engine.watch(*id).await);
+        }
+        engine.start().await.unwrap();
         for w in waits {
             w.await.unwrap();
         }

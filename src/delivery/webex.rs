@@ -50,7 +50,9 @@ impl Deliverer {
                 if previous_attempts > 0 {
                     match self.lookup(user_id).await {
                         Ok(Some(existing)) => {
-                            return self.delivered(&entry, Some(existing), "provision", None);
+                            return self
+                                .delivered(&entry, Some(existing), "provision", None)
+                                .await;
                         }
                         Ok(None) => {}
                         Err(e) => return self.classify(&entry, e, None),
@@ -58,11 +60,14 @@ impl Deliverer {
                 }
                 let started = std::time::Instant::now();
                 let outcome = self.client.provision_once(user_id, body).await;
-                self.record(&entry, "provision", &outcome, started.elapsed());
+                self.record(&entry, "provision", &outcome, started.elapsed())
+                    .await;
                 tracking_id = Some(outcome.tracking_id.clone());
                 match outcome.result {
                     Ok(subscriber) => {
-                        return self.delivered(&entry, Some(subscriber), "provision", tracking_id);
+                        return self
+                            .delivered(&entry, Some(subscriber), "provision", tracking_id)
+                            .await;
                     }
                     Err(e) => e,
                 }
@@ -71,15 +76,18 @@ impl Deliverer {
                 Ok(Some(id)) => {
                     let started = std::time::Instant::now();
                     let outcome = self.client.update(&id, body).await;
-                    self.record(&entry, "update", &outcome, started.elapsed());
+                    self.record(&entry, "update", &outcome, started.elapsed())
+                        .await;
                     tracking_id = Some(outcome.tracking_id.clone());
                     match outcome.result {
                         Ok(subscriber) => {
-                            return self.delivered(&entry, Some(subscriber), "update", tracking_id);
+                            return self
+                                .delivered(&entry, Some(subscriber), "update", tracking_id)
+                                .await;
                         }
                         Err(WebexError::NotFound) => {
                             // The map was stale: forget it and look the user up on the next try.
-                            let _ = self.store.unmap_subscriber(user_id);
+                            let _ = self.store.unmap_subscriber(user_id).await;
                             return Attempt::RetryUser {
                                 after: PROBE_BASE,
                                 reason: format!(
@@ -104,11 +112,12 @@ impl Deliverer {
                 Ok(Some(id)) => {
                     let started = std::time::Instant::now();
                     let outcome = self.client.remove(&id).await;
-                    self.record(&entry, "remove", &outcome, started.elapsed());
+                    self.record(&entry, "remove", &outcome, started.elapsed())
+                        .await;
                     tracking_id = Some(outcome.tracking_id.clone());
                     match outcome.result {
                         Ok(()) | Err(WebexError::NotFound) => {
-                            let _ = self.store.unmap_subscriber(user_id);
+                            let _ = self.store.unmap_subscriber(user_id).await;
                             return Attempt::Delivered {
                                 subscriber_id: Some(id),
                                 webex_status: Some("removed".to_owned()),
@@ -187,7 +196,7 @@ impl Deliverer {
     }
 
     /// Record the call in metrics and the entry's tracking id in the store.
-    fn record<T>(&self, entry: &Entry, call: &str, outcome: &Outcome<T>, took: Duration) {
+    async fn record<T>(&self, entry: &Entry, call: &str, outcome: &Outcome<T>, took: Duration) {
         self.metrics.webex_seconds.observe(took.as_secs_f64());
         let status = match &outcome.result {
             Ok(_) => "ok".to_owned(),
@@ -208,7 +217,10 @@ impl Deliverer {
             .inc();
         // A call that delivered the entry is counted by `Store::finish`, in the same write.
         if outcome.result.is_err()
-            && let Err(e) = self.store.record_attempt(entry.id, &outcome.tracking_id)
+            && let Err(e) = self
+                .store
+                .record_attempt(entry.id, &outcome.tracking_id)
+                .await
         {
             tracing::error!(entry = entry.id, error = %e, "cannot record a delivery attempt");
         }
@@ -232,19 +244,22 @@ impl Deliverer {
 
     /// The subscriber id of a user: from the map, else looked up (and remembered).
     async fn subscriber_id(&self, user_id: &str) -> Result<Option<String>, WebexError> {
-        if let Ok(Some(record)) = self.store.user(user_id)
+        if let Ok(Some(record)) = self.store.user(user_id).await
             && let Some(id) = record.subscriber_id
         {
             return Ok(Some(id));
         }
         let found = self.lookup(user_id).await?;
         if let Some(subscriber) = &found {
-            let _ = self.store.map_user(user_id, Some(&subscriber.id), None);
+            let _ = self
+                .store
+                .map_user(user_id, Some(&subscriber.id), None)
+                .await;
         }
         Ok(found.map(|s| s.id))
     }
 
-    fn delivered(
+    async fn delivered(
         &self,
         entry: &Entry,
         subscriber: Option<Subscriber>,
@@ -258,11 +273,14 @@ impl Deliverer {
                 tracking_id,
             };
         };
-        let _ = self.store.map_user(
-            &entry.new.user_id,
-            Some(&subscriber.id),
-            Some(&entry.new.template),
-        );
+        let _ = self
+            .store
+            .map_user(
+                &entry.new.user_id,
+                Some(&subscriber.id),
+                Some(&entry.new.template),
+            )
+            .await;
         let status = status_name(subscriber.status);
         if !subscriber.status.is_settled() {
             self.follow_up(entry, subscriber.id.clone(), call);
@@ -324,7 +342,7 @@ impl Deliverer {
             if !errors.is_empty() {
                 tracing::warn!(user_id = %user_id, subscriber_id = %subscriber_id, errors = ?errors, "Webex could not provision the subscriber; fix the cause in Control Hub or the template and send the user again");
             }
-            let _ = this.store.set_webex_status(entry_id, &status);
+            let _ = this.store.set_webex_status(entry_id, &status).await;
             let record = AuditRecord {
                 at_ms: now_ms(),
                 client: client_label,
@@ -343,7 +361,7 @@ impl Deliverer {
                     latency_ms: started.elapsed().as_millis() as u64,
                 },
             };
-            let _ = this.store.append_audit(&record);
+            let _ = this.store.append_audit(&record).await;
         });
     }
 }

@@ -105,7 +105,9 @@ fn readiness(state: &AppState) -> (bool, Vec<String>) {
     }
     if let Some(failure) = state.store.write_failure() {
         reasons.push(format!(
-            "the store cannot be written ({failure}); every command is refused with 503 — free space on or repair the volume of store.path, then restart flowthrough"
+            "the store cannot be written ({}: {failure}); every command is refused with 503 — {}",
+            state.store.backend_name(),
+            state.store.write_failure_remedy()
         ));
     }
     if let Some(tokens) = &state.tokens
@@ -118,18 +120,25 @@ fn readiness(state: &AppState) -> (bool, Vec<String>) {
     (reasons.is_empty(), reasons)
 }
 
-fn refresh_gauges(state: &AppState) {
+async fn refresh_gauges(state: &AppState) {
     let m = &state.metrics;
     m.set_log_lines_dropped(crate::logging::dropped_lines());
-    if let Ok((pending, oldest)) = state.store.pending_summary() {
+    if let Ok((pending, oldest)) = state.store.pending_summary().await {
         m.outbox_pending.set(pending as i64);
         let age = oldest.map_or(0, |t| now_ms().saturating_sub(t)) as f64 / 1000.0;
         m.outbox_oldest_age_seconds.set(age);
     }
-    if let Ok(dead) = state.store.dead_count() {
+    if let Ok(dead) = state.store.dead_count().await {
         m.outbox_dead.set(dead as i64);
     }
-    if let Ok(space) = crate::store::volume_space(state.store.path()) {
+    if let Some(db) = state.store.database_stats() {
+        m.store_pool_in_use.set(db.pool_in_use as i64);
+        m.store_pool_waiting.set(db.pool_waiting as i64);
+        m.store_pool_size.set(db.pool_size as i64);
+    }
+    if let Some(path) = state.store.volume_path()
+        && let Ok(space) = crate::store::volume_space(path)
+    {
         m.store_volume_available_bytes
             .set(i64::try_from(space.available).unwrap_or(i64::MAX));
         m.store_volume_size_bytes
@@ -169,7 +178,7 @@ fn refresh_gauges(state: &AppState) {
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    refresh_gauges(&state);
+    refresh_gauges(&state).await;
     HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
         .body(state.metrics.render())
@@ -194,8 +203,17 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 
 async fn status(state: web::Data<AppState>) -> HttpResponse {
     let (ready, reasons) = readiness(&state);
-    let (pending, oldest) = state.store.pending_summary().unwrap_or((0, None));
-    let dead = state.store.dead_count().unwrap_or_default();
+    let (pending, oldest) = state.store.pending_summary().await.unwrap_or((0, None));
+    let dead = state.store.dead_count().await.unwrap_or_default();
+    let documents = state
+        .store
+        .audit(&crate::store::AuditQuery {
+            documents_only: true,
+            limit: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_default();
     let token = state.tokens.as_ref().map(|t| t.status());
     HttpResponse::Ok().json(json!({
         "ready": ready,
@@ -209,11 +227,7 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
             "users_waiting_for_webex": state.engine.as_ref().map_or(0, |e| e.waiting_for_webex()),
         },
         "token": token,
-        "recent_unreadable_documents": state.store.audit(&crate::store::AuditQuery {
-            documents_only: true,
-            limit: 5,
-            ..Default::default()
-        }).unwrap_or_default(),
+        "recent_unreadable_documents": documents,
     }))
 }
 
@@ -254,14 +268,14 @@ async fn outbox_list(state: web::Data<AppState>, q: web::Query<ListQuery>) -> Ht
         Ok(f) => f,
         Err(e) => return HttpResponse::BadRequest().json(json!({ "error": e })),
     };
-    match state.store.list(filter, q.limit.unwrap_or(100)) {
+    match state.store.list(filter, q.limit.unwrap_or(100)).await {
         Ok(entries) => HttpResponse::Ok().json(entries),
         Err(e) => HttpResponse::InternalServerError().json(json!({ "error": e.to_string() })),
     }
 }
 
 async fn outbox_show(state: web::Data<AppState>, id: web::Path<u64>) -> HttpResponse {
-    match state.store.entry(*id) {
+    match state.store.entry(*id).await {
         Ok(Some(entry)) => HttpResponse::Ok().json(entry),
         Ok(None) => {
             HttpResponse::NotFound().json(json!({ "error": format!("no outbox entry {id}") }))
@@ -271,9 +285,9 @@ async fn outbox_show(state: web::Data<AppState>, id: web::Path<u64>) -> HttpResp
 }
 
 async fn outbox_retry(state: web::Data<AppState>, id: web::Path<u64>) -> HttpResponse {
-    match state.store.retry(*id) {
+    match state.store.retry(*id).await {
         Ok(true) => {
-            if let Ok(Some(entry)) = state.store.entry(*id) {
+            if let Ok(Some(entry)) = state.store.entry(*id).await {
                 let _ = state.store.flush().await;
                 if let Some(engine) = &state.engine {
                     engine.submit(&entry.new.user_id);
@@ -289,7 +303,7 @@ async fn outbox_retry(state: web::Data<AppState>, id: web::Path<u64>) -> HttpRes
 }
 
 async fn outbox_drop(state: web::Data<AppState>, id: web::Path<u64>) -> HttpResponse {
-    match state.store.drop_entry(*id) {
+    match state.store.drop_entry(*id).await {
         Ok(Some(entry)) => {
             let _ = state.store.flush().await;
             HttpResponse::Ok().json(entry)
@@ -317,7 +331,7 @@ async fn audit(state: web::Data<AppState>, q: web::Query<AuditParams>) -> HttpRe
         documents_only: q.documents,
         limit: q.limit.unwrap_or(50),
     };
-    match state.store.audit(&query) {
+    match state.store.audit(&query).await {
         Ok(records) => HttpResponse::Ok().json(records),
         Err(e) => HttpResponse::InternalServerError().json(json!({ "error": e.to_string() })),
     }

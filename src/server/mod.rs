@@ -182,7 +182,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         )
     })?;
     let metrics = Arc::new(Metrics::new());
-    let store = Store::open_with_cache(&config.store.path, config.store.cache_mib)?;
+    let store = Store::open_configured(&config.store).await?;
+    observe_store(&store, &metrics);
 
     let observer_metrics = metrics.clone();
     let observer: crate::tls::Observer = Arc::new(move |refusal: &crate::tls::Refusal| {
@@ -203,7 +204,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         ));
     }
     let delivery = if provisioning {
-        Some(start_delivery(&config, &store, &metrics)?)
+        Some(start_delivery(&config, &store, &metrics).await?)
     } else {
         None
     };
@@ -316,7 +317,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
 
 /// The Webex side of the provisioning listener: transport, token manager, client and the
 /// delivery engine (started, so entries left by a previous run are picked up).
-fn start_delivery(
+async fn start_delivery(
     config: &Config,
     store: &Store,
     metrics: &Arc<Metrics>,
@@ -338,6 +339,7 @@ fn start_delivery(
         transport.clone(),
         Some(metrics.clone()),
     )
+    .await
     .map_err(|e| webex_error(&e))?;
     let api = reqwest::Url::parse(&webex.api_base)
         .map_err(|e| ServeError::Webex(format!("webex.api_base: {e}")))?;
@@ -359,11 +361,25 @@ fn start_delivery(
         Limits {
             max_parallel_users: webex.max_parallel_users,
             max_entry_age: Duration::from_secs(config.store.max_entry_age_hours * 3600),
+            poll: (config.store.backend == crate::config::StoreBackend::Postgres)
+                .then_some(POLL_SHARED_STORE),
         },
     );
-    engine.start()?;
+    engine.start().await?;
     Ok((engine, tokens, upstream))
 }
+
+/// The PostgreSQL backend's commits and errors in the metrics (sled reports through its flushes).
+fn observe_store(store: &Store, metrics: &Arc<Metrics>) {
+    let (commits, errors) = (metrics.clone(), metrics.clone());
+    store.observe(crate::store::Observer {
+        commit: Box::new(move |took| commits.store_commit_seconds.observe(took.as_secs_f64())),
+        error: Box::new(move |kind| errors.count_store_error(kind)),
+    });
+}
+
+/// How often delivery looks in a shared store for work it was not handed (see `Limits::poll`).
+const POLL_SHARED_STORE: Duration = Duration::from_secs(1);
 
 /// How often records past the retention or the caps are deleted. Often enough that each round
 /// deletes a few minutes' worth (a long round of deletes delays the flushes requests wait for),
@@ -371,8 +387,8 @@ fn start_delivery(
 const PRUNE_EVERY: Duration = Duration::from_secs(300);
 
 /// Audit retention and the pruning of finished outbox entries, every [`PRUNE_EVERY`] (and once at
-/// start), on the blocking pool: the first round counts the records by walking the trees (about
-/// 3 s at a million each), and a round with much to remove takes as long.
+/// start), on the blocking pool: the first round on sled counts the records by walking the trees
+/// (about 3 s at a million each), and a round with much to remove takes as long.
 fn spawn_housekeeping(store: Store, cfg: &crate::config::StoreConfig) {
     let retention_ms = u64::from(cfg.audit_retention_days) * 86_400_000;
     let (max_audit, max_history) = (cfg.audit_max_records, cfg.history_max_entries);
@@ -381,12 +397,15 @@ fn spawn_housekeeping(store: Store, cfg: &crate::config::StoreConfig) {
         loop {
             tick.tick().await;
             let store = store.clone();
+            let runtime = tokio::runtime::Handle::current();
             let round = tokio::task::spawn_blocking(move || {
                 let cutoff = crate::store::now_ms().saturating_sub(retention_ms);
-                let pruned = (
-                    store.prune_audit(cutoff, max_audit)?,
-                    store.prune_finished(cutoff, max_history)?,
-                );
+                let pruned = runtime.block_on(async {
+                    Ok::<_, crate::store::StoreError>((
+                        store.prune_audit(cutoff, max_audit).await?,
+                        store.prune_finished(cutoff, max_history).await?,
+                    ))
+                })?;
                 release_freed_heap();
                 Ok::<_, crate::store::StoreError>(pruned)
             })

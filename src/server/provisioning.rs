@@ -18,7 +18,7 @@ use crate::mapping::{self, MapContext, OciError, Plan};
 use crate::oci::{self, Command, ErrorClass, ParseLimits, Request, ResponseCommand, Session};
 use crate::secret::BasicCredentials;
 use crate::store::{
-    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, StoreError, now_ms,
+    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, Remembered, StoreError, now_ms,
 };
 
 /// How much of a document the audit keeps when flowthrough cannot use it.
@@ -158,7 +158,10 @@ async fn process(
     if state.store.write_failure().is_some() {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the store cannot be written (see /status on the admin listener); nothing was accepted — free space on or repair the data volume and restart flowthrough, then the AS can retry",
+            &format!(
+                "the store cannot be written (see /status on the admin listener); nothing was accepted — {}; then the AS can retry",
+                state.store.write_failure_remedy()
+            ),
         );
     }
     if !content_type_ok(req) {
@@ -175,7 +178,7 @@ async fn process(
     let document = match oci::parse(body, &limits) {
         Ok(document) => document,
         Err(error) => {
-            keep_document(state, &client, &error.to_string(), body);
+            keep_document(state, &client, &error.to_string(), body).await;
             // Kept for the operator to study: durable before the AS hears of it, as every other
             // record is (a document that only reached the page cache is gone after a power cut).
             if let Err(e) = state.store.flush().await {
@@ -216,6 +219,7 @@ async fn process(
                 None => state
                     .store
                     .user(user)
+                    .await
                     .ok()
                     .flatten()
                     .and_then(|u| u.template),
@@ -263,7 +267,8 @@ async fn process(
                         &client,
                         &format!("unsupported command {}", request.name),
                         body,
-                    );
+                    )
+                    .await;
                 }
                 steps.push(CommandStep::new(
                     request,
@@ -282,7 +287,7 @@ async fn process(
         let user_id = mapping::command_user_id(&request.command).map(str::to_owned);
         let last_profile = match &user_id {
             Some(user) if mapping::uses_last_profile(&request.command) => {
-                state.store.profile(user).ok().flatten()
+                state.store.profile(user).await.ok().flatten()
             }
             _ => None,
         };
@@ -297,46 +302,52 @@ async fn process(
         for note in plan.notes() {
             tracing::info!(command = %request.name, user_id = user_id.as_deref().unwrap_or(""), "{note}");
         }
-        let step = match remember(state, request, &template_name, last_profile.as_ref(), &plan) {
-            Err(e) => {
-                tracing::error!(error = %e, "cannot write to the store");
-                return plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the store cannot be written; nothing was accepted — check the data volume, then the AS can retry",
-                );
-            }
-            Ok(Some(call)) => {
-                let user = plan.user_id().unwrap_or_default().to_owned();
-                let entry = NewEntry {
-                    user_id: user.clone(),
-                    template: template_name.clone(),
-                    command: request.name.clone(),
-                    call,
-                    client: client.clone(),
-                };
-                let stored = state.store.enqueue_announced(vec![entry], now_ms(), |id| {
-                    watches.push((id, engine.watch_new(id)));
-                });
-                match stored {
-                    Ok(ids) => {
-                        user_ids.push(user);
-                        Step::Queued {
-                            id: ids[0],
-                            on_delivery: plan.response(request.echo.clone()),
-                            echo: request.echo.clone(),
-                        }
-                    }
-                    Err(e) => {
-                        engine.unwatch(watches.iter().map(|(id, _)| *id));
-                        tracing::error!(error = %e, "cannot write to the outbox");
-                        return plain(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "the outbox cannot be written; nothing was accepted — check the data volume, then the AS can retry",
-                        );
-                    }
+        let refused = || {
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "the store cannot be written; nothing was accepted — {}; then the AS can retry",
+                    state.store.write_failure_remedy()
+                ),
+            )
+        };
+        let (remembered, call) =
+            match what_to_keep(request, &template_name, last_profile.as_ref(), &plan) {
+                Ok(kept) => kept,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode a command for the store");
+                    return refused();
+                }
+            };
+        let user = plan.user_id().unwrap_or_default().to_owned();
+        let entry = call.map(|call| NewEntry {
+            user_id: user.clone(),
+            template: template_name.clone(),
+            command: request.name.clone(),
+            call,
+            client: client.clone(),
+        });
+        let stored = state
+            .store
+            .accept(remembered, entry, now_ms(), |id| {
+                watches.push((id, engine.watch_new(id)));
+            })
+            .await;
+        let step = match stored {
+            Ok(Some(id)) => {
+                user_ids.push(user);
+                Step::Queued {
+                    id,
+                    on_delivery: plan.response(request.echo.clone()),
+                    echo: request.echo.clone(),
                 }
             }
             Ok(None) => Step::Answered(plan.response(request.echo.clone())),
+            Err(e) => {
+                engine.unwatch(watches.iter().map(|(id, _)| *id));
+                tracing::error!(error = %e, "cannot write to the store");
+                return refused();
+            }
         };
         steps.push(CommandStep::new(request, Some(template_name), step));
     }
@@ -506,7 +517,7 @@ async fn conclude(
         responses.push(response);
     }
     for record in &audit_pending {
-        if let Err(e) = state.store.append_audit(record) {
+        if let Err(e) = state.store.append_audit(record).await {
             tracing::warn!(error = %e, "cannot write an audit record");
         }
     }
@@ -514,29 +525,27 @@ async fn conclude(
     Ok(responses)
 }
 
-/// Update what the adapter remembers about the user and customer, and return the Webex call to
-/// store for this plan, if any.
-fn remember(
-    state: &AppState,
+/// What a command leaves in the store: what the adapter remembers about the user and customer,
+/// and the Webex call to queue for this plan, if any.
+fn what_to_keep(
     request: &Request,
     template: &str,
     last_profile: Option<&oci::UserProfile>,
     plan: &Plan,
-) -> Result<Option<Call>, crate::store::StoreError> {
-    let store = &state.store;
+) -> Result<(Remembered, Option<Call>), crate::store::StoreError> {
+    let mut remembered = Remembered::default();
     match &request.command {
         Command::UserAdd(profile) => {
-            store.save_profile(profile)?;
-            store.map_user(&profile.user_id, None, Some(template))?;
+            remembered.profile = Some(profile.clone());
+            remembered.template = Some((profile.user_id.clone(), template.to_owned()));
         }
         Command::UserModify(changes) => {
-            if let Some(profile) = last_profile {
-                store.save_profile(&mapping::apply_changes(profile, changes))?;
-            }
+            remembered.profile =
+                last_profile.map(|profile| mapping::apply_changes(profile, changes));
         }
         _ => {}
     }
-    Ok(match plan {
+    let call = match plan {
         Plan::Provision { body, .. } => Some(Call::provision(body)?),
         Plan::Update { body, .. } if !body.is_empty() => Some(Call::update(body)?),
         Plan::Remove { .. } => Some(Call::Remove),
@@ -544,13 +553,13 @@ fn remember(
             if let Some(warning) = &customer.mode_mismatch {
                 tracing::warn!(service_provider_id = %customer.service_provider_id, "{warning}");
             }
-            store.record_customer(&Customer {
+            remembered.customer = Some(Customer {
                 service_provider_id: customer.service_provider_id.clone(),
                 group_id: customer.group_id.clone(),
                 name: customer.name.clone(),
                 enterprise: customer.enterprise,
                 template: template.to_owned(),
-            })?;
+            });
             None
         }
         Plan::NoOp { reason } => {
@@ -558,7 +567,8 @@ fn remember(
             None
         }
         Plan::Update { .. } | Plan::Reject { .. } => None,
-    })
+    };
+    Ok((remembered, call))
 }
 
 /// The metric label of a command: its kind, not its name, so release suffixes and unknown names
@@ -590,7 +600,7 @@ fn outcome_label(response: &ResponseCommand) -> String {
 }
 
 /// Keep a document (or a command) flowthrough could not use, redacted, for the operator.
-fn keep_document(state: &AppState, client: &str, reason: &str, body: &[u8]) {
+async fn keep_document(state: &AppState, client: &str, reason: &str, body: &[u8]) {
     let record = AuditRecord {
         at_ms: now_ms(),
         client: client.to_owned(),
@@ -599,7 +609,7 @@ fn keep_document(state: &AppState, client: &str, reason: &str, body: &[u8]) {
             excerpt: oci::redacted_excerpt(body, EXCERPT_BYTES),
         },
     };
-    if let Err(e) = state.store.append_audit(&record) {
+    if let Err(e) = state.store.append_audit(&record).await {
         tracing::warn!(error = %e, "cannot keep the unreadable document in the audit");
     }
 }

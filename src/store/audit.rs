@@ -6,10 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError, decode, encode};
+use super::{SledStore, StoreError, decode, encode};
 
-const AUDIT: &str = "audit";
-const DOCUMENTS: &str = "documents";
+pub(super) const AUDIT: &str = "audit";
+pub(super) const DOCUMENTS: &str = "documents";
 
 /// One audit record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,7 +70,7 @@ fn key(at_ms: u64, id: u64) -> [u8; 16] {
 /// must not push real command records out of the audit.
 const MAX_DOCUMENTS: usize = 1000;
 
-impl Store {
+impl SledStore {
     pub fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
         let id = self.db.generate_id()?;
         let tree = match record.event {
@@ -140,94 +140,5 @@ impl Store {
             removed += 1;
         }
         Ok(removed)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn command(at_ms: u64, user: &str) -> AuditRecord {
-        AuditRecord {
-            at_ms,
-            client: "CN=bwcticlient.webex.com serial=01".into(),
-            event: AuditEvent::Command {
-                template: Some("acme".into()),
-                command: "UserAddRequest17sp4".into(),
-                user_id: Some(user.into()),
-                outcome: "success".into(),
-                webex_status: Some("provisioned".into()),
-                tracking_id: Some("FLOWTHROUGH_x".into()),
-                outbox_id: Some(1),
-                latency_ms: 3,
-            },
-        }
-    }
-
-    #[test]
-    fn newest_first_filtered_by_user_and_pruned_by_age_then_count() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        for (t, u) in [(10, "a"), (20, "b"), (30, "a"), (40, "a")] {
-            store.append_audit(&command(t, u)).unwrap();
-        }
-        let q = AuditQuery {
-            user_id: Some("a".into()),
-            limit: 2,
-            ..AuditQuery::default()
-        };
-        let got: Vec<u64> = store.audit(&q).unwrap().iter().map(|r| r.at_ms).collect();
-        assert_eq!(got, vec![40, 30]);
-        assert_eq!(store.prune_audit(15, 100).unwrap(), 1);
-        assert_eq!(store.prune_audit(0, 2).unwrap(), 1);
-        let all = AuditQuery {
-            limit: 10,
-            ..AuditQuery::default()
-        };
-        let left: Vec<u64> = store.audit(&all).unwrap().iter().map(|r| r.at_ms).collect();
-        assert_eq!(left, vec![40, 30]);
-        // The count walked at the first round is kept by the appends and removals after it.
-        for t in [50, 60, 70] {
-            store.append_audit(&command(t, "c")).unwrap();
-        }
-        assert_eq!(store.prune_audit(0, 2).unwrap(), 3);
-        let left: Vec<u64> = store.audit(&all).unwrap().iter().map(|r| r.at_ms).collect();
-        assert_eq!(left, vec![70, 60]);
-        assert_eq!(store.prune_audit(0, 2).unwrap(), 0);
-    }
-
-    #[test]
-    fn documents_are_capped_apart_from_commands() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        store.append_audit(&command(1, "a")).unwrap();
-        for i in 0..(MAX_DOCUMENTS as u64 + 5) {
-            let doc = AuditRecord {
-                at_ms: 100 + i,
-                client: "x".into(),
-                event: AuditEvent::Document {
-                    reason: "unknown".into(),
-                    excerpt: "<x/>".into(),
-                },
-            };
-            store.append_audit(&doc).unwrap();
-        }
-        let docs = AuditQuery {
-            documents_only: true,
-            limit: 5000,
-            ..AuditQuery::default()
-        };
-        let kept = store.audit(&docs).unwrap();
-        assert_eq!(kept.len(), MAX_DOCUMENTS);
-        assert_eq!(
-            kept.last().unwrap().at_ms,
-            105,
-            "the oldest documents went first"
-        );
-        let commands = AuditQuery {
-            limit: 10,
-            ..AuditQuery::default()
-        };
-        assert_eq!(store.audit(&commands).unwrap().len(), 1);
     }
 }

@@ -1,37 +1,36 @@
-//! The durable store, behind a small API of domain operations (outbox, user map, profiles,
-//! customers, audit, tokens). sled is the embedded backend; no sled type leaves this module, so a
-//! PostgreSQL backend for two-node deployments (SPEC §11) is an addition, not a rewrite.
+//! The durable store: one API of domain operations (outbox with per-user queues, user map,
+//! profiles, customers, audit, token) over two backends chosen by `[store] backend`: sled,
+//! embedded, for one node and `sandbox`; PostgreSQL for several nodes (SPEC §11). No sled type
+//! and no SQL leave this module.
+//!
+//! The API is async because PostgreSQL answers over the network; the sled operations behind it
+//! never wait, so on sled each call completes at its first poll, on the caller's thread, as before
+//! (its hot path keeps its group commit on the flusher thread and its entries in memory).
 
 mod audit;
 mod commit;
-pub use commit::FlushTicket;
+pub mod copy;
 mod outbox;
+pub mod postgres;
+mod sled_backend;
+mod tokens;
 mod users;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use audit::{AuditEvent, AuditQuery, AuditRecord};
 pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry, Progress};
+use sled_backend::SledStore;
+pub use tokens::{TokenRecord, TokenState};
 pub use users::{Customer, UserRecord};
 
-mod tokens;
-pub use tokens::{TokenRecord, TokenState};
-
-/// The on-disk layout version. Bumped whenever a tree's key or value encoding changes; a store
-/// written by another version is refused at open rather than misread.
-/// Version 2 added the index of dead outbox entries. Version 3 changes no encoding: opening an
-/// older store rebuilds the dead and queue indexes from the entries, which indexes the dead
-/// entries of a version 1 store and puts back in their queues the pending entries a version 2
-/// store could lose from them (see [`outbox::rebuild_indexes`]).
-pub const SCHEMA_VERSION: u32 = 3;
-
-const META_TREE: &str = "meta";
-const SCHEMA_KEY: &[u8] = b"schema_version";
+use crate::config::{StoreBackend, StoreConfig};
+use crate::oci::UserProfile;
+pub use postgres::Observer;
+use postgres::PgStore;
 
 /// A failure of the store. The message says what to do next.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +57,23 @@ pub enum StoreError {
         "outbox entry {0} does not exist; `flowthrough outbox list` shows the entries there are"
     )]
     NotFound(u64),
+    /// PostgreSQL refused or could not do an operation; `kind` is the metrics label.
+    #[error(
+        "PostgreSQL could not {what}: {reason}; nothing that failed was acknowledged — check that the database is up, reachable and writable (`flowthrough doctor`); flowthrough carries on by itself when it is back"
+    )]
+    Database {
+        kind: &'static str,
+        what: &'static str,
+        reason: String,
+    },
+    #[error(
+        "the PostgreSQL schema is at version {found}, this flowthrough knows versions up to {known}; run the flowthrough release that migrated it (or a newer one)"
+    )]
+    SchemaTooNew { found: i32, known: i32 },
+    #[error(
+        "the PostgreSQL schema is at version {found} and lacks {pending}; run `flowthrough store migrate --config <file>` (or start `serve`, which migrates)"
+    )]
+    SchemaBehind { found: i32, pending: String },
 }
 
 impl From<sled::Error> for StoreError {
@@ -67,198 +83,308 @@ impl From<sled::Error> for StoreError {
 }
 
 /// The store handle; cheap to clone and shared by every task.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Store {
-    db: sled::Db,
-    /// What the database was opened with; it shares sled's record of a failed log write.
-    config: sled::Config,
-    path: PathBuf,
-    commit: Arc<commit::GroupCommit>,
-    /// Held across the two writes that make an entry pending and findable (enqueue, retry) and
-    /// by the check before a queue key that looks stale is removed, so that check never catches
-    /// an entry between its two writes. See the outbox module's header.
-    queueing: Arc<std::sync::Mutex<()>>,
-    counts: Arc<Counts>,
-    fresh: Arc<outbox::Fresh>,
+    backend: Backend,
 }
 
-/// Record counts of the two trees that grow with traffic, for housekeeping's caps. sled's `len`
-/// walks the whole tree: 2.8 s for a million outbox entries and a million audit records
-/// (`examples/store_io`), every pruning round, and through the page cache, for a number that
-/// only moves by what was written since. So a count is walked once, at the first round, and
-/// kept up to date by the writes after it.
-#[derive(Default)]
-struct Counts {
-    outbox: Count,
-    audit: Count,
+#[derive(Clone, Debug)]
+enum Backend {
+    Sled(SledStore),
+    Postgres(PgStore),
 }
 
-#[derive(Default)]
-struct Count {
-    known: std::sync::atomic::AtomicBool,
-    records: AtomicU64,
+/// What the adapter remembers from one command (written by [`Store::accept`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Remembered {
+    /// The last profile seen for its user.
+    pub profile: Option<UserProfile>,
+    /// A user and the template it was provisioned with.
+    pub template: Option<(String, String)>,
+    /// A customer recorded from a group or service-provider add.
+    pub customer: Option<Customer>,
 }
 
-impl Count {
-    fn added(&self, n: u64) {
-        self.records.fetch_add(n, Ordering::Relaxed);
-    }
+/// A request's place in the store's durability: on sled, its place in the group commit; on
+/// PostgreSQL nothing, since every write there has committed before it returned.
+#[derive(Debug)]
+pub struct FlushTicket(Option<commit::FlushTicket>);
 
-    fn removed(&self, n: u64) {
-        let _ = self
-            .records
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                Some(c.saturating_sub(n))
-            });
-    }
-
-    /// The count, from a walk of `tree` the first time. Writes made during that walk may be
-    /// counted twice or not at all: the caps it serves are approximate by that much.
-    fn of(&self, tree: &sled::Tree) -> u64 {
-        if !self.known.load(Ordering::Acquire) {
-            self.records.store(tree.len() as u64, Ordering::Relaxed);
-            self.known.store(true, Ordering::Release);
+/// The operations every backend implements with the same meaning; each becomes an async method
+/// of [`Store`] that hands the call to the backend in use.
+macro_rules! domain_operations {
+    ($( $(#[$doc:meta])* fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty; )*) => {
+        impl Store {
+            $(
+                $(#[$doc])*
+                pub async fn $name(&self $(, $arg: $ty)*) -> Result<$ret, StoreError> {
+                    match &self.backend {
+                        Backend::Sled(s) => s.$name($($arg),*),
+                        Backend::Postgres(p) => p.$name($($arg),*).await,
+                    }
+                }
+            )*
         }
-        self.records.load(Ordering::Relaxed)
-    }
+    };
 }
 
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
-    }
-}
-
-/// How long opening waits for the store's file lock. A store closed in this process lets go of
-/// the lock only when sled's I/O pool has finished the writes it had in hand, a few milliseconds
-/// later, longer on a loaded machine; another process holding it is not waited for longer.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-fn open_when_unlocked(config: &sled::Config) -> sled::Result<sled::Db> {
-    let started = std::time::Instant::now();
-    loop {
-        match config.open() {
-            // sled reports the lock as `Other` with the OS error in the text.
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && started.elapsed() < LOCK_WAIT =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            opened => return opened,
-        }
-    }
+domain_operations! {
+    /// Store new entries, pending, in the given order. Durable after [`Store::flush`] on sled,
+    /// on return on PostgreSQL (committed with `synchronous_commit = on`).
+    fn enqueue(&self, entries: Vec<NewEntry>, now_ms: u64) -> Vec<EntryId>;
+    /// One entry by id.
+    fn entry(&self, id: EntryId) -> Option<Entry>;
+    /// Where an entry is in its life, without its body.
+    fn progress(&self, id: EntryId) -> Option<Progress>;
+    /// The oldest pending entry of a user: the only one that may be delivered now.
+    fn head_of(&self, user_id: &str) -> Option<Entry>;
+    /// Whether a user has a pending entry.
+    fn has_pending(&self, user_id: &str) -> bool;
+    /// Every user with pending work, each once. Used at start-up to recover.
+    fn users_with_pending(&self) -> Vec<String>;
+    /// Record an attempt about to be made, so a crash after sending is known to maybe have
+    /// reached Webex.
+    fn record_attempt(&self, id: EntryId, tracking_id: &str) -> Entry;
+    /// Note a failed attempt that will be retried.
+    fn record_failure(&self, id: EntryId, error: &str) -> Entry;
+    /// The final subscriber status found by the follow-up of a delivered entry.
+    fn set_webex_status(&self, id: EntryId, status: &str) -> Entry;
+    /// The entry reached its end (delivered or dead) and leaves its user's queue; `last_call`
+    /// is the TrackingID of the call that ended it, counted as an attempt in the same write.
+    fn finish(&self, id: EntryId, state: EntryState, last_call: Option<&str>) -> Entry;
+    /// Put a dead entry back in its user's queue. False if it was not dead.
+    fn retry(&self, id: EntryId) -> bool;
+    /// Remove an entry for good (operator's `outbox drop`).
+    fn drop_entry(&self, id: EntryId) -> Option<Entry>;
+    /// Entries matching `filter`, oldest first, at most `limit`.
+    fn list(&self, filter: Filter, limit: usize) -> Vec<Entry>;
+    /// How many entries are dead (waiting for the operator).
+    fn dead_count(&self) -> usize;
+    /// How many entries are pending, and the creation time of the oldest.
+    fn pending_summary(&self) -> (u64, Option<u64>);
+    /// Delete finished entries created before `cutoff_ms`, then the oldest delivered entries
+    /// beyond `max_delivered`. Dead entries go only with age.
+    fn prune_finished(&self, cutoff_ms: u64, max_delivered: u64) -> u64;
+    fn user(&self, user_id: &str) -> Option<UserRecord>;
+    /// Remember the subscriber id and/or template of a user; `None` keeps what is stored.
+    fn map_user(&self, user_id: &str, subscriber_id: Option<&str>, template: Option<&str>) -> ();
+    /// Forget the subscriber id (after a remove); template and profile stay.
+    fn unmap_subscriber(&self, user_id: &str) -> ();
+    fn profile(&self, user_id: &str) -> Option<UserProfile>;
+    fn save_profile(&self, profile: &UserProfile) -> ();
+    fn record_customer(&self, customer: &Customer) -> ();
+    fn customers(&self) -> Vec<Customer>;
+    fn append_audit(&self, record: &AuditRecord) -> ();
+    /// Newest records first.
+    fn audit(&self, query: &AuditQuery) -> Vec<AuditRecord>;
+    /// Drop records older than `cutoff_ms`, then the oldest beyond `max_records`.
+    fn prune_audit(&self, cutoff_ms: u64, max_records: u64) -> u64;
+    /// The stored token record, if one was ever written.
+    fn token(&self) -> Option<TokenRecord>;
+    /// Replace the token record, durably before returning: a rotated refresh token that is lost
+    /// would lock the deployment out.
+    fn put_token(&self, record: &TokenRecord) -> ();
 }
 
 impl Store {
-    /// Open (or create) the store with the default cache size and check its schema version.
+    /// Open (or create) a sled store with the default cache size.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        Store::open_with_cache(path, crate::config::DEFAULT_CACHE_MIB)
+        SledStore::open(path).map(Store::from)
     }
 
-    /// Open (or create) the store with `cache_mib` of sled page cache (`store.cache_mib`).
+    /// Open (or create) a sled store with `cache_mib` of page cache.
     pub fn open_with_cache(path: &Path, cache_mib: u64) -> Result<Store, StoreError> {
-        let config = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_mib.saturating_mul(1024 * 1024));
-        let db = open_when_unlocked(&config).map_err(|e| StoreError::Open {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-        let meta = db.open_tree(META_TREE)?;
-        match meta.get(SCHEMA_KEY)? {
-            None => {
-                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-                db.flush()?;
-            }
-            Some(raw) => {
-                let found = <[u8; 4]>::try_from(raw.as_ref())
-                    .map(u32::from_be_bytes)
-                    .map_err(|_| StoreError::Corrupt {
-                        what: "schema version",
-                        reason: format!("{} bytes instead of 4", raw.len()),
-                    })?;
-                if found == 1 || found == 2 {
-                    let requeued = outbox::rebuild_indexes(&db)?;
-                    meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-                    db.flush()?;
-                    if requeued > 0 {
-                        tracing::warn!(
-                            requeued,
-                            "pending outbox entries had lost their place in their user's queue (a \
-                             defect of earlier versions) and were never delivered; they are queued \
-                             again and are delivered now, or die if older than \
-                             store.max_entry_age_hours (nothing to do)"
-                        );
-                    }
-                } else if found != SCHEMA_VERSION {
-                    return Err(StoreError::SchemaMismatch {
-                        path: path.to_owned(),
-                        found,
-                        expected: SCHEMA_VERSION,
+        SledStore::open_with_cache(path, cache_mib).map(Store::from)
+    }
+
+    /// Open the store the config names: sled at `store.path`, or PostgreSQL (connecting, and
+    /// bringing its schema up to date under a lock).
+    pub async fn open_configured(config: &StoreConfig) -> Result<Store, StoreError> {
+        match config.backend {
+            StoreBackend::Sled => Store::open_with_cache(&config.path, config.cache_mib),
+            StoreBackend::Postgres => Ok(Store {
+                backend: Backend::Postgres(PgStore::open(postgres_settings(config)?).await?),
+            }),
+        }
+    }
+
+    /// Open the store the config names for an operator's tool, changing no schema: sled as
+    /// [`Store::open_configured`] does; PostgreSQL connected and its schema version checked
+    /// (`flowthrough store migrate` brings it up to date).
+    pub async fn connect_configured(config: &StoreConfig) -> Result<Store, StoreError> {
+        match config.backend {
+            StoreBackend::Sled => Store::open_with_cache(&config.path, config.cache_mib),
+            StoreBackend::Postgres => {
+                let store = PgStore::connect(postgres_settings(config)?)?;
+                let report = store.schema().await?;
+                postgres::check_schema(&report)?;
+                if !report.pending.is_empty() {
+                    return Err(StoreError::SchemaBehind {
+                        found: report.found,
+                        pending: report.pending.join(", "),
                     });
                 }
+                Ok(Store {
+                    backend: Backend::Postgres(store),
+                })
             }
         }
-        let stale = outbox::reconcile_indexes(&db)?;
-        if stale > 0 {
-            tracing::warn!(
-                stale,
-                "the store held outbox index keys left by a write a crash interrupted; they were \
-                 dropped and no entry was lost (nothing to do)"
-            );
-            db.flush()?;
+    }
+
+    /// `sled` or `postgres`, for messages and metrics.
+    pub fn backend_name(&self) -> &'static str {
+        match &self.backend {
+            Backend::Sled(_) => "sled",
+            Backend::Postgres(_) => "postgres",
         }
-        let commit = Arc::new(commit::GroupCommit::start(db.clone())?);
-        Ok(Store {
-            db,
-            config,
-            path: path.to_owned(),
-            commit,
-            queueing: Arc::default(),
-            counts: Arc::default(),
-            fresh: Arc::default(),
-        })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The directory of a sled store, whose volume's free space is watched; none on PostgreSQL.
+    pub fn volume_path(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Sled(s) => Some(s.path()),
+            Backend::Postgres(_) => None,
+        }
     }
 
-    /// Why the store can no longer be written, if it cannot. sled keeps the first error of a log
-    /// write (a full disk, a file size limit, a failing volume) and refuses every later write and
-    /// flush with it until the store is opened again; reads still work, so nothing else shows
-    /// it. The running process does not recover: the operator frees the volume and restarts.
+    /// [`Store::enqueue`], telling `announce` each entry's id: on sled before delivery can find
+    /// the entry; on PostgreSQL once it has committed, before this call returns (delivery on
+    /// this node learns of the user only from the caller after that).
+    pub async fn enqueue_announced(
+        &self,
+        entries: Vec<NewEntry>,
+        now_ms: u64,
+        mut announce: impl FnMut(EntryId),
+    ) -> Result<Vec<EntryId>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.enqueue_announced(entries, now_ms, announce),
+            Backend::Postgres(p) => {
+                let ids = p.enqueue(entries, now_ms).await?;
+                ids.iter().copied().for_each(&mut announce);
+                Ok(ids)
+            }
+        }
+    }
+
+    /// Write what one command leaves behind: the records it changes and its outbox entry, the
+    /// entry's id told to `announce` as [`Store::enqueue_announced`] does. On PostgreSQL one
+    /// transaction, its statements sent together: one round trip to the acknowledgement.
+    pub async fn accept(
+        &self,
+        remembered: Remembered,
+        entry: Option<NewEntry>,
+        now_ms: u64,
+        mut announce: impl FnMut(EntryId),
+    ) -> Result<Option<EntryId>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => {
+                if let Some(profile) = &remembered.profile {
+                    s.save_profile(profile)?;
+                }
+                if let Some((user, template)) = &remembered.template {
+                    s.map_user(user, None, Some(template))?;
+                }
+                if let Some(customer) = &remembered.customer {
+                    s.record_customer(customer)?;
+                }
+                match entry {
+                    Some(entry) => Ok(s.enqueue_announced(vec![entry], now_ms, announce)?.pop()),
+                    None => Ok(None),
+                }
+            }
+            Backend::Postgres(p) => {
+                let id = p.accept(remembered, entry, now_ms).await?;
+                id.into_iter().for_each(&mut announce);
+                Ok(id)
+            }
+        }
+    }
+
+    /// Why the store cannot be written now, if it cannot: sled's sticky log-write error (for
+    /// good, until a restart), or PostgreSQL down, read-only or full (until it is back).
     pub fn write_failure(&self) -> Option<String> {
-        self.config.global_error().err().map(|e| e.to_string())
+        match &self.backend {
+            Backend::Sled(s) => s.write_failure(),
+            Backend::Postgres(p) => p.write_failure(),
+        }
     }
 
-    /// Make every write made before this call durable. Concurrent callers share flushes (group
-    /// commit, [`commit`]), so durability does not cost one fsync per caller.
+    /// What the operator does about a [`Store::write_failure`].
+    pub fn write_failure_remedy(&self) -> &'static str {
+        match &self.backend {
+            Backend::Sled(_) => {
+                "free space on or repair the data volume of store.path, then restart flowthrough"
+            }
+            Backend::Postgres(_) => {
+                "bring PostgreSQL back (reachable, writable, with free space); flowthrough resumes by itself"
+            }
+        }
+    }
+
+    /// Make every write made before this call durable (sled: shared flushes; PostgreSQL:
+    /// nothing left to do).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.commit.wait(self.commit.request()).await.map(drop)
+        self.flushed(self.start_flush()).await.map(drop)
     }
 
-    /// Ask for every write made before this call to be made durable, without waiting: the
-    /// flush runs while the caller does other work, then [`Store::flushed`] waits for it.
+    /// Ask for every write made before this call to be made durable, without waiting.
     pub fn start_flush(&self) -> FlushTicket {
-        self.commit.request()
+        match &self.backend {
+            Backend::Sled(s) => FlushTicket(Some(s.start_flush())),
+            Backend::Postgres(_) => FlushTicket(None),
+        }
     }
 
     /// Wait until the writes a [`Store::start_flush`] ticket stands for are durable; returns how
-    /// long the flush took from the request (at most: a later flush may have ended first).
+    /// long the flush took from the request.
     pub async fn flushed(&self, ticket: FlushTicket) -> Result<std::time::Duration, StoreError> {
-        self.commit.wait(ticket).await
+        match (&self.backend, ticket.0) {
+            (Backend::Sled(s), Some(ticket)) => s.flushed(ticket).await,
+            _ => Ok(std::time::Duration::ZERO),
+        }
     }
 
-    /// Blocking flush for the CLI and shutdown paths that have no runtime at hand.
-    pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+    /// Who hears of PostgreSQL's commits and errors (the metrics); sled has neither to report.
+    pub fn observe(&self, observer: Observer) {
+        if let Backend::Postgres(p) = &self.backend {
+            p.observe(observer);
+        }
     }
 
-    fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        Ok(self.db.open_tree(name)?)
+    /// The PostgreSQL backend's own figures for the metrics, if that is the backend.
+    pub fn database_stats(&self) -> Option<postgres::DatabaseStats> {
+        match &self.backend {
+            Backend::Sled(_) => None,
+            Backend::Postgres(p) => Some(p.stats()),
+        }
+    }
+}
+
+/// `[store.postgres]`, which the config's validation requires with `backend = "postgres"`.
+pub fn postgres_settings(
+    config: &StoreConfig,
+) -> Result<&crate::config::PostgresConfig, StoreError> {
+    config.postgres.as_ref().ok_or_else(|| {
+        StoreError::Io(
+            "store.backend is \"postgres\" but there is no [store.postgres] section; add one (README, \"Running on PostgreSQL\")"
+                .to_owned(),
+        )
+    })
+}
+
+impl From<PgStore> for Store {
+    fn from(store: PgStore) -> Store {
+        Store {
+            backend: Backend::Postgres(store),
+        }
+    }
+}
+
+impl From<SledStore> for Store {
+    fn from(store: SledStore) -> Store {
+        Store {
+            backend: Backend::Sled(store),
+        }
     }
 }
 
@@ -308,30 +434,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_store_with_another_schema_version_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = Store::open(dir.path()).unwrap();
-            store
-                .tree(META_TREE)
-                .unwrap()
-                .insert(SCHEMA_KEY, &99u32.to_be_bytes())
-                .unwrap();
-            store.flush_blocking().unwrap();
-        }
-        match Store::open(dir.path()) {
-            Err(StoreError::SchemaMismatch {
-                found: 99,
-                expected,
-                ..
-            }) => {
-                assert_eq!(expected, SCHEMA_VERSION)
-            }
-            other => panic!("expected a schema mismatch, got {other:?}"),
-        }
-    }
-
-    #[test]
     fn the_volume_space_of_a_store_is_read_and_a_missing_path_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let space = volume_space(dir.path()).unwrap();
@@ -345,27 +447,5 @@ mod tests {
             err.contains("not-there") && err.contains("free space"),
             "{err}"
         );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_flushes_all_complete() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut tasks = Vec::new();
-        for i in 0..64u32 {
-            let store = store.clone();
-            tasks.push(tokio::spawn(async move {
-                store
-                    .tree("t")
-                    .unwrap()
-                    .insert(i.to_be_bytes(), &[])
-                    .unwrap();
-                store.flush().await
-            }));
-        }
-        for task in tasks {
-            task.await.unwrap().unwrap();
-        }
-        assert!(store.commit.flushed() >= 64);
     }
 }

@@ -24,9 +24,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{Store, StoreError, decode, encode};
+use super::{SledStore, StoreError, decode, encode};
 
-const OUTBOX: &str = "outbox";
+pub(super) const OUTBOX: &str = "outbox";
 const USER_QUEUE: &str = "user_queue";
 const DEAD: &str = "dead";
 
@@ -290,7 +290,7 @@ impl Fresh {
     }
 }
 
-impl Store {
+impl SledStore {
     /// Store new entries, pending, in the given order. Not durable until [`Store::flush`].
     pub fn enqueue(&self, entries: Vec<NewEntry>, now_ms: u64) -> Result<Vec<EntryId>, StoreError> {
         self.enqueue_announced(entries, now_ms, |_| {})
@@ -737,6 +737,7 @@ pub(super) fn rebuild_indexes(db: &sled::Db) -> Result<usize, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::SledStore as Store;
 
     fn entry(user: &str, command: &str) -> NewEntry {
         NewEntry {
@@ -783,151 +784,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn per_user_order_is_arrival_order_and_finishing_advances_the_head() {
-        let (_dir, store) = store();
-        let ids = store
-            .enqueue(
-                vec![
-                    entry("alice", "add"),
-                    entry("bob", "add"),
-                    entry("alice", "modify"),
-                ],
-                1,
-            )
-            .unwrap();
-        assert_eq!(store.head_of("alice").unwrap().unwrap().id, ids[0]);
-        assert_eq!(store.users_with_pending().unwrap(), vec!["alice", "bob"]);
-        let done = EntryState::Delivered {
-            at_ms: 2,
-            subscriber_id: Some("sub-1".into()),
-            webex_status: None,
-        };
-        store
-            .finish(ids[0], done.clone(), Some("FLOWTHROUGH_9"))
-            .unwrap();
-        let head = store.head_of("alice").unwrap().unwrap();
-        assert_eq!(head.id, ids[2]);
-        assert_eq!(head.new.command, "modify");
-        let ended = store.entry(ids[0]).unwrap().unwrap();
-        assert_eq!(ended.state, done);
-        assert_eq!(ended.attempts, 1);
-        assert_eq!(ended.tracking_id.as_deref(), Some("FLOWTHROUGH_9"));
-        assert_eq!(
-            store.progress(ids[0]).unwrap(),
-            Some(Progress {
-                state: done,
-                tracking_id: Some("FLOWTHROUGH_9".into())
-            })
-        );
-        assert_eq!(
-            store.progress(ids[2]).unwrap(),
-            Some(Progress {
-                state: EntryState::Pending,
-                tracking_id: None
-            })
-        );
-        assert_eq!(store.progress(ids[2] + 100).unwrap(), None);
-        assert_eq!(store.pending_summary().unwrap(), (2, Some(1)));
-    }
-
-    #[test]
-    fn a_user_id_that_prefixes_another_does_not_see_its_queue() {
-        let (_dir, store) = store();
-        store.enqueue(vec![entry("al", "x")], 1).unwrap();
-        let ids = store.enqueue(vec![entry("a", "y")], 1).unwrap();
-        assert_eq!(store.head_of("a").unwrap().unwrap().id, ids[0]);
-        assert!(store.head_of("").unwrap().is_none());
-    }
-
-    #[test]
-    fn dead_entries_leave_the_queue_and_retry_puts_them_back() {
-        let (_dir, store) = store();
-        let ids = store.enqueue(vec![entry("alice", "add")], 1).unwrap();
-        assert!(
-            !store.retry(ids[0]).unwrap(),
-            "a pending entry is not retried"
-        );
-        store
-            .finish(
-                ids[0],
-                EntryState::Dead {
-                    at_ms: 5,
-                    reason: "400 bad".into(),
-                },
-                None,
-            )
-            .unwrap();
-        assert!(store.head_of("alice").unwrap().is_none());
-        assert!(!store.has_pending("alice").unwrap());
-        assert_eq!(store.list(Filter::Dead, 10).unwrap().len(), 1);
-        assert!(store.retry(ids[0]).unwrap());
-        assert_eq!(store.head_of("alice").unwrap().unwrap().id, ids[0]);
-        let dropped = store.drop_entry(ids[0]).unwrap().unwrap();
-        assert_eq!(dropped.id, ids[0]);
-        assert!(store.head_of("alice").unwrap().is_none());
-        assert!(store.entry(ids[0]).unwrap().is_none());
-        assert!(matches!(
-            store.finish(ids[0], EntryState::Pending, None),
-            Err(StoreError::NotFound(_))
-        ));
-    }
-
-    #[tokio::test]
-    async fn attempts_are_counted_and_survive_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let id = {
-            let store = Store::open(dir.path()).unwrap();
-            let ids = store.enqueue(vec![entry("alice", "add")], 1).unwrap();
-            store.record_attempt(ids[0], "FLOWTHROUGH_1").unwrap();
-            store.record_failure(ids[0], "timeout").unwrap();
-            store.flush().await.unwrap();
-            ids[0]
-        };
-        let store = Store::open(dir.path()).unwrap();
-        let entry = store.head_of("alice").unwrap().unwrap();
-        assert_eq!(entry.id, id);
-        assert_eq!(entry.attempts, 1);
-        assert_eq!(entry.tracking_id.as_deref(), Some("FLOWTHROUGH_1"));
-        assert_eq!(entry.last_error.as_deref(), Some("timeout"));
-    }
-
-    #[test]
-    fn prune_removes_only_old_finished_entries() {
-        let (_dir, store) = store();
-        let ids = store
-            .enqueue(vec![entry("a", "1"), entry("b", "2")], 10)
-            .unwrap();
-        let late = store.enqueue(vec![entry("c", "3")], 100).unwrap();
-        store
-            .finish(
-                ids[0],
-                EntryState::Dead {
-                    at_ms: 11,
-                    reason: "x".into(),
-                },
-                None,
-            )
-            .unwrap();
-        store
-            .finish(
-                late[0],
-                EntryState::Dead {
-                    at_ms: 101,
-                    reason: "x".into(),
-                },
-                None,
-            )
-            .unwrap();
-        assert_eq!(store.prune_finished(50, u64::MAX).unwrap(), 1);
-        assert!(store.entry(ids[0]).unwrap().is_none());
-        assert!(
-            store.entry(ids[1]).unwrap().is_some(),
-            "pending entries are never pruned"
-        );
-        assert!(store.entry(late[0]).unwrap().is_some());
-    }
-
     fn dead(at_ms: u64) -> EntryState {
         EntryState::Dead {
             at_ms,
@@ -952,108 +808,6 @@ mod tests {
         }
     }
 
-    /// The operator's default view. It once took the first entries of the whole history and
-    /// kept the undelivered ones, so after a busy day it showed nothing: found when a dead entry
-    /// behind 130,000 delivered ones was listed by `--dead` and not by the default.
-    #[test]
-    fn the_active_view_finds_dead_and_pending_entries_behind_any_history() {
-        let (_dir, store) = store();
-        let history: Vec<NewEntry> = (0..20).map(|i| entry(&format!("u{i}"), "add")).collect();
-        for id in store.enqueue(history, 1).unwrap() {
-            store.finish(id, delivered(2), None).unwrap();
-        }
-        let ids = store
-            .enqueue(vec![entry("dead", "add"), entry("waiting", "add")], 3)
-            .unwrap();
-        store.finish(ids[0], dead(4), None).unwrap();
-        assert_eq!(ids_listed(&store, Filter::Active, 5), ids);
-        assert_eq!(store.list(Filter::Active, 1).unwrap()[0].id, ids[0]);
-        // The history views still walk it, oldest first.
-        assert_eq!(store.list(Filter::Delivered, 5).unwrap().len(), 5);
-        assert_eq!(store.list(Filter::All, 100).unwrap().len(), 22);
-    }
-
-    /// The cap holds the delivered history to a size whatever the retention, so the store (and
-    /// sled's memory, which follows its size) levels off; it never touches what is still owed.
-    #[test]
-    fn the_history_cap_removes_the_oldest_delivered_entries_only() {
-        let (_dir, store) = store();
-        let first = store
-            .enqueue(vec![entry("dead", "add"), entry("waiting", "add")], 1)
-            .unwrap();
-        store.finish(first[0], dead(2), None).unwrap();
-        let history: Vec<NewEntry> = (0..6).map(|i| entry(&format!("u{i}"), "add")).collect();
-        let delivered_ids = store.enqueue(history, 3).unwrap();
-        for id in &delivered_ids {
-            store.finish(*id, delivered(4), None).unwrap();
-        }
-
-        assert_eq!(store.prune_finished(0, 4).unwrap(), 2);
-        assert_eq!(
-            ids_listed(&store, Filter::Delivered, 10),
-            delivered_ids[2..],
-            "the oldest two went"
-        );
-        assert_eq!(ids_listed(&store, Filter::Active, 10), first);
-        assert_eq!(
-            store.prune_finished(0, 4).unwrap(),
-            0,
-            "nothing beyond the cap"
-        );
-        assert_eq!(store.prune_finished(0, 0).unwrap(), 4);
-        assert_eq!(
-            ids_listed(&store, Filter::All, 10),
-            first,
-            "dead and pending stay"
-        );
-
-        // The count walked at the first round is kept by the writes after it.
-        let later: Vec<NewEntry> = (0..3).map(|i| entry(&format!("v{i}"), "add")).collect();
-        let later = store.enqueue(later, 5).unwrap();
-        for id in &later {
-            store.finish(*id, delivered(6), None).unwrap();
-        }
-        store.drop_entry(later[0]).unwrap();
-        assert_eq!(store.prune_finished(0, 1).unwrap(), 1);
-        assert_eq!(ids_listed(&store, Filter::Delivered, 10), later[2..]);
-    }
-
-    #[test]
-    fn the_dead_index_follows_finish_retry_drop_and_prune() {
-        let (_dir, store) = store();
-        let ids = store
-            .enqueue(
-                vec![
-                    entry("a", "1"),
-                    entry("b", "2"),
-                    entry("c", "3"),
-                    entry("d", "4"),
-                ],
-                10,
-            )
-            .unwrap();
-        store.finish(ids[0], dead(11), None).unwrap();
-        store.finish(ids[1], dead(11), None).unwrap();
-        store
-            .finish(ids[2], delivered(11), Some("FLOWTHROUGH_1"))
-            .unwrap();
-        assert_eq!(store.dead_count().unwrap(), 2);
-        let listed = ids_listed(&store, Filter::Dead, 10);
-        assert_eq!(listed, vec![ids[0], ids[1]]);
-        assert_eq!(store.list(Filter::Dead, 1).unwrap().len(), 1);
-        let pending = ids_listed(&store, Filter::Pending, 10);
-        assert_eq!(pending, vec![ids[3]]);
-
-        assert!(store.retry(ids[0]).unwrap());
-        assert_eq!(store.dead_count().unwrap(), 1);
-        let pending = ids_listed(&store, Filter::Pending, 10);
-        assert_eq!(pending, vec![ids[0], ids[3]], "oldest first across users");
-        store.drop_entry(ids[0]).unwrap();
-        assert_eq!(store.prune_finished(100, u64::MAX).unwrap(), 2);
-        assert_eq!(store.dead_count().unwrap(), 0);
-        assert!(store.list(Filter::Dead, 10).unwrap().is_empty());
-    }
-
     #[test]
     fn a_schema_1_store_gets_its_dead_entries_indexed_when_opened() {
         let dir = tempfile::tempdir().unwrap();
@@ -1066,9 +820,9 @@ mod tests {
             // What a schema 1 store looks like: no index.
             store.tree(DEAD).unwrap().clear().unwrap();
             store
-                .tree(super::super::META_TREE)
+                .tree(crate::store::sled_backend::META_TREE)
                 .unwrap()
-                .insert(super::super::SCHEMA_KEY, &1u32.to_be_bytes())
+                .insert(crate::store::sled_backend::SCHEMA_KEY, &1u32.to_be_bytes())
                 .unwrap();
             store.flush_blocking().unwrap();
             assert_eq!(store.dead_count().unwrap(), 0);
@@ -1100,9 +854,9 @@ mod tests {
                 .remove(queue_key("a", ids[1]))
                 .unwrap();
             store
-                .tree(super::super::META_TREE)
+                .tree(crate::store::sled_backend::META_TREE)
                 .unwrap()
-                .insert(super::super::SCHEMA_KEY, &2u32.to_be_bytes())
+                .insert(crate::store::sled_backend::SCHEMA_KEY, &2u32.to_be_bytes())
                 .unwrap();
             store.flush_blocking().unwrap();
             assert_eq!(ids_listed(&store, Filter::Pending, 10), vec![ids[0]]);

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError};
+use super::{SledStore, StoreError};
 use crate::secret::Secret;
 
 const TOKENS_TREE: &str = "tokens";
@@ -33,7 +33,7 @@ pub struct TokenRecord {
     pub state: TokenState,
 }
 
-impl Store {
+impl SledStore {
     /// The stored token record, if one was ever written.
     pub fn token(&self) -> Result<Option<TokenRecord>, StoreError> {
         match self.tree(TOKENS_TREE)?.get(TOKEN_KEY)? {
@@ -61,28 +61,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn token_record_round_trips_and_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let rec = TokenRecord {
-            access_token: Some(Secret::new("acc")),
-            access_expires_at: Some(100),
-            refresh_token: Secret::new("ref"),
-            refresh_expires_at: Some(200),
-            last_refresh: Some(50),
-            state: TokenState::CredentialsInvalid {
-                reason: "invalid_grant".into(),
-            },
-        };
-        {
-            let store = Store::open(dir.path()).unwrap();
-            assert_eq!(store.token().unwrap(), None);
-            store.put_token(&rec).unwrap();
-        }
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.token().unwrap(), Some(rec));
-    }
+    use crate::store::SledStore as Store;
 
     #[test]
     fn a_corrupt_record_is_an_error_not_a_panic() {

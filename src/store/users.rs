@@ -4,11 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError, decode, encode};
+use super::{SledStore, StoreError, decode, encode};
 use crate::oci::UserProfile;
 
-const USERS: &str = "users";
-const PROFILES: &str = "profiles";
+pub(super) const USERS: &str = "users";
+pub(super) const PROFILES: &str = "profiles";
 const CUSTOMERS: &str = "customers";
 
 /// A user known to the adapter.
@@ -31,7 +31,7 @@ pub struct Customer {
     pub template: String,
 }
 
-impl Store {
+impl SledStore {
     pub fn user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
         self.tree(USERS)?
             .get(user_id)?
@@ -132,82 +132,5 @@ impl Store {
                 decode(&raw, "customer")
             })
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn user_map_keeps_fields_not_given() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.user("alice").unwrap(), None);
-        store.map_user("alice", None, Some("acme")).unwrap();
-        store.map_user("alice", Some("sub-1"), None).unwrap();
-        let record = store.user("alice").unwrap().unwrap();
-        assert_eq!(record.subscriber_id.as_deref(), Some("sub-1"));
-        assert_eq!(record.template.as_deref(), Some("acme"));
-        store.unmap_subscriber("alice").unwrap();
-        let record = store.user("alice").unwrap().unwrap();
-        assert_eq!(record.subscriber_id, None);
-        assert_eq!(record.template.as_deref(), Some("acme"));
-    }
-
-    #[test]
-    fn concurrent_changes_to_one_user_record_are_all_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let users: Vec<String> = (0..5000).map(|i| format!("user{i}")).collect();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                for user in &users {
-                    store.map_user(user, Some("sub"), None).unwrap();
-                }
-            });
-            s.spawn(|| {
-                for user in &users {
-                    store.map_user(user, None, Some("acme")).unwrap();
-                }
-            });
-        });
-        for user in &users {
-            let record = store.user(user).unwrap().unwrap();
-            assert_eq!(
-                (record.subscriber_id.as_deref(), record.template.as_deref()),
-                (Some("sub"), Some("acme")),
-                "{user}"
-            );
-        }
-    }
-
-    #[test]
-    fn profiles_and_customers_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let profile = UserProfile {
-            user_id: "müller@acme.example".into(),
-            last_name: "Müller".into(),
-            ..UserProfile::default()
-        };
-        store.save_profile(&profile).unwrap();
-        assert_eq!(store.profile("müller@acme.example").unwrap(), Some(profile));
-        let group = Customer {
-            service_provider_id: "acme-ent".into(),
-            group_id: Some("hq".into()),
-            name: Some("Acme HQ".into()),
-            enterprise: false,
-            template: "acme".into(),
-        };
-        let enterprise = Customer {
-            group_id: None,
-            enterprise: true,
-            ..group.clone()
-        };
-        store.record_customer(&group).unwrap();
-        store.record_customer(&enterprise).unwrap();
-        store.record_customer(&group).unwrap();
-        assert_eq!(store.customers().unwrap(), vec![enterprise, group]);
     }
 }

@@ -33,7 +33,7 @@ fn line(level: Level, check: impl Into<String>, detail: impl Into<String>) -> Ch
 
 /// Check `[tunnel]`. Binding is tried and released at once, so run it while `serve` is stopped
 /// (a running `serve` holds the port and the line says so).
-pub async fn check(cfg: &TunnelConfig, resolver: &Resolver) -> Vec<CheckLine> {
+pub async fn check(cfg: &TunnelConfig, resolver: Option<&Resolver>) -> Vec<CheckLine> {
     let mut out = Vec::new();
     for addr in &cfg.listen {
         out.push(bindable(*addr));
@@ -80,8 +80,16 @@ pub async fn check(cfg: &TunnelConfig, resolver: &Resolver) -> Vec<CheckLine> {
             ));
             continue;
         };
-        if let Some((name, port)) = pattern.exact_name() {
-            out.push(resolves(resolver, name, port, cfg.allow_private_destinations).await);
+        match (pattern.exact_name(), resolver) {
+            (Some((name, port)), Some(resolver)) => {
+                out.push(resolves(resolver, name, port, cfg.allow_private_destinations).await)
+            }
+            (Some((name, port)), None) => out.push(line(
+                Level::Warn,
+                format!("destination {name}:{port}"),
+                "not resolved (--offline); run doctor without --offline to check DNS",
+            )),
+            (None, _) => {}
         }
     }
     out
@@ -154,6 +162,26 @@ mod tests {
         Resolver::Static(map)
     }
 
+    /// `doctor --offline` resolves nothing: a name that would not resolve is only noted.
+    #[tokio::test]
+    async fn offline_no_name_is_resolved() {
+        let cfg = config("listen = []\nallowed_destinations = [\"gone.test:443\"]");
+        let lines = check(&cfg, None).await;
+        let line = lines
+            .iter()
+            .find(|l| l.check == "destination gone.test:443")
+            .unwrap();
+        assert_eq!(line.level, Level::Warn, "{line:?}");
+        assert!(line.detail.contains("--offline"), "{line:?}");
+        let online = check(&cfg, Some(&resolver())).await;
+        assert!(
+            online
+                .iter()
+                .any(|l| l.check == "destination gone.test:443" && l.level == Level::Fail),
+            "the same name resolved fails: {online:?}"
+        );
+    }
+
     #[tokio::test]
     async fn lines_for_listener_protection_and_each_exact_name() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -161,7 +189,7 @@ mod tests {
             "listen = [\"127.0.0.1:0\", \"{}\"]\ntls = false\nallowed_networks = [\"127.0.0.0/8\"]\nallowed_destinations = [\"public.test:443\", \"inside.test:443\", \"*.wild.test:443\"]",
             taken.local_addr().unwrap()
         ));
-        let lines = check(&cfg, &resolver()).await;
+        let lines = check(&cfg, Some(&resolver())).await;
         let levels: Vec<(Level, &str)> =
             lines.iter().map(|l| (l.level, l.check.as_str())).collect();
         assert_eq!(levels[0], (Level::Ok, "tunnel listener 127.0.0.1:0"));
@@ -181,7 +209,7 @@ mod tests {
         let cfg = config(
             "listen = []\nallow_private_destinations = true\nallowed_destinations = [\"inside.test:443\", \"nothing.invalid:443\"]",
         );
-        let lines = check(&cfg, &resolver()).await;
+        let lines = check(&cfg, Some(&resolver())).await;
         assert_eq!(lines[0].level, Level::Ok, "tls = true by default");
         assert_eq!(lines[2].level, Level::Ok, "{:?}", lines[2]);
         assert_eq!(lines[3].level, Level::Fail);

@@ -323,7 +323,7 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, ctx: &Ctx) {
     };
     if !address_allowed(&ctx.settings.allowed_networks, peer) {
         let reason = "client address not in tunnel.allowed_networks";
-        refused(ctx, &record, "network_not_allowed", reason);
+        refused(ctx, &record, "network_not_allowed", reason).await;
         // A TLS client cannot read a plain-text answer; it just sees the connection close.
         if !ctx.settings.tls {
             request::send_refusal(&mut tcp, 403, None, reason).await;
@@ -366,11 +366,11 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, ctx: &Ctx) {
                     .collect();
                 format!("client certificate refused: {}", list.join("; "))
             };
-            refused(ctx, &record, "tls_refused", &reason);
+            refused(ctx, &record, "tls_refused", &reason).await;
         }
         Err(_) => {
             ctx.shared.metrics.count_refusal("handshake_timeout");
-            refused(ctx, &record, "tls_refused", "TLS handshake timed out");
+            refused(ctx, &record, "tls_refused", "TLS handshake timed out").await;
         }
     }
 }
@@ -388,7 +388,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(ready) => ready,
         Err(r) => {
             // Recorded first: once the client has its answer, the audit and metrics show it.
-            refused(ctx, record, r.outcome, &r.reason);
+            refused(ctx, record, r.outcome, &r.reason).await;
             if r.status != 0 {
                 request::send_refusal(&mut io, r.status, r.header, &r.reason).await;
             }
@@ -414,7 +414,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         end = %end.label(),
         "tunnel closed"
     );
-    audit(ctx, record, up, down, end.label());
+    audit(ctx, record, up, down, end.label()).await;
 }
 
 async fn established<S: AsyncRead + AsyncWrite + Unpin>(
@@ -650,7 +650,7 @@ fn pick(ctx: &Ctx, key: &str, addrs: &[SocketAddr], tried: &[SocketAddr]) -> Opt
     }
 }
 
-fn refused(ctx: &Ctx, record: &Record, outcome: &'static str, reason: &str) {
+async fn refused(ctx: &Ctx, record: &Record, outcome: &'static str, reason: &str) {
     count(&ctx.shared.metrics, outcome);
     tracing::warn!(
         peer = %record.peer,
@@ -659,10 +659,10 @@ fn refused(ctx: &Ctx, record: &Record, outcome: &'static str, reason: &str) {
         outcome,
         "tunnel refused: {reason}"
     );
-    audit(ctx, record, 0, 0, format!("{outcome}: {reason}"));
+    audit(ctx, record, 0, 0, format!("{outcome}: {reason}")).await;
 }
 
-fn audit(ctx: &Ctx, record: &Record, bytes_up: u64, bytes_down: u64, end: String) {
+async fn audit(ctx: &Ctx, record: &Record, bytes_up: u64, bytes_down: u64, end: String) {
     let Some(store) = &ctx.shared.store else {
         return;
     };
@@ -679,7 +679,7 @@ fn audit(ctx: &Ctx, record: &Record, bytes_up: u64, bytes_down: u64, end: String
             end,
         },
     };
-    if let Err(e) = store.append_audit(&entry) {
+    if let Err(e) = store.append_audit(&entry).await {
         tracing::error!(error = %e, "cannot write the tunnel audit record");
     }
 }

@@ -169,7 +169,7 @@ fn now_unix() -> i64 {
 impl TokenManager {
     /// Load the stored token; with none stored, take the initial refresh token from
     /// `FLOWTHROUGH_REFRESH_TOKEN` / `webex.refresh_token_file`.
-    pub fn new(
+    pub async fn new(
         cfg: &WebexConfig,
         store: Store,
         transport: Transport,
@@ -185,7 +185,7 @@ impl TokenManager {
                 url: cfg.token_url.clone(),
                 reason: e.to_string(),
             })?;
-        let record = match store.token()? {
+        let record = match store.token().await? {
             Some(r) => Some(r),
             None => read_secret(&cfg.refresh_token_source())?.map(|refresh_token| TokenRecord {
                 access_token: None,
@@ -274,7 +274,7 @@ impl TokenManager {
         let _flight = self.inner.refresh_lock.lock().await;
         let previous = self.current().record.clone();
         let record = self.exchange(&refresh_token, previous.as_ref()).await?;
-        self.commit(Ok(record)).map(|_| ())
+        self.commit(Ok(record)).await.map(|_| ())
     }
 
     fn current(&self) -> std::sync::MutexGuard<'_, Current> {
@@ -353,11 +353,11 @@ impl TokenManager {
                     (e, None)
                 }
             });
-        self.commit(result)
+        self.commit(result).await
     }
 
     /// Record the outcome of one refresh attempt (persisting any new record) and hand it out.
-    fn commit(
+    async fn commit(
         &self,
         result: Result<TokenRecord, (WebexError, Option<TokenRecord>)>,
     ) -> Result<(Secret, u64), WebexError> {
@@ -366,7 +366,7 @@ impl TokenManager {
             Err((_, r)) => r.as_ref(),
         };
         let persisted = match to_store {
-            Some(r) => self.inner.store.put_token(r),
+            Some(r) => self.inner.store.put_token(r).await,
             None => Ok(()),
         };
         self.count_refresh(match (&result, &persisted) {

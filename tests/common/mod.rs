@@ -2,6 +2,8 @@
 //! config pointing flowthrough at it, and an mTLS HTTP client playing the Application Server.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -13,6 +15,15 @@ pub struct World {
     pub dir: tempfile::TempDir,
     pub pki: DevPkiFiles,
     pub sim: SimHandle,
+    /// The store's database when the world runs on PostgreSQL; sled in the temp dir otherwise.
+    pub postgres: Option<(std::sync::Arc<pg::PgCluster>, String)>,
+}
+
+/// The store backend a world's flowthrough runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sled,
+    Postgres,
 }
 
 /// The template section every end-to-end test uses.
@@ -46,6 +57,33 @@ provisioning_account = { user = "bwprov", password_hash = "$argon2id$v=19$m=1945
 
 impl World {
     pub async fn new(options: SimOptions) -> World {
+        World::on(options, Backend::Sled).await
+    }
+
+    /// A world whose store is `backend`: on PostgreSQL, a new database of the test binary's
+    /// shared cluster.
+    pub async fn on(options: SimOptions, backend: Backend) -> World {
+        let postgres = match backend {
+            Backend::Sled => None,
+            Backend::Postgres => {
+                let cluster = pg::PgCluster::shared();
+                let db = cluster.database();
+                Some((cluster, db))
+            }
+        };
+        World::with_store(options, postgres).await
+    }
+
+    /// A world on `dbname` of `cluster` (a cluster of the test's own, to stop and start).
+    pub async fn on_cluster(options: SimOptions, cluster: std::sync::Arc<pg::PgCluster>) -> World {
+        let db = cluster.database();
+        World::with_store(options, Some((cluster, db))).await
+    }
+
+    async fn with_store(
+        options: SimOptions,
+        postgres: Option<(std::sync::Arc<pg::PgCluster>, String)>,
+    ) -> World {
         let dir = tempfile::tempdir().unwrap();
         let (_, pki) = DevPki::generate(&dir.path().join("pki")).unwrap();
         let sim = Simulator::start(options).await.unwrap();
@@ -59,7 +97,12 @@ impl World {
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
                 .unwrap();
         }
-        World { dir, pki, sim }
+        World {
+            dir,
+            pki,
+            sim,
+            postgres,
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -84,8 +127,7 @@ public_name = "localhost"
 [admin]
 listen = "127.0.0.1:0"
 
-[store]
-path = "{store}"
+{store}
 
 [webex]
 api_base = "{base}"
@@ -111,7 +153,10 @@ follow_up_s = 5
             cert = p(&self.pki.server_cert),
             key = p(&self.pki.server_key),
             ca = p(&self.pki.ca_cert),
-            store = p(&self.path("store")),
+            store = match &self.postgres {
+                Some((cluster, db)) => cluster.store_section(db),
+                None => format!("[store]\npath = \"{}\"", p(&self.path("store"))),
+            },
             base = self.sim.base_url,
             sim_ca = p(&self.path("sim-ca.pem")),
             client_id = self.sim.client_id,
@@ -238,6 +283,24 @@ pub async fn get_text(url: &str) -> String {
 /// GET a URL (the admin listener) and return its body as JSON.
 pub async fn get_json(url: &str) -> serde_json::Value {
     reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+/// Run the `flowthrough` binary: exit code, stdout, stderr.
+pub fn flowthrough(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_flowthrough"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A path as an argument.
+pub fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
 }
 
 /// A loopback port free at the time of the call.

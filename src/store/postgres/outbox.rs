@@ -1,0 +1,593 @@
+//! The outbox on PostgreSQL: one row per entry; a user's queue is its pending rows in id order
+//! (a partial index), the dead and delivered views are partial indexes too. Each change is one
+//! statement, so an entry's state and its place in the queue change together.
+
+use tokio_postgres::Row;
+
+use super::{Access, OpError, PgStore, to_i64, to_u64};
+use crate::store::{
+    Call, Entry, EntryId, EntryState, Filter, NewEntry, Progress, Remembered, StoreError,
+};
+
+const COLUMNS: &str = "id, created_ms, user_id, template, command, call::text, client, state, \
+                       ended_ms, subscriber_id, webex_status, dead_reason, attempts, last_error, \
+                       tracking_id";
+
+/// Rows deleted per statement when pruning: a long delete would hold back the commits that
+/// acknowledgements wait for.
+const PRUNE_BATCH: i64 = 5000;
+
+/// A new entry's row; the user's lane is created with it, in the same statement.
+const INSERT: &str = "WITH lane AS (INSERT INTO lanes (user_id) VALUES ($2) ON CONFLICT DO NOTHING) \
+     INSERT INTO outbox (created_ms, user_id, template, command, call, client, state) \
+     VALUES ($1, $2, $3, $4, $5::text::json, $6, 'pending') RETURNING id";
+
+pub(super) const SAVE_PROFILE: &str = "INSERT INTO profiles (user_id, profile) VALUES ($1, $2::text::json) \
+     ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile";
+
+const MAP_TEMPLATE: &str = "INSERT INTO user_map (user_id, template) VALUES ($1, $2) \
+     ON CONFLICT (user_id) DO UPDATE SET template = excluded.template";
+
+pub(super) const RECORD_CUSTOMER: &str = "INSERT INTO customers (service_provider_id, group_id, record) \
+     VALUES ($1, $2, $3::text::json) \
+     ON CONFLICT (service_provider_id, group_id) DO UPDATE SET record = excluded.record";
+
+fn entry_from(row: &Row) -> Result<Entry, OpError> {
+    let state: &str = row.try_get(7)?;
+    let ended_ms: Option<i64> = row.try_get(8)?;
+    let ended = || -> Result<u64, StoreError> {
+        to_u64(ended_ms.unwrap_or_default(), "outbox entry end time")
+    };
+    let state = match state {
+        "pending" => EntryState::Pending,
+        "delivered" => EntryState::Delivered {
+            at_ms: ended()?,
+            subscriber_id: row.try_get(9)?,
+            webex_status: row.try_get(10)?,
+        },
+        "dead" => EntryState::Dead {
+            at_ms: ended()?,
+            reason: row.try_get::<_, Option<String>>(11)?.unwrap_or_default(),
+        },
+        other => {
+            return Err(OpError::Store(StoreError::Corrupt {
+                what: "outbox entry state",
+                reason: format!("unknown state {other:?}"),
+            }));
+        }
+    };
+    let call: String = row.try_get(5)?;
+    Ok(Entry {
+        id: to_u64(row.try_get(0)?, "outbox entry id")?,
+        created_ms: to_u64(row.try_get(1)?, "outbox entry time")?,
+        new: NewEntry {
+            user_id: row.try_get(2)?,
+            template: row.try_get(3)?,
+            command: row.try_get(4)?,
+            call: serde_json::from_str::<Call>(&call).map_err(|e| StoreError::Corrupt {
+                what: "outbox entry call",
+                reason: e.to_string(),
+            })?,
+            client: row.try_get(6)?,
+        },
+        state,
+        attempts: u32::try_from(row.try_get::<_, i32>(12)?).unwrap_or_default(),
+        last_error: row.try_get(13)?,
+        tracking_id: row.try_get(14)?,
+    })
+}
+
+/// The columns an [`EntryState`] is kept in: state, ended_ms, subscriber_id, webex_status,
+/// dead_reason.
+type StateColumns = (
+    &'static str,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+fn state_columns(state: &EntryState) -> StateColumns {
+    match state {
+        EntryState::Pending => ("pending", None, None, None, None),
+        EntryState::Delivered {
+            at_ms,
+            subscriber_id,
+            webex_status,
+        } => (
+            "delivered",
+            Some(to_i64(*at_ms)),
+            subscriber_id.clone(),
+            webex_status.clone(),
+            None,
+        ),
+        EntryState::Dead { at_ms, reason } => (
+            "dead",
+            Some(to_i64(*at_ms)),
+            None,
+            None,
+            Some(reason.clone()),
+        ),
+    }
+}
+
+fn encode_call(call: &Call) -> Result<String, StoreError> {
+    serde_json::to_string(call)
+        .map_err(|e| StoreError::Io(format!("cannot encode a Webex call: {e}")))
+}
+
+fn filter_clause(filter: Filter) -> &'static str {
+    match filter {
+        Filter::All => "true",
+        Filter::Active => "state <> 'delivered'",
+        Filter::Pending => "state = 'pending'",
+        Filter::Dead => "state = 'dead'",
+        Filter::Delivered => "state = 'delivered'",
+    }
+}
+
+impl PgStore {
+    /// One statement for one entry (the handler's case), one transaction for several.
+    pub async fn enqueue(
+        &self,
+        entries: Vec<NewEntry>,
+        now_ms: u64,
+    ) -> Result<Vec<EntryId>, StoreError> {
+        let rows = entries
+            .into_iter()
+            .map(|new| {
+                Ok((
+                    new.user_id,
+                    new.template,
+                    new.command,
+                    encode_call(&new.call)?,
+                    new.client,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let created = to_i64(now_ms);
+        self.run("store the command", Access::Write, move |mut c| {
+            Box::pin(async move {
+                let mut ids = Vec::with_capacity(rows.len());
+                if let [(user, template, command, call, client)] = rows.as_slice() {
+                    let insert = c.prepare_cached(INSERT).await?;
+                    let row = c
+                        .query_one(&insert, &[&created, user, template, command, call, client])
+                        .await?;
+                    ids.push(to_u64(row.try_get(0)?, "outbox entry id")?);
+                    return Ok(ids);
+                }
+                let tx = c.transaction().await?;
+                let insert = tx.prepare_cached(INSERT).await?;
+                for (user, template, command, call, client) in &rows {
+                    let row = tx
+                        .query_one(&insert, &[&created, user, template, command, call, client])
+                        .await?;
+                    ids.push(to_u64(row.try_get(0)?, "outbox entry id")?);
+                }
+                tx.commit().await?;
+                Ok(ids)
+            })
+        })
+        .await
+    }
+
+    /// [`crate::store::Store::accept`]: the records and the entry in one transaction whose
+    /// statements are sent together (tokio-postgres pipelines requests made at once), so the
+    /// commit is one round trip away. A connection whose pipeline failed is not given back to
+    /// the pool: it may be left inside the transaction.
+    pub async fn accept(
+        &self,
+        remembered: Remembered,
+        entry: Option<NewEntry>,
+        now_ms: u64,
+    ) -> Result<Option<EntryId>, StoreError> {
+        let profile = remembered
+            .profile
+            .as_ref()
+            .map(|p| {
+                serde_json::to_string(p)
+                    .map(|raw| (p.user_id.clone(), raw))
+                    .map_err(|e| StoreError::Io(format!("cannot encode a profile: {e}")))
+            })
+            .transpose()?;
+        let customer = remembered
+            .customer
+            .as_ref()
+            .map(|c| {
+                serde_json::to_string(c)
+                    .map(|raw| (c.service_provider_id.clone(), c.group_id.clone(), raw))
+                    .map_err(|e| StoreError::Io(format!("cannot encode a customer: {e}")))
+            })
+            .transpose()?;
+        let template = remembered.template;
+        let entry = entry
+            .map(|e| {
+                Ok::<_, StoreError>((
+                    e.user_id,
+                    e.template,
+                    e.command,
+                    encode_call(&e.call)?,
+                    e.client,
+                ))
+            })
+            .transpose()?;
+        let created = to_i64(now_ms);
+        self.run("store the command", Access::Write, move |c| {
+            Box::pin(async move {
+                let statements = (
+                    c.prepare_cached(SAVE_PROFILE).await?,
+                    c.prepare_cached(MAP_TEMPLATE).await?,
+                    c.prepare_cached(RECORD_CUSTOMER).await?,
+                    c.prepare_cached(INSERT).await?,
+                );
+                type Pending<'a> = std::pin::Pin<
+                    Box<
+                        dyn std::future::Future<Output = Result<Option<i64>, tokio_postgres::Error>>
+                            + Send
+                            + 'a,
+                    >,
+                >;
+                let mut steps: Vec<Pending<'_>> = vec![Box::pin(async {
+                    c.batch_execute("BEGIN").await.map(|()| None)
+                })];
+                if let Some((user, raw)) = &profile {
+                    steps.push(Box::pin(async {
+                        c.execute(&statements.0, &[user, raw]).await.map(|_| None)
+                    }));
+                }
+                if let Some((user, template)) = &template {
+                    steps.push(Box::pin(async {
+                        c.execute(&statements.1, &[user, template])
+                            .await
+                            .map(|_| None)
+                    }));
+                }
+                if let Some((sp, group, raw)) = &customer {
+                    steps.push(Box::pin(async {
+                        c.execute(&statements.2, &[sp, group, raw])
+                            .await
+                            .map(|_| None)
+                    }));
+                }
+                if let Some((user, template, command, call, client)) = &entry {
+                    steps.push(Box::pin(async {
+                        let row = c
+                            .query_one(
+                                &statements.3,
+                                &[&created, user, template, command, call, client],
+                            )
+                            .await?;
+                        row.try_get::<_, i64>(0).map(Some)
+                    }));
+                }
+                steps.push(Box::pin(async {
+                    c.batch_execute("COMMIT").await.map(|()| None)
+                }));
+                let results = futures_util::future::try_join_all(steps).await;
+                match results {
+                    Ok(values) => values
+                        .into_iter()
+                        .flatten()
+                        .next()
+                        .map(|id| to_u64(id, "outbox entry id").map_err(OpError::from))
+                        .transpose(),
+                    Err(e) => {
+                        drop(deadpool_postgres::Object::take(c));
+                        Err(OpError::from(e))
+                    }
+                }
+            })
+        })
+        .await
+    }
+
+    /// Rows of `sql`, which selects [`COLUMNS`], as entries.
+    async fn entries(
+        &self,
+        what: &'static str,
+        sql: String,
+        id: Option<i64>,
+        text: Option<String>,
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.run(what, Access::Read, move |c| {
+            Box::pin(async move {
+                let statement = c.prepare_cached(&sql).await?;
+                let rows = match (&id, &text) {
+                    (Some(id), _) => c.query(&statement, &[id]).await?,
+                    (None, Some(text)) => c.query(&statement, &[text]).await?,
+                    (None, None) => c.query(&statement, &[]).await?,
+                };
+                rows.iter().map(entry_from).collect()
+            })
+        })
+        .await
+    }
+
+    /// A change of one entry by id, returning it as it is now; `NotFound` when there is none.
+    async fn change(
+        &self,
+        what: &'static str,
+        set: &'static str,
+        id: EntryId,
+        params: ChangeParams,
+    ) -> Result<Entry, StoreError> {
+        let sql = format!("UPDATE outbox SET {set} WHERE id = $1 RETURNING {COLUMNS}");
+        let key = to_i64(id);
+        let changed = self
+            .run(what, Access::Write, move |c| {
+                Box::pin(async move {
+                    let statement = c.prepare_cached(&sql).await?;
+                    let row = match &params {
+                        ChangeParams::Text(text) => c.query_opt(&statement, &[&key, text]).await?,
+                        ChangeParams::End(state, last_call) => {
+                            let (name, ended, subscriber, status, reason) = state;
+                            let counted = i32::from(last_call.is_some());
+                            c.query_opt(
+                                &statement,
+                                &[
+                                    &key, name, ended, subscriber, status, reason, &counted,
+                                    last_call,
+                                ],
+                            )
+                            .await?
+                        }
+                    };
+                    row.as_ref().map(entry_from).transpose()
+                })
+            })
+            .await?;
+        changed.ok_or(StoreError::NotFound(id))
+    }
+
+    pub async fn entry(&self, id: EntryId) -> Result<Option<Entry>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM outbox WHERE id = $1");
+        Ok(self
+            .entries("read the outbox", sql, Some(to_i64(id)), None)
+            .await?
+            .pop())
+    }
+
+    pub async fn progress(&self, id: EntryId) -> Result<Option<Progress>, StoreError> {
+        Ok(self.entry(id).await?.map(|entry| Progress {
+            state: entry.state,
+            tracking_id: entry.tracking_id,
+        }))
+    }
+
+    pub async fn head_of(&self, user_id: &str) -> Result<Option<Entry>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM outbox WHERE user_id = $1 AND state = 'pending' ORDER BY id LIMIT 1"
+        );
+        Ok(self
+            .entries("read the outbox", sql, None, Some(user_id.to_owned()))
+            .await?
+            .pop())
+    }
+
+    pub async fn has_pending(&self, user_id: &str) -> Result<bool, StoreError> {
+        let user = user_id.to_owned();
+        self.run("read the outbox", Access::Read, move |c| {
+            Box::pin(async move {
+                let statement = c
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM outbox WHERE user_id = $1 AND state = 'pending')",
+                    )
+                    .await?;
+                Ok(c.query_one(&statement, &[&user]).await?.try_get(0)?)
+            })
+        })
+        .await
+    }
+
+    pub async fn users_with_pending(&self) -> Result<Vec<String>, StoreError> {
+        self.run("read the outbox", Access::Read, |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT DISTINCT user_id COLLATE \"C\" AS u FROM outbox WHERE state = 'pending' ORDER BY u",
+                        &[],
+                    )
+                    .await?;
+                Ok(rows
+                    .iter()
+                    .map(|row| row.try_get(0))
+                    .collect::<Result<_, _>>()?)
+            })
+        })
+        .await
+    }
+
+    pub async fn record_attempt(
+        &self,
+        id: EntryId,
+        tracking_id: &str,
+    ) -> Result<Entry, StoreError> {
+        self.change(
+            "record a delivery attempt",
+            "attempts = attempts + 1, tracking_id = $2",
+            id,
+            ChangeParams::Text(tracking_id.to_owned()),
+        )
+        .await
+    }
+
+    pub async fn record_failure(&self, id: EntryId, error: &str) -> Result<Entry, StoreError> {
+        self.change(
+            "record a failed attempt",
+            "last_error = $2",
+            id,
+            ChangeParams::Text(error.to_owned()),
+        )
+        .await
+    }
+
+    pub async fn set_webex_status(&self, id: EntryId, status: &str) -> Result<Entry, StoreError> {
+        self.change(
+            "record a subscriber status",
+            "webex_status = CASE WHEN state = 'delivered' THEN $2 ELSE webex_status END",
+            id,
+            ChangeParams::Text(status.to_owned()),
+        )
+        .await
+    }
+
+    pub async fn finish(
+        &self,
+        id: EntryId,
+        state: EntryState,
+        last_call: Option<&str>,
+    ) -> Result<Entry, StoreError> {
+        self.change(
+            "record the end of an entry",
+            "state = $2, ended_ms = $3, subscriber_id = $4, webex_status = $5, dead_reason = $6, \
+             attempts = attempts + $7, tracking_id = coalesce($8, tracking_id)",
+            id,
+            ChangeParams::End(state_columns(&state), last_call.map(str::to_owned)),
+        )
+        .await
+    }
+
+    pub async fn retry(&self, id: EntryId) -> Result<bool, StoreError> {
+        let key = to_i64(id);
+        self.run("put an entry back in its queue", Access::Write, move |c| {
+            Box::pin(async move {
+                let revived = c
+                    .execute(
+                        "UPDATE outbox SET state = 'pending', ended_ms = NULL, dead_reason = NULL, \
+                         last_error = NULL WHERE id = $1 AND state = 'dead'",
+                        &[&key],
+                    )
+                    .await?;
+                Ok(revived == 1)
+            })
+        })
+        .await
+    }
+
+    pub async fn drop_entry(&self, id: EntryId) -> Result<Option<Entry>, StoreError> {
+        let key = to_i64(id);
+        self.run("drop an entry", Access::Write, move |c| {
+            Box::pin(async move {
+                let sql = format!("DELETE FROM outbox WHERE id = $1 RETURNING {COLUMNS}");
+                let row = c.query_opt(&sql, &[&key]).await?;
+                row.as_ref().map(entry_from).transpose()
+            })
+        })
+        .await
+    }
+
+    pub async fn list(&self, filter: Filter, limit: usize) -> Result<Vec<Entry>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM outbox WHERE {} ORDER BY id LIMIT {}",
+            filter_clause(filter),
+            to_i64(limit as u64)
+        );
+        self.entries("list the outbox", sql, None, None).await
+    }
+
+    pub async fn dead_count(&self) -> Result<usize, StoreError> {
+        self.run("count dead entries", Access::Read, |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_one("SELECT count(*) FROM outbox WHERE state = 'dead'", &[])
+                    .await?;
+                Ok(usize::try_from(row.try_get::<_, i64>(0)?).unwrap_or_default())
+            })
+        })
+        .await
+    }
+
+    pub async fn pending_summary(&self) -> Result<(u64, Option<u64>), StoreError> {
+        self.run("count pending entries", Access::Read, |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_one(
+                        "SELECT count(*), (SELECT created_ms FROM outbox WHERE state = 'pending' \
+                         ORDER BY id LIMIT 1) FROM outbox WHERE state = 'pending'",
+                        &[],
+                    )
+                    .await?;
+                let oldest = row
+                    .try_get::<_, Option<i64>>(1)?
+                    .map(|ms| to_u64(ms, "outbox entry time"))
+                    .transpose()?;
+                Ok((to_u64(row.try_get(0)?, "count")?, oldest))
+            })
+        })
+        .await
+    }
+
+    pub async fn prune_finished(
+        &self,
+        cutoff_ms: u64,
+        max_delivered: u64,
+    ) -> Result<u64, StoreError> {
+        let expired = self
+            .prune_batches(
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state <> 'pending' \
+                 AND created_ms < $2 ORDER BY id LIMIT $1)",
+                Some(to_i64(cutoff_ms)),
+                None,
+            )
+            .await?;
+        let excess = self
+            .run("count the delivered history", Access::Read, |c| {
+                Box::pin(async move {
+                    let row = c
+                        .query_one("SELECT count(*) FROM outbox WHERE state = 'delivered'", &[])
+                        .await?;
+                    Ok(row.try_get::<_, i64>(0)?)
+                })
+            })
+            .await?
+            .saturating_sub(to_i64(max_delivered));
+        let capped = self
+            .prune_batches(
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state = 'delivered' \
+                 ORDER BY id LIMIT $1)",
+                None,
+                Some(excess),
+            )
+            .await?;
+        Ok(expired + capped)
+    }
+
+    /// Run a `DELETE … LIMIT $1` (`$2` its bound, if any) in batches until it removes less than
+    /// a batch or `total` rows are gone.
+    pub(super) async fn prune_batches(
+        &self,
+        sql: &'static str,
+        bound: Option<i64>,
+        total: Option<i64>,
+    ) -> Result<u64, StoreError> {
+        let mut removed: u64 = 0;
+        loop {
+            let left = total.map_or(PRUNE_BATCH, |t| t.saturating_sub(to_i64(removed)));
+            if left <= 0 {
+                return Ok(removed);
+            }
+            let batch = left.min(PRUNE_BATCH);
+            let gone = self
+                .run("prune old records", Access::Write, move |c| {
+                    Box::pin(async move {
+                        Ok(match &bound {
+                            Some(bound) => c.execute(sql, &[&batch, bound]).await?,
+                            None => c.execute(sql, &[&batch]).await?,
+                        })
+                    })
+                })
+                .await?;
+            removed += gone;
+            if gone < batch as u64 {
+                return Ok(removed);
+            }
+        }
+    }
+}
+
+/// The parameters of a change after the id.
+enum ChangeParams {
+    Text(String),
+    End(StateColumns, Option<String>),
+}

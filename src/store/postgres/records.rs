@@ -1,0 +1,302 @@
+//! The other records on PostgreSQL: user map, profiles, customers, audit (commands and tunnels
+//! apart from unreadable documents, each capped), and the token row. Records the domain keeps
+//! as a whole are stored as the same JSON the sled backend writes, so `store copy` moves them
+//! unchanged.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::outbox::{RECORD_CUSTOMER, SAVE_PROFILE};
+use super::{Access, OpError, PgStore, to_i64};
+use crate::oci::UserProfile;
+use crate::store::{
+    AuditEvent, AuditQuery, AuditRecord, Customer, StoreError, TokenRecord, UserRecord,
+};
+
+/// Unknown documents kept at most (as on sled): a misbehaving AS cannot push real command
+/// records out of the audit.
+const MAX_DOCUMENTS: i64 = 1000;
+
+fn json<T: Serialize>(value: &T, what: &str) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Io(format!("cannot encode {what}: {e}")))
+}
+
+fn parse<T: DeserializeOwned>(raw: &str, what: &'static str) -> Result<T, OpError> {
+    serde_json::from_str(raw).map_err(|e| {
+        OpError::Store(StoreError::Corrupt {
+            what,
+            reason: e.to_string(),
+        })
+    })
+}
+
+impl PgStore {
+    /// One JSON record by a text key, or none.
+    async fn record<T: DeserializeOwned + Send + 'static>(
+        &self,
+        sql: &'static str,
+        key: Option<String>,
+        what: &'static str,
+    ) -> Result<Option<T>, StoreError> {
+        self.run("read a record", Access::Read, move |c| {
+            Box::pin(async move {
+                let statement = c.prepare_cached(sql).await?;
+                let row = match &key {
+                    Some(key) => c.query_opt(&statement, &[key]).await?,
+                    None => c.query_opt(&statement, &[]).await?,
+                };
+                match row {
+                    Some(row) => Ok(Some(parse(&row.try_get::<_, String>(0)?, what)?)),
+                    None => Ok(None),
+                }
+            })
+        })
+        .await
+    }
+
+    /// One write with text parameters (`None` is SQL NULL).
+    async fn write(
+        &self,
+        what: &'static str,
+        sql: &'static str,
+        params: Vec<Option<String>>,
+    ) -> Result<(), StoreError> {
+        self.run(what, Access::Write, move |c| {
+            Box::pin(async move {
+                let statement = c.prepare_cached(sql).await?;
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                    .iter()
+                    .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                c.execute(&statement, &refs).await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    pub async fn user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
+        let user = user_id.to_owned();
+        self.run("read the user map", Access::Read, move |c| {
+            Box::pin(async move {
+                let statement = c
+                    .prepare_cached(
+                        "SELECT subscriber_id, template FROM user_map WHERE user_id = $1",
+                    )
+                    .await?;
+                let row = c.query_opt(&statement, &[&user]).await?;
+                match row {
+                    Some(row) => Ok(Some(UserRecord {
+                        subscriber_id: row.try_get(0)?,
+                        template: row.try_get(1)?,
+                    })),
+                    None => Ok(None),
+                }
+            })
+        })
+        .await
+    }
+
+    /// One upsert: fields not given keep what is stored, so the handler (template) and delivery
+    /// (subscriber id) never undo each other's change.
+    pub async fn map_user(
+        &self,
+        user_id: &str,
+        subscriber_id: Option<&str>,
+        template: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.write(
+            "write the user map",
+            "INSERT INTO user_map (user_id, subscriber_id, template) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             subscriber_id = coalesce(excluded.subscriber_id, user_map.subscriber_id), \
+             template = coalesce(excluded.template, user_map.template)",
+            vec![
+                Some(user_id.to_owned()),
+                subscriber_id.map(str::to_owned),
+                template.map(str::to_owned),
+            ],
+        )
+        .await
+    }
+
+    pub async fn unmap_subscriber(&self, user_id: &str) -> Result<(), StoreError> {
+        self.write(
+            "write the user map",
+            "UPDATE user_map SET subscriber_id = NULL WHERE user_id = $1",
+            vec![Some(user_id.to_owned())],
+        )
+        .await
+    }
+
+    pub async fn profile(&self, user_id: &str) -> Result<Option<UserProfile>, StoreError> {
+        self.record(
+            "SELECT profile::text FROM profiles WHERE user_id = $1",
+            Some(user_id.to_owned()),
+            "user profile",
+        )
+        .await
+    }
+
+    pub async fn save_profile(&self, profile: &UserProfile) -> Result<(), StoreError> {
+        self.write(
+            "write a profile",
+            SAVE_PROFILE,
+            vec![
+                Some(profile.user_id.clone()),
+                Some(json(profile, "a profile")?),
+            ],
+        )
+        .await
+    }
+
+    pub async fn record_customer(&self, customer: &Customer) -> Result<(), StoreError> {
+        self.write(
+            "record a customer",
+            RECORD_CUSTOMER,
+            vec![
+                Some(customer.service_provider_id.clone()),
+                customer.group_id.clone(),
+                Some(json(customer, "a customer")?),
+            ],
+        )
+        .await
+    }
+
+    pub async fn customers(&self) -> Result<Vec<Customer>, StoreError> {
+        self.run("read the customers", Access::Read, |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT record::text FROM customers ORDER BY \
+                         service_provider_id COLLATE \"C\", group_id COLLATE \"C\" NULLS FIRST",
+                        &[],
+                    )
+                    .await?;
+                rows.iter()
+                    .map(|row| parse(&row.try_get::<_, String>(0)?, "customer"))
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    pub async fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        let raw = json(record, "an audit record")?;
+        let at = to_i64(record.at_ms);
+        match &record.event {
+            // Inserted and capped in one statement: the delete sees the table without the new
+            // row, hence the offset one short of the cap.
+            AuditEvent::Document { .. } => {
+                self.run("write an audit record", Access::Write, move |c| {
+                    Box::pin(async move {
+                        let statement = c
+                            .prepare_cached(
+                                "WITH added AS (INSERT INTO documents (at_ms, record) \
+                                 VALUES ($1, $2::text::json)) \
+                                 DELETE FROM documents WHERE id IN (SELECT id FROM documents \
+                                 ORDER BY at_ms DESC, id DESC OFFSET $3)",
+                            )
+                            .await?;
+                        c.execute(&statement, &[&at, &raw, &(MAX_DOCUMENTS - 1)])
+                            .await?;
+                        Ok(())
+                    })
+                })
+                .await
+            }
+            event => {
+                let user = match event {
+                    AuditEvent::Command { user_id, .. } => user_id.clone(),
+                    _ => None,
+                };
+                self.run("write an audit record", Access::Write, move |c| {
+                    Box::pin(async move {
+                        let statement = c
+                            .prepare_cached(
+                                "INSERT INTO audit (at_ms, user_id, record) VALUES ($1, $2, $3::text::json)",
+                            )
+                            .await?;
+                        c.execute(&statement, &[&at, &user, &raw]).await?;
+                        Ok(())
+                    })
+                })
+                .await
+            }
+        }
+    }
+
+    pub async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        let limit = to_i64(query.limit as u64);
+        let sql = match (query.documents_only, &query.user_id) {
+            // Documents carry no user: a user's view of them is empty, as on sled.
+            (true, Some(_)) => return Ok(Vec::new()),
+            (true, None) => {
+                "SELECT record::text FROM documents ORDER BY at_ms DESC, id DESC LIMIT $1"
+            }
+            (false, None) => "SELECT record::text FROM audit ORDER BY at_ms DESC, id DESC LIMIT $1",
+            (false, Some(_)) => {
+                "SELECT record::text FROM audit WHERE user_id = $2 \
+                 ORDER BY at_ms DESC, id DESC LIMIT $1"
+            }
+        };
+        let user = query.user_id.clone();
+        self.run("read the audit", Access::Read, move |c| {
+            Box::pin(async move {
+                let statement = c.prepare_cached(sql).await?;
+                let rows = match &user {
+                    Some(user) => c.query(&statement, &[&limit, user]).await?,
+                    None => c.query(&statement, &[&limit]).await?,
+                };
+                rows.iter()
+                    .map(|row| parse(&row.try_get::<_, String>(0)?, "audit record"))
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    pub async fn prune_audit(&self, cutoff_ms: u64, max_records: u64) -> Result<u64, StoreError> {
+        let expired = self
+            .prune_batches(
+                "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at_ms < $2 \
+                 ORDER BY at_ms, id LIMIT $1)",
+                Some(to_i64(cutoff_ms)),
+                None,
+            )
+            .await?;
+        let excess = self
+            .run("count the audit", Access::Read, |c| {
+                Box::pin(async move {
+                    Ok(c.query_one("SELECT count(*) FROM audit", &[])
+                        .await?
+                        .try_get::<_, i64>(0)?)
+                })
+            })
+            .await?
+            .saturating_sub(to_i64(max_records));
+        let capped = self
+            .prune_batches(
+                "DELETE FROM audit WHERE id IN (SELECT id FROM audit ORDER BY at_ms, id LIMIT $1)",
+                None,
+                Some(excess),
+            )
+            .await?;
+        Ok(expired + capped)
+    }
+
+    pub async fn token(&self) -> Result<Option<TokenRecord>, StoreError> {
+        self.record("SELECT record::text FROM token", None, "token record")
+            .await
+    }
+
+    pub async fn put_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        self.write(
+            "write the token record",
+            "INSERT INTO token (id, record, updated_at) VALUES (true, $1::text::json, now()) \
+             ON CONFLICT (id) DO UPDATE SET record = excluded.record, updated_at = now()",
+            vec![Some(json(record, "the token record")?)],
+        )
+        .await
+    }
+}

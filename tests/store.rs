@@ -1,0 +1,860 @@
+//! The store's domain operations, one list of tests run against both backends: sled in a temp
+//! dir, and PostgreSQL in a throwaway cluster (tests/common/pg.rs). A backend that passes this
+//! list can carry flowthrough; what is particular to one backend (sled's index keys, its
+//! in-memory entries, old on-disk layouts) is tested beside it in src/store.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::pg::PgCluster;
+use flowthrough::oci::UserProfile;
+use flowthrough::secret::Secret;
+use flowthrough::store::{
+    AuditEvent, AuditQuery, AuditRecord, Call, Customer, EntryId, EntryState, Filter, NewEntry,
+    Progress, Remembered, Store, StoreError, TokenRecord, TokenState,
+};
+
+/// A store of one backend, and what it takes to open it again as a restarted node would.
+struct Harness {
+    /// Always `Some` between calls; empty only while [`Harness::reopen`] has closed it.
+    open: Option<Store>,
+    reopen: Reopen,
+}
+
+enum Reopen {
+    Sled(tempfile::TempDir),
+    Postgres {
+        _cluster: Arc<PgCluster>,
+        config: Box<flowthrough::config::StoreConfig>,
+    },
+}
+
+impl Harness {
+    fn sled() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        Harness {
+            open: Some(Store::open(dir.path()).unwrap()),
+            reopen: Reopen::Sled(dir),
+        }
+    }
+
+    async fn postgres() -> Harness {
+        let cluster = PgCluster::shared();
+        let config = Box::new(cluster.store_config(&cluster.database()));
+        Harness {
+            open: Some(Store::open_configured(&config).await.unwrap()),
+            reopen: Reopen::Postgres {
+                _cluster: cluster,
+                config,
+            },
+        }
+    }
+
+    fn store(&self) -> &Store {
+        self.open.as_ref().expect("the store is open between calls")
+    }
+
+    /// Close the store (after a flush, as an acknowledgement has) and open it again: sled lets
+    /// go of its directory only when the last handle is gone.
+    async fn reopen(&mut self) {
+        self.store().flush().await.unwrap();
+        drop(self.open.take());
+        self.open = Some(match &self.reopen {
+            Reopen::Sled(dir) => Store::open(dir.path()).unwrap(),
+            Reopen::Postgres { config, .. } => Store::open_configured(config).await.unwrap(),
+        });
+    }
+}
+
+macro_rules! both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod sled {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Harness::sled()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Harness::postgres().await).await;
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    per_user_order_is_arrival_order_and_finishing_advances_the_head,
+    a_user_id_that_prefixes_another_does_not_see_its_queue,
+    dead_entries_leave_the_queue_and_retry_puts_them_back,
+    attempts_are_counted_and_survive_reopening,
+    acknowledged_entries_and_records_survive_reopening,
+    several_entries_are_stored_in_order_and_announced,
+    call_bodies_come_back_as_they_were_written,
+    every_change_returns_the_stored_entry,
+    prune_removes_only_old_finished_entries,
+    the_active_view_finds_dead_and_pending_entries_behind_any_history,
+    the_history_cap_removes_the_oldest_delivered_entries_only,
+    dead_count_follows_finish_retry_drop_and_prune,
+    user_map_keeps_fields_not_given,
+    concurrent_changes_to_one_user_record_are_all_kept,
+    profiles_and_customers_round_trip,
+    audit_is_newest_first_filtered_by_user_and_pruned_by_age_then_count,
+    documents_are_capped_apart_from_commands,
+    the_token_record_round_trips,
+    flushes_complete_for_every_ticket,
+    accepting_a_command_writes_its_records_and_its_entry,
+);
+
+/// On PostgreSQL a command's records and entry are one transaction: when one statement fails,
+/// nothing of it is stored, and the connection it failed on (left inside the transaction) is not
+/// handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_accept_stores_nothing_on_postgres() {
+    let h = Harness::postgres().await;
+    let store = h.store();
+    let remembered = Remembered {
+        profile: Some(UserProfile {
+            user_id: "half@acme.example".into(),
+            ..UserProfile::default()
+        }),
+        template: Some(("half@acme.example".into(), "acme".into())),
+        customer: None,
+    };
+    // PostgreSQL text cannot hold a NUL: the entry's insert fails after the profile's.
+    let failed = store
+        .accept(
+            remembered,
+            Some(entry("half\0@acme.example", "add")),
+            1,
+            |_| panic!("nothing is announced that was not stored"),
+        )
+        .await;
+    assert!(
+        matches!(failed, Err(StoreError::Database { .. })),
+        "{failed:?}"
+    );
+    assert_eq!(store.profile("half@acme.example").await.unwrap(), None);
+    assert_eq!(store.user("half@acme.example").await.unwrap(), None);
+    for i in 0..20 {
+        let id = store
+            .accept(
+                Remembered::default(),
+                Some(entry(&format!("u{i}"), "add")),
+                2,
+                |_| {},
+            )
+            .await
+            .unwrap();
+        assert!(id.is_some());
+    }
+    assert_eq!(store.pending_summary().await.unwrap().0, 20);
+    assert_eq!(store.write_failure(), None, "a bad record is not an outage");
+}
+
+fn entry(user: &str, command: &str) -> NewEntry {
+    NewEntry {
+        user_id: user.to_owned(),
+        template: "acme".to_owned(),
+        command: command.to_owned(),
+        call: Call::Remove,
+        client: "CN=bwcticlient.webex.com".to_owned(),
+    }
+}
+
+fn delivered(at_ms: u64) -> EntryState {
+    EntryState::Delivered {
+        at_ms,
+        subscriber_id: None,
+        webex_status: None,
+    }
+}
+
+fn dead(at_ms: u64) -> EntryState {
+    EntryState::Dead {
+        at_ms,
+        reason: "400 bad".into(),
+    }
+}
+
+async fn ids_listed(store: &Store, filter: Filter, limit: usize) -> Vec<EntryId> {
+    store
+        .list(filter, limit)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+async fn per_user_order_is_arrival_order_and_finishing_advances_the_head(h: Harness) {
+    let store = h.store();
+    let ids = store
+        .enqueue(
+            vec![
+                entry("alice", "add"),
+                entry("bob", "add"),
+                entry("alice", "modify"),
+            ],
+            1,
+        )
+        .await
+        .unwrap();
+    assert!(ids[0] < ids[1] && ids[1] < ids[2], "{ids:?}");
+    assert_eq!(store.head_of("alice").await.unwrap().unwrap().id, ids[0]);
+    assert_eq!(
+        store.users_with_pending().await.unwrap(),
+        vec!["alice", "bob"]
+    );
+    let done = EntryState::Delivered {
+        at_ms: 2,
+        subscriber_id: Some("sub-1".into()),
+        webex_status: None,
+    };
+    store
+        .finish(ids[0], done.clone(), Some("FLOWTHROUGH_9"))
+        .await
+        .unwrap();
+    let head = store.head_of("alice").await.unwrap().unwrap();
+    assert_eq!(head.id, ids[2]);
+    assert_eq!(head.new.command, "modify");
+    let ended = store.entry(ids[0]).await.unwrap().unwrap();
+    assert_eq!(ended.state, done);
+    assert_eq!(ended.attempts, 1);
+    assert_eq!(ended.tracking_id.as_deref(), Some("FLOWTHROUGH_9"));
+    assert_eq!(
+        store.progress(ids[0]).await.unwrap(),
+        Some(Progress {
+            state: done,
+            tracking_id: Some("FLOWTHROUGH_9".into())
+        })
+    );
+    assert_eq!(
+        store.progress(ids[2]).await.unwrap(),
+        Some(Progress {
+            state: EntryState::Pending,
+            tracking_id: None
+        })
+    );
+    assert_eq!(store.progress(ids[2] + 100).await.unwrap(), None);
+    assert_eq!(store.pending_summary().await.unwrap(), (2, Some(1)));
+    assert!(store.has_pending("alice").await.unwrap());
+    assert!(!store.has_pending("carol").await.unwrap());
+}
+
+async fn a_user_id_that_prefixes_another_does_not_see_its_queue(h: Harness) {
+    let store = h.store();
+    store.enqueue(vec![entry("al", "x")], 1).await.unwrap();
+    let ids = store.enqueue(vec![entry("a", "y")], 1).await.unwrap();
+    assert_eq!(store.head_of("a").await.unwrap().unwrap().id, ids[0]);
+    assert!(store.head_of("").await.unwrap().is_none());
+}
+
+async fn dead_entries_leave_the_queue_and_retry_puts_them_back(h: Harness) {
+    let store = h.store();
+    let ids = store.enqueue(vec![entry("alice", "add")], 1).await.unwrap();
+    assert!(
+        !store.retry(ids[0]).await.unwrap(),
+        "a pending entry is not retried"
+    );
+    store.finish(ids[0], dead(5), None).await.unwrap();
+    assert!(store.head_of("alice").await.unwrap().is_none());
+    assert!(!store.has_pending("alice").await.unwrap());
+    assert_eq!(store.list(Filter::Dead, 10).await.unwrap().len(), 1);
+    assert!(store.retry(ids[0]).await.unwrap());
+    let revived = store.head_of("alice").await.unwrap().unwrap();
+    assert_eq!((revived.id, revived.state), (ids[0], EntryState::Pending));
+    assert!(!store.retry(ids[0]).await.unwrap(), "retried once only");
+    let dropped = store.drop_entry(ids[0]).await.unwrap().unwrap();
+    assert_eq!(dropped.id, ids[0]);
+    assert!(store.head_of("alice").await.unwrap().is_none());
+    assert!(store.entry(ids[0]).await.unwrap().is_none());
+    assert!(store.drop_entry(ids[0]).await.unwrap().is_none());
+    assert!(!store.retry(ids[0]).await.unwrap());
+    for result in [
+        store.finish(ids[0], EntryState::Pending, None).await,
+        store.record_attempt(ids[0], "FLOWTHROUGH_1").await,
+        store.record_failure(ids[0], "timeout").await,
+        store.set_webex_status(ids[0], "provisioned").await,
+    ] {
+        assert!(
+            matches!(result, Err(StoreError::NotFound(id)) if id == ids[0]),
+            "{result:?}"
+        );
+    }
+}
+
+async fn attempts_are_counted_and_survive_reopening(mut h: Harness) {
+    let ids = h
+        .store()
+        .enqueue(vec![entry("alice", "add")], 1)
+        .await
+        .unwrap();
+    h.store()
+        .record_attempt(ids[0], "FLOWTHROUGH_1")
+        .await
+        .unwrap();
+    h.store().record_failure(ids[0], "timeout").await.unwrap();
+    h.reopen().await;
+    let entry = h.store().head_of("alice").await.unwrap().unwrap();
+    assert_eq!(entry.id, ids[0]);
+    assert_eq!(entry.attempts, 1);
+    assert_eq!(entry.tracking_id.as_deref(), Some("FLOWTHROUGH_1"));
+    assert_eq!(entry.last_error.as_deref(), Some("timeout"));
+}
+
+/// What a restarted node finds: every acknowledged entry in its state, the records beside them,
+/// and new ids still after the old ones.
+async fn acknowledged_entries_and_records_survive_reopening(mut h: Harness) {
+    let ids = h
+        .store()
+        .enqueue(vec![entry("a", "1"), entry("b", "2"), entry("c", "3")], 10)
+        .await
+        .unwrap();
+    h.store().finish(ids[0], delivered(11), None).await.unwrap();
+    h.store().finish(ids[1], dead(11), None).await.unwrap();
+    h.store()
+        .map_user("a", Some("sub-a"), Some("acme"))
+        .await
+        .unwrap();
+    h.store().append_audit(&command(12, "a")).await.unwrap();
+    h.reopen().await;
+    let store = h.store();
+    assert_eq!(store.users_with_pending().await.unwrap(), vec!["c"]);
+    assert_eq!(ids_listed(store, Filter::Dead, 10).await, vec![ids[1]]);
+    assert_eq!(ids_listed(store, Filter::Delivered, 10).await, vec![ids[0]]);
+    assert_eq!(ids_listed(store, Filter::All, 10).await, ids);
+    assert_eq!(
+        store
+            .user("a")
+            .await
+            .unwrap()
+            .unwrap()
+            .subscriber_id
+            .as_deref(),
+        Some("sub-a")
+    );
+    assert_eq!(store.audit(&all(10)).await.unwrap(), vec![command(12, "a")]);
+    let later = store.enqueue(vec![entry("d", "4")], 13).await.unwrap();
+    assert!(later[0] > ids[2], "{later:?} after {ids:?}");
+}
+
+async fn several_entries_are_stored_in_order_and_announced(h: Harness) {
+    let mut announced = Vec::new();
+    let ids = h
+        .store()
+        .enqueue_announced(
+            vec![entry("x", "1"), entry("x", "2"), entry("y", "3")],
+            5,
+            |id| announced.push(id),
+        )
+        .await
+        .unwrap();
+    assert_eq!(announced, ids);
+    let listed = h.store().list(Filter::Pending, 10).await.unwrap();
+    let commands: Vec<&str> = listed.iter().map(|e| e.new.command.as_str()).collect();
+    assert_eq!(commands, ["1", "2", "3"]);
+    assert!(listed.iter().all(|e| e.created_ms == 5 && e.attempts == 0));
+    assert_eq!(h.store().head_of("x").await.unwrap().unwrap().id, ids[0]);
+}
+
+/// The body is sent to Webex as it was mapped: its text, key order and all, comes back.
+async fn call_bodies_come_back_as_they_were_written(h: Harness) {
+    let body = serde_json::json!({"userId": "müller@acme.example", "firstName": "Jürgen",
+        "lastName": "O'Brien \"quoted\"", "primaryPhoneNumber": "+12025550101", "extension": ""});
+    let calls = [
+        Call::provision(&body).unwrap(),
+        Call::update(&serde_json::json!({"mobilePhoneNumber": ""})).unwrap(),
+        Call::Remove,
+    ];
+    let entries = calls
+        .iter()
+        .map(|call| NewEntry {
+            call: call.clone(),
+            ..entry("müller@acme.example", "cmd")
+        })
+        .collect();
+    let ids = h.store().enqueue(entries, 1).await.unwrap();
+    for (id, call) in ids.iter().zip(&calls) {
+        let stored = h.store().entry(*id).await.unwrap().unwrap();
+        assert_eq!(&stored.new.call, call);
+        if let (Call::Provision { body: a }, Call::Provision { body: b }) = (&stored.new.call, call)
+        {
+            assert_eq!(a.get(), b.get());
+        }
+    }
+}
+
+/// Each change hands back the entry as it is now stored, field for field.
+async fn every_change_returns_the_stored_entry(h: Harness) {
+    let store = h.store();
+    let ids = store
+        .enqueue(vec![entry("alice", "add"), entry("bob", "add")], 1)
+        .await
+        .unwrap();
+    let stored = |id| async move { store.entry(id).await.unwrap().unwrap() };
+    assert_eq!(
+        store.head_of("alice").await.unwrap().unwrap(),
+        stored(ids[0]).await
+    );
+    let attempted = store.record_attempt(ids[0], "FLOWTHROUGH_1").await.unwrap();
+    assert_eq!(
+        (attempted.attempts, attempted.tracking_id.as_deref()),
+        (1, Some("FLOWTHROUGH_1"))
+    );
+    assert_eq!(attempted, stored(ids[0]).await);
+    let failed = store.record_failure(ids[0], "timeout").await.unwrap();
+    assert_eq!(failed.last_error.as_deref(), Some("timeout"));
+    assert_eq!(failed, stored(ids[0]).await);
+    let unchanged = store.set_webex_status(ids[0], "provisioned").await.unwrap();
+    assert_eq!(
+        unchanged.state,
+        EntryState::Pending,
+        "a status is only kept for a delivered entry"
+    );
+    let ended = store
+        .finish(
+            ids[1],
+            EntryState::Delivered {
+                at_ms: 2,
+                subscriber_id: Some("sub-2".into()),
+                webex_status: Some("provisioning".into()),
+            },
+            Some("FLOWTHROUGH_2"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ended, stored(ids[1]).await);
+    assert_eq!(ended.attempts, 1);
+    let settled = store.set_webex_status(ids[1], "provisioned").await.unwrap();
+    assert_eq!(
+        settled.state,
+        EntryState::Delivered {
+            at_ms: 2,
+            subscriber_id: Some("sub-2".into()),
+            webex_status: Some("provisioned".into()),
+        }
+    );
+    assert_eq!(settled, stored(ids[1]).await);
+    let without_call = store.finish(ids[0], dead(3), None).await.unwrap();
+    assert_eq!(
+        (without_call.attempts, without_call.tracking_id.as_deref()),
+        (1, Some("FLOWTHROUGH_1")),
+        "an end without a call counts no attempt and keeps the last TrackingID"
+    );
+}
+
+async fn prune_removes_only_old_finished_entries(h: Harness) {
+    let store = h.store();
+    let ids = store
+        .enqueue(vec![entry("a", "1"), entry("b", "2")], 10)
+        .await
+        .unwrap();
+    let late = store.enqueue(vec![entry("c", "3")], 100).await.unwrap();
+    store.finish(ids[0], dead(11), None).await.unwrap();
+    store.finish(late[0], dead(101), None).await.unwrap();
+    assert_eq!(store.prune_finished(50, u64::MAX).await.unwrap(), 1);
+    assert!(store.entry(ids[0]).await.unwrap().is_none());
+    assert!(
+        store.entry(ids[1]).await.unwrap().is_some(),
+        "pending entries are never pruned"
+    );
+    assert!(store.entry(late[0]).await.unwrap().is_some());
+}
+
+/// The operator's default view: dead and pending entries however much history is before them.
+async fn the_active_view_finds_dead_and_pending_entries_behind_any_history(h: Harness) {
+    let store = h.store();
+    let history: Vec<NewEntry> = (0..20).map(|i| entry(&format!("u{i}"), "add")).collect();
+    for id in store.enqueue(history, 1).await.unwrap() {
+        store.finish(id, delivered(2), None).await.unwrap();
+    }
+    let ids = store
+        .enqueue(vec![entry("dead", "add"), entry("waiting", "add")], 3)
+        .await
+        .unwrap();
+    store.finish(ids[0], dead(4), None).await.unwrap();
+    assert_eq!(ids_listed(store, Filter::Active, 5).await, ids);
+    assert_eq!(store.list(Filter::Active, 1).await.unwrap()[0].id, ids[0]);
+    assert_eq!(store.list(Filter::Delivered, 5).await.unwrap().len(), 5);
+    assert_eq!(store.list(Filter::All, 100).await.unwrap().len(), 22);
+}
+
+/// The cap holds the delivered history to a size whatever the retention; it never touches what
+/// is still owed.
+async fn the_history_cap_removes_the_oldest_delivered_entries_only(h: Harness) {
+    let store = h.store();
+    let first = store
+        .enqueue(vec![entry("dead", "add"), entry("waiting", "add")], 1)
+        .await
+        .unwrap();
+    store.finish(first[0], dead(2), None).await.unwrap();
+    let history: Vec<NewEntry> = (0..6).map(|i| entry(&format!("u{i}"), "add")).collect();
+    let delivered_ids = store.enqueue(history, 3).await.unwrap();
+    for id in &delivered_ids {
+        store.finish(*id, delivered(4), None).await.unwrap();
+    }
+    assert_eq!(store.prune_finished(0, 4).await.unwrap(), 2);
+    assert_eq!(
+        ids_listed(store, Filter::Delivered, 10).await,
+        delivered_ids[2..],
+        "the oldest two went"
+    );
+    assert_eq!(ids_listed(store, Filter::Active, 10).await, first);
+    assert_eq!(
+        store.prune_finished(0, 4).await.unwrap(),
+        0,
+        "nothing beyond the cap"
+    );
+    assert_eq!(store.prune_finished(0, 0).await.unwrap(), 4);
+    assert_eq!(
+        ids_listed(store, Filter::All, 10).await,
+        first,
+        "dead and pending stay"
+    );
+    // Counts follow the writes after a round.
+    let later: Vec<NewEntry> = (0..3).map(|i| entry(&format!("v{i}"), "add")).collect();
+    let later = store.enqueue(later, 5).await.unwrap();
+    for id in &later {
+        store.finish(*id, delivered(6), None).await.unwrap();
+    }
+    store.drop_entry(later[0]).await.unwrap();
+    assert_eq!(store.prune_finished(0, 1).await.unwrap(), 1);
+    assert_eq!(ids_listed(store, Filter::Delivered, 10).await, later[2..]);
+}
+
+async fn dead_count_follows_finish_retry_drop_and_prune(h: Harness) {
+    let store = h.store();
+    let ids = store
+        .enqueue(
+            vec![
+                entry("a", "1"),
+                entry("b", "2"),
+                entry("c", "3"),
+                entry("d", "4"),
+            ],
+            10,
+        )
+        .await
+        .unwrap();
+    store.finish(ids[0], dead(11), None).await.unwrap();
+    store.finish(ids[1], dead(11), None).await.unwrap();
+    store
+        .finish(ids[2], delivered(11), Some("FLOWTHROUGH_1"))
+        .await
+        .unwrap();
+    assert_eq!(store.dead_count().await.unwrap(), 2);
+    assert_eq!(
+        ids_listed(store, Filter::Dead, 10).await,
+        vec![ids[0], ids[1]]
+    );
+    assert_eq!(store.list(Filter::Dead, 1).await.unwrap().len(), 1);
+    assert_eq!(ids_listed(store, Filter::Pending, 10).await, vec![ids[3]]);
+    assert!(store.retry(ids[0]).await.unwrap());
+    assert_eq!(store.dead_count().await.unwrap(), 1);
+    assert_eq!(
+        ids_listed(store, Filter::Pending, 10).await,
+        vec![ids[0], ids[3]],
+        "oldest first across users"
+    );
+    store.drop_entry(ids[0]).await.unwrap();
+    assert_eq!(store.prune_finished(100, u64::MAX).await.unwrap(), 2);
+    assert_eq!(store.dead_count().await.unwrap(), 0);
+    assert!(store.list(Filter::Dead, 10).await.unwrap().is_empty());
+}
+
+async fn user_map_keeps_fields_not_given(h: Harness) {
+    let store = h.store();
+    assert_eq!(store.user("alice").await.unwrap(), None);
+    store.map_user("alice", None, Some("acme")).await.unwrap();
+    store.map_user("alice", Some("sub-1"), None).await.unwrap();
+    let record = store.user("alice").await.unwrap().unwrap();
+    assert_eq!(record.subscriber_id.as_deref(), Some("sub-1"));
+    assert_eq!(record.template.as_deref(), Some("acme"));
+    store.unmap_subscriber("alice").await.unwrap();
+    let record = store.user("alice").await.unwrap().unwrap();
+    assert_eq!(record.subscriber_id, None);
+    assert_eq!(record.template.as_deref(), Some("acme"));
+    store.unmap_subscriber("nobody").await.unwrap();
+    assert_eq!(store.user("nobody").await.unwrap(), None);
+}
+
+/// The handler (a user's template) and delivery (its subscriber id) change one record at once.
+async fn concurrent_changes_to_one_user_record_are_all_kept(h: Harness) {
+    let users: Arc<Vec<String>> = Arc::new((0..300).map(|i| format!("user{i}")).collect());
+    let writers = [(Some("sub"), None), (None, Some("acme"))].map(|(sub, template)| {
+        let (store, users) = (h.store().clone(), users.clone());
+        tokio::spawn(async move {
+            for user in users.iter() {
+                store.map_user(user, sub, template).await.unwrap();
+            }
+        })
+    });
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    for user in users.iter() {
+        let record = h.store().user(user).await.unwrap().unwrap();
+        assert_eq!(
+            (record.subscriber_id.as_deref(), record.template.as_deref()),
+            (Some("sub"), Some("acme")),
+            "{user}"
+        );
+    }
+}
+
+async fn profiles_and_customers_round_trip(h: Harness) {
+    let store = h.store();
+    let profile = UserProfile {
+        user_id: "müller@acme.example".into(),
+        last_name: "Müller".into(),
+        ..UserProfile::default()
+    };
+    assert_eq!(store.profile(&profile.user_id).await.unwrap(), None);
+    store.save_profile(&profile).await.unwrap();
+    let changed = UserProfile {
+        first_name: "Jürgen".into(),
+        ..profile.clone()
+    };
+    store.save_profile(&changed).await.unwrap();
+    assert_eq!(
+        store.profile("müller@acme.example").await.unwrap(),
+        Some(changed)
+    );
+    let group = Customer {
+        service_provider_id: "acme-ent".into(),
+        group_id: Some("hq".into()),
+        name: Some("Acme HQ".into()),
+        enterprise: false,
+        template: "acme".into(),
+    };
+    let enterprise = Customer {
+        group_id: None,
+        enterprise: true,
+        ..group.clone()
+    };
+    store.record_customer(&group).await.unwrap();
+    store.record_customer(&enterprise).await.unwrap();
+    store.record_customer(&group).await.unwrap();
+    let renamed = Customer {
+        name: Some("Acme Headquarters".into()),
+        ..group.clone()
+    };
+    store.record_customer(&renamed).await.unwrap();
+    assert_eq!(store.customers().await.unwrap(), vec![enterprise, renamed]);
+}
+
+fn command(at_ms: u64, user: &str) -> AuditRecord {
+    AuditRecord {
+        at_ms,
+        client: "CN=bwcticlient.webex.com serial=01".into(),
+        event: AuditEvent::Command {
+            template: Some("acme".into()),
+            command: "UserAddRequest17sp4".into(),
+            user_id: Some(user.into()),
+            outcome: "success".into(),
+            webex_status: Some("provisioned".into()),
+            tracking_id: Some("FLOWTHROUGH_x".into()),
+            outbox_id: Some(1),
+            latency_ms: 3,
+        },
+    }
+}
+
+fn all(limit: usize) -> AuditQuery {
+    AuditQuery {
+        limit,
+        ..AuditQuery::default()
+    }
+}
+
+async fn at_ms(store: &Store, query: &AuditQuery) -> Vec<u64> {
+    store
+        .audit(query)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.at_ms)
+        .collect()
+}
+
+async fn audit_is_newest_first_filtered_by_user_and_pruned_by_age_then_count(h: Harness) {
+    let store = h.store();
+    for (t, u) in [(10, "a"), (20, "b"), (30, "a"), (40, "a")] {
+        store.append_audit(&command(t, u)).await.unwrap();
+    }
+    let tunnel = AuditRecord {
+        at_ms: 35,
+        client: "plain".into(),
+        event: AuditEvent::Tunnel {
+            client_address: "192.0.2.1:5000".into(),
+            destination: "webexapis.com:443".into(),
+            address_used: None,
+            bytes_up: 1,
+            bytes_down: 2,
+            duration_ms: 3,
+            end: "closed".into(),
+        },
+    };
+    store.append_audit(&tunnel).await.unwrap();
+    let of_a = AuditQuery {
+        user_id: Some("a".into()),
+        limit: 2,
+        ..AuditQuery::default()
+    };
+    assert_eq!(at_ms(store, &of_a).await, vec![40, 30]);
+    assert_eq!(store.audit(&all(2)).await.unwrap()[1], tunnel);
+    assert_eq!(store.prune_audit(15, 100).await.unwrap(), 1);
+    assert_eq!(store.prune_audit(0, 3).await.unwrap(), 1);
+    assert_eq!(at_ms(store, &all(10)).await, vec![40, 35, 30]);
+    for t in [50, 60, 70] {
+        store.append_audit(&command(t, "c")).await.unwrap();
+    }
+    assert_eq!(store.prune_audit(0, 2).await.unwrap(), 4);
+    assert_eq!(at_ms(store, &all(10)).await, vec![70, 60]);
+    assert_eq!(store.prune_audit(0, 2).await.unwrap(), 0);
+}
+
+async fn documents_are_capped_apart_from_commands(h: Harness) {
+    let store = h.store();
+    store.append_audit(&command(1, "a")).await.unwrap();
+    for i in 0..1005u64 {
+        let doc = AuditRecord {
+            at_ms: 100 + i,
+            client: "x".into(),
+            event: AuditEvent::Document {
+                reason: "unknown".into(),
+                excerpt: "<x/>".into(),
+            },
+        };
+        store.append_audit(&doc).await.unwrap();
+    }
+    let docs = AuditQuery {
+        documents_only: true,
+        limit: 5000,
+        ..AuditQuery::default()
+    };
+    let kept = store.audit(&docs).await.unwrap();
+    assert_eq!(kept.len(), 1000);
+    assert_eq!(kept[0].at_ms, 1104, "newest first");
+    assert_eq!(
+        kept.last().unwrap().at_ms,
+        105,
+        "the oldest documents went first"
+    );
+    assert_eq!(store.audit(&all(10)).await.unwrap(), vec![command(1, "a")]);
+    let of_user = AuditQuery {
+        user_id: Some("a".into()),
+        documents_only: true,
+        limit: 10,
+    };
+    assert!(store.audit(&of_user).await.unwrap().is_empty());
+}
+
+async fn the_token_record_round_trips(mut h: Harness) {
+    assert_eq!(h.store().token().await.unwrap(), None);
+    let first = TokenRecord {
+        access_token: Some(Secret::new("acc")),
+        access_expires_at: Some(100),
+        refresh_token: Secret::new("ref"),
+        refresh_expires_at: Some(200),
+        last_refresh: Some(50),
+        state: TokenState::Ok,
+    };
+    h.store().put_token(&first).await.unwrap();
+    let rotated = TokenRecord {
+        refresh_token: Secret::new("ref-2"),
+        state: TokenState::CredentialsInvalid {
+            reason: "invalid_grant".into(),
+        },
+        ..first
+    };
+    h.store().put_token(&rotated).await.unwrap();
+    h.reopen().await;
+    assert_eq!(h.store().token().await.unwrap(), Some(rotated));
+}
+
+async fn flushes_complete_for_every_ticket(h: Harness) {
+    let mut tasks = Vec::new();
+    for i in 0..32u32 {
+        let store = h.store().clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .enqueue(vec![entry(&format!("u{i}"), "add")], 1)
+                .await
+                .unwrap();
+            let ticket = store.start_flush();
+            store.flushed(ticket).await.unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(h.store().pending_summary().await.unwrap().0, 32);
+}
+
+/// What the handler stores for one command, in one call: the profile, the user's template, a
+/// customer, the entry (announced), or any of them alone.
+async fn accepting_a_command_writes_its_records_and_its_entry(h: Harness) {
+    let store = h.store();
+    let profile = UserProfile {
+        user_id: "new@acme.example".into(),
+        first_name: "Neu".into(),
+        ..UserProfile::default()
+    };
+    let customer = Customer {
+        service_provider_id: "acme-ent".into(),
+        group_id: None,
+        name: None,
+        enterprise: true,
+        template: "acme".into(),
+    };
+    store
+        .map_user("new@acme.example", Some("sub-9"), None)
+        .await
+        .unwrap();
+    let mut announced = Vec::new();
+    let id = store
+        .accept(
+            Remembered {
+                profile: Some(profile.clone()),
+                template: Some(("new@acme.example".into(), "acme".into())),
+                customer: Some(customer.clone()),
+            },
+            Some(entry("new@acme.example", "add")),
+            7,
+            |id| announced.push(id),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(announced, vec![id]);
+    assert_eq!(
+        store.head_of("new@acme.example").await.unwrap().unwrap().id,
+        id
+    );
+    assert_eq!(
+        store.profile("new@acme.example").await.unwrap(),
+        Some(profile)
+    );
+    let record = store.user("new@acme.example").await.unwrap().unwrap();
+    assert_eq!(
+        (record.subscriber_id.as_deref(), record.template.as_deref()),
+        (Some("sub-9"), Some("acme")),
+        "the template is added, the subscriber id kept"
+    );
+    assert_eq!(store.customers().await.unwrap(), vec![customer]);
+    let nothing_queued = store
+        .accept(Remembered::default(), None, 8, |_| {
+            panic!("no entry, no id")
+        })
+        .await
+        .unwrap();
+    assert_eq!(nothing_queued, None);
+    assert_eq!(store.pending_summary().await.unwrap().0, 1);
+}
