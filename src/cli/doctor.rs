@@ -505,13 +505,13 @@ fn durability_verdict(d: &crate::store::postgres::Durability) -> Result<String, 
         && d.synchronous_commit != "remote_write"
     {
         return Err(format!(
-            "synchronous_commit = {} on flowthrough's connections: an acknowledgement would not wait for the disk; report this",
+            "synchronous_commit = {} in flowthrough's acknowledging transactions: an acknowledgement would not wait for the disk; report this",
             d.synchronous_commit
         ));
     }
     Ok(format!(
-        "fsync = on, synchronous_commit = {} ({})",
-        d.synchronous_commit, d.server_version
+        "fsync = on, synchronous_commit = {} for acknowledgements ({} for delivery state and the audit) ({})",
+        d.synchronous_commit, d.background_commit, d.server_version
     ))
 }
 

@@ -41,10 +41,11 @@ pub(super) fn pool(config: &PostgresConfig) -> Result<(Pool, String), StoreError
     if let Some(password) = read_password(config)? {
         pg.password(password.expose().as_bytes());
     }
-    // Forced whatever the database or role default: an acknowledgement is a commit that has
-    // reached the WAL on disk (and the synchronous standbys, when there are any).
+    // Whatever the database or role default: writes that nothing is acknowledged for do not wait
+    // for the disk; acknowledgements open their transactions with `synchronous_commit = on`
+    // (`DURABLE_BEGIN`, `durable_transaction`).
     pg.options(format!(
-        "-c synchronous_commit=on -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+        "-c synchronous_commit=off -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
         config.statement_timeout_ms,
         config.statement_timeout_ms.saturating_mul(2)
     ));

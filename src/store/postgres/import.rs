@@ -3,7 +3,7 @@
 //! interruption, changes nothing it did before and never undoes what a node has done since), and
 //! the number of the batch's records the database holds afterwards, for the final comparison.
 
-use super::{Access, OpError, PgStore, to_i64};
+use super::{Access, OpError, PgStore, durable_transaction, to_i64};
 use crate::oci::UserProfile;
 use crate::store::{AuditEvent, AuditRecord, Customer, Entry, StoreError, TokenRecord, UserRecord};
 
@@ -54,7 +54,7 @@ impl PgStore {
         }
         self.run("copy outbox entries", Access::Write, move |mut c| {
             Box::pin(async move {
-                let tx = c.transaction().await?;
+                let tx = durable_transaction(&mut c).await?;
                 let lane = tx
                     .prepare_cached("INSERT INTO lanes (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
                     .await?;
@@ -109,7 +109,7 @@ impl PgStore {
         }
         self.run("copy audit records", Access::Write, move |mut c| {
             Box::pin(async move {
-                let tx = c.transaction().await?;
+                let tx = durable_transaction(&mut c).await?;
                 let audit = tx
                     .prepare_cached(
                         "INSERT INTO audit (id, at_ms, user_id, record) OVERRIDING SYSTEM VALUE \
@@ -151,7 +151,7 @@ impl PgStore {
     pub async fn import_users(&self, users: Vec<(String, UserRecord)>) -> Result<u64, StoreError> {
         self.run("copy the user map", Access::Write, move |mut c| {
             Box::pin(async move {
-                let tx = c.transaction().await?;
+                let tx = durable_transaction(&mut c).await?;
                 let insert = tx
                     .prepare_cached(
                         "INSERT INTO user_map (user_id, subscriber_id, template) VALUES ($1, $2, $3) \
@@ -183,7 +183,7 @@ impl PgStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         self.run("copy profiles", Access::Write, move |mut c| {
             Box::pin(async move {
-                let tx = c.transaction().await?;
+                let tx = durable_transaction(&mut c).await?;
                 let insert = tx
                     .prepare_cached(
                         "INSERT INTO profiles (user_id, profile) VALUES ($1, $2::text::json) \
@@ -217,7 +217,7 @@ impl PgStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         self.run("copy customers", Access::Write, move |mut c| {
             Box::pin(async move {
-                let tx = c.transaction().await?;
+                let tx = durable_transaction(&mut c).await?;
                 let insert = tx
                     .prepare_cached(
                         "INSERT INTO customers (service_provider_id, group_id, record) \
@@ -248,17 +248,19 @@ impl PgStore {
     /// The token record, unless the database has one already (a node may have rotated it).
     pub async fn import_token(&self, record: &TokenRecord) -> Result<u64, StoreError> {
         let raw = json(record)?;
-        self.run("copy the token record", Access::Write, move |c| {
+        self.run("copy the token record", Access::Write, move |mut c| {
             Box::pin(async move {
-                c.execute(
+                let tx = durable_transaction(&mut c).await?;
+                tx.execute(
                     "INSERT INTO token (id, record) VALUES (true, $1::text::json) ON CONFLICT (id) DO NOTHING",
                     &[&raw],
                 )
                 .await?;
-                let present: i64 = c
+                let present: i64 = tx
                     .query_one("SELECT count(*) FROM token", &[])
                     .await?
                     .try_get(0)?;
+                tx.commit().await?;
                 Ok(u64::try_from(present).unwrap_or_default())
             })
         })

@@ -53,7 +53,7 @@ fn refuse_newer(found: i32) -> Result<(), OpError> {
 
 /// Bring the schema up to date; changes nothing when it is.
 pub(super) async fn apply(client: &mut Object) -> Result<MigrationReport, OpError> {
-    let tx = client.transaction().await?;
+    let tx = super::durable_transaction(client).await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
     tx.batch_execute(VERSION_TABLE).await?;

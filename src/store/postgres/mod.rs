@@ -1,11 +1,16 @@
 //! The PostgreSQL backend: the same domain operations as sled, for several nodes sharing one
 //! database (SPEC §11).
 //!
-//! Every operation is one statement in its own transaction, prepared once per connection, so
-//! it costs one round trip; a write has committed with `synchronous_commit = on` (forced on
-//! every connection) before it returns, and PostgreSQL's group commit batches the WAL flushes
-//! of concurrent commits. So an acknowledgement never needs a flush of its own, and an error —
-//! a connection lost during the commit included — is never taken for one.
+//! Every operation is one statement, prepared once per connection, or one transaction whose
+//! statements are sent together: one round trip. What the AS is acknowledged for (a command's
+//! records and entry), a token rotation and an operator's change commit with
+//! `synchronous_commit = on` before they return; PostgreSQL's group commit batches the WAL
+//! flushes of concurrent commits, and an error — a connection lost during the commit included —
+//! is never taken for an acknowledgement. The rest (delivery state, the audit, the user map as
+//! delivery learns it) commits with the connections' default, `synchronous_commit = off`: as on
+//! sled, where such writes wait for the next flush, a crash of the database can lose the last
+//! moments of them (a delivery is then made again, and a provision looks the user up first), and
+//! the WAL being one sequence, never one that an acknowledged commit came after.
 //!
 //! The pool's connections and the operations run on a small runtime of this backend's own:
 //! the callers are actix's single-threaded worker runtimes and the delivery engine, and a
@@ -286,10 +291,13 @@ impl PgStore {
     /// One look at the database: a write when `write`, else a check that it is writable.
     async fn probe(&self, write: bool) -> Result<(), StoreError> {
         if write {
-            self.run("write (probe)", Access::Write, |c| {
+            // Durable, as an acknowledgement: a full disk shows in the WAL flush.
+            self.run("write (probe)", Access::Write, |mut c| {
                 Box::pin(async move {
-                    c.execute("UPDATE control SET probed_at = now()", &[])
+                    let tx = durable_transaction(&mut c).await?;
+                    tx.execute("UPDATE control SET probed_at = now()", &[])
                         .await?;
+                    tx.commit().await?;
                     Ok(())
                 })
             })
@@ -344,21 +352,28 @@ impl PgStore {
                 })
             })
             .await?;
-        // A transaction that takes an id writes a commit record and waits for its flush, like
-        // an acknowledgement, and changes no data.
+        // A durable transaction that takes an id writes a commit record and waits for its flush,
+        // as an acknowledgement does, and changes no data.
         let started = Instant::now();
-        self.run("commit", Access::Read, |mut c| {
-            Box::pin(async move {
-                let tx = c.transaction().await?;
-                tx.query_one("SELECT pg_current_xact_id()::text", &[])
-                    .await?;
-                tx.commit().await?;
-                Ok(())
+        let acknowledged = self
+            .run("commit", Access::Read, |mut c| {
+                Box::pin(async move {
+                    let tx = durable_transaction(&mut c).await?;
+                    let setting = tx
+                        .query_one(
+                            "SELECT current_setting('synchronous_commit'), pg_current_xact_id()::text",
+                            &[],
+                        )
+                        .await?
+                        .try_get::<_, String>(0)?;
+                    tx.commit().await?;
+                    Ok(setting)
+                })
             })
-        })
-        .await?;
+            .await?;
         Ok(Durability {
-            synchronous_commit: settings.0,
+            synchronous_commit: acknowledged,
+            background_commit: settings.0,
             fsync: settings.1,
             synchronous_standby_names: settings.2,
             server_version: settings.3,
@@ -370,7 +385,10 @@ impl PgStore {
 /// What `doctor` reports about a database's durability.
 #[derive(Debug, Clone)]
 pub struct Durability {
+    /// `synchronous_commit` of the transactions that acknowledgements wait for.
     pub synchronous_commit: String,
+    /// The connections' default, for delivery state and the audit.
+    pub background_commit: String,
     pub fsync: String,
     pub synchronous_standby_names: String,
     pub server_version: String,
@@ -476,6 +494,17 @@ fn describe(e: &tokio_postgres::Error) -> String {
             text
         }
     }
+}
+
+/// A transaction whose commit waits for the WAL on disk (and synchronous standbys), whatever the
+/// connection's default: token rotations, operators' changes, migrations, copies.
+pub(super) async fn durable_transaction(
+    client: &mut Object,
+) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit TO on")
+        .await?;
+    Ok(tx)
 }
 
 /// Milliseconds and ids are `u64` in the domain and `bigint` in the tables; neither gets near

@@ -4,7 +4,7 @@
 
 use tokio_postgres::Row;
 
-use super::{Access, OpError, PgStore, to_i64, to_u64};
+use super::{Access, OpError, PgStore, durable_transaction, to_i64, to_u64};
 use crate::store::{
     Call, Entry, EntryId, EntryState, Filter, NewEntry, Progress, Remembered, StoreError,
 };
@@ -18,6 +18,11 @@ const COLUMNS: &str = "id, created_ms, user_id, template, command, call::text, c
 const PRUNE_BATCH: i64 = 5000;
 
 /// A new entry's row; the user's lane is created with it, in the same statement.
+/// Opens a transaction whose commit waits for the WAL on disk (and on synchronous standbys):
+/// what an acknowledgement, a token rotation or an operator's change needs. Connections default
+/// to `synchronous_commit = off` for the rest (see the module header of `postgres`).
+pub(super) const DURABLE_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit TO on";
+
 const INSERT: &str = "WITH lane AS (INSERT INTO lanes (user_id) VALUES ($2) ON CONFLICT DO NOTHING) \
      INSERT INTO outbox (created_ms, user_id, template, command, call, client, state) \
      VALUES ($1, $2, $3, $4, $5::text::json, $6, 'pending') RETURNING id";
@@ -127,61 +132,39 @@ fn filter_clause(filter: Filter) -> &'static str {
 }
 
 impl PgStore {
-    /// One statement for one entry (the handler's case), one transaction for several.
+    /// New entries, in order, in one durable transaction.
     pub async fn enqueue(
         &self,
         entries: Vec<NewEntry>,
         now_ms: u64,
     ) -> Result<Vec<EntryId>, StoreError> {
-        let rows = entries
-            .into_iter()
-            .map(|new| {
-                Ok((
-                    new.user_id,
-                    new.template,
-                    new.command,
-                    encode_call(&new.call)?,
-                    new.client,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        let created = to_i64(now_ms);
-        self.run("store the command", Access::Write, move |mut c| {
-            Box::pin(async move {
-                let mut ids = Vec::with_capacity(rows.len());
-                if let [(user, template, command, call, client)] = rows.as_slice() {
-                    let insert = c.prepare_cached(INSERT).await?;
-                    let row = c
-                        .query_one(&insert, &[&created, user, template, command, call, client])
-                        .await?;
-                    ids.push(to_u64(row.try_get(0)?, "outbox entry id")?);
-                    return Ok(ids);
-                }
-                let tx = c.transaction().await?;
-                let insert = tx.prepare_cached(INSERT).await?;
-                for (user, template, command, call, client) in &rows {
-                    let row = tx
-                        .query_one(&insert, &[&created, user, template, command, call, client])
-                        .await?;
-                    ids.push(to_u64(row.try_get(0)?, "outbox entry id")?);
-                }
-                tx.commit().await?;
-                Ok(ids)
-            })
-        })
-        .await
+        self.write_durably(Remembered::default(), entries, now_ms)
+            .await
     }
 
-    /// [`crate::store::Store::accept`]: the records and the entry in one transaction whose
-    /// statements are sent together (tokio-postgres pipelines requests made at once), so the
-    /// commit is one round trip away. A connection whose pipeline failed is not given back to
-    /// the pool: it may be left inside the transaction.
+    /// [`crate::store::Store::accept`]: a command's records and its entry.
     pub async fn accept(
         &self,
         remembered: Remembered,
         entry: Option<NewEntry>,
         now_ms: u64,
     ) -> Result<Option<EntryId>, StoreError> {
+        let ids = self
+            .write_durably(remembered, entry.into_iter().collect(), now_ms)
+            .await?;
+        Ok(ids.into_iter().next())
+    }
+
+    /// Records and entries in one transaction committed with `synchronous_commit = on`, its
+    /// statements sent together (tokio-postgres pipelines requests made at once), so the commit
+    /// is one round trip away. A connection whose pipeline failed is not given back to the pool:
+    /// it may be left inside the transaction.
+    async fn write_durably(
+        &self,
+        remembered: Remembered,
+        entries: Vec<NewEntry>,
+        now_ms: u64,
+    ) -> Result<Vec<EntryId>, StoreError> {
         let profile = remembered
             .profile
             .as_ref()
@@ -201,9 +184,10 @@ impl PgStore {
             })
             .transpose()?;
         let template = remembered.template;
-        let entry = entry
+        let rows = entries
+            .into_iter()
             .map(|e| {
-                Ok::<_, StoreError>((
+                Ok((
                     e.user_id,
                     e.template,
                     e.command,
@@ -211,7 +195,7 @@ impl PgStore {
                     e.client,
                 ))
             })
-            .transpose()?;
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let created = to_i64(now_ms);
         self.run("store the command", Access::Write, move |c| {
             Box::pin(async move {
@@ -221,15 +205,15 @@ impl PgStore {
                     c.prepare_cached(RECORD_CUSTOMER).await?,
                     c.prepare_cached(INSERT).await?,
                 );
-                type Pending<'a> = std::pin::Pin<
+                type Step<'a> = std::pin::Pin<
                     Box<
                         dyn std::future::Future<Output = Result<Option<i64>, tokio_postgres::Error>>
                             + Send
                             + 'a,
                     >,
                 >;
-                let mut steps: Vec<Pending<'_>> = vec![Box::pin(async {
-                    c.batch_execute("BEGIN").await.map(|()| None)
+                let mut steps: Vec<Step<'_>> = vec![Box::pin(async {
+                    c.batch_execute(DURABLE_BEGIN).await.map(|()| None)
                 })];
                 if let Some((user, raw)) = &profile {
                     steps.push(Box::pin(async {
@@ -250,13 +234,12 @@ impl PgStore {
                             .map(|_| None)
                     }));
                 }
-                if let Some((user, template, command, call, client)) = &entry {
-                    steps.push(Box::pin(async {
+                let client_ref = &c;
+                for (user, template, command, call, client) in &rows {
+                    let (c, insert) = (client_ref, &statements.3);
+                    steps.push(Box::pin(async move {
                         let row = c
-                            .query_one(
-                                &statements.3,
-                                &[&created, user, template, command, call, client],
-                            )
+                            .query_one(insert, &[&created, user, template, command, call, client])
                             .await?;
                         row.try_get::<_, i64>(0).map(Some)
                     }));
@@ -264,14 +247,12 @@ impl PgStore {
                 steps.push(Box::pin(async {
                     c.batch_execute("COMMIT").await.map(|()| None)
                 }));
-                let results = futures_util::future::try_join_all(steps).await;
-                match results {
+                match futures_util::future::try_join_all(steps).await {
                     Ok(values) => values
                         .into_iter()
                         .flatten()
-                        .next()
                         .map(|id| to_u64(id, "outbox entry id").map_err(OpError::from))
-                        .transpose(),
+                        .collect(),
                     Err(e) => {
                         drop(deadpool_postgres::Object::take(c));
                         Err(OpError::from(e))
@@ -450,27 +431,35 @@ impl PgStore {
 
     pub async fn retry(&self, id: EntryId) -> Result<bool, StoreError> {
         let key = to_i64(id);
-        self.run("put an entry back in its queue", Access::Write, move |c| {
-            Box::pin(async move {
-                let revived = c
+        self.run(
+            "put an entry back in its queue",
+            Access::Write,
+            move |mut c| {
+                Box::pin(async move {
+                    let tx = durable_transaction(&mut c).await?;
+                    let revived = tx
                     .execute(
                         "UPDATE outbox SET state = 'pending', ended_ms = NULL, dead_reason = NULL, \
                          last_error = NULL WHERE id = $1 AND state = 'dead'",
                         &[&key],
                     )
                     .await?;
-                Ok(revived == 1)
-            })
-        })
+                    tx.commit().await?;
+                    Ok(revived == 1)
+                })
+            },
+        )
         .await
     }
 
     pub async fn drop_entry(&self, id: EntryId) -> Result<Option<Entry>, StoreError> {
         let key = to_i64(id);
-        self.run("drop an entry", Access::Write, move |c| {
+        self.run("drop an entry", Access::Write, move |mut c| {
             Box::pin(async move {
+                let tx = durable_transaction(&mut c).await?;
                 let sql = format!("DELETE FROM outbox WHERE id = $1 RETURNING {COLUMNS}");
-                let row = c.query_opt(&sql, &[&key]).await?;
+                let row = tx.query_opt(&sql, &[&key]).await?;
+                tx.commit().await?;
                 row.as_ref().map(entry_from).transpose()
             })
         })

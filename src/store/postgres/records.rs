@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::outbox::{RECORD_CUSTOMER, SAVE_PROFILE};
-use super::{Access, OpError, PgStore, to_i64};
+use super::{Access, OpError, PgStore, durable_transaction, to_i64};
 use crate::oci::UserProfile;
 use crate::store::{
     AuditEvent, AuditQuery, AuditRecord, Customer, StoreError, TokenRecord, UserRecord,
@@ -290,13 +290,22 @@ impl PgStore {
             .await
     }
 
+    /// Durable before it returns: a rotated refresh token that is lost locks the deployment out.
     pub async fn put_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
-        self.write(
-            "write the token record",
-            "INSERT INTO token (id, record, updated_at) VALUES (true, $1::text::json, now()) \
-             ON CONFLICT (id) DO UPDATE SET record = excluded.record, updated_at = now()",
-            vec![Some(json(record, "the token record")?)],
-        )
+        let raw = json(record, "the token record")?;
+        self.run("write the token record", Access::Write, move |mut c| {
+            Box::pin(async move {
+                let tx = durable_transaction(&mut c).await?;
+                tx.execute(
+                    "INSERT INTO token (id, record, updated_at) VALUES (true, $1::text::json, now()) \
+                     ON CONFLICT (id) DO UPDATE SET record = excluded.record, updated_at = now()",
+                    &[&raw],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            })
+        })
         .await
     }
 }
