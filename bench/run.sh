@@ -163,15 +163,18 @@ default_timezone = "America/New_York"
 "acme-ent" = "acme"
 EOF
 
+wait_ready() { # admin port, pid, name, log
+  for _ in $(seq 1 300); do
+    if curl -sf "http://127.0.0.1:$1/readyz" >/dev/null 2>&1; then return 0; fi
+    kill -0 "$2" 2>/dev/null || die "$3 exited at start; see $4"
+    sleep 0.1
+  done
+  die "$3 not ready after 30 s; see $4"
+}
 start_flowthrough() {
   "$BIN" serve --config "$WORK/flowthrough.toml" >>"$WORK/flowthrough.log" 2>&1 &
   FT_PID=$!
-  for _ in $(seq 1 300); do
-    if curl -sf "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1; then return 0; fi
-    kill -0 "$FT_PID" 2>/dev/null || die "flowthrough exited at start; see $WORK/flowthrough.log"
-    sleep 0.1
-  done
-  die "flowthrough not ready after 30 s; see $WORK/flowthrough.log"
+  wait_ready "$ADMIN_PORT" "$FT_PID" flowthrough "$WORK/flowthrough.log"
 }
 pending() { curl -sf "http://127.0.0.1:$ADMIN_PORT/status" | jq '.outbox.pending'; }
 drained() { [ "$(pending 2>/dev/null || echo x)" = 0 ]; }
@@ -378,12 +381,7 @@ start_flowthrough_pg() {
   ' "$WORK/flowthrough.toml" >"$WORK/flowthrough-pg.toml"
   "$BIN" serve --config "$WORK/flowthrough-pg.toml" >>"$WORK/flowthrough-pg.log" 2>&1 &
   FTPG_PID=$!
-  for _ in $(seq 1 300); do
-    if curl -sf "http://127.0.0.1:$ADMIN_PG_PORT/readyz" >/dev/null 2>&1; then return 0; fi
-    kill -0 "$FTPG_PID" 2>/dev/null || die "flowthrough (b-pg) exited at start; see $WORK/flowthrough-pg.log"
-    sleep 0.1
-  done
-  die "flowthrough (b-pg) not ready after 30 s; see $WORK/flowthrough-pg.log"
+  wait_ready "$ADMIN_PG_PORT" "$FTPG_PID" "flowthrough (b-pg)" "$WORK/flowthrough-pg.log"
 }
 
 # ---------------------------------------------------------------------------------------------
