@@ -49,6 +49,12 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// A kind of drift: missing, extra, differs, error, stuck, stale_map.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: String,
 }
@@ -63,6 +69,8 @@ pub struct Metrics {
     pub outbox_pending: Gauge,
     pub outbox_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub outbox_dead: Gauge,
+    pub reconcile_drift_users: Family<KindLabels, Gauge>,
+    pub reconcile_last_run_seconds: Gauge,
     pub store_volume_available_bytes: Gauge,
     pub store_volume_size_bytes: Gauge,
     pub webex_calls: Family<CallLabels, Counter>,
@@ -106,6 +114,8 @@ impl Metrics {
             outbox_pending: Gauge::default(),
             outbox_oldest_age_seconds: Gauge::default(),
             outbox_dead: Gauge::default(),
+            reconcile_drift_users: Family::default(),
+            reconcile_last_run_seconds: Gauge::default(),
             store_volume_available_bytes: Gauge::default(),
             store_volume_size_bytes: Gauge::default(),
             webex_calls: Family::default(),
@@ -167,6 +177,16 @@ impl Metrics {
             "outbox_dead",
             "Dead outbox entries waiting for the operator",
             m.outbox_dead.clone(),
+        );
+        r.register(
+            "reconcile_drift_users",
+            "Users found drifted by kind in the last `flowthrough reconcile` run on this store",
+            m.reconcile_drift_users.clone(),
+        );
+        r.register(
+            "reconcile_last_run_timestamp_seconds",
+            "When the last `flowthrough reconcile` run on this store ended (Unix time)",
+            m.reconcile_last_run_seconds.clone(),
         );
         r.register(
             "webex_calls",

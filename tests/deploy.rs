@@ -35,6 +35,10 @@ fn exported_metric_names() -> BTreeSet<String> {
         direction: "up".into(),
     };
     m.tunnel_bytes.get_or_create(&up).inc();
+    let kind = flowthrough::metrics::KindLabels {
+        kind: "extra".into(),
+    };
+    m.reconcile_drift_users.get_or_create(&kind).set(1);
     m.render()
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use flowthrough::sim::SimOptions;
-use flowthrough::store::{Call, EntryState, NewEntry, Store};
+use flowthrough::store::{Call, EntryState, NewEntry, Origin, Store};
 
 fn flowthrough(args: &[&str]) -> (i32, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_flowthrough"))
@@ -136,6 +136,7 @@ fn entry(user: &str) -> NewEntry {
         command: "UserDeleteRequest".to_owned(),
         call: Call::Remove,
         client: "test".to_owned(),
+        origin: Origin::Live,
     }
 }
 

@@ -13,8 +13,8 @@ use serde_json::json;
 
 use super::{AppState, CurrentTls, ServeError};
 use crate::config::{ClientPolicyConfig, ServerConfig};
-use crate::metrics::{FileLabels, Metrics, OutcomeLabels};
-use crate::store::{Filter, now_ms};
+use crate::metrics::{FileLabels, KindLabels, Metrics, OutcomeLabels};
+use crate::store::{Filter, NewEntry, Origin, now_ms};
 use crate::tls::{LoadedTls, Observer};
 use crate::webex::TokenState;
 
@@ -127,6 +127,15 @@ fn refresh_gauges(state: &AppState) {
     }
     if let Ok(dead) = state.store.dead_count() {
         m.outbox_dead.set(dead as i64);
+    }
+    if let Ok(Some(report)) = state.store.reconcile_report() {
+        m.reconcile_last_run_seconds
+            .set(i64::try_from(report.at_ms / 1000).unwrap_or(i64::MAX));
+        for (kind, users) in report.counts {
+            m.reconcile_drift_users
+                .get_or_create(&KindLabels { kind })
+                .set(i64::try_from(users).unwrap_or(i64::MAX));
+        }
     }
     if let Ok(space) = crate::store::volume_space(state.store.path()) {
         m.store_volume_available_bytes
@@ -301,6 +310,61 @@ async fn outbox_drop(state: web::Data<AppState>, id: web::Path<u64>) -> HttpResp
 }
 
 #[derive(Deserialize)]
+struct ImportBody {
+    entries: Vec<NewEntry>,
+}
+
+/// `flowthrough import` against a running node: bulk entries into the outbox, behind no live
+/// command. A user the node already maps or has queued work for is left alone (the import is
+/// run again safely); the answer says, per entry in order, what happened.
+async fn import(state: web::Data<AppState>, body: web::Json<ImportBody>) -> HttpResponse {
+    let Some(engine) = &state.engine else {
+        return HttpResponse::Conflict()
+            .json(json!({ "error": "this node does not deliver to Webex (tunnel only)" }));
+    };
+    let mut answers = Vec::with_capacity(body.entries.len());
+    let mut queued = Vec::new();
+    for entry in &body.entries {
+        let user_id = entry.user_id.clone();
+        let known = state
+            .store
+            .user(&user_id)
+            .map(|u| u.is_some_and(|u| u.subscriber_id.is_some()));
+        let pending = state.store.has_pending(&user_id);
+        let outcome = match (known, pending) {
+            (Ok(true), _) => {
+                json!({"outcome": "known", "detail": "flowthrough already maps this user; `flowthrough reconcile` compares its fields"})
+            }
+            (_, Ok(true)) => {
+                json!({"outcome": "queued_before", "detail": "work for this user is already in the outbox"})
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                return HttpResponse::InternalServerError().json(json!({ "error": e.to_string() }));
+            }
+            (Ok(false), Ok(false)) => {
+                queued.push(NewEntry {
+                    origin: Origin::Bulk,
+                    ..entry.clone()
+                });
+                json!({"outcome": "queued", "detail": "in the outbox, delivered after live commands"})
+            }
+        };
+        answers.push(outcome);
+    }
+    let users: Vec<String> = queued.iter().map(|e| e.user_id.clone()).collect();
+    if let Err(e) = state.store.enqueue(queued, now_ms()) {
+        return HttpResponse::ServiceUnavailable().json(json!({ "error": e.to_string() }));
+    }
+    if let Err(e) = state.store.flush().await {
+        return HttpResponse::ServiceUnavailable().json(json!({ "error": e.to_string() }));
+    }
+    for user in &users {
+        engine.submit_as(user, Origin::Bulk);
+    }
+    HttpResponse::Ok().json(json!({ "users": answers }))
+}
+
+#[derive(Deserialize)]
 struct AuditParams {
     #[serde(default)]
     user: Option<String>,
@@ -349,6 +413,8 @@ pub fn start(
             .route("/admin/outbox/{id}", web::get().to(outbox_show))
             .route("/admin/outbox/{id}", web::delete().to(outbox_drop))
             .route("/admin/outbox/{id}/retry", web::post().to(outbox_retry))
+            .app_data(web::JsonConfig::default().limit(16 << 20))
+            .route("/admin/import", web::post().to(import))
     })
     .workers(1)
     .disable_signals()

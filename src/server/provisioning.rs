@@ -18,7 +18,7 @@ use crate::mapping::{self, MapContext, OciError, Plan};
 use crate::oci::{self, Command, ErrorClass, ParseLimits, Request, ResponseCommand, Session};
 use crate::secret::BasicCredentials;
 use crate::store::{
-    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, StoreError, now_ms,
+    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, Origin, StoreError, now_ms,
 };
 
 /// How much of a document the audit keeps when flowthrough cannot use it.
@@ -308,6 +308,7 @@ async fn process(
                     command: request.name.clone(),
                     call,
                     client: client.clone(),
+                    origin: Origin::Live,
                 };
                 let stored = state.store.enqueue_announced(vec![entry], now_ms(), |id| {
                     watches.push((id, engine.watch_new(id)));

@@ -6,6 +6,7 @@ mod audit;
 mod commit;
 pub use commit::FlushTicket;
 mod outbox;
+mod population;
 mod users;
 
 use std::path::{Path, PathBuf};
@@ -16,7 +17,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use audit::{AuditEvent, AuditQuery, AuditRecord};
-pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry, Progress};
+pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry, Origin, Progress};
+pub use population::ReconcileReport;
 pub use users::{Customer, UserRecord};
 
 mod tokens;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::{Store, StoreError, decode, encode};
 use crate::oci::UserProfile;
 
-const USERS: &str = "users";
+pub(super) const USERS: &str = "users";
 const PROFILES: &str = "profiles";
 const CUSTOMERS: &str = "customers";
 
