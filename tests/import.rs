@@ -45,6 +45,20 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+fn assert_says(out: &std::process::Output, needle: &str) {
+    let said = text(&out.stdout);
+    assert!(said.contains(needle), "no {needle:?} in:\n{said}");
+}
+
 /// Users a dry run would provision.
 fn planned(out: &std::process::Output) -> usize {
     text(&out.stdout)
@@ -106,17 +120,8 @@ async fn a_csv_population_is_provisioned_under_the_rate_limit_with_few_429s() {
         ],
     )
     .await;
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stdout).contains(&format!("provisioned {USERS}")),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_ok(&out);
+    assert_says(&out, &format!("provisioned {USERS}"));
     let ids = user_ids(&world);
     let unique: BTreeSet<&String> = ids.iter().collect();
     assert_eq!((ids.len(), unique.len()), (USERS, USERS));
@@ -140,11 +145,7 @@ async fn a_csv_population_is_provisioned_under_the_rate_limit_with_few_429s() {
     // Run again: nothing is provisioned twice, everyone is in sync.
     let again = import(&config, &["--standalone", file.to_str().unwrap()]).await;
     assert!(again.status.success(), "{}", text(&again.stderr));
-    assert!(
-        text(&again.stdout).contains(&format!("in_sync {USERS}")),
-        "{}",
-        text(&again.stdout)
-    );
+    assert_says(&again, &format!("in_sync {USERS}"));
     assert_eq!(user_ids(&world).len(), USERS);
 }
 
@@ -187,12 +188,7 @@ async fn an_import_killed_halfway_and_run_again_does_the_rest_without_duplicates
         ],
     )
     .await;
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert_ok(&out);
     let ids = user_ids(&world);
     let unique: BTreeSet<&String> = ids.iter().collect();
     assert_eq!(
@@ -289,11 +285,7 @@ async fn saved_oci_documents_are_imported_and_refusals_reported() {
         text(&out.stdout),
         text(&out.stderr)
     );
-    assert!(
-        text(&out.stdout).contains(&format!("provisioned {}", USERS - 1)),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_says(&out, &format!("provisioned {}", USERS - 1));
     assert_eq!(user_ids(&world).len(), USERS - 1);
     let jorg = world.subscriber("oci-001@acme.example").unwrap();
     assert_eq!(jorg["lastName"], "Müller");
@@ -347,17 +339,8 @@ async fn through_a_running_node_live_commands_go_before_the_import() {
     let file = world.path("users.csv");
     std::fs::write(&file, csv((0..USERS).map(|i| user("node", i)))).unwrap();
     let out = import(&config, &[file.to_str().unwrap()]).await;
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stdout).contains(&format!("queued {USERS}")),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_ok(&out);
+    assert_says(&out, &format!("queued {USERS}"));
 
     // While the node works through the import at 40/s, live commands are answered at once.
     let client = world.as_client();
@@ -393,11 +376,7 @@ async fn through_a_running_node_live_commands_go_before_the_import() {
     // Run again through the node: nothing is queued twice.
     let again = import(&config, &[file.to_str().unwrap()]).await;
     assert!(again.status.success(), "{}", text(&again.stderr));
-    assert!(
-        text(&again.stdout).contains(&format!("known {USERS}")),
-        "{}",
-        text(&again.stdout)
-    );
+    assert_says(&again, &format!("known {USERS}"));
     node.kill().unwrap();
     node.wait().unwrap();
 }

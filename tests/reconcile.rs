@@ -150,25 +150,43 @@ async fn seeded_drift_of_every_kind_is_found_exactly_and_repaired() {
         .collect();
     assert_eq!(differs_fields, ["lastName", "extension"]);
 
-    // The counts stay in the store for the node's /metrics.
+    // The counts stay in the store, and the node started on it exports them.
     {
         let store = flowthrough::store::Store::open(&world.path("store")).unwrap();
         let last = store.reconcile_report().unwrap().unwrap();
         assert!(last.counts.values().all(|n| *n == 1), "{:?}", last.counts);
         assert_eq!(last.counts.len(), 6);
     }
-
+    let served = serve_config(&world, "");
+    let mut node = spawn(&served.config, "warn", Stdio::null());
+    wait_ready(&served.admin).await;
+    let metrics = get_text(&format!("http://{}/metrics", served.admin)).await;
+    for kind in ["missing", "extra", "differs", "error", "stuck", "stale_map"] {
+        let line = format!("flowthrough_reconcile_drift_users{{kind=\"{kind}\"}} 1");
+        assert!(metrics.contains(&line), "no {line} in\n{metrics}");
+    }
+    // While the node holds the store, reconcile goes through it and finds the same.
+    let through_node = reconcile(&served.config, &["--json", export]).await;
+    assert_eq!(
+        through_node.status.code(),
+        Some(2),
+        "{}",
+        text(&through_node.stderr)
+    );
+    let mut again = found(&through_node);
+    again.sort();
+    assert_eq!(again, expected);
+    let standalone = reconcile(&config_path, &["--repair", "--yes", "--standalone", export]).await;
+    assert_eq!(standalone.status.code(), Some(1));
+    assert!(
+        text(&standalone.stderr).contains("leave out --standalone"),
+        "{}",
+        text(&standalone.stderr)
+    );
     // A safety limit below the number of changes refuses the repair.
     let limited = reconcile(
         &config_path,
-        &[
-            "--repair",
-            "--yes",
-            "--standalone",
-            "--max-changes",
-            "2",
-            export,
-        ],
+        &["--repair", "--yes", "--max-changes", "2", export],
     )
     .await;
     assert_eq!(limited.status.code(), Some(1));
@@ -178,18 +196,36 @@ async fn seeded_drift_of_every_kind_is_found_exactly_and_repaired() {
         text(&limited.stderr)
     );
     // Without --yes and without a "yes" on stdin nothing happens.
-    let unconfirmed = reconcile(&config_path, &["--repair", "--standalone", export]).await;
+    let unconfirmed = reconcile(&config_path, &["--repair", export]).await;
     assert_eq!(unconfirmed.status.code(), Some(1));
     assert!(text(&unconfirmed.stderr).contains("not confirmed"));
 
-    // Repair without naming extra leaves the billed seat alone.
-    let repaired = reconcile(&config_path, &["--repair", "--yes", "--standalone", export]).await;
+    // Repair through the node, without naming extra: the billed seat stays.
+    let repaired = reconcile(&config_path, &["--repair", "--yes", export]).await;
     assert!(
         repaired.status.success(),
         "{}\n{}",
         text(&repaired.stdout),
         text(&repaired.stderr)
     );
+    assert!(
+        text(&repaired.stdout).contains("4 fixes queued in the running node's outbox"),
+        "{}",
+        text(&repaired.stdout)
+    );
+    let status_url = format!("http://{}/status", served.admin);
+    let mut drained = false;
+    for _ in 0..600 {
+        if get_json(&status_url).await["outbox"]["pending"] == 0 {
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(drained, "the node never delivered the fixes");
+    node.kill().unwrap();
+    node.wait().unwrap();
+
     let second = reconcile(&config_path, &["--json", export]).await;
     assert_eq!(
         found(&second),

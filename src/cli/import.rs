@@ -165,19 +165,23 @@ pub fn run(args: ImportArgs) -> ExitCode {
     if args.dry_run {
         return dry_run(&sources);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(format!("cannot start a runtime: {e}")),
-    };
-    let result = runtime.block_on(import(&args, &sources));
-    match result {
+    match run_async(import(&args, &sources)) {
         Ok(rows) => finish(&args, &sources.refused, &rows),
         Err(e) => fail(e),
     }
+}
+
+/// Run a command's work on a runtime of its own (two threads: delivery, listing and the store's
+/// flushes overlap; more buys nothing against one Webex limit).
+pub fn run_async<T>(
+    work: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?
+        .block_on(work)
 }
 
 fn dry_run(sources: &Sources) -> ExitCode {
@@ -377,19 +381,15 @@ async fn import(args: &ImportArgs, sources: &Sources) -> Result<Vec<Row>, String
                 rows.push(row(user_id, "skip", outcome, detail));
             }
         }
-        let total = entries.len();
-        let bar = progress(total, "delivering");
-        let ended = deliver::standalone(
+        let ended = deliver_showing_progress(
             &store,
             config,
-            client,
-            metrics,
+            (client, metrics),
             entries,
             args.max_rate,
-            |_| bar.inc(1),
+            "delivering",
         )
         .await?;
-        bar.finish_and_clear();
         for end in ended {
             let action = actions.get(&end.user_id).copied().unwrap_or("resume");
             let (outcome, detail) = match &end.finished {
@@ -439,6 +439,28 @@ async fn import(args: &ImportArgs, sources: &Sources) -> Result<Vec<Row>, String
     Ok(rows)
 }
 
+/// [`deliver::standalone`] with a progress bar (rate and ETA) of the entries that have ended.
+pub async fn deliver_showing_progress(
+    store: &Store,
+    config: &Config,
+    (client, metrics): (WebexClient, Arc<Metrics>),
+    entries: Vec<NewEntry>,
+    max_rate: Option<f64>,
+    message: &str,
+) -> Result<Vec<deliver::Ended>, String> {
+    let pending = store
+        .list(crate::store::Filter::Pending, usize::MAX)
+        .map_err(|e| e.to_string())?
+        .len();
+    let bar = progress(entries.len() + pending, message);
+    let ended = deliver::standalone(store, config, client, metrics, entries, max_rate, |_| {
+        bar.inc(1)
+    })
+    .await;
+    bar.finish_and_clear();
+    ended
+}
+
 /// flowthrough's user map: userId → subscriber id.
 pub fn mapped(store: &Store) -> Result<HashMap<String, String>, String> {
     Ok(store
@@ -450,12 +472,66 @@ pub fn mapped(store: &Store) -> Result<HashMap<String, String>, String> {
 }
 
 /// Hand the users to the running node through its admin listener, `--max-rate` users a second.
+/// A running node's admin listener: the node holds the store (and the Webex credentials), so
+/// bulk work goes through it.
+pub struct Admin {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Admin {
+    pub fn new(config: &Config) -> Result<Admin, String> {
+        Ok(Admin {
+            base: format!("http://{}", config.admin.listen),
+            // Listing a large population through the node takes minutes under a rate limit.
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(3600))
+                .build()
+                .map_err(|e| e.to_string())?,
+        })
+    }
+
+    /// Send a request to the node and read its JSON answer, or say why not.
+    pub async fn call(
+        &self,
+        request: impl FnOnce(&reqwest::Client, String) -> reqwest::RequestBuilder,
+        path: &str,
+    ) -> Result<serde_json::Value, String> {
+        let base = &self.base;
+        let answer = request(&self.http, format!("{base}{path}"))
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach the running node's admin listener at {base} ({e}); is [admin].listen right, and is the node up?"))?;
+        let status = answer.status();
+        if status == reqwest::StatusCode::NO_CONTENT {
+            return Ok(serde_json::Value::Null);
+        }
+        let body: serde_json::Value = answer.json().await.map_err(|e| {
+            format!("the node's answer to {path} does not parse ({e}); is the node the same flowthrough release?")
+        })?;
+        if !status.is_success() {
+            return Err(format!(
+                "the node refused {path} ({status}): {}",
+                body["error"].as_str().unwrap_or("no reason given")
+            ));
+        }
+        Ok(body)
+    }
+
+    /// Bulk entries into the node's outbox; `skip_known` leaves users it knows alone.
+    pub async fn queue(
+        &self,
+        entries: &[NewEntry],
+        skip_known: bool,
+    ) -> Result<serde_json::Value, String> {
+        let body = json!({ "entries": entries, "skip_known": skip_known });
+        self.call(|http, url| http.post(url).json(&body), "/admin/import")
+            .await
+    }
+}
+
 async fn through_node(args: &ImportArgs, sources: &Sources) -> Result<Vec<Row>, String> {
-    let base = format!("http://{}", sources.config.admin.listen);
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(60))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let admin = Admin::new(&sources.config)?;
     let batch = args
         .max_rate
         .map_or(500, |r| (r.ceil() as usize).clamp(1, 500));
@@ -476,23 +552,7 @@ async fn through_node(args: &ImportArgs, sources: &Sources) -> Result<Vec<Row>, 
                 entries.push(entry);
             }
         }
-        let answer = http
-            .post(format!("{base}/admin/import"))
-            .json(&json!({ "entries": entries }))
-            .send()
-            .await
-            .map_err(|e| format!("cannot reach the running node's admin listener at {base} ({e}); is [admin].listen right, and is the node up?"))?;
-        let status = answer.status();
-        let body: serde_json::Value = answer
-            .json()
-            .await
-            .map_err(|e| format!("the node's answer does not parse: {e}"))?;
-        if !status.is_success() {
-            return Err(format!(
-                "the node refused the import ({status}): {}",
-                body["error"].as_str().unwrap_or("no reason given")
-            ));
-        }
+        let body = admin.queue(&entries, true).await?;
         for (want, outcome) in chunk
             .iter()
             .zip(body["users"].as_array().into_iter().flatten())

@@ -5,21 +5,25 @@
 //! Exit status: 0 in sync, 2 drift found (or, after `--repair`, a fix that failed), 1 usage,
 //! config, store or Webex errors.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
+use serde_json::json;
 
 use super::fail;
-use super::import::{SourceArgs, list_webex, mapped, open_store, progress, scopes};
+use super::import::{
+    Admin, SourceArgs, deliver_showing_progress, list_webex, mapped, open_store, run_async, scopes,
+};
 use crate::delivery::Finished;
 use crate::metrics::Metrics;
 use crate::population::deliver;
 use crate::population::diff::{self, Finding, Fix, Kind, Thresholds};
 use crate::population::fetch::{ListStats, Scope};
 use crate::store::{ReconcileReport, Store, now_ms};
+use crate::webex::{Subscriber, WebexClient};
 
 #[derive(Debug, Args)]
 pub struct ReconcileArgs {
@@ -68,29 +72,117 @@ fn parse_kind(name: &str) -> Result<Kind, String> {
 }
 
 pub fn run(args: ReconcileArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(format!("cannot start a runtime: {e}")),
-    };
-    match runtime.block_on(reconcile(&args)) {
+    match run_async(reconcile(&args)) {
         Ok(code) => code,
         Err(e) => fail(e),
+    }
+}
+
+/// Where flowthrough's side of the comparison lives.
+enum Node {
+    /// The node is stopped: its store and its Webex credentials are used directly.
+    Stopped {
+        store: Store,
+        /// Boxed: a client is large beside the admin handle.
+        client: Box<WebexClient>,
+        metrics: Arc<Metrics>,
+    },
+    /// A node runs on the store: its admin listener reads the map, lists Webex with the node's
+    /// credentials and takes the fixes.
+    Running(Admin),
+}
+
+impl Node {
+    fn open(config: &crate::config::Config) -> Result<Node, String> {
+        match open_store(config)? {
+            Some(store) => {
+                let metrics = Arc::new(Metrics::new());
+                let client = Box::new(deliver::connect(config, &store, &metrics)?);
+                Ok(Node::Stopped {
+                    store,
+                    client,
+                    metrics,
+                })
+            }
+            None => Ok(Node::Running(Admin::new(config)?)),
+        }
+    }
+
+    async fn map(&self) -> Result<HashMap<String, String>, String> {
+        match self {
+            Node::Stopped { store, .. } => mapped(store),
+            Node::Running(admin) => {
+                let body = admin
+                    .call(|http, url| http.get(url), "/admin/users")
+                    .await?;
+                serde_json::from_value(body["users"].clone()).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    async fn list(
+        &self,
+        scopes: &[Scope],
+        max_rate: Option<f64>,
+        stats: &mut ListStats,
+    ) -> Result<Vec<Subscriber>, String> {
+        let admin = match self {
+            Node::Stopped { client, .. } => {
+                return list_webex(client, scopes, max_rate, stats).await;
+            }
+            Node::Running(admin) => admin,
+        };
+        let mut all = Vec::new();
+        for scope in scopes {
+            let (key, id) = match scope {
+                Scope::ProvisioningId(id) => ("provisioningId", id),
+                Scope::SpEnterpriseId(id) => ("spEnterpriseId", id),
+            };
+            let mut query = vec![(key, id.clone())];
+            if let Some(rate) = max_rate {
+                query.push(("max_rate", rate.to_string()));
+            }
+            let body = admin
+                .call(
+                    |http, url| http.get(url).query(&query),
+                    "/admin/webex/subscribers",
+                )
+                .await?;
+            stats.pages += body["pages"].as_u64().unwrap_or(0);
+            stats.rate_limited += body["rate_limited"].as_u64().unwrap_or(0);
+            let listed: Vec<Subscriber> = serde_json::from_value(body["subscribers"].clone())
+                .map_err(|e| format!("the node's subscriber list does not parse: {e}"))?;
+            all.extend(listed);
+        }
+        Ok(all)
+    }
+
+    async fn keep(&self, report: &ReconcileReport) -> Result<(), String> {
+        match self {
+            Node::Stopped { store, .. } => {
+                store
+                    .put_reconcile_report(report)
+                    .map_err(|e| e.to_string())?;
+                store.flush().await.map_err(|e| e.to_string())
+            }
+            Node::Running(admin) => admin
+                .call(|http, url| http.put(url).json(report), "/admin/reconcile")
+                .await
+                .map(drop),
+        }
     }
 }
 
 async fn reconcile(args: &ReconcileArgs) -> Result<ExitCode, String> {
     let sources = args.source.read()?;
     let config = &sources.config;
-    let Some(store) = open_store(config)? else {
+    let node = Node::open(config)?;
+    if args.standalone && matches!(node, Node::Running(_)) {
         return Err(format!(
-            "the store at {} is in use by a running flowthrough node; reconcile reads its user map and its Webex credentials, so run it while the node is stopped (the node keeps queued work and delivers it when started)",
+            "--standalone delivers from this command, but a flowthrough node runs on the store at {}; leave out --standalone and the node delivers the fixes (live commands first), or stop it",
             config.store.path.display()
         ));
-    };
+    }
     for refusal in &sources.refused {
         eprintln!(
             "not compared: {} ({}): {}",
@@ -109,13 +201,11 @@ async fn reconcile(args: &ReconcileArgs) -> Result<ExitCode, String> {
             .map(|id| Scope::SpEnterpriseId(id.clone()))
             .collect()
     };
-    let metrics = Arc::new(Metrics::new());
-    let client = deliver::connect(config, &store, &metrics)?;
     let mut stats = ListStats::default();
     let started = std::time::Instant::now();
-    let webex = list_webex(&client, &scopes, args.max_rate, &mut stats).await?;
+    let webex = node.list(&scopes, args.max_rate, &mut stats).await?;
     let listed_in = started.elapsed();
-    let map = mapped(&store)?;
+    let map = node.map().await?;
     // Only the map entries of compared users: another customer's users are not this run's.
     let findings = diff::reconcile(
         &wanted,
@@ -127,16 +217,14 @@ async fn reconcile(args: &ReconcileArgs) -> Result<ExitCode, String> {
         },
     );
     let counts = diff::counts(&findings);
-    store
-        .put_reconcile_report(&ReconcileReport {
-            at_ms: now_ms(),
-            counts: counts
-                .iter()
-                .map(|(k, v)| (k.name().to_owned(), *v))
-                .collect(),
-        })
-        .map_err(|e| e.to_string())?;
-    store.flush().await.map_err(|e| e.to_string())?;
+    node.keep(&ReconcileReport {
+        at_ms: now_ms(),
+        counts: counts
+            .iter()
+            .map(|(k, v)| (k.name().to_owned(), *v))
+            .collect(),
+    })
+    .await?;
     print_findings(args, &findings, &counts)?;
     eprintln!(
         "compared {} BroadWorks users with {} Webex subscribers ({} pages in {:.1} s, {} answered 429)",
@@ -158,7 +246,7 @@ async fn reconcile(args: &ReconcileArgs) -> Result<ExitCode, String> {
     if !args.repair {
         return Ok(ExitCode::from(2));
     }
-    repair(args, &sources.config, store, client, metrics, &findings).await
+    repair(args, &sources.config, node, &findings).await
 }
 
 fn print_findings(
@@ -250,9 +338,7 @@ fn print_findings(
 async fn repair(
     args: &ReconcileArgs,
     config: &crate::config::Config,
-    store: Store,
-    client: crate::webex::WebexClient,
-    metrics: Arc<Metrics>,
+    node: Node,
     findings: &[Finding],
 ) -> Result<ExitCode, String> {
     let chosen: Vec<&Finding> = findings
@@ -293,11 +379,10 @@ async fn repair(
         }
     }
     let mut entries = Vec::new();
+    let mut unmap = Vec::new();
     for finding in &chosen {
         if finding.fix == Fix::Unmap {
-            store
-                .unmap_subscriber(&finding.user_id)
-                .map_err(|e| e.to_string())?;
+            unmap.push(finding.user_id.clone());
             continue;
         }
         let template = finding.template.clone().unwrap_or_default();
@@ -312,6 +397,29 @@ async fn repair(
             entries.push(entry);
         }
     }
+    let (store, client, metrics) = match node {
+        Node::Running(admin) => {
+            let body = json!({ "users": unmap });
+            admin
+                .call(|http, url| http.post(url).json(&body), "/admin/users/unmap")
+                .await?;
+            admin.queue(&entries, false).await?;
+            println!(
+                "{} fixes queued in the running node's outbox (delivered after live commands), {} stale map entries forgotten; run reconcile again once `flowthrough outbox list` is empty",
+                entries.len(),
+                unmap.len()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Node::Stopped {
+            store,
+            client,
+            metrics,
+        } => (store, *client, metrics),
+    };
+    for user in &unmap {
+        store.unmap_subscriber(user).map_err(|e| e.to_string())?;
+    }
     if !args.standalone {
         let queued = entries.len();
         store
@@ -323,18 +431,15 @@ async fn repair(
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let bar = progress(entries.len(), "repairing");
-    let ended = deliver::standalone(
+    let ended = deliver_showing_progress(
         &store,
         config,
-        client,
-        metrics,
+        (client, metrics),
         entries,
         args.max_rate,
-        |_| bar.inc(1),
+        "repairing",
     )
     .await?;
-    bar.finish_and_clear();
     let mut failed = 0;
     for end in &ended {
         if let Finished::Dead { reason } = &end.finished {
