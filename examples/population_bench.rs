@@ -6,7 +6,10 @@
 //!   the simulator: provisions accepted over the import's duration) against R, and the share of
 //!   calls answered 429;
 //! - reconcile: the same N subscribers listed (and compared) with `list_latency_ms` per page;
-//!   its time against the floor: pages needed × page latency.
+//!   its time against the floor: pages needed × page latency;
+//! - live commands during an import: `flowthrough serve` on the same store, LIVE UserAdds sent
+//!   one after another at 20/s over mutual TLS, their acknowledgement times' p99 alone and
+//!   while a second population of N users is imported through the node under R.
 //!
 //! Usage: population_bench FLOWTHROUGH_BINARY USERS RATE PAGE_LATENCY_MS
 
@@ -127,6 +130,134 @@ refresh_token_file = "{refresh}"
         reconcile_s / floor.max(f64::EPSILON),
         report.trim()
     );
+
+    // Live commands alone, then during an import through the node.
+    sim.control(serde_json::json!({ "rate_limit_per_s": rate, "list_latency_ms": 0 }))?;
+    let (_, pki) = flowthrough::certs::DevPki::generate(&path("pki"))?;
+    let port = free_port()?;
+    let admin = format!("127.0.0.1:{}", free_port()?);
+    let served = std::fs::read_to_string(&config)?
+        + &format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\ncertificate = \"{}\"\nprivate_key = \"{}\"\nclient_ca = \"{}\"\n[admin]\nlisten = \"{admin}\"\n",
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            pki.ca_cert.display()
+        );
+    std::fs::write(&config, served)?;
+    let mut node = Command::new(binary)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "error")
+        .spawn()?;
+    let ready = async {
+        for _ in 0..300 {
+            if let Ok(r) = reqwest::get(format!("http://{admin}/readyz")).await
+                && r.status() == 200
+            {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        false
+    };
+    if !ready.await {
+        let _ = node.kill();
+        return Err("flowthrough serve did not become ready".into());
+    }
+    let mut identity = std::fs::read(&pki.client_cert)?;
+    identity.extend(std::fs::read(&pki.client_key)?);
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .identity(reqwest::Identity::from_pem(&identity)?)
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
+            &pki.ca_cert,
+        )?)?)
+        .build()?;
+    let url = format!("https://localhost:{port}/provisioning/acme");
+    const LIVE: usize = 200;
+    let alone = live_p99(&client, &url, "alone", LIVE).await?;
+    let mut second = String::from(
+        "userId,serviceProviderId,groupId,firstName,lastName,extension,emailAddress\n",
+    );
+    for i in 0..users {
+        second.push_str(&format!(
+            "second-{i:06}@acme.example,acme-ent,hq,Second,User{i},{},second-{i:06}@acme.example\n",
+            20_000 + i
+        ));
+    }
+    std::fs::write(path("second.csv"), second)?;
+    let import = Command::new(binary)
+        .args(["import", "--config"])
+        .arg(&config)
+        .arg(path("second.csv"))
+        .env("RUST_LOG", "error")
+        .output()?;
+    if !import.status.success() {
+        let _ = node.kill();
+        return Err(format!(
+            "import through the node failed: {}",
+            String::from_utf8_lossy(&import.stderr)
+        )
+        .into());
+    }
+    let during = live_p99(&client, &url, "during", LIVE).await?;
+    let imported = sim.state()["subscribers"].as_array().map_or(0, |s| {
+        s.iter()
+            .filter(|s| {
+                s["userId"]
+                    .as_str()
+                    .is_some_and(|u| u.starts_with("second-"))
+            })
+            .count()
+    });
+    println!(
+        "live acks (UserAdd, 20/s, {LIVE} each): p99 {alone:.1} ms alone, {during:.1} ms during an import through the node ({imported} of {users} imported when the live commands were done)"
+    );
+    let _ = node.kill();
+    let _ = node.wait();
     sim.stop().await;
     Ok(())
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Send `count` live UserAdds one after another at 20/s; the p99 of their answer times in ms.
+async fn live_p99(
+    client: &reqwest::Client,
+    url: &str,
+    run: &str,
+    count: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let mut times = Vec::with_capacity(count);
+    let mut next = tokio::time::Instant::now();
+    for n in 0..count {
+        tokio::time::sleep_until(next).await;
+        next += std::time::Duration::from_millis(50);
+        let user = format!("live-{run}-{n}@acme.example");
+        let body = format!(
+            r#"<?xml version="1.0" encoding="UTF-8"?><BroadsoftDocument protocol="OCI" xmlns="C" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><sessionId xmlns="">bench</sessionId><command xsi:type="UserAddRequest17sp4" xmlns=""><serviceProviderId>acme-ent</serviceProviderId><groupId>hq</groupId><userId>{user}</userId><lastName>Live</lastName><firstName>User</firstName><password>x</password><extension>5{n:03}</extension><emailAddress>{user}</emailAddress></command></BroadsoftDocument>"#
+        );
+        let started = std::time::Instant::now();
+        let answer = client
+            .post(url)
+            .header("content-type", "text/xml")
+            .body(body)
+            .send()
+            .await?
+            .text()
+            .await?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        if !answer.contains("SuccessResponse") {
+            return Err(format!(
+                "live command {n} ({run}) was not answered SuccessResponse: {answer}"
+            )
+            .into());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[(times.len() * 99 / 100).min(times.len() - 1)])
 }

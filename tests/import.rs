@@ -408,3 +408,38 @@ async fn the_shipped_export_samples_plan_cleanly() {
         "{plan}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rate_keeps_a_standalone_import_under_a_limit_it_would_otherwise_hit() {
+    const USERS: usize = 80;
+    let world = World::new(SimOptions {
+        control: Control {
+            rate_limit_per_s: 30,
+            ..Control::default()
+        },
+        ..SimOptions::default()
+    })
+    .await;
+    let config = write_config(&world, "");
+    let file = world.path("users.csv");
+    std::fs::write(&file, csv((0..USERS).map(|i| user("capped", i)))).unwrap();
+    let out = import(
+        &config,
+        &["--standalone", "--max-rate", "20", file.to_str().unwrap()],
+    )
+    .await;
+    assert_ok(&out);
+    assert_eq!(user_ids(&world).len(), USERS);
+    assert_eq!(
+        world.sim.counter("sent_429"),
+        0,
+        "20 calls a second never meet a limit of 30"
+    );
+    let bad = import(&config, &["--max-rate", "0", file.to_str().unwrap()]).await;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("--max-rate must be a positive"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
