@@ -11,7 +11,7 @@
 //!   one after another at 20/s over mutual TLS, their acknowledgement times' p99 alone and
 //!   while a second population of N users is imported through the node under R.
 //!
-//! Usage: population_bench FLOWTHROUGH_BINARY USERS RATE PAGE_LATENCY_MS
+//! Usage: population_bench FLOWTHROUGH_BINARY USERS RATE PAGE_LATENCY_MS [IMPORT_MAX_RATE]
 
 use std::process::Command;
 use std::time::Instant;
@@ -21,8 +21,15 @@ use flowthrough::sim::{Control, SimOptions, Simulator};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [binary, users, rate, page_ms] = args.as_slice() else {
-        return Err("usage: population_bench FLOWTHROUGH_BINARY USERS RATE PAGE_LATENCY_MS".into());
+    let (binary, users, rate, page_ms, import_cap) = match args.as_slice() {
+        [b, u, r, p] => (b, u, r, p, None),
+        [b, u, r, p, cap] => (b, u, r, p, Some(cap.clone())),
+        _ => {
+            return Err(
+                "usage: population_bench FLOWTHROUGH_BINARY USERS RATE PAGE_LATENCY_MS [IMPORT_MAX_RATE]"
+                    .into(),
+            );
+        }
     };
     let users: usize = users.parse()?;
     let rate: u32 = rate.parse()?;
@@ -105,17 +112,61 @@ refresh_token_file = "{refresh}"
             Ok((took, String::from_utf8_lossy(&out.stderr).into_owned()))
         };
 
-    let before = sim.counter("sent_429");
-    let (import_s, _) = run("import", &["--standalone"])?;
-    let provisioned = sim.counter("provision");
-    let limited = sim.counter("sent_429") - before;
+    // The import runs beside a watch of the simulator's counters: the delivery window is from
+    // the first accepted provision to the last, without the command's start-up (reading the
+    // CSV, writing the outbox) and end.
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(binary)
+        .args(["import", "--standalone", "--config"])
+        .arg(&config)
+        .args(
+            import_cap
+                .iter()
+                .flat_map(|cap| ["--max-rate".to_owned(), cap.clone()]),
+        )
+        .arg(path("users.csv"))
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let accepted = || {
+        sim.counter("provision")
+            .saturating_sub(sim.counter("sent_429"))
+    };
+    let (mut first, mut last) = (None, None);
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {
+                let now = accepted();
+                if now >= 1 && first.is_none() {
+                    first = Some(started.elapsed());
+                }
+                if now >= users as u64 && last.is_none() {
+                    last = Some(started.elapsed());
+                }
+            }
+        }
+    };
+    let import_s = started.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err(format!("import failed: {status}").into());
+    }
+    let limited = sim.counter("sent_429");
     let calls = ["provision", "list", "get", "update"]
         .iter()
         .map(|c| sim.counter(c))
         .sum::<u64>();
-    let delivered = users as f64 / import_s;
+    let window = match (first, last) {
+        (Some(a), Some(b)) => (b - a).as_secs_f64(),
+        _ => import_s,
+    };
+    let delivered = (users - 1) as f64 / window;
     println!(
-        "import: {users} users in {import_s:.1} s = {delivered:.1}/s = {:.2} R (R = {rate}/s); {limited} of {calls} calls answered 429 ({:.2} %); {provisioned} provision calls",
+        "import{}: {users} users, command {import_s:.1} s ({:.2} R over it), deliveries {window:.1} s = {delivered:.1}/s = {:.2} R (R = {rate}/s); {limited} of {calls} calls answered 429 ({:.2} %)",
+        import_cap
+            .as_ref()
+            .map_or(String::new(), |cap| format!(" --max-rate {cap}")),
+        users as f64 / import_s / f64::from(rate),
         delivered / f64::from(rate),
         100.0 * limited as f64 / calls.max(1) as f64
     );
@@ -186,32 +237,66 @@ refresh_token_file = "{refresh}"
         ));
     }
     std::fs::write(path("second.csv"), second)?;
-    let import = Command::new(binary)
-        .args(["import", "--config"])
-        .arg(&config)
-        .arg(path("second.csv"))
-        .env("RUST_LOG", "error")
-        .output()?;
-    if !import.status.success() {
+    let import = |file: &str, extra: &[&str]| -> Result<(), Box<dyn std::error::Error>> {
+        let out = Command::new(binary)
+            .args(["import", "--config"])
+            .arg(&config)
+            .args(extra)
+            .arg(path(file))
+            .env("RUST_LOG", "error")
+            .output()?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "import through the node failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into())
+        }
+    };
+    let imported = |prefix: &str| {
+        sim.state()["subscribers"].as_array().map_or(0, |s| {
+            s.iter()
+                .filter(|s| s["userId"].as_str().is_some_and(|u| u.starts_with(prefix)))
+                .count()
+        })
+    };
+    if let Err(e) = import("second.csv", &[]) {
         let _ = node.kill();
-        return Err(format!(
-            "import through the node failed: {}",
-            String::from_utf8_lossy(&import.stderr)
-        )
-        .into());
+        return Err(e);
     }
     let during = live_p99(&client, &url, "during", LIVE).await?;
-    let imported = sim.state()["subscribers"].as_array().map_or(0, |s| {
-        s.iter()
-            .filter(|s| {
-                s["userId"]
-                    .as_str()
-                    .is_some_and(|u| u.starts_with("second-"))
-            })
-            .count()
-    });
+    let done = imported("second-");
     println!(
-        "live acks (UserAdd, 20/s, {LIVE} each): p99 {alone:.1} ms alone, {during:.1} ms during an import through the node ({imported} of {users} imported when the live commands were done)"
+        "live acks (UserAdd, 20/s, {LIVE} each): p99 {alone:.1} ms alone, {during:.1} ms during an import through the node ({done} of {users} imported when the live commands were done)"
+    );
+    // The same with the import handed over below the limit (--max-rate 0.75 R): no 429, so no
+    // pause for the live commands to wait out. Started once the second import has drained.
+    while imported("second-") < users {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let third = std::fs::read_to_string(path("second.csv"))?.replace("second-", "third-");
+    std::fs::write(path("third.csv"), third)?;
+    let cap = (f64::from(rate) * 0.75).to_string();
+    let limited_before = sim.counter("sent_429");
+    // Handing over at the cap takes as long as the import itself: run it beside the live commands.
+    let mut capped_import = Command::new(binary)
+        .args(["import", "--config"])
+        .arg(&config)
+        .args(["--max-rate", &cap])
+        .arg(path("third.csv"))
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let capped = live_p99(&client, &url, "capped", LIVE).await?;
+    let done = imported("third-");
+    let _ = capped_import.kill();
+    let _ = capped_import.wait();
+    println!(
+        "live acks during an import handed over at --max-rate {cap}: p99 {capped:.1} ms ({} answered 429 meanwhile; {done} of {users} imported when the live commands were done)",
+        sim.counter("sent_429") - limited_before
     );
     let _ = node.kill();
     let _ = node.wait();
