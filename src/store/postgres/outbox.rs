@@ -6,12 +6,12 @@ use tokio_postgres::Row;
 
 use super::{Access, OpError, PgStore, to_i64, to_u64};
 use crate::store::{
-    Call, Entry, EntryId, EntryState, Filter, NewEntry, Progress, Remembered, StoreError,
+    Call, Entry, EntryId, EntryState, Filter, NewEntry, Origin, Progress, Remembered, StoreError,
 };
 
 const COLUMNS: &str = "id, created_ms, user_id, template, command, call::text, client, state, \
                        ended_ms, subscriber_id, webex_status, dead_reason, attempts, last_error, \
-                       tracking_id";
+                       tracking_id, origin";
 
 /// Rows deleted per statement when pruning: a long delete would hold back the commits that
 /// acknowledgements wait for.
@@ -19,8 +19,8 @@ const PRUNE_BATCH: i64 = 5000;
 
 /// A new entry's row; the user's lane is created with it, in the same statement.
 const INSERT: &str = "WITH lane AS (INSERT INTO lanes (user_id) VALUES ($2) ON CONFLICT DO NOTHING) \
-     INSERT INTO outbox (created_ms, user_id, template, command, call, client, state) \
-     VALUES ($1, $2, $3, $4, $5::text::json, $6, 'pending') RETURNING id";
+     INSERT INTO outbox (created_ms, user_id, template, command, call, client, origin, state) \
+     VALUES ($1, $2, $3, $4, $5::text::json, $6, $7, 'pending') RETURNING id";
 
 pub(super) const SAVE_PROFILE: &str = "INSERT INTO profiles (user_id, profile) VALUES ($1, $2::text::json) \
      ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile";
@@ -69,6 +69,7 @@ fn entry_from(row: &Row) -> Result<Entry, OpError> {
                 reason: e.to_string(),
             })?,
             client: row.try_get(6)?,
+            origin: Origin::from_name(row.try_get(15)?)?,
         },
         state,
         attempts: u32::try_from(row.try_get::<_, i32>(12)?).unwrap_or_default(),
@@ -142,6 +143,7 @@ impl PgStore {
                     new.command,
                     encode_call(&new.call)?,
                     new.client,
+                    new.origin.name(),
                 ))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -149,19 +151,25 @@ impl PgStore {
         self.run("store the command", Access::Write, move |mut c| {
             Box::pin(async move {
                 let mut ids = Vec::with_capacity(rows.len());
-                if let [(user, template, command, call, client)] = rows.as_slice() {
+                if let [(user, template, command, call, client, origin)] = rows.as_slice() {
                     let insert = c.prepare_cached(INSERT).await?;
                     let row = c
-                        .query_one(&insert, &[&created, user, template, command, call, client])
+                        .query_one(
+                            &insert,
+                            &[&created, user, template, command, call, client, origin],
+                        )
                         .await?;
                     ids.push(to_u64(row.try_get(0)?, "outbox entry id")?);
                     return Ok(ids);
                 }
                 let tx = c.transaction().await?;
                 let insert = tx.prepare_cached(INSERT).await?;
-                for (user, template, command, call, client) in &rows {
+                for (user, template, command, call, client, origin) in &rows {
                     let row = tx
-                        .query_one(&insert, &[&created, user, template, command, call, client])
+                        .query_one(
+                            &insert,
+                            &[&created, user, template, command, call, client, origin],
+                        )
                         .await?;
                     ids.push(to_u64(row.try_get(0)?, "outbox entry id")?);
                 }
@@ -209,6 +217,7 @@ impl PgStore {
                     e.command,
                     encode_call(&e.call)?,
                     e.client,
+                    e.origin.name(),
                 ))
             })
             .transpose()?;
@@ -250,12 +259,12 @@ impl PgStore {
                             .map(|_| None)
                     }));
                 }
-                if let Some((user, template, command, call, client)) = &entry {
+                if let Some((user, template, command, call, client, origin)) = &entry {
                     steps.push(Box::pin(async {
                         let row = c
                             .query_one(
                                 &statements.3,
-                                &[&created, user, template, command, call, client],
+                                &[&created, user, template, command, call, client, origin],
                             )
                             .await?;
                         row.try_get::<_, i64>(0).map(Some)
