@@ -104,10 +104,23 @@ fn limited() -> SimOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_csv_population_is_provisioned_under_the_rate_limit_with_few_429s() {
+    a_csv_population_is_provisioned_once(Backend::Sled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csv_population_is_provisioned_once_from_a_postgres_store() {
+    a_csv_population_is_provisioned_once(Backend::Postgres).await;
+}
+
+async fn a_csv_population_is_provisioned_once(backend: Backend) {
     const USERS: usize = 1500;
-    let world = World::new(limited()).await;
-    let config = write_config(&world, "max_parallel_users = 8");
-    let file = world.path("users.csv");
+    let world = World::on(limited(), backend).await;
+    // As an operator does before a first import on PostgreSQL (`store migrate`).
+    flowthrough::store::Store::open_configured(&world.config("", "").store)
+        .await
+        .unwrap();
+    let config = write_config(&world, "max_parallel_USERS = 8");
+    let file = world.path("USERS.csv");
     std::fs::write(&file, csv((0..USERS).map(|i| user("csv", i)))).unwrap();
     let report = world.path("report.csv");
     let out = import(
