@@ -119,8 +119,8 @@ async fn a_csv_population_is_provisioned_once(backend: Backend) {
     flowthrough::store::Store::open_configured(&world.config("", "").store)
         .await
         .unwrap();
-    let config = write_config(&world, "max_parallel_USERS = 8");
-    let file = world.path("USERS.csv");
+    let config = write_config(&world, "max_parallel_users = 8");
+    let file = world.path("users.csv");
     std::fs::write(&file, csv((0..USERS).map(|i| user("csv", i)))).unwrap();
     let report = world.path("report.csv");
     let out = import(
