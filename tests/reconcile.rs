@@ -271,3 +271,71 @@ async fn seeded_drift_of_every_kind_is_found_exactly_and_repaired() {
     assert!(world.subscriber("left-the-company@acme.example").is_none());
     assert!(world.subscriber("other@elsewhere.example").is_some());
 }
+
+/// On a PostgreSQL store, which a node does not hold: reconcile reads the user map there,
+/// keeps its counts there, and `--repair --standalone` fixes the drift it found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_found_kept_and_repaired_on_a_postgres_store() {
+    let world = World::on(SimOptions::default(), Backend::Postgres).await;
+    let store = flowthrough::store::Store::open_configured(&world.config("", "").store)
+        .await
+        .unwrap();
+    let config_path = world.path("flowthrough.toml");
+    std::fs::write(&config_path, world.config_text("", "")).unwrap();
+    let export = world.path("users.csv");
+    std::fs::write(&export, csv()).unwrap();
+    let mut population = Population::default();
+    population.read_csv("users.csv", csv().as_bytes()).unwrap();
+    let (wanted, refused) = desired(&population.records, &world.config("", ""), None, false);
+    assert!(refused.is_empty(), "{refused:?}");
+    let mut seed: Vec<Value> = wanted
+        .iter()
+        .map(|w| serde_json::to_value(&w.body).unwrap())
+        .collect();
+    let missing = seed.remove(0)["userId"].as_str().unwrap().to_owned();
+    seed[0]["lastName"] = json!("Renamed");
+    let differs = seed[0]["userId"].as_str().unwrap().to_owned();
+    let stale = seed.pop().unwrap()["userId"].as_str().unwrap().to_owned();
+    world.sim.seed(&seed).unwrap();
+    store
+        .map_user(&stale, Some("sim-sub-deleted-long-ago"), Some("acme"))
+        .await
+        .unwrap();
+
+    let export = export.to_str().unwrap();
+    let first = reconcile(&config_path, &["--json", export]).await;
+    assert_eq!(first.status.code(), Some(2), "{}", text(&first.stderr));
+    let mut got = found(&first);
+    got.sort();
+    let mut expected = vec![
+        ("differs".to_owned(), differs),
+        ("missing".to_owned(), missing.clone()),
+        ("missing".to_owned(), stale.clone()),
+        ("stale_map".to_owned(), stale.clone()),
+    ];
+    expected.sort();
+    assert_eq!(got, expected);
+    let kept = store.reconcile_report().await.unwrap().unwrap();
+    assert_eq!(
+        kept.counts,
+        [
+            ("differs".to_owned(), 1),
+            ("error".to_owned(), 0),
+            ("extra".to_owned(), 0),
+            ("missing".to_owned(), 2),
+            ("stale_map".to_owned(), 1),
+            ("stuck".to_owned(), 0),
+        ]
+        .into()
+    );
+
+    let repaired = reconcile(&config_path, &["--repair", "--yes", "--standalone", export]).await;
+    assert!(repaired.status.success(), "{}", text(&repaired.stderr));
+    assert!(world.subscriber(&missing).is_some());
+    let after = reconcile(&config_path, &["--json", export]).await;
+    assert_eq!(after.status.code(), Some(0), "{:?}", found(&after));
+    assert!(
+        store.reconcile_report().await.unwrap().unwrap().at_ms > kept.at_ms,
+        "the later run's counts replace the earlier ones"
+    );
+}
