@@ -78,16 +78,7 @@ refresh_token_file = "{refresh}"
             refresh = path("refresh").display(),
         ),
     )?;
-    let mut csv = String::from(
-        "userId,serviceProviderId,groupId,firstName,lastName,phoneNumber,extension,emailAddress\n",
-    );
-    for i in 0..users {
-        csv.push_str(&format!(
-            "bench-{i:06}@acme.example,acme-ent,hq,Bench,User{i},+1-202-5{i:06},{},bench-{i:06}@acme.example\n",
-            10_000 + i
-        ));
-    }
-    std::fs::write(path("users.csv"), csv)?;
+    std::fs::write(path("users.csv"), population("bench", users))?;
     let config = path("flowthrough.toml");
     let run =
         |command: &str, extra: &[&str]| -> Result<(f64, String), Box<dyn std::error::Error>> {
@@ -227,16 +218,7 @@ refresh_token_file = "{refresh}"
     let url = format!("https://localhost:{port}/provisioning/acme");
     const LIVE: usize = 200;
     let alone = live_p99(&client, &url, "alone", LIVE).await?;
-    let mut second = String::from(
-        "userId,serviceProviderId,groupId,firstName,lastName,extension,emailAddress\n",
-    );
-    for i in 0..users {
-        second.push_str(&format!(
-            "second-{i:06}@acme.example,acme-ent,hq,Second,User{i},{},second-{i:06}@acme.example\n",
-            20_000 + i
-        ));
-    }
-    std::fs::write(path("second.csv"), second)?;
+    std::fs::write(path("second.csv"), population("second", users))?;
     let import = |file: &str, extra: &[&str]| -> Result<(), Box<dyn std::error::Error>> {
         let out = Command::new(binary)
             .args(["import", "--config"])
@@ -276,8 +258,7 @@ refresh_token_file = "{refresh}"
     while imported("second-") < users {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let third = std::fs::read_to_string(path("second.csv"))?.replace("second-", "third-");
-    std::fs::write(path("third.csv"), third)?;
+    std::fs::write(path("third.csv"), population("third", users))?;
     let cap = (f64::from(rate) * 0.75).to_string();
     let limited_before = sim.counter("sent_429");
     // Handing over at the cap takes as long as the import itself: run it beside the live commands.
@@ -302,6 +283,20 @@ refresh_token_file = "{refresh}"
     let _ = node.wait();
     sim.stop().await;
     Ok(())
+}
+
+/// A CSV export of `users` users named `{prefix}-NNNNNN@acme.example`.
+fn population(prefix: &str, users: usize) -> String {
+    let mut csv = String::from(
+        "userId,serviceProviderId,groupId,firstName,lastName,phoneNumber,extension,emailAddress\n",
+    );
+    for i in 0..users {
+        csv.push_str(&format!(
+            "{prefix}-{i:06}@acme.example,acme-ent,hq,Bench,User{i},+1-202-5{i:06},{},{prefix}-{i:06}@acme.example\n",
+            10_000 + i
+        ));
+    }
+    csv
 }
 
 fn free_port() -> std::io::Result<u16> {

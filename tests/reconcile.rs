@@ -235,6 +235,18 @@ async fn seeded_drift_of_every_kind_is_found_exactly_and_repaired() {
             "left-the-company@acme.example".to_owned()
         )]
     );
+    let as_csv = reconcile(&config_path, &["--csv", export]).await;
+    assert_eq!(as_csv.status.code(), Some(2));
+    let lines: Vec<String> = text(&as_csv.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(
+        lines[0],
+        "kind,userId,subscriberId,template,spEnterpriseId,status,detail"
+    );
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].starts_with("extra,left-the-company@acme.example,sim-sub-"),
+        "{lines:?}"
+    );
     let removed = reconcile(
         &config_path,
         &[

@@ -3,7 +3,7 @@
 //! (`--dry-run`), queues the work in the store's outbox for the node to deliver (live commands
 //! first), or delivers it itself (`--standalone`) with the engine and pace of `serve`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::delivery::Finished;
 use crate::metrics::Metrics;
 use crate::population::deliver;
-use crate::population::diff::{self, Desired, Fix, Kind, Thresholds};
+use crate::population::diff::{self, Desired, Fix, Thresholds};
 use crate::population::fetch::{self, ListStats, Scope};
 use crate::population::source::{Defaults, Population, Refusal};
 use crate::store::{NewEntry, Store, StoreError, now_ms};
@@ -331,60 +331,48 @@ async fn import(args: &ImportArgs, sources: &Sources) -> Result<Vec<Row>, String
                 stuck_after_ms: u64::MAX,
             },
         );
-        let mut acted = HashSet::new();
-        for finding in &findings {
-            match (finding.kind, &finding.fix) {
-                (Kind::StaleMap, _) => store
-                    .unmap_subscriber(&finding.user_id)
+        for step in diff::import_steps(&sources.wanted, &findings, &webex) {
+            let user_id = step.user_id.as_str();
+            if step.fix == Some(Fix::Unmap) {
+                store
+                    .unmap_subscriber(user_id)
                     .await
-                    .map_err(|e| e.to_string())?,
-                (Kind::Missing | Kind::Differs, fix) => {
-                    acted.insert(finding.user_id.clone());
-                    if store
-                        .has_pending(&finding.user_id)
-                        .await
+                    .map_err(|e| e.to_string())?;
+                continue;
+            }
+            // A user with work left in the outbox (an interrupted run) is delivered from there,
+            // and reported when it ends.
+            if store
+                .has_pending(user_id)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                continue;
+            }
+            match &step.fix {
+                Some(fix) => {
+                    if let Some(entry) = deliver::entry(user_id, &step.template, fix, "import")
                         .map_err(|e| e.to_string())?
                     {
-                        continue;
-                    }
-                    let template = finding.template.clone().unwrap_or_default();
-                    if let Some(entry) = deliver::entry(&finding.user_id, &template, fix, "import")
-                        .map_err(|e| e.to_string())?
-                    {
-                        actions.insert(finding.user_id.clone(), fix.action());
+                        actions.insert(step.user_id.clone(), fix.action());
                         entries.push(entry);
                     }
                 }
-                _ => {}
-            }
-        }
-        for want in &sources.wanted {
-            let user_id = want.body.user_id.as_str();
-            // A user with work left in the outbox (an interrupted run) is reported when it ends.
-            let resumed = store
-                .has_pending(user_id)
-                .await
-                .map_err(|e| e.to_string())?;
-            if !acted.contains(user_id) && !resumed {
-                let status = webex
-                    .iter()
-                    .find(|s| s.user_id == user_id)
-                    .map(|s| diff::status_name(s.status))
-                    .unwrap_or_default();
-                let (outcome, detail) = if status == "provisioned" {
-                    (
-                        "in_sync",
-                        "already in Webex with the same fields".to_owned(),
-                    )
-                } else {
-                    (
-                        "skipped",
-                        format!(
-                            "already in Webex with status {status}; `flowthrough reconcile` reports and repairs it"
-                        ),
-                    )
-                };
-                rows.push(row(user_id, "skip", outcome, detail));
+                None if step.status == "provisioned" => rows.push(row(
+                    user_id,
+                    "skip",
+                    "in_sync",
+                    "already in Webex with the same fields".to_owned(),
+                )),
+                None => rows.push(row(
+                    user_id,
+                    "skip",
+                    "skipped",
+                    format!(
+                        "already in Webex with status {}; `flowthrough reconcile` reports and repairs it",
+                        step.status
+                    ),
+                )),
             }
         }
         let ended = deliver_showing_progress(

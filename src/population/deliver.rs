@@ -68,20 +68,23 @@ pub async fn connect(
 }
 
 /// An attempt function that starts attempts at most `rate` times a second (`--max-rate`), on
-/// top of the engine's own pace.
+/// top of the engine's own pace. Each start waits for the one before it and is spaced from when
+/// that one really started: after the process was held up, starts resume at the rate instead of
+/// catching up in a burst that a per-second limit would answer with 429.
 fn capped(attempt: AttemptFn, rate: f64) -> AttemptFn {
     let spacing = Duration::from_secs_f64(1.0 / rate);
-    let next = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let last_start = Arc::new(tokio::sync::Mutex::new(None::<Instant>));
     Arc::new(move |entry| {
         let attempt = attempt.clone();
-        let start = {
-            let mut next = next.lock().unwrap_or_else(|p| p.into_inner());
-            let start = (*next).max(Instant::now());
-            *next = start + spacing;
-            start
-        };
+        let last_start = last_start.clone();
         Box::pin(async move {
-            tokio::time::sleep_until(start).await;
+            {
+                let mut last = last_start.lock().await;
+                if let Some(at) = *last {
+                    tokio::time::sleep_until(at + spacing).await;
+                }
+                *last = Some(Instant::now());
+            }
             attempt(entry).await
         })
     })

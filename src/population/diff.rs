@@ -470,6 +470,62 @@ pub fn reconcile(
     findings
 }
 
+/// What an import does with one BroadWorks user, from the comparison: provision the missing,
+/// update what differs, forget a stale map entry, and leave alone a user Webex already has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportStep {
+    pub user_id: String,
+    pub template: String,
+    /// The fix to send (a provision, an update, or an unmap of flowthrough's stale entry);
+    /// `None` when Webex has the user as BroadWorks says.
+    pub fix: Option<Fix>,
+    /// The user's Webex status, empty when Webex has none (not every status means it works:
+    /// an `error` is reconcile's to report and repair).
+    pub status: String,
+}
+
+/// The import's steps for every wanted user, in the order of `wanted` (a user may have an
+/// unmap step and a provision step). Extra subscribers are not an import's business.
+pub fn import_steps(
+    wanted: &[Desired],
+    findings: &[Finding],
+    webex: &[Subscriber],
+) -> Vec<ImportStep> {
+    let mut fixes: HashMap<&str, Vec<&Finding>> = HashMap::new();
+    for finding in findings {
+        if matches!(finding.kind, Kind::Missing | Kind::Differs | Kind::StaleMap) {
+            fixes
+                .entry(finding.user_id.as_str())
+                .or_default()
+                .push(finding);
+        }
+    }
+    let status: HashMap<&str, SubscriberStatus> = webex
+        .iter()
+        .map(|s| (s.user_id.as_str(), s.status))
+        .collect();
+    let mut steps = Vec::with_capacity(wanted.len());
+    for want in wanted {
+        let user_id = want.body.user_id.as_str();
+        let mine = fixes.remove(user_id).unwrap_or_default();
+        let acts = mine.iter().any(|f| f.kind != Kind::StaleMap);
+        let status = status
+            .get(user_id)
+            .map_or_else(String::new, |s| status_name(*s));
+        let step = |fix| ImportStep {
+            user_id: user_id.to_owned(),
+            template: want.template.clone(),
+            fix,
+            status: status.clone(),
+        };
+        steps.extend(mine.into_iter().map(|f| step(Some(f.fix.clone()))));
+        if !acts {
+            steps.push(step(None));
+        }
+    }
+    steps
+}
+
 /// Findings counted by kind, every kind present (zero included).
 pub fn counts(findings: &[Finding]) -> BTreeMap<Kind, u64> {
     let mut counts: BTreeMap<Kind, u64> = Kind::ALL.iter().map(|k| (*k, 0)).collect();
@@ -651,6 +707,52 @@ default_timezone = "America/New_York"
         let counts = counts(&findings);
         assert_eq!(counts.len(), 6);
         assert!(counts.values().all(|n| *n == 1));
+    }
+
+    #[test]
+    fn an_import_provisions_the_missing_updates_what_differs_and_leaves_the_rest() {
+        let records: Vec<Record> = (0..4)
+            .map(|i| record(&format!("i{i}@acme.example"), None))
+            .collect();
+        let (wanted, _) = desired(&records, &config(), None, false);
+        let mut webex: Vec<Subscriber> = wanted[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, w)| as_provisioned(w, &format!("S{i}")))
+            .collect();
+        webex[0].first_name = Some("Changed".into());
+        webex[1].status = SubscriberStatus::Error;
+        webex.push(Subscriber {
+            user_id: "extra@acme.example".into(),
+            ..webex[2].clone()
+        });
+        let map = HashMap::from([("i0@acme.example".to_owned(), "S-old".to_owned())]);
+        let limits = Thresholds {
+            now_ms: 0,
+            stuck_after_ms: u64::MAX,
+        };
+        let findings = reconcile(&wanted, &map, &webex, limits);
+        let steps = import_steps(&wanted, &findings, &webex);
+        let summary: Vec<(String, &str)> = steps
+            .iter()
+            .map(|s| {
+                let what: &str = match &s.fix {
+                    Some(fix) => fix.action(),
+                    None => &s.status,
+                };
+                (s.user_id.clone(), what)
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("i0@acme.example".to_owned(), "provision"),
+                ("i0@acme.example".to_owned(), "unmap"),
+                ("i1@acme.example".to_owned(), "update"),
+                ("i2@acme.example".to_owned(), "error"),
+                ("i3@acme.example".to_owned(), "provisioned"),
+            ]
+        );
     }
 
     #[test]
