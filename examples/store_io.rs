@@ -15,7 +15,7 @@
 //! run it prints the process's RSS beside the store's size on disk: with no HTTP, TLS or delivery
 //! in the process, memory that follows the store's size is the store's.
 
-use flowthrough::store::{Call, EntryState, NewEntry, Store, now_ms};
+use flowthrough::store::{Call, EntryState, NewEntry, Origin, Store, now_ms};
 
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -124,6 +124,7 @@ async fn main() {
                     command: "UserAddRequest".into(),
                     call: call.clone(),
                     client: "CN=as1.example.com serial 01".into(),
+                    origin: Origin::Live,
                 }],
                 now_ms(),
             )

@@ -14,6 +14,7 @@ pub mod logging;
 pub mod mapping;
 pub mod metrics;
 pub mod oci;
+pub mod population;
 pub mod secret;
 pub mod server;
 pub mod sim;

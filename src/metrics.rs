@@ -55,6 +55,12 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    /// A kind of drift: missing, extra, differs, error, stuck, stale_map.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: String,
 }
@@ -69,6 +75,8 @@ pub struct Metrics {
     pub outbox_pending: Gauge,
     pub outbox_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub outbox_dead: Gauge,
+    pub reconcile_drift_users: Family<DriftLabels, Gauge>,
+    pub reconcile_last_run_seconds: Gauge,
     pub store_volume_available_bytes: Gauge,
     pub store_volume_size_bytes: Gauge,
     pub webex_calls: Family<CallLabels, Counter>,
@@ -117,6 +125,8 @@ impl Metrics {
             outbox_pending: Gauge::default(),
             outbox_oldest_age_seconds: Gauge::default(),
             outbox_dead: Gauge::default(),
+            reconcile_drift_users: Family::default(),
+            reconcile_last_run_seconds: Gauge::default(),
             store_volume_available_bytes: Gauge::default(),
             store_volume_size_bytes: Gauge::default(),
             webex_calls: Family::default(),
@@ -184,6 +194,16 @@ impl Metrics {
             "outbox_dead",
             "Dead outbox entries waiting for the operator",
             m.outbox_dead.clone(),
+        );
+        r.register(
+            "reconcile_drift_users",
+            "Users found drifted by kind in the last `flowthrough reconcile` run on this store",
+            m.reconcile_drift_users.clone(),
+        );
+        r.register(
+            "reconcile_last_run_timestamp_seconds",
+            "When the last `flowthrough reconcile` run on this store ended (Unix time)",
+            m.reconcile_last_run_seconds.clone(),
         );
         r.register(
             "webex_calls",

@@ -75,6 +75,31 @@ fn oci_and_mapping_import_no_io_module() {
 }
 
 #[test]
+fn population_reading_and_comparing_import_no_io_module() {
+    for module in ["population/xml", "population/source"] {
+        let found = offenders(module, IO);
+        assert!(
+            found.is_empty(),
+            "{module} must stay pure:\n{}",
+            found.join("\n")
+        );
+    }
+    // The comparison reads Webex's subscriber *type*, never its client.
+    let mut io: Vec<&str> = IO
+        .iter()
+        .copied()
+        .filter(|m| *m != "crate::webex")
+        .collect();
+    io.extend(["WebexClient", "Transport", "TokenManager"]);
+    let found = offenders("population/diff", &io);
+    assert!(
+        found.is_empty(),
+        "population::diff must stay pure:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
 fn nothing_imports_the_cli() {
     for entry in std::fs::read_dir(src()).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();

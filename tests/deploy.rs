@@ -36,6 +36,10 @@ fn exported_metric_names() -> BTreeSet<String> {
         direction: "up".into(),
     };
     m.tunnel_bytes.get_or_create(&up).inc();
+    let drift = flowthrough::metrics::DriftLabels {
+        kind: "extra".into(),
+    };
+    m.reconcile_drift_users.get_or_create(&drift).set(1);
     m.render()
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use flowthrough::sim::SimOptions;
-use flowthrough::store::{Call, EntryState, NewEntry, Store};
+use flowthrough::store::{Call, EntryState, NewEntry, Origin, Store};
 
 #[test]
 fn sandbox_demo_sends_every_sample_and_succeeds() {
@@ -127,6 +127,7 @@ fn entry(user: &str) -> NewEntry {
         command: "UserDeleteRequest".to_owned(),
         call: Call::Remove,
         client: "test".to_owned(),
+        origin: Origin::Live,
     }
 }
 

@@ -12,7 +12,7 @@ use flowthrough::oci::UserProfile;
 use flowthrough::secret::Secret;
 use flowthrough::store::{
     AuditEvent, AuditQuery, AuditRecord, Call, Customer, EntryId, EntryState, Filter, NewEntry,
-    Progress, Remembered, Store, StoreError, TokenRecord, TokenState,
+    Origin, Progress, ReconcileReport, Remembered, Store, StoreError, TokenRecord, TokenState,
 };
 
 /// A store of one backend, and what it takes to open it again as a restarted node would.
@@ -109,6 +109,9 @@ both_backends!(
     the_token_record_round_trips,
     flushes_complete_for_every_ticket,
     accepting_a_command_writes_its_records_and_its_entry,
+    the_origin_of_an_entry_is_kept_through_every_change_and_a_reopen,
+    the_whole_user_map_is_listed_in_user_id_order,
+    the_last_reconcile_report_replaces_the_one_before_and_survives_reopening,
 );
 
 /// On PostgreSQL a command's records and entry are one transaction: when one statement fails,
@@ -164,6 +167,7 @@ fn entry(user: &str, command: &str) -> NewEntry {
         command: command.to_owned(),
         call: Call::Remove,
         client: "CN=bwcticlient.webex.com".to_owned(),
+        origin: Origin::Live,
     }
 }
 
@@ -857,4 +861,107 @@ async fn accepting_a_command_writes_its_records_and_its_entry(h: Harness) {
         .unwrap();
     assert_eq!(nothing_queued, None);
     assert_eq!(store.pending_summary().await.unwrap().0, 1);
+}
+
+async fn the_origin_of_an_entry_is_kept_through_every_change_and_a_reopen(mut h: Harness) {
+    let bulk = NewEntry {
+        origin: Origin::Bulk,
+        ..entry("imported", "import")
+    };
+    let ids = h
+        .store()
+        .enqueue(vec![bulk, entry("live", "add")], 1)
+        .await
+        .unwrap();
+    let store = h.store();
+    assert_eq!(
+        store.head_of("imported").await.unwrap().unwrap().new.origin,
+        Origin::Bulk
+    );
+    assert_eq!(
+        store.entry(ids[1]).await.unwrap().unwrap().new.origin,
+        Origin::Live
+    );
+    let tried = store.record_attempt(ids[0], "FLOWTHROUGH_1").await.unwrap();
+    assert_eq!(tried.new.origin, Origin::Bulk);
+    let failed = store.record_failure(ids[0], "503").await.unwrap();
+    assert_eq!(failed.new.origin, Origin::Bulk);
+    store.flush().await.unwrap();
+    h.reopen().await;
+    let store = h.store();
+    let listed: Vec<(String, Origin)> = store
+        .list(Filter::Pending, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.new.user_id, e.new.origin))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("imported".to_owned(), Origin::Bulk),
+            ("live".to_owned(), Origin::Live)
+        ]
+    );
+    let ended = store
+        .finish(ids[0], dead(5), Some("FLOWTHROUGH_2"))
+        .await
+        .unwrap();
+    assert_eq!(ended.new.origin, Origin::Bulk);
+    assert!(store.retry(ids[0]).await.unwrap());
+    assert_eq!(
+        store.head_of("imported").await.unwrap().unwrap().new.origin,
+        Origin::Bulk,
+        "a retried bulk entry stays bulk"
+    );
+}
+
+async fn the_whole_user_map_is_listed_in_user_id_order(h: Harness) {
+    let store = h.store();
+    assert!(store.users().await.unwrap().is_empty());
+    store
+        .map_user("bob@x", Some("S2"), Some("acme"))
+        .await
+        .unwrap();
+    store.map_user("alice@x", None, Some("acme")).await.unwrap();
+    // Byte order, as sled keeps its keys: upper case before lower case.
+    store.map_user("Zed@x", Some("S3"), None).await.unwrap();
+    store.unmap_subscriber("bob@x").await.unwrap();
+    let users = store.users().await.unwrap();
+    let listed: Vec<(&str, Option<&str>, Option<&str>)> = users
+        .iter()
+        .map(|(user, record)| {
+            (
+                user.as_str(),
+                record.subscriber_id.as_deref(),
+                record.template.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("Zed@x", Some("S3"), None),
+            ("alice@x", None, Some("acme")),
+            ("bob@x", None, Some("acme")),
+        ]
+    );
+}
+
+async fn the_last_reconcile_report_replaces_the_one_before_and_survives_reopening(mut h: Harness) {
+    assert_eq!(h.store().reconcile_report().await.unwrap(), None);
+    let first = ReconcileReport {
+        at_ms: 7_000,
+        counts: [("missing".to_owned(), 3), ("extra".to_owned(), 1)].into(),
+    };
+    h.store().put_reconcile_report(&first).await.unwrap();
+    assert_eq!(h.store().reconcile_report().await.unwrap(), Some(first));
+    let second = ReconcileReport {
+        at_ms: 9_000,
+        counts: [("stale_map".to_owned(), 2)].into(),
+    };
+    h.store().put_reconcile_report(&second).await.unwrap();
+    h.store().flush().await.unwrap();
+    h.reopen().await;
+    assert_eq!(h.store().reconcile_report().await.unwrap(), Some(second));
 }

@@ -40,7 +40,7 @@ async fn migrate_applies_once_checks_and_refuses_a_newer_schema() {
     let (code, out, err) = run(&[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains("0 → 1") && out.contains("applied 001_init"),
+        out.contains("0 → 2") && out.contains("applied 001_init") && out.contains("002_population"),
         "{out}"
     );
     let (code, out, _) = run(&[]);
@@ -48,7 +48,7 @@ async fn migrate_applies_once_checks_and_refuses_a_newer_schema() {
     assert!(out.contains("nothing to apply"), "{out}");
     let (code, out, _) = run(&["--check"]);
     assert_eq!(code, 0);
-    assert!(out.contains("schema version 1 (current)"), "{out}");
+    assert!(out.contains("schema version 2 (current)"), "{out}");
 
     // A database a newer flowthrough migrated: refused, by the tools and by serve.
     cluster.psql(
@@ -58,13 +58,13 @@ async fn migrate_applies_once_checks_and_refuses_a_newer_schema() {
     let (code, out, err) = run(&["--check"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
-        err.contains("version 99") && err.contains("versions up to 1"),
+        err.contains("version 99") && err.contains("versions up to 2"),
         "{err}"
     );
     match Store::open_configured(&cluster.store_config(&db)).await {
         Err(StoreError::SchemaTooNew {
             found: 99,
-            known: 1,
+            known: 2,
         }) => {}
         other => panic!("a newer schema must be refused, got {other:?}"),
     }
@@ -86,7 +86,8 @@ async fn nodes_starting_together_migrate_once() {
     let db = config.postgres.as_ref().unwrap().dbname.clone().unwrap();
     assert_eq!(
         cluster.psql(&db, "SELECT count(*) FROM flowthrough_schema"),
-        "1"
+        "2",
+        "each migration applied once"
     );
 }
 
@@ -383,7 +384,7 @@ async fn tls_is_used_as_configured_and_doctor_reports_the_database() {
     for line in [
         "✓ PostgreSQL reachable: 127.0.0.1:",
         "✓ PostgreSQL TLS: verify-full",
-        "✓ PostgreSQL schema: version 1 (current)",
+        "✓ PostgreSQL schema: version 2 (current)",
         "✓ PostgreSQL durability: fsync = on, synchronous_commit = on",
         "✓ PostgreSQL commit: one commit took",
         "✓ store: 0 pending, 0 dead",
@@ -395,7 +396,7 @@ async fn tls_is_used_as_configured_and_doctor_reports_the_database() {
     std::fs::write(&config, cluster.store_section_tls(&empty, &verified)).unwrap();
     let (_, out, err) = flowthrough(&["doctor", "--offline", "--config", path(&config)]);
     assert!(
-        out.contains("! PostgreSQL schema: version 0, 001_init to apply"),
+        out.contains("! PostgreSQL schema: version 0, 001_init, 002_population to apply"),
         "{out}{err}"
     );
     assert_eq!(

@@ -7,7 +7,9 @@
 
 mod certs;
 mod doctor;
+mod import;
 mod outbox;
+mod reconcile;
 mod sandbox;
 mod serve;
 mod simulator;
@@ -49,6 +51,14 @@ enum Command {
     ///
     /// Exit status: 0 when no command is rejected, 2 otherwise, 1 on usage or I/O errors.
     Translate(translate::TranslateArgs),
+    /// Bring an existing BroadWorks population onto Webex from CSV or saved OCI-P exports.
+    ///
+    /// Exit status: 0 all done, 2 some users refused or failed, 1 usage, config or I/O errors.
+    Import(import::ImportArgs),
+    /// Compare BroadWorks, flowthrough and Webex; report drift by kind; --repair fixes it.
+    ///
+    /// Exit status: 0 in sync, 2 drift found, 1 usage, config, store or Webex errors.
+    Reconcile(reconcile::ReconcileArgs),
     /// Inspect and repair undelivered work: list, show, retry, drop.
     Outbox(outbox::OutboxArgs),
     /// Check a deployment: config, files, certificates, server name, store, upstream, token.
@@ -96,6 +106,8 @@ pub fn main() -> ExitCode {
         Command::Sandbox(args) => sandbox::run(args),
         Command::Translate(args) => translate::run(args),
         Command::Outbox(args) => outbox::run(args),
+        Command::Import(args) => import::run(args),
+        Command::Reconcile(args) => reconcile::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::HashPassword(args) => tools::hash_password(args),
         Command::Completions(args) => tools::completions(args),

@@ -19,7 +19,8 @@ use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
 
 use crate::store::{
-    AuditEvent, AuditRecord, Entry, EntryId, EntryState, Progress, Store, StoreError, now_ms,
+    AuditEvent, AuditRecord, Entry, EntryId, EntryState, Origin, Progress, Store, StoreError,
+    now_ms,
 };
 
 /// What one try of one entry came to.
@@ -131,11 +132,28 @@ impl ReadyQueue {
         self.members.remove(&user);
         Some(user)
     }
+
+    fn contains(&self, user: &str) -> bool {
+        self.members.contains(user)
+    }
+
+    /// Take a user out wherever it is (a walk: only a bulk user turning live does this).
+    fn remove(&mut self, user: &str) {
+        if self.members.remove(user) {
+            self.order.retain(|u| u != user);
+        }
+    }
 }
 
 #[derive(Default)]
 struct Schedule {
     ready: ReadyQueue,
+    /// Users with only bulk work (an import, a repair), ready: taken only when no live user is
+    /// ready, and never into the last free slot, so a command the AS waits for starts at once.
+    bulk_ready: ReadyQueue,
+    /// Users whose work is all bulk, wherever they are in the schedule; a live submit removes a
+    /// user from here for good (its live entry may sit behind bulk ones in its queue).
+    bulk: HashSet<String>,
     /// Users whose head entry is being tried.
     busy: HashSet<String>,
     /// Users to try again later, by due time.
@@ -190,7 +208,7 @@ impl Engine {
     /// pending entries in the store (recovery after a restart or crash).
     pub async fn start(&self) -> Result<tokio::task::JoinHandle<()>, StoreError> {
         for user in self.inner.store.users_with_pending().await? {
-            self.submit(&user);
+            self.submit_found(&user).await?;
         }
         if let Some(every) = self.inner.limits.poll {
             let engine = self.clone();
@@ -216,23 +234,66 @@ impl Engine {
                     continue;
                 }
             }
-            match self.inner.store.users_with_pending().await {
-                Ok(users) => users.iter().for_each(|user| self.submit(user)),
+            let found = match self.inner.store.users_with_pending().await {
+                Ok(users) => users,
                 Err(e) => {
-                    tracing::debug!(error = %e, "cannot look for pending work; will look again")
+                    tracing::debug!(error = %e, "cannot look for pending work; will look again");
+                    continue;
+                }
+            };
+            for user in found {
+                if let Err(e) = self.submit_found(&user).await {
+                    tracing::debug!(error = %e, "cannot read a pending user's work; will look again");
+                    break;
                 }
             }
         }
     }
 
-    /// A user has new pending work.
+    /// A user found with pending work in the store. One the schedule knows keeps its kind (a
+    /// bulk submit never demotes a live user); another is bulk when the head of its queue is:
+    /// recovery and the poll must not put an import's users before the AS's.
+    async fn submit_found(&self, user: &str) -> Result<(), StoreError> {
+        let known = self.lock().knows(user);
+        let origin = if known {
+            Origin::Bulk
+        } else {
+            self.inner
+                .store
+                .head_of(user)
+                .await?
+                .map_or(Origin::Live, |head| head.new.origin)
+        };
+        self.submit_as(user, origin);
+        Ok(())
+    }
+
+    /// A user has new pending work from the AS.
     pub fn submit(&self, user_id: &str) {
+        self.submit_as(user_id, Origin::Live);
+    }
+
+    /// A user has new pending work of this origin; bulk work waits while live work is ready.
+    pub fn submit_as(&self, user_id: &str, origin: Origin) {
         {
             let mut s = self.lock();
+            match origin {
+                Origin::Live => {
+                    s.bulk.remove(user_id);
+                }
+                Origin::Bulk if !s.knows(user_id) => {
+                    s.bulk.insert(user_id.to_owned());
+                }
+                Origin::Bulk => {}
+            }
             if s.busy.contains(user_id) {
                 s.again.insert(user_id.to_owned());
             } else if !s.delayed.contains(user_id) {
-                s.ready.push_back(user_id.to_owned());
+                // A user promoted to live while queued as bulk moves to the live queue.
+                if s.bulk_ready.contains(user_id) && !s.bulk.contains(user_id) {
+                    s.bulk_ready.remove(user_id);
+                }
+                s.make_ready(user_id);
             }
         }
         self.inner.wake.notify_one();
@@ -374,7 +435,7 @@ impl Engine {
             for user in s.later.remove(&t).unwrap_or_default() {
                 s.delayed.remove(&user);
                 if !s.busy.contains(&user) {
-                    s.ready.push_back(user);
+                    s.make_ready(&user);
                 }
             }
         }
@@ -385,13 +446,20 @@ impl Engine {
             s.paused_until = None;
         }
         let next_due = s.later.keys().next().copied();
-        if self.inner.slots.available_permits() == 0 || s.ready.is_empty() {
+        let free = self.inner.slots.available_permits();
+        // One slot stays for live work while bulk work runs (when there is more than one).
+        let bulk_allowed = free > usize::from(self.inner.limits.max_parallel_users > 1);
+        if free == 0 || (s.ready.is_empty() && (!bulk_allowed || s.bulk_ready.is_empty())) {
             return Next::Sleep(next_due);
         }
         if let Some(at) = s.pacer.wait_until(now) {
             return Next::Sleep(Some(next_due.map_or(at, |due| due.min(at))));
         }
-        while let Some(user) = s.ready.pop_front() {
+        while let Some(user) = s
+            .ready
+            .pop_front()
+            .or_else(|| bulk_allowed.then(|| s.bulk_ready.pop_front()).flatten())
+        {
             // While Webex is failing, a user other than the probe waits for the probe without a
             // try of its own: an outage is not hammered by each new arrival (three transport
             // tries apiece), and all go together as soon as the probe gets through.
@@ -438,10 +506,10 @@ impl Engine {
             s.release_parked(user);
         }
         match reschedule {
-            Reschedule::Now | Reschedule::Idle if more || again => {
-                s.ready.push_back(user.to_owned())
+            Reschedule::Now | Reschedule::Idle if more || again => s.make_ready(user),
+            Reschedule::Now | Reschedule::Idle => {
+                s.bulk.remove(user);
             }
-            Reschedule::Now | Reschedule::Idle => {}
             Reschedule::After(delay) => s.retry_later(user, now + delay),
             Reschedule::Upstream(delay) => {
                 if s.probe.as_deref().is_none_or(|probe| probe == user) {
@@ -456,7 +524,11 @@ impl Engine {
                 s.pacer.limited(now);
                 let until = now + delay;
                 s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
-                s.ready.push_front(user.to_owned());
+                if s.bulk.contains(user) {
+                    s.bulk_ready.push_front(user.to_owned());
+                } else {
+                    s.ready.push_front(user.to_owned());
+                }
             }
         }
     }
@@ -552,6 +624,23 @@ impl Engine {
 }
 
 impl Schedule {
+    /// Queue a user last in the queue of its kind of work.
+    fn make_ready(&mut self, user: &str) {
+        if self.bulk.contains(user) {
+            self.bulk_ready.push_back(user.to_owned());
+        } else {
+            self.ready.push_back(user.to_owned());
+        }
+    }
+
+    /// Whether the user has work the schedule knows of (so a bulk submit does not demote it).
+    fn knows(&self, user: &str) -> bool {
+        self.busy.contains(user)
+            || self.delayed.contains(user)
+            || self.ready.contains(user)
+            || self.bulk_ready.contains(user)
+    }
+
     fn retry_later(&mut self, user: &str, at: Instant) {
         self.delayed.insert(user.to_owned());
         self.later.entry(at).or_default().push(user.to_owned());
@@ -574,7 +663,7 @@ impl Schedule {
         for user in release {
             self.delayed.remove(&user);
             if !self.busy.contains(&user) {
-                self.ready.push_back(user);
+                self.make_ready(&user);
             }
         }
     }
@@ -636,6 +725,7 @@ mod tests {
             command: command.into(),
             call: Call::Remove,
             client: "test".into(),
+            origin: Origin::Live,
         }
     }
 
@@ -705,6 +795,83 @@ mod tests {
         assert_eq!(ready.pop_front().as_deref(), Some("b"));
         assert_eq!(ready.pop_front().as_deref(), Some("a"));
         assert!(ready.is_empty() && ready.pop_front().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn live_work_goes_before_bulk_work_and_bulk_keeps_a_slot_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let most_bulk = Arc::new(AtomicUsize::new(0));
+        let attempt: AttemptFn = {
+            let (log, in_flight, most_bulk) = (log.clone(), in_flight.clone(), most_bulk.clone());
+            Arc::new(move |entry: Entry| {
+                let bulk = entry.new.origin == Origin::Bulk;
+                log.lock().unwrap().push(entry.new.user_id.clone());
+                let (in_flight, most_bulk) = (in_flight.clone(), most_bulk.clone());
+                Box::pin(async move {
+                    if bulk {
+                        let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        most_bulk.fetch_max(now, Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if bulk {
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    delivered()
+                })
+            })
+        };
+        let bulk: Vec<NewEntry> = (0..20)
+            .map(|i| NewEntry {
+                origin: Origin::Bulk,
+                ..new_entry(&format!("bulk{i:02}"), "add")
+            })
+            .collect();
+        store.enqueue(bulk, now_ms()).await.unwrap();
+        let engine = Engine::new(store.clone(), attempt, limits(3));
+        engine.start().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let live = store
+            .enqueue(vec![new_entry("live", "add")], now_ms())
+            .await
+            .unwrap();
+        let done = engine.watch(live[0]).await;
+        engine.submit("live");
+        assert!(matches!(done.await.unwrap(), Finished::Delivered { .. }));
+        let log = log.lock().unwrap().clone();
+        let live_at = log.iter().position(|u| u == "live").unwrap();
+        // Started in the slot kept free, not after the twenty bulk users queued before it.
+        assert!(live_at <= 6, "live started as attempt {live_at}: {log:?}");
+        assert_eq!(
+            most_bulk.load(Ordering::SeqCst),
+            2,
+            "bulk must leave one of three slots"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recovery_after_a_restart_still_puts_live_work_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let attempt = scripted(log.clone(), |_, _| delivered());
+        let mut entries: Vec<NewEntry> = (0..5)
+            .map(|i| NewEntry {
+                origin: Origin::Bulk,
+                ..new_entry(&format!("a-bulk{i}"), "add")
+            })
+            .collect();
+        entries.push(new_entry("z-live", "add"));
+        let ids = store.enqueue(entries, now_ms()).await.unwrap();
+        let engine = Engine::new(store, attempt, limits(1));
+        let last = engine.watch(ids[4]).await;
+        engine.start().await.unwrap();
+        assert!(matches!(last.await.unwrap(), Finished::Delivered { .. }));
+        let log = log.lock().unwrap().clone();
+        assert_eq!(log[0], "z-live:add", "{log:?}");
+        assert_eq!(log.len(), 6, "{log:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,8 +14,9 @@ use serde_json::json;
 use super::{AppState, ServeError};
 use crate::config::{ClientPolicyConfig, ServerConfig};
 use crate::listener::CurrentTls;
-use crate::metrics::{FileLabels, Metrics, OutcomeLabels};
-use crate::store::{Filter, now_ms};
+use crate::metrics::{DriftLabels, FileLabels, Metrics, OutcomeLabels};
+use crate::population::fetch::{ListStats, Scope, list_scope};
+use crate::store::{Filter, NewEntry, Origin, ReconcileReport, now_ms};
 use crate::tls::{LoadedTls, Observer};
 use crate::webex::TokenState;
 
@@ -130,6 +131,15 @@ async fn refresh_gauges(state: &AppState) {
     }
     if let Ok(dead) = state.store.dead_count().await {
         m.outbox_dead.set(dead as i64);
+    }
+    if let Ok(Some(report)) = state.store.reconcile_report().await {
+        m.reconcile_last_run_seconds
+            .set(i64::try_from(report.at_ms / 1000).unwrap_or(i64::MAX));
+        for (kind, users) in report.counts {
+            m.reconcile_drift_users
+                .get_or_create(&DriftLabels { kind })
+                .set(i64::try_from(users).unwrap_or(i64::MAX));
+        }
     }
     if let Some(db) = state.store.database_stats() {
         m.store_pool_in_use.set(db.pool_in_use as i64);
@@ -316,6 +326,158 @@ async fn outbox_drop(state: web::Data<AppState>, id: web::Path<u64>) -> HttpResp
 }
 
 #[derive(Deserialize)]
+struct ImportBody {
+    entries: Vec<NewEntry>,
+    /// Leave alone users the node maps or has work for (an import); false for repairs, which
+    /// are about known users.
+    #[serde(default = "yes")]
+    skip_known: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `flowthrough import` (and `reconcile --repair`) against a running node: bulk entries into
+/// the outbox, behind no live command. With `skip_known`, a user the node already maps or has
+/// queued work for is left alone (the import is run again safely); the answer says, per entry
+/// in order, what happened.
+async fn import(state: web::Data<AppState>, body: web::Json<ImportBody>) -> HttpResponse {
+    let Some(engine) = &state.engine else {
+        return HttpResponse::Conflict()
+            .json(json!({ "error": "this node does not deliver to Webex (tunnel only)" }));
+    };
+    let mut answers = Vec::with_capacity(body.entries.len());
+    let mut queued = Vec::new();
+    for entry in &body.entries {
+        let user_id = entry.user_id.clone();
+        let known = state
+            .store
+            .user(&user_id)
+            .await
+            .map(|u| u.is_some_and(|u| u.subscriber_id.is_some()));
+        let pending = state.store.has_pending(&user_id).await;
+        let (known, pending) = if body.skip_known {
+            (known, pending)
+        } else {
+            (Ok(false), Ok(false))
+        };
+        let outcome = match (known, pending) {
+            (Ok(true), _) => {
+                json!({"outcome": "known", "detail": "flowthrough already maps this user; `flowthrough reconcile` compares its fields"})
+            }
+            (_, Ok(true)) => {
+                json!({"outcome": "queued_before", "detail": "work for this user is already in the outbox"})
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                return HttpResponse::InternalServerError().json(json!({ "error": e.to_string() }));
+            }
+            (Ok(false), Ok(false)) => {
+                queued.push(NewEntry {
+                    origin: Origin::Bulk,
+                    ..entry.clone()
+                });
+                json!({"outcome": "queued", "detail": "in the outbox, delivered after live commands"})
+            }
+        };
+        answers.push(outcome);
+    }
+    let users: Vec<String> = queued.iter().map(|e| e.user_id.clone()).collect();
+    if let Err(e) = state.store.enqueue(queued, now_ms()).await {
+        return HttpResponse::ServiceUnavailable().json(json!({ "error": e.to_string() }));
+    }
+    if let Err(e) = state.store.flush().await {
+        return HttpResponse::ServiceUnavailable().json(json!({ "error": e.to_string() }));
+    }
+    for user in &users {
+        engine.submit_as(user, Origin::Bulk);
+    }
+    HttpResponse::Ok().json(json!({ "users": answers }))
+}
+
+/// flowthrough's user map (userId → subscriber id), for `flowthrough reconcile`.
+async fn users(state: web::Data<AppState>) -> HttpResponse {
+    match state.store.users().await {
+        Ok(users) => {
+            let mapped: std::collections::BTreeMap<String, String> = users
+                .into_iter()
+                .filter_map(|(user, record)| record.subscriber_id.map(|id| (user, id)))
+                .collect();
+            HttpResponse::Ok().json(json!({ "users": mapped }))
+        }
+        Err(e) => HttpResponse::InternalServerError().json(json!({ "error": e.to_string() })),
+    }
+}
+
+#[derive(Deserialize)]
+struct UnmapBody {
+    users: Vec<String>,
+}
+
+/// Forget the subscriber ids of these users (stale map entries found by reconcile).
+async fn unmap(state: web::Data<AppState>, body: web::Json<UnmapBody>) -> HttpResponse {
+    for user in &body.users {
+        if let Err(e) = state.store.unmap_subscriber(user).await {
+            return HttpResponse::InternalServerError().json(json!({ "error": e.to_string() }));
+        }
+    }
+    match state.store.flush().await {
+        Ok(()) => HttpResponse::Ok().json(json!({ "unmapped": body.users.len() })),
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({ "error": e.to_string() })),
+    }
+}
+
+#[derive(Deserialize)]
+struct ScopeQuery {
+    #[serde(rename = "provisioningId")]
+    provisioning_id: Option<String>,
+    #[serde(rename = "spEnterpriseId")]
+    sp_enterprise_id: Option<String>,
+    max_rate: Option<f64>,
+}
+
+/// Every Webex subscriber of a provisioning ID or spEnterpriseId, listed with this node's
+/// credentials under the learned pace: `flowthrough reconcile` cannot use the credentials
+/// while the node holds the store.
+async fn subscribers(state: web::Data<AppState>, q: web::Query<ScopeQuery>) -> HttpResponse {
+    let Some(client) = &state.webex else {
+        return HttpResponse::Conflict()
+            .json(json!({ "error": "this node does not talk to Webex (tunnel only)" }));
+    };
+    let scope = match (&q.provisioning_id, &q.sp_enterprise_id) {
+        (Some(id), None) => Scope::ProvisioningId(id.clone()),
+        (None, Some(id)) => Scope::SpEnterpriseId(id.clone()),
+        _ => {
+            return HttpResponse::BadRequest()
+                .json(json!({ "error": "name exactly one of provisioningId and spEnterpriseId" }));
+        }
+    };
+    let mut stats = ListStats::default();
+    match list_scope(client, &scope, q.max_rate, &mut stats, |_| {}).await {
+        Ok(listed) => HttpResponse::Ok().json(json!({
+            "subscribers": listed,
+            "pages": stats.pages,
+            "rate_limited": stats.rate_limited,
+        })),
+        Err(e) => HttpResponse::BadGateway().json(json!({ "error": e.to_string() })),
+    }
+}
+
+/// Keep the counts of a reconcile run for `/metrics`.
+async fn reconcile_report(
+    state: web::Data<AppState>,
+    report: web::Json<ReconcileReport>,
+) -> HttpResponse {
+    if let Err(e) = state.store.put_reconcile_report(&report).await {
+        return HttpResponse::InternalServerError().json(json!({ "error": e.to_string() }));
+    }
+    match state.store.flush().await {
+        Ok(()) => HttpResponse::NoContent().finish(),
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({ "error": e.to_string() })),
+    }
+}
+
+#[derive(Deserialize)]
 struct AuditParams {
     #[serde(default)]
     user: Option<String>,
@@ -364,6 +526,12 @@ pub fn start(
             .route("/admin/outbox/{id}", web::get().to(outbox_show))
             .route("/admin/outbox/{id}", web::delete().to(outbox_drop))
             .route("/admin/outbox/{id}/retry", web::post().to(outbox_retry))
+            .app_data(web::JsonConfig::default().limit(16 << 20))
+            .route("/admin/import", web::post().to(import))
+            .route("/admin/users", web::get().to(users))
+            .route("/admin/users/unmap", web::post().to(unmap))
+            .route("/admin/webex/subscribers", web::get().to(subscribers))
+            .route("/admin/reconcile", web::put().to(reconcile_report))
     })
     .workers(1)
     .disable_signals()

@@ -64,6 +64,9 @@ pub struct AppState {
     pub tokens: Option<TokenManager>,
     /// The Webex transport and the API's host and port, for the blocked-addresses gauge.
     pub upstream: Option<Upstream>,
+    /// The Webex client, for `flowthrough reconcile` against the running node (the node holds
+    /// the credentials, so the command lists Webex's subscribers through it).
+    pub webex: Option<WebexClient>,
     pub shutting_down: Arc<AtomicBool>,
     /// What `/readyz` looks at besides the token.
     pub tls_loaded: Arc<AtomicBool>,
@@ -209,9 +212,11 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         None
     };
     spawn_housekeeping(store.clone(), &config.store);
-    let (engine, tokens, upstream) = match delivery {
-        Some((engine, tokens, upstream)) => (Some(engine), Some(tokens), Some(upstream)),
-        None => (None, None, None),
+    let (engine, tokens, upstream, webex) = match delivery {
+        Some((engine, tokens, upstream, webex)) => {
+            (Some(engine), Some(tokens), Some(upstream), Some(webex))
+        }
+        None => (None, None, None, None),
     };
 
     let shutting_down = Arc::new(AtomicBool::new(false));
@@ -224,6 +229,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         metrics: metrics.clone(),
         tokens,
         upstream,
+        webex,
         shutting_down: shutting_down.clone(),
         tls_loaded: tls_loaded.clone(),
         config: config.clone(),
@@ -321,7 +327,7 @@ async fn start_delivery(
     config: &Config,
     store: &Store,
     metrics: &Arc<Metrics>,
-) -> Result<(Engine, TokenManager, Upstream), ServeError> {
+) -> Result<(Engine, TokenManager, Upstream, WebexClient), ServeError> {
     let webex = config.webex.as_ref().ok_or_else(|| {
         ServeError::Config(
             "the config has no [webex] section; the provisioning listener needs the Webex API and credentials (empty [server].listen for a tunnel-only node)".to_owned(),
@@ -350,7 +356,7 @@ async fn start_delivery(
     };
     let client = WebexClient::new(webex, transport, tokens.clone()).map_err(|e| webex_error(&e))?;
     let deliverer = Deliverer {
-        client,
+        client: client.clone(),
         store: store.clone(),
         metrics: metrics.clone(),
         follow_up: Duration::from_secs(webex.follow_up_s),
@@ -366,7 +372,7 @@ async fn start_delivery(
         },
     );
     engine.start().await?;
-    Ok((engine, tokens, upstream))
+    Ok((engine, tokens, upstream, client))
 }
 
 /// The PostgreSQL backend's commits and errors in the metrics (sled reports through its flushes).

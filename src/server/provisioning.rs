@@ -18,7 +18,8 @@ use crate::mapping::{self, MapContext, OciError, Plan};
 use crate::oci::{self, Command, ErrorClass, ParseLimits, Request, ResponseCommand, Session};
 use crate::secret::BasicCredentials;
 use crate::store::{
-    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, Remembered, StoreError, now_ms,
+    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, Origin, Remembered, StoreError,
+    now_ms,
 };
 
 /// How much of a document the audit keeps when flowthrough cannot use it.
@@ -326,6 +327,7 @@ async fn process(
             command: request.name.clone(),
             call,
             client: client.clone(),
+            origin: Origin::Live,
         });
         let stored = state
             .store

@@ -4,7 +4,9 @@
 //! asynchronous provisioning, paging) and reproduces on demand the upstream behaviour flowthrough
 //! must survive (429/423/5xx, slow answers, dropped connections, filter-dropping `next` links,
 //! token rotation and revocation), controlled at run time through `POST /_sim/control` (and
-//! `POST /_sim/expire_tokens`, which invalidates every access token handed out).
+//! `POST /_sim/expire_tokens`, which invalidates every access token handed out). `POST /_sim/seed`
+//! puts a population in place (tens of thousands of subscribers, any status) for import and
+//! reconcile runs; the list filters by `userId`, `provisioningId`, `spEnterpriseId` and `status`.
 
 mod state;
 
@@ -104,6 +106,12 @@ impl SimHandle {
     /// Change fault settings (same keys as `POST /_sim/control`).
     pub fn control(&self, patch: Value) -> Result<(), String> {
         lock(&self.state).apply_control(patch)
+    }
+
+    /// Put subscribers in place without the API (see `SimState::seed`; same as
+    /// `POST /_sim/seed` with `{"subscribers": [...]}`).
+    pub fn seed(&self, subscribers: &[Value]) -> Result<usize, String> {
+        lock(&self.state).seed(subscribers)
     }
 
     /// Invalidate every access token issued so far (the next call gets 401).
@@ -268,6 +276,7 @@ impl Simulator {
                 )
                 .route("/_sim/control", web::post().to(control))
                 .route("/_sim/expire_tokens", web::post().to(expire_tokens))
+                .route("/_sim/seed", web::post().to(seed))
                 .route("/_sim/state", web::get().to(sim_state))
         })
         .workers(2)
@@ -343,7 +352,12 @@ async fn api(
     let (reply, delay) = {
         let mut s = lock(state);
         s.count(kind);
-        let delay = s.take_latency();
+        let page_latency = (kind == "list" && s.control.list_latency_ms > 0)
+            .then(|| std::time::Duration::from_millis(s.control.list_latency_ms));
+        let delay = match (s.take_latency(), page_latency) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
         let auth = req
             .headers()
             .get("authorization")
@@ -429,6 +443,18 @@ async fn expire_tokens(state: Shared) -> HttpResponse {
     s.expire_access_tokens();
     s.count("tokens_expired");
     HttpResponse::NoContent().finish()
+}
+
+/// `{"subscribers": [...]}`: a population to start from (tests and benchmarks).
+async fn seed(state: Shared, body: web::Bytes) -> HttpResponse {
+    let items = match serde_json::from_slice::<Value>(&body) {
+        Ok(v) => v["subscribers"].as_array().cloned().unwrap_or_default(),
+        Err(e) => return HttpResponse::BadRequest().body(format!("seed body is not JSON: {e}")),
+    };
+    match lock(&state).seed(&items) {
+        Ok(added) => HttpResponse::Ok().json(serde_json::json!({ "added": added })),
+        Err(e) => HttpResponse::BadRequest().body(format!("cannot seed: {e}")),
+    }
 }
 
 async fn sim_state(state: Shared) -> HttpResponse {

@@ -53,6 +53,9 @@ pub struct Control {
     pub provisioning_delay_ms: u64,
     /// userIds containing one of these end in `error` with `errors[]`.
     pub error_user_ids: Vec<String>,
+    /// Added latency of every list page (`GET /broadworks/subscribers`), on top of
+    /// `latency_ms`: the floor of a paged read is the pages it needs times this.
+    pub list_latency_ms: u64,
 }
 
 impl Default for Control {
@@ -74,6 +77,7 @@ impl Default for Control {
             refresh_token_revoked: false,
             provisioning_delay_ms: 0,
             error_user_ids: Vec::new(),
+            list_latency_ms: 0,
         }
     }
 }
@@ -83,8 +87,37 @@ struct Sub {
     id: String,
     fields: BTreeMap<String, String>,
     settle_at: Instant,
+    /// How long after `changed` the status settles (`settle_at` on the wall clock).
+    settles_after: Duration,
     updated: bool,
     fails: bool,
+    created: SystemTime,
+    /// When the status last changed, or when the call that starts a change was accepted.
+    changed: SystemTime,
+    /// A status that never moves (seeded: `error` with its errors, a stuck `provisioning`,
+    /// a `pending_*` state).
+    fixed: Option<Fixed>,
+}
+
+#[derive(Debug, Clone)]
+struct Fixed {
+    status: String,
+    errors: Vec<(u32, String)>,
+}
+
+/// The statuses a seeded subscriber may be given (SPEC §4).
+const STATUSES: [&str; 7] = [
+    "pending_email_input",
+    "pending_email_validation",
+    "pending_user_migration",
+    "provisioning",
+    "provisioned",
+    "updating",
+    "error",
+];
+
+fn iso8601(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// What a handler answers.
@@ -352,27 +385,41 @@ impl SimState {
         }))
     }
 
-    fn sub_json(&self, s: &Sub) -> Value {
+    /// The status now, and when it last changed.
+    fn status_of(s: &Sub) -> (&str, SystemTime) {
+        if let Some(fixed) = &s.fixed {
+            return (&fixed.status, s.changed);
+        }
         let now = Instant::now();
-        let status = if now < s.settle_at {
-            if s.updated {
+        if now < s.settle_at {
+            let status = if s.updated {
                 "updating"
             } else {
                 "provisioning"
-            }
-        } else if s.fails {
-            "error"
-        } else {
-            "provisioned"
-        };
-        let mut v = json!({"id": s.id, "personId": format!("person-{}", s.id), "status": status});
+            };
+            return (status, s.changed);
+        }
+        let settled = s.changed + s.settles_after;
+        (if s.fails { "error" } else { "provisioned" }, settled)
+    }
+
+    fn sub_json(&self, s: &Sub) -> Value {
+        let (status, changed) = Self::status_of(s);
+        let mut v = json!({"id": s.id, "personId": format!("person-{}", s.id), "status": status,
+            "created": iso8601(s.created), "lastStatusChange": iso8601(changed)});
         for (k, val) in &s.fields {
             v[k] = json!(val);
         }
-        v["errors"] = if status == "error" {
-            json!([{"errorCode": 4003, "description": "Simulated provisioning failure"}])
-        } else {
-            json!([])
+        v["errors"] = match &s.fixed {
+            Some(fixed) if status == "error" => fixed
+                .errors
+                .iter()
+                .map(|(code, description)| json!({"errorCode": code, "description": description}))
+                .collect(),
+            _ if status == "error" => {
+                json!([{"errorCode": 4003, "description": "Simulated provisioning failure"}])
+            }
+            _ => json!([]),
         };
         v
     }
@@ -490,14 +537,84 @@ impl SimState {
             id: format!("sim-sub-{}", uuid::Uuid::new_v4().simple()),
             fields,
             settle_at: Instant::now() + Duration::from_millis(self.control.provisioning_delay_ms),
+            settles_after: Duration::from_millis(self.control.provisioning_delay_ms),
             updated: false,
             fails,
+            created: SystemTime::now(),
+            changed: SystemTime::now(),
+            fixed: None,
         };
         let out = self.sub_json(&sub);
+        self.insert(sub);
+        ok(out)
+    }
+
+    fn insert(&mut self, sub: Sub) {
         self.carry(sub.fields.get("userId"), &sub.id);
         self.positions.insert(sub.id.clone(), self.subs.len());
         self.subs.push(sub);
-        ok(out)
+    }
+
+    /// Put subscribers in place without the API (tests and benchmarks start from a population):
+    /// each item is a provisioning body, plus optionally `status` (one of the API's statuses,
+    /// kept for good: `error` with `errors`, a stuck `provisioning`, a `pending_*` state) and
+    /// `statusAgeS` (how long ago the status changed). The API's validation applies, a
+    /// duplicate userId included. Returns how many were added.
+    pub fn seed(&mut self, items: &[Value]) -> Result<usize, String> {
+        for (n, item) in items.iter().enumerate() {
+            let at = |e: String| format!("subscriber {n}: {e}");
+            let Some(obj) = item.as_object() else {
+                return Err(at("not a JSON object".to_owned()));
+            };
+            let mut body = obj.clone();
+            let status = body.remove("status");
+            let age = body
+                .remove("statusAgeS")
+                .and_then(|a| a.as_u64())
+                .unwrap_or(0);
+            let errors = body.remove("errors");
+            let fields = Self::post_fields(&Value::Object(body)).map_err(|reply| {
+                at(match reply {
+                    Reply::Json { body, .. } => body["message"].to_string(),
+                    _ => "refused".to_owned(),
+                })
+            })?;
+            let user_id = fields.get("userId").cloned().unwrap_or_default();
+            if self.duplicate(&user_id, None) {
+                return Err(at(format!("userId {user_id} exists already")));
+            }
+            let fixed = match status.as_ref().map(|s| s.as_str()) {
+                None | Some(Some("provisioned")) => None,
+                Some(Some(status)) if STATUSES.contains(&status) => Some(Fixed {
+                    status: status.to_owned(),
+                    errors: errors
+                        .and_then(|e| e.as_array().cloned())
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|e| {
+                            let code = e["errorCode"].as_u64().unwrap_or(0) as u32;
+                            (code, e["description"].as_str().unwrap_or("").to_owned())
+                        })
+                        .collect(),
+                }),
+                Some(other) => {
+                    return Err(at(format!("status {other:?} is not one of {STATUSES:?}")));
+                }
+            };
+            let changed = SystemTime::now() - Duration::from_secs(age);
+            self.insert(Sub {
+                id: format!("sim-sub-{}", uuid::Uuid::new_v4().simple()),
+                fields,
+                settle_at: Instant::now(),
+                settles_after: Duration::ZERO,
+                updated: false,
+                fails: false,
+                created: changed,
+                changed,
+                fixed,
+            });
+        }
+        Ok(items.len())
     }
 
     pub fn precheck(&mut self, body: &Value) -> Reply {
@@ -562,7 +679,11 @@ impl SimState {
             }
         }
         sub.settle_at = Instant::now() + delay;
+        sub.settles_after = delay;
         sub.updated = true;
+        sub.changed = SystemTime::now();
+        // A successful update is a new provisioning attempt: a seeded status does not survive it.
+        sub.fixed = None;
         let sub = sub.clone();
         ok(self.sub_json(&sub))
     }
@@ -586,9 +707,11 @@ impl SimState {
         }
     }
 
-    /// One page of the list. `base` is the absolute URL of the list endpoint, for `next` links.
+    /// One page of the list, filtered by `userId`, `provisioningId`, `spEnterpriseId` and
+    /// `status` as Webex does. `base` is the absolute URL of the list endpoint, for `next` links;
+    /// with `drop_filter_on_next` those links leave every filter out (seen from Webex).
     pub fn list(&self, query: &HashMap<String, String>, base: &str) -> Reply {
-        let user_id = query.get("userId");
+        const FILTERS: [&str; 4] = ["userId", "provisioningId", "spEnterpriseId", "status"];
         let max = query
             .get("max")
             .and_then(|m| m.parse::<usize>().ok())
@@ -598,9 +721,19 @@ impl SimState {
             .get("start")
             .and_then(|s| s.parse::<usize>().ok())
             .unwrap_or(0);
+        let filters: Vec<(&str, &String)> = FILTERS
+            .iter()
+            .filter_map(|f| query.get(*f).map(|v| (*f, v)))
+            .collect();
+        let wanted = |s: &Sub| {
+            filters.iter().all(|(key, value)| match *key {
+                "status" => Self::status_of(s).0 == value.as_str(),
+                key => s.fields.get(key) == Some(*value),
+            })
+        };
         // By userId from the index, in creation order like the whole list.
-        let matching: Vec<&Sub> = match user_id {
-            None => self.subs.iter().collect(),
+        let matching: Vec<&Sub> = match query.get("userId") {
+            None => self.subs.iter().filter(|s| wanted(s)).collect(),
             Some(u) => {
                 let mut at: Vec<usize> = self
                     .user_ids
@@ -610,7 +743,10 @@ impl SimState {
                     .filter_map(|id| self.positions.get(id).copied())
                     .collect();
                 at.sort_unstable();
-                at.into_iter().filter_map(|i| self.subs.get(i)).collect()
+                at.into_iter()
+                    .filter_map(|i| self.subs.get(i))
+                    .filter(|s| wanted(s))
+                    .collect()
             }
         };
         let items: Vec<Value> = matching
@@ -620,17 +756,15 @@ impl SimState {
             .map(|s| self.sub_json(s))
             .collect();
         let mut headers = Vec::new();
-        let more = start + max < matching.len()
-            || (self.control.drop_filter_on_next
-                && user_id.is_some()
-                && start + max < self.subs.len());
+        let dropping = self.control.drop_filter_on_next && !filters.is_empty();
+        let more = start + max < matching.len() || (dropping && start + max < self.subs.len());
         if more && let Ok(mut next) = reqwest::Url::parse(base) {
             {
                 let mut q = next.query_pairs_mut();
-                if let Some(u) = user_id
-                    && !self.control.drop_filter_on_next
-                {
-                    q.append_pair("userId", u);
+                if !dropping {
+                    for (key, value) in &filters {
+                        q.append_pair(key, value);
+                    }
                 }
                 q.append_pair("max", &max.to_string());
                 q.append_pair("start", &(start + max).to_string());
@@ -734,5 +868,84 @@ mod tests {
             Reply::Json { status: 200, .. }
         ));
         assert_eq!(ids_of(&state, "a@x.example"), [c]);
+    }
+
+    fn page(state: &SimState, query: &[(&str, &str)]) -> (Vec<Value>, Option<String>) {
+        let query: HashMap<String, String> = query
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        match state.list(&query, "https://sim.example/v1/broadworks/subscribers") {
+            Reply::Json { body, headers, .. } => (
+                body["items"].as_array().cloned().unwrap_or_default(),
+                headers
+                    .into_iter()
+                    .find(|(k, _)| k == "Link")
+                    .map(|(_, v)| v),
+            ),
+            _ => panic!("the list answers JSON"),
+        }
+    }
+
+    #[test]
+    fn a_seeded_population_is_listed_by_filter_and_page_with_its_statuses() {
+        let mut state = SimState::new(Control::default(), "c".into(), "s".into(), "r".into());
+        let sub = |i: usize, prov: &str| {
+            json!({"provisioningId": prov, "userId": format!("u{i}@x"), "spEnterpriseId": format!("ent{}", i % 2),
+                "firstName": "A", "lastName": "B", "package": "basic"})
+        };
+        let mut items: Vec<Value> = (0..250).map(|i| sub(i, "p1")).collect();
+        items[3]["status"] = json!("error");
+        items[3]["errors"] = json!([{"errorCode": 10022, "description": "dup"}]);
+        items[4]["status"] = json!("provisioning");
+        items[4]["statusAgeS"] = json!(7200);
+        items.push(sub(999, "p2"));
+        assert_eq!(state.seed(&items), Ok(251));
+        let duplicate = state.seed(&[sub(0, "p1")]).unwrap_err();
+        assert!(duplicate.contains("exists already"), "{duplicate}");
+        let bad = state.seed(&[json!({"userId": "x"})]).unwrap_err();
+        assert!(bad.contains("is required"), "{bad}");
+        assert!(state.seed(&[json!({"status": "bogus"})]).is_err());
+
+        let (first, next) = page(&state, &[("provisioningId", "p1"), ("max", "100")]);
+        assert_eq!(first.len(), 100);
+        let next = next.unwrap();
+        assert!(
+            next.contains("provisioningId=p1") && next.contains("start=100"),
+            "{next}"
+        );
+        let (last, none) = page(
+            &state,
+            &[("provisioningId", "p1"), ("max", "100"), ("start", "200")],
+        );
+        assert_eq!((last.len(), none), (50, None));
+        let (ent, _) = page(&state, &[("spEnterpriseId", "ent1"), ("max", "1000")]);
+        assert_eq!(ent.len(), 125 + 1);
+        let (errors, _) = page(&state, &[("status", "error")]);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0]["errors"][0]["errorCode"], 10022);
+        let (stuck, _) = page(
+            &state,
+            &[("status", "provisioning"), ("provisioningId", "p1")],
+        );
+        assert_eq!(stuck[0]["userId"], "u4@x");
+        let changed =
+            chrono::DateTime::parse_from_rfc3339(stuck[0]["lastStatusChange"].as_str().unwrap())
+                .unwrap();
+        assert!(
+            chrono::Utc::now()
+                .signed_duration_since(changed)
+                .num_seconds()
+                >= 7199
+        );
+        // An update is a new attempt: the seeded status gives way.
+        let id = stuck[0]["id"].as_str().unwrap().to_owned();
+        body(state.update(&id, &json!({"lastName": "C"})));
+        let (none_left, _) = page(&state, &[("status", "provisioning")]);
+        assert!(none_left.is_empty());
+        // With drop_filter_on_next the next link carries no filter.
+        state.control.drop_filter_on_next = true;
+        let (_, next) = page(&state, &[("provisioningId", "p2"), ("max", "1")]);
+        assert!(next.is_some_and(|n| !n.contains("provisioningId")));
     }
 }

@@ -1,5 +1,5 @@
 //! The durable store: one API of domain operations (outbox with per-user queues, user map,
-//! profiles, customers, audit, token) over two backends chosen by `[store] backend`: sled,
+//! profiles, customers, audit, token, the last reconcile's counts) over two backends chosen by `[store] backend`: sled,
 //! embedded, for one node and `sandbox`; PostgreSQL for several nodes (SPEC §11). No sled type
 //! and no SQL leave this module.
 //!
@@ -11,6 +11,7 @@ mod audit;
 mod commit;
 pub mod copy;
 mod outbox;
+mod population;
 pub mod postgres;
 mod sled_backend;
 mod tokens;
@@ -22,7 +23,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use audit::{AuditEvent, AuditQuery, AuditRecord};
-pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry, Progress};
+pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry, Origin, Progress};
+pub use population::ReconcileReport;
 use sled_backend::SledStore;
 pub use tokens::{TokenRecord, TokenState};
 pub use users::{Customer, UserRecord};
@@ -166,6 +168,8 @@ domain_operations! {
     /// beyond `max_delivered`. Dead entries go only with age.
     fn prune_finished(&self, cutoff_ms: u64, max_delivered: u64) -> u64;
     fn user(&self, user_id: &str) -> Option<UserRecord>;
+    /// Every user the adapter knows, in userId order (byte order, as on sled).
+    fn users(&self) -> Vec<(String, UserRecord)>;
     /// Remember the subscriber id and/or template of a user; `None` keeps what is stored.
     fn map_user(&self, user_id: &str, subscriber_id: Option<&str>, template: Option<&str>) -> ();
     /// Forget the subscriber id (after a remove); template and profile stay.
@@ -184,6 +188,10 @@ domain_operations! {
     /// Replace the token record, durably before returning: a rotated refresh token that is lost
     /// would lock the deployment out.
     fn put_token(&self, record: &TokenRecord) -> ();
+    /// Keep the counts of a `flowthrough reconcile` run in place of the last one.
+    fn put_reconcile_report(&self, report: &ReconcileReport) -> ();
+    /// The counts of the last reconcile run, if one was ever kept.
+    fn reconcile_report(&self) -> Option<ReconcileReport>;
 }
 
 impl Store {

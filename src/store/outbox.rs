@@ -113,6 +113,48 @@ pub struct NewEntry {
     pub call: Call,
     /// Who asked: the client certificate subject and serial, for the audit.
     pub client: String,
+    /// Who the work is for: delivery takes live work before bulk work. Not written for live
+    /// entries, so theirs stay byte for byte what earlier versions wrote (and read back).
+    #[serde(default, skip_serializing_if = "Origin::is_live")]
+    pub origin: Origin,
+}
+
+/// Where an entry comes from. Delivery prefers [`Origin::Live`] users, so a command the AS is
+/// waiting for never queues behind an import or a reconcile repair. Every backend stores it with
+/// the entry; entries written before it existed read as live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// A command of the Application Server.
+    #[default]
+    Live,
+    /// `flowthrough import` or `flowthrough reconcile --repair`.
+    Bulk,
+}
+
+impl Origin {
+    pub fn is_live(&self) -> bool {
+        *self == Origin::Live
+    }
+
+    /// The name stored for it: serde's, and PostgreSQL's `outbox.origin`.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Origin::Live => "live",
+            Origin::Bulk => "bulk",
+        }
+    }
+
+    pub(super) fn from_name(name: &str) -> Result<Origin, StoreError> {
+        match name {
+            "live" => Ok(Origin::Live),
+            "bulk" => Ok(Origin::Bulk),
+            other => Err(StoreError::Corrupt {
+                what: "outbox entry origin",
+                reason: format!("unknown origin {other:?}"),
+            }),
+        }
+    }
 }
 
 /// Where an entry is in its life.
@@ -161,6 +203,8 @@ struct StoredEntry {
     command: String,
     call: Call,
     client: String,
+    #[serde(default)]
+    origin: Origin,
     state: EntryState,
     attempts: u32,
     last_error: Option<String>,
@@ -178,6 +222,7 @@ impl From<StoredEntry> for Entry {
                 command: s.command,
                 call: s.call,
                 client: s.client,
+                origin: s.origin,
             },
             state: s.state,
             attempts: s.attempts,
@@ -746,6 +791,7 @@ mod tests {
             command: command.to_owned(),
             call: Call::Remove,
             client: "CN=bwcticlient.webex.com".to_owned(),
+            origin: Origin::Live,
         }
     }
 
@@ -782,6 +828,14 @@ mod tests {
             Call::provision(&serde_json::json!({"a": 1})).unwrap(),
             Call::update(&serde_json::json!({"a": 1})).unwrap()
         );
+        // A bulk entry says so; a live one is written as before.
+        let mut bulk: Entry = decode(stored[1].as_bytes(), "outbox entry").unwrap();
+        assert_eq!(bulk.new.origin, Origin::Live);
+        bulk.new.origin = Origin::Bulk;
+        let written = String::from_utf8(encode(&bulk).unwrap()).unwrap();
+        assert!(written.contains(r#""origin":"bulk""#), "{written}");
+        let read: Entry = decode(written.as_bytes(), "outbox entry").unwrap();
+        assert_eq!(read.new.origin, Origin::Bulk);
     }
 
     fn dead(at_ms: u64) -> EntryState {

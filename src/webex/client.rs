@@ -50,6 +50,17 @@ struct Page {
     items: Vec<Subscriber>,
 }
 
+/// One page of the subscriber list and where the next one is.
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    pub items: Vec<Subscriber>,
+    /// The `rel="next"` link exactly as Webex gave it; `None` on the last page.
+    pub next: Option<Url>,
+}
+
+/// The most subscribers Webex returns in one page.
+pub const MAX_PAGE: u32 = 100;
+
 /// A version 4 UUID from the thread's random generator: `Uuid::new_v4` asks the kernel
 /// (`getrandom`) for every id, a system call per Webex call.
 fn new_tracking_id() -> String {
@@ -181,6 +192,31 @@ impl WebexClient {
         }
     }
 
+    /// The first page of `GET /broadworks/subscribers` with these filters (`provisioningId`,
+    /// `spEnterpriseId`, `userId`, `status`) and [`MAX_PAGE`] items a page.
+    pub fn list_url(&self, filters: &[(&str, &str)]) -> Url {
+        let mut url = self.subscribers.clone();
+        {
+            let mut query = url.query_pairs_mut();
+            for (key, value) in filters {
+                query.append_pair(key, value);
+            }
+            query.append_pair("max", &MAX_PAGE.to_string());
+        }
+        url
+    }
+
+    /// One page of the subscriber list. The caller paces the pages and re-checks its filters on
+    /// every item: later pages have been seen to drop them.
+    pub async fn list_page(&self, url: &Url) -> Outcome<ListPage> {
+        let tid = new_tracking_id();
+        let result = self.page(&tid, url).await;
+        Outcome {
+            tracking_id: tid,
+            result,
+        }
+    }
+
     /// `POST /broadworks/subscribers/validate`: Webex's precheck of a subscriber body.
     pub async fn precheck(&self, body: &impl serde::Serialize) -> Outcome<serde_json::Value> {
         let tid = new_tracking_id();
@@ -274,24 +310,35 @@ impl WebexClient {
         url.query_pairs_mut().append_pair("userId", user_id);
         let mut out = Vec::new();
         for _ in 0..MAX_PAGES {
-            let resp = self.call(tid, Method::GET, &url, None, true).await?;
-            let page: Page = parse(&resp)?;
+            let page = self.page(tid, &url).await?;
             out.extend(page.items.into_iter().filter(|s| s.user_id == user_id));
-            match next_link(&resp, &url) {
+            match page.next {
                 None => return Ok(out),
-                Some(next) if same_origin(&next, &self.base) => url = next,
-                Some(next) => {
-                    return Err(WebexError::Retryable {
-                        reason: format!(
-                            "Webex sent a next link to another host ({}); not following it",
-                            next.host_str().unwrap_or_default()
-                        ),
-                    });
-                }
+                Some(next) => url = next,
             }
         }
         Err(WebexError::Retryable {
             reason: format!("the subscriber list did not end after {MAX_PAGES} pages"),
+        })
+    }
+
+    async fn page(&self, tid: &str, url: &Url) -> Result<ListPage, WebexError> {
+        let resp = self.call(tid, Method::GET, url, None, true).await?;
+        let page: Page = parse(&resp)?;
+        let next = match next_link(&resp, url) {
+            Some(next) if !same_origin(&next, &self.base) => {
+                return Err(WebexError::Retryable {
+                    reason: format!(
+                        "Webex sent a next link to another host ({}); not following it",
+                        next.host_str().unwrap_or_default()
+                    ),
+                });
+            }
+            next => next,
+        };
+        Ok(ListPage {
+            items: page.items,
+            next,
         })
     }
 

@@ -6,7 +6,7 @@ mod token;
 mod transport;
 mod types;
 
-pub use client::{ClientSetupError, Outcome, WebexClient};
+pub use client::{ClientSetupError, ListPage, MAX_PAGE, Outcome, WebexClient};
 pub use error::{ApiErrorBody, ApiErrorItem, DUPLICATE_USER_ID, WebexError, backoff, retry_after};
 pub use token::{REFRESH_TOKEN_WARNING, TokenManager, TokenSetupError, TokenStatus, read_secret};
 pub use transport::{RawResponse, Transport, TransportError, TransportOptions};

@@ -62,6 +62,9 @@ pub struct Subscriber {
     pub errors: Vec<ApiErrorItem>,
     #[serde(default)]
     pub provisioning_id: Option<String>,
+    /// When the status last changed (ISO 8601), as Webex lists it.
+    #[serde(default)]
+    pub last_status_change: Option<String>,
 }
 
 #[cfg(test)]

@@ -50,6 +50,7 @@ impl PgStore {
                 i32::try_from(e.attempts).unwrap_or(i32::MAX),
                 e.last_error,
                 e.tracking_id,
+                e.new.origin.name(),
             ));
         }
         self.run("copy outbox entries", Access::Write, move |mut c| {
@@ -62,8 +63,9 @@ impl PgStore {
                     .prepare_cached(
                         "INSERT INTO outbox (id, created_ms, user_id, template, command, call, client, \
                          state, ended_ms, subscriber_id, webex_status, dead_reason, attempts, last_error, \
-                         tracking_id) OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, $6::text::json, \
-                         $7, $8, $9, $10, $11, $12, $13, $14, $15) ON CONFLICT (id) DO NOTHING",
+                         tracking_id, origin) OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, \
+                         $6::text::json, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+                         ON CONFLICT (id) DO NOTHING",
                     )
                     .await?;
                 let mut ids = Vec::with_capacity(rows.len());
@@ -73,7 +75,7 @@ impl PgStore {
                         &insert,
                         &[
                             &r.0, &r.1, &r.2, &r.3, &r.4, &r.5, &r.6, &r.7, &r.8, &r.9, &r.10,
-                            &r.11, &r.12, &r.13, &r.14,
+                            &r.11, &r.12, &r.13, &r.14, &r.15,
                         ],
                     )
                     .await?;

@@ -9,7 +9,14 @@ use super::OpError;
 use crate::store::StoreError;
 
 /// The migrations this binary knows, in order; the last one's number is its schema version.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("migrations/001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("migrations/001_init.sql")),
+    (
+        2,
+        "population",
+        include_str!("migrations/002_population.sql"),
+    ),
+];
 
 /// The schema version this binary reads and writes.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;

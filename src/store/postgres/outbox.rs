@@ -6,12 +6,12 @@ use tokio_postgres::Row;
 
 use super::{Access, OpError, PgStore, durable_transaction, to_i64, to_u64};
 use crate::store::{
-    Call, Entry, EntryId, EntryState, Filter, NewEntry, Progress, Remembered, StoreError,
+    Call, Entry, EntryId, EntryState, Filter, NewEntry, Origin, Progress, Remembered, StoreError,
 };
 
 const COLUMNS: &str = "id, created_ms, user_id, template, command, call::text, client, state, \
                        ended_ms, subscriber_id, webex_status, dead_reason, attempts, last_error, \
-                       tracking_id";
+                       tracking_id, origin";
 
 /// Rows deleted per statement when pruning: a long delete would hold back the commits that
 /// acknowledgements wait for.
@@ -24,8 +24,8 @@ const PRUNE_BATCH: i64 = 5000;
 pub(super) const DURABLE_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit TO on";
 
 const INSERT: &str = "WITH lane AS (INSERT INTO lanes (user_id) VALUES ($2) ON CONFLICT DO NOTHING) \
-     INSERT INTO outbox (created_ms, user_id, template, command, call, client, state) \
-     VALUES ($1, $2, $3, $4, $5::text::json, $6, 'pending') RETURNING id";
+     INSERT INTO outbox (created_ms, user_id, template, command, call, client, origin, state) \
+     VALUES ($1, $2, $3, $4, $5::text::json, $6, $7, 'pending') RETURNING id";
 
 pub(super) const SAVE_PROFILE: &str = "INSERT INTO profiles (user_id, profile) VALUES ($1, $2::text::json) \
      ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile";
@@ -74,6 +74,7 @@ fn entry_from(row: &Row) -> Result<Entry, OpError> {
                 reason: e.to_string(),
             })?,
             client: row.try_get(6)?,
+            origin: Origin::from_name(row.try_get(15)?)?,
         },
         state,
         attempts: u32::try_from(row.try_get::<_, i32>(12)?).unwrap_or_default(),
@@ -193,6 +194,7 @@ impl PgStore {
                     e.command,
                     encode_call(&e.call)?,
                     e.client,
+                    e.origin.name(),
                 ))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -235,11 +237,14 @@ impl PgStore {
                     }));
                 }
                 let client_ref = &c;
-                for (user, template, command, call, client) in &rows {
+                for (user, template, command, call, client, origin) in &rows {
                     let (c, insert) = (client_ref, &statements.3);
                     steps.push(Box::pin(async move {
                         let row = c
-                            .query_one(insert, &[&created, user, template, command, call, client])
+                            .query_one(
+                                insert,
+                                &[&created, user, template, command, call, client, origin],
+                            )
                             .await?;
                         row.try_get::<_, i64>(0).map(Some)
                     }));

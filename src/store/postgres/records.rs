@@ -1,5 +1,5 @@
 //! The other records on PostgreSQL: user map, profiles, customers, audit (commands and tunnels
-//! apart from unreadable documents, each capped), and the token row. Records the domain keeps
+//! apart from unreadable documents, each capped), the token row and the last reconcile's counts. Records the domain keeps
 //! as a whole are stored as the same JSON the sled backend writes, so `store copy` moves them
 //! unchanged.
 
@@ -10,7 +10,8 @@ use super::outbox::{RECORD_CUSTOMER, SAVE_PROFILE};
 use super::{Access, OpError, PgStore, durable_transaction, to_i64};
 use crate::oci::UserProfile;
 use crate::store::{
-    AuditEvent, AuditQuery, AuditRecord, Customer, StoreError, TokenRecord, UserRecord,
+    AuditEvent, AuditQuery, AuditRecord, Customer, ReconcileReport, StoreError, TokenRecord,
+    UserRecord,
 };
 
 /// Unknown documents kept at most (as on sled): a misbehaving AS cannot push real command
@@ -92,6 +93,32 @@ impl PgStore {
                     })),
                     None => Ok(None),
                 }
+            })
+        })
+        .await
+    }
+
+    pub async fn users(&self) -> Result<Vec<(String, UserRecord)>, StoreError> {
+        self.run("read the user map", Access::Read, |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT user_id, subscriber_id, template FROM user_map \
+                         ORDER BY user_id COLLATE \"C\"",
+                        &[],
+                    )
+                    .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok((
+                            row.try_get(0)?,
+                            UserRecord {
+                                subscriber_id: row.try_get(1)?,
+                                template: row.try_get(2)?,
+                            },
+                        ))
+                    })
+                    .collect()
             })
         })
         .await
@@ -306,6 +333,25 @@ impl PgStore {
                 Ok(())
             })
         })
+        .await
+    }
+
+    pub async fn put_reconcile_report(&self, report: &ReconcileReport) -> Result<(), StoreError> {
+        self.write(
+            "keep the reconcile report",
+            "INSERT INTO reconcile_report (id, report) VALUES (true, $1::text::json) \
+             ON CONFLICT (id) DO UPDATE SET report = excluded.report",
+            vec![Some(json(report, "the reconcile report")?)],
+        )
+        .await
+    }
+
+    pub async fn reconcile_report(&self) -> Result<Option<ReconcileReport>, StoreError> {
+        self.record(
+            "SELECT report::text FROM reconcile_report",
+            None,
+            "reconcile report",
+        )
         .await
     }
 }
