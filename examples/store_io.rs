@@ -136,7 +136,10 @@ async fn main() {
             let _ = store.head_of(&user).await.unwrap();
         }
         if steps.contains('r') {
-            store.record_attempt(id, "FLOWTHROUGH_abc").await.unwrap();
+            store
+                .record_attempt(id, "FLOWTHROUGH_abc", None)
+                .await
+                .unwrap();
         }
         if steps.contains('a') {
             store
@@ -154,6 +157,7 @@ async fn main() {
                         webex_status: Some("provisioned".into()),
                     },
                     Some("FLOWTHROUGH_abc"),
+                    None,
                 )
                 .await
                 .unwrap();

@@ -18,6 +18,7 @@
 
 mod connect;
 mod import;
+mod lanes;
 mod migrate;
 mod outbox;
 mod records;
