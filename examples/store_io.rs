@@ -137,7 +137,10 @@ async fn main() {
             let _ = store.head_of(&user).await.unwrap();
         }
         if steps.contains('r') {
-            store.record_attempt(id, "FLOWTHROUGH_abc").await.unwrap();
+            store
+                .record_attempt(id, "FLOWTHROUGH_abc", None)
+                .await
+                .unwrap();
         }
         if steps.contains('a') {
             store
@@ -155,6 +158,7 @@ async fn main() {
                         webex_status: Some("provisioned".into()),
                     },
                     Some("FLOWTHROUGH_abc"),
+                    None,
                 )
                 .await
                 .unwrap();

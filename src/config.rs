@@ -33,6 +33,8 @@ pub struct Config {
     #[serde(default)]
     pub store: StoreConfig,
     #[serde(default)]
+    pub cluster: ClusterConfig,
+    #[serde(default)]
     pub webex: Option<WebexConfig>,
     #[serde(default)]
     pub log: LogConfig,
@@ -138,6 +140,52 @@ impl Default for AdminConfig {
 /// sled's page cache by default. sled's own default (1 GiB) lets RSS grow for hours; the hot data
 /// (pending entries, recent users) is a few MiB, and the kernel's page cache serves the rest.
 pub const DEFAULT_CACHE_MIB: u64 = 32;
+
+/// `[cluster]`: this node among several sharing one PostgreSQL store (SPEC §11).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name on the leases it holds; the host name when not given.
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// How long a delivery lease lasts: a dead node's users go to the others after this.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// How often a node looks in the shared store for work another node accepted.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_id: None,
+            lease_ms: default_lease_ms(),
+            poll_ms: default_poll_ms(),
+        }
+    }
+}
+
+fn default_lease_ms() -> u64 {
+    30_000
+}
+
+fn default_poll_ms() -> u64 {
+    1_000
+}
+
+impl ClusterConfig {
+    /// `node_id`, or the host name (`node` if the kernel does not say).
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "node".to_owned())
+        })
+    }
+}
 
 /// `[store]`: where the outbox, user map, audit and tokens live.
 #[derive(Debug, Clone, Deserialize)]
@@ -674,6 +722,18 @@ impl Config {
     /// The checks that serde cannot express. Each failing check names its key and says how to
     /// fix it.
     fn validate(&self) -> Result<(), Problem> {
+        if self.cluster.lease_ms < 1000 {
+            return Err(Problem::new(
+                "cluster.lease_ms",
+                "must be at least 1000: a lease shorter than a Webex call would pass users between nodes mid-call",
+            ));
+        }
+        if self.cluster.poll_ms == 0 {
+            return Err(Problem::new(
+                "cluster.poll_ms",
+                "must be at least 1: it is how often a node looks for work other nodes accepted",
+            ));
+        }
         if self.store.cache_mib == 0 {
             return Err(Problem::new(
                 "store.cache_mib",

@@ -161,6 +161,7 @@ async fn outbox_commands_work_on_a_stopped_store_and_through_a_running_server() 
                     reason: "HTTP 400: bad".into(),
                 },
                 None,
+                None,
             )
             .await
             .unwrap();

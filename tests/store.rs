@@ -112,7 +112,99 @@ both_backends!(
     the_origin_of_an_entry_is_kept_through_every_change_and_a_reopen,
     the_whole_user_map_is_listed_in_user_id_order,
     the_last_reconcile_report_replaces_the_one_before_and_survives_reopening,
+    one_owner_at_a_time_holds_a_lane_and_late_writes_are_fenced_off,
 );
+
+/// Leases on delivery lanes: a held lane is refused to others, its own owner renews it, an
+/// expired one goes to the next claimer with a higher fence, and from then on every outcome
+/// written under the old lease is refused without changing the entry.
+async fn one_owner_at_a_time_holds_a_lane_and_late_writes_are_fenced_off(h: Harness) {
+    let store = h.store();
+    let ids = store
+        .enqueue(vec![entry("alice", "add"), entry("bob", "add")], 1)
+        .await
+        .unwrap();
+    let first = store
+        .claim_lane("alice", "node-a", 1000)
+        .await
+        .unwrap()
+        .expect("a free lane is claimed");
+    assert_eq!(
+        (first.user_id.as_str(), first.owner.as_str()),
+        ("alice", "node-a")
+    );
+    assert!(
+        store
+            .claim_lane("alice", "node-b", 1000)
+            .await
+            .unwrap()
+            .is_none(),
+        "a held lane is not handed to another node"
+    );
+    let bob = store.claim_lane("bob", "node-b", 60_000).await.unwrap();
+    assert!(bob.is_some(), "another user's lane is free");
+    // Held: writes under the lease go through.
+    store
+        .record_attempt(ids[0], "FLOWTHROUGH_1", Some(&first))
+        .await
+        .unwrap();
+    // Past the lease, node-b takes the lane over.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let second = store
+        .claim_lane("alice", "node-b", 60_000)
+        .await
+        .unwrap()
+        .expect("an expired lease is claimable");
+    assert!(second.fence > first.fence, "{first:?} {second:?}");
+    let late = [
+        store
+            .record_attempt(ids[0], "FLOWTHROUGH_2", Some(&first))
+            .await
+            .err(),
+        store
+            .record_failure(ids[0], "timeout", Some(&first))
+            .await
+            .err(),
+        store
+            .finish(ids[0], delivered(3), Some("FLOWTHROUGH_2"), Some(&first))
+            .await
+            .err(),
+    ];
+    for refused in late {
+        let message = refused.expect("a late write is refused").to_string();
+        assert!(
+            message.contains("alice") && message.contains("another node"),
+            "{message}"
+        );
+    }
+    // Handing back a lease that moved on leaves the successor's lease in place.
+    store.release_lane(&first).await.unwrap();
+    assert!(
+        store
+            .claim_lane("alice", "node-a", 1000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let stored = store.entry(ids[0]).await.unwrap().unwrap();
+    assert!(stored.is_pending(), "{stored:?}");
+    assert_eq!(
+        (stored.attempts, stored.tracking_id.as_deref()),
+        (1, Some("FLOWTHROUGH_1"))
+    );
+    store
+        .finish(ids[0], delivered(3), None, Some(&second))
+        .await
+        .unwrap();
+    // Handed back, the lane is anyone's at once, with a higher fence.
+    store.release_lane(&second).await.unwrap();
+    let third = store
+        .claim_lane("alice", "node-a", 1000)
+        .await
+        .unwrap()
+        .expect("a handed-back lane is free");
+    assert!(third.fence > second.fence);
+}
 
 /// On PostgreSQL a command's records and entry are one transaction: when one statement fails,
 /// nothing of it is stored, and the connection it failed on (left inside the transaction) is not
@@ -221,7 +313,7 @@ async fn per_user_order_is_arrival_order_and_finishing_advances_the_head(h: Harn
         webex_status: None,
     };
     store
-        .finish(ids[0], done.clone(), Some("FLOWTHROUGH_9"))
+        .finish(ids[0], done.clone(), Some("FLOWTHROUGH_9"), None)
         .await
         .unwrap();
     let head = store.head_of("alice").await.unwrap().unwrap();
@@ -266,7 +358,7 @@ async fn dead_entries_leave_the_queue_and_retry_puts_them_back(h: Harness) {
         !store.retry(ids[0]).await.unwrap(),
         "a pending entry is not retried"
     );
-    store.finish(ids[0], dead(5), None).await.unwrap();
+    store.finish(ids[0], dead(5), None, None).await.unwrap();
     assert!(store.head_of("alice").await.unwrap().is_none());
     assert!(!store.has_pending("alice").await.unwrap());
     assert_eq!(store.list(Filter::Dead, 10).await.unwrap().len(), 1);
@@ -281,9 +373,9 @@ async fn dead_entries_leave_the_queue_and_retry_puts_them_back(h: Harness) {
     assert!(store.drop_entry(ids[0]).await.unwrap().is_none());
     assert!(!store.retry(ids[0]).await.unwrap());
     for result in [
-        store.finish(ids[0], EntryState::Pending, None).await,
-        store.record_attempt(ids[0], "FLOWTHROUGH_1").await,
-        store.record_failure(ids[0], "timeout").await,
+        store.finish(ids[0], EntryState::Pending, None, None).await,
+        store.record_attempt(ids[0], "FLOWTHROUGH_1", None).await,
+        store.record_failure(ids[0], "timeout", None).await,
         store.set_webex_status(ids[0], "provisioned").await,
     ] {
         assert!(
@@ -300,10 +392,13 @@ async fn attempts_are_counted_and_survive_reopening(mut h: Harness) {
         .await
         .unwrap();
     h.store()
-        .record_attempt(ids[0], "FLOWTHROUGH_1")
+        .record_attempt(ids[0], "FLOWTHROUGH_1", None)
         .await
         .unwrap();
-    h.store().record_failure(ids[0], "timeout").await.unwrap();
+    h.store()
+        .record_failure(ids[0], "timeout", None)
+        .await
+        .unwrap();
     h.reopen().await;
     let entry = h.store().head_of("alice").await.unwrap().unwrap();
     assert_eq!(entry.id, ids[0]);
@@ -320,8 +415,14 @@ async fn acknowledged_entries_and_records_survive_reopening(mut h: Harness) {
         .enqueue(vec![entry("a", "1"), entry("b", "2"), entry("c", "3")], 10)
         .await
         .unwrap();
-    h.store().finish(ids[0], delivered(11), None).await.unwrap();
-    h.store().finish(ids[1], dead(11), None).await.unwrap();
+    h.store()
+        .finish(ids[0], delivered(11), None, None)
+        .await
+        .unwrap();
+    h.store()
+        .finish(ids[1], dead(11), None, None)
+        .await
+        .unwrap();
     h.store()
         .map_user("a", Some("sub-a"), Some("acme"))
         .await
@@ -406,13 +507,16 @@ async fn every_change_returns_the_stored_entry(h: Harness) {
         store.head_of("alice").await.unwrap().unwrap(),
         stored(ids[0]).await
     );
-    let attempted = store.record_attempt(ids[0], "FLOWTHROUGH_1").await.unwrap();
+    let attempted = store
+        .record_attempt(ids[0], "FLOWTHROUGH_1", None)
+        .await
+        .unwrap();
     assert_eq!(
         (attempted.attempts, attempted.tracking_id.as_deref()),
         (1, Some("FLOWTHROUGH_1"))
     );
     assert_eq!(attempted, stored(ids[0]).await);
-    let failed = store.record_failure(ids[0], "timeout").await.unwrap();
+    let failed = store.record_failure(ids[0], "timeout", None).await.unwrap();
     assert_eq!(failed.last_error.as_deref(), Some("timeout"));
     assert_eq!(failed, stored(ids[0]).await);
     let unchanged = store.set_webex_status(ids[0], "provisioned").await.unwrap();
@@ -430,6 +534,7 @@ async fn every_change_returns_the_stored_entry(h: Harness) {
                 webex_status: Some("provisioning".into()),
             },
             Some("FLOWTHROUGH_2"),
+            None,
         )
         .await
         .unwrap();
@@ -445,7 +550,7 @@ async fn every_change_returns_the_stored_entry(h: Harness) {
         }
     );
     assert_eq!(settled, stored(ids[1]).await);
-    let without_call = store.finish(ids[0], dead(3), None).await.unwrap();
+    let without_call = store.finish(ids[0], dead(3), None, None).await.unwrap();
     assert_eq!(
         (without_call.attempts, without_call.tracking_id.as_deref()),
         (1, Some("FLOWTHROUGH_1")),
@@ -460,8 +565,8 @@ async fn prune_removes_only_old_finished_entries(h: Harness) {
         .await
         .unwrap();
     let late = store.enqueue(vec![entry("c", "3")], 100).await.unwrap();
-    store.finish(ids[0], dead(11), None).await.unwrap();
-    store.finish(late[0], dead(101), None).await.unwrap();
+    store.finish(ids[0], dead(11), None, None).await.unwrap();
+    store.finish(late[0], dead(101), None, None).await.unwrap();
     assert_eq!(store.prune_finished(50, u64::MAX).await.unwrap(), 1);
     assert!(store.entry(ids[0]).await.unwrap().is_none());
     assert!(
@@ -476,13 +581,13 @@ async fn the_active_view_finds_dead_and_pending_entries_behind_any_history(h: Ha
     let store = h.store();
     let history: Vec<NewEntry> = (0..20).map(|i| entry(&format!("u{i}"), "add")).collect();
     for id in store.enqueue(history, 1).await.unwrap() {
-        store.finish(id, delivered(2), None).await.unwrap();
+        store.finish(id, delivered(2), None, None).await.unwrap();
     }
     let ids = store
         .enqueue(vec![entry("dead", "add"), entry("waiting", "add")], 3)
         .await
         .unwrap();
-    store.finish(ids[0], dead(4), None).await.unwrap();
+    store.finish(ids[0], dead(4), None, None).await.unwrap();
     assert_eq!(ids_listed(store, Filter::Active, 5).await, ids);
     assert_eq!(store.list(Filter::Active, 1).await.unwrap()[0].id, ids[0]);
     assert_eq!(store.list(Filter::Delivered, 5).await.unwrap().len(), 5);
@@ -497,11 +602,11 @@ async fn the_history_cap_removes_the_oldest_delivered_entries_only(h: Harness) {
         .enqueue(vec![entry("dead", "add"), entry("waiting", "add")], 1)
         .await
         .unwrap();
-    store.finish(first[0], dead(2), None).await.unwrap();
+    store.finish(first[0], dead(2), None, None).await.unwrap();
     let history: Vec<NewEntry> = (0..6).map(|i| entry(&format!("u{i}"), "add")).collect();
     let delivered_ids = store.enqueue(history, 3).await.unwrap();
     for id in &delivered_ids {
-        store.finish(*id, delivered(4), None).await.unwrap();
+        store.finish(*id, delivered(4), None, None).await.unwrap();
     }
     assert_eq!(store.prune_finished(0, 4).await.unwrap(), 2);
     assert_eq!(
@@ -525,7 +630,7 @@ async fn the_history_cap_removes_the_oldest_delivered_entries_only(h: Harness) {
     let later: Vec<NewEntry> = (0..3).map(|i| entry(&format!("v{i}"), "add")).collect();
     let later = store.enqueue(later, 5).await.unwrap();
     for id in &later {
-        store.finish(*id, delivered(6), None).await.unwrap();
+        store.finish(*id, delivered(6), None, None).await.unwrap();
     }
     store.drop_entry(later[0]).await.unwrap();
     assert_eq!(store.prune_finished(0, 1).await.unwrap(), 1);
@@ -546,10 +651,10 @@ async fn dead_count_follows_finish_retry_drop_and_prune(h: Harness) {
         )
         .await
         .unwrap();
-    store.finish(ids[0], dead(11), None).await.unwrap();
-    store.finish(ids[1], dead(11), None).await.unwrap();
+    store.finish(ids[0], dead(11), None, None).await.unwrap();
+    store.finish(ids[1], dead(11), None, None).await.unwrap();
     store
-        .finish(ids[2], delivered(11), Some("FLOWTHROUGH_1"))
+        .finish(ids[2], delivered(11), Some("FLOWTHROUGH_1"), None)
         .await
         .unwrap();
     assert_eq!(store.dead_count().await.unwrap(), 2);
@@ -882,9 +987,12 @@ async fn the_origin_of_an_entry_is_kept_through_every_change_and_a_reopen(mut h:
         store.entry(ids[1]).await.unwrap().unwrap().new.origin,
         Origin::Live
     );
-    let tried = store.record_attempt(ids[0], "FLOWTHROUGH_1").await.unwrap();
+    let tried = store
+        .record_attempt(ids[0], "FLOWTHROUGH_1", None)
+        .await
+        .unwrap();
     assert_eq!(tried.new.origin, Origin::Bulk);
-    let failed = store.record_failure(ids[0], "503").await.unwrap();
+    let failed = store.record_failure(ids[0], "503", None).await.unwrap();
     assert_eq!(failed.new.origin, Origin::Bulk);
     store.flush().await.unwrap();
     h.reopen().await;
@@ -904,7 +1012,7 @@ async fn the_origin_of_an_entry_is_kept_through_every_change_and_a_reopen(mut h:
         ]
     );
     let ended = store
-        .finish(ids[0], dead(5), Some("FLOWTHROUGH_2"))
+        .finish(ids[0], dead(5), Some("FLOWTHROUGH_2"), None)
         .await
         .unwrap();
     assert_eq!(ended.new.origin, Origin::Bulk);

@@ -167,6 +167,7 @@ async fn a_sled_store_copied_into_postgres_is_served_from_there() {
             reason: "undelivered after 72 hours".into(),
         },
         None,
+        None,
     )
     .await
     .unwrap();

@@ -19,8 +19,8 @@ use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
 
 use crate::store::{
-    AuditEvent, AuditRecord, Entry, EntryId, EntryState, Origin, Progress, Store, StoreError,
-    now_ms,
+    AuditEvent, AuditRecord, Entry, EntryId, EntryState, Lease, Origin, Progress, Store,
+    StoreError, now_ms,
 };
 
 /// What one try of one entry came to.
@@ -82,8 +82,9 @@ impl Finished {
 /// The future an attempt function returns.
 pub type AttemptFuture = Pin<Box<dyn Future<Output = Attempt> + Send>>;
 
-/// Tries one entry once. `Arc` so it can be shared by the worker tasks.
-pub type AttemptFn = Arc<dyn Fn(Entry) -> AttemptFuture + Send + Sync>;
+/// Tries one entry once, under the lease on its user's lane (which the writes it makes carry).
+/// `Arc` so it can be shared by the worker tasks.
+pub type AttemptFn = Arc<dyn Fn(Entry, Lease) -> AttemptFuture + Send + Sync>;
 
 /// Limits of the scheduler.
 #[derive(Debug, Clone)]
@@ -97,6 +98,11 @@ pub struct Limits {
     /// dropped between the commit and the hand-over, an operator's retry from another host, and
     /// with several nodes another node's work). None: every command comes through `submit`.
     pub poll: Option<Duration>,
+    /// This node's name on the lanes it leases (`[cluster] node_id`).
+    pub node_id: String,
+    /// How long a lane lease lasts: a node that stops working for longer loses its users to
+    /// the others (a few times a Webex call's timeout, so a slow call keeps its lease).
+    pub lease: Duration,
 }
 
 /// Users whose head entry may be tried now, in the order they became ready, each once.
@@ -476,13 +482,32 @@ impl Engine {
     }
 
     /// Try the head entry of a user once, store the result, and reschedule the user.
+    ///
+    /// One node at a time delivers a user: the head is read and tried under a lease on the
+    /// user's lane, handed back when the try ends. A lane another node holds is left to it; the
+    /// poll looks again, so the user is found if that node dies.
     async fn deliver_head(&self, user: &str) {
         let store = &self.inner.store;
-        let (reschedule, answered) = match store.head_of(user).await {
-            Ok(Some(entry)) => self.try_entry(entry).await,
-            Ok(None) => (Reschedule::Idle, false),
+        let limits = &self.inner.limits;
+        let lease_ms = u64::try_from(limits.lease.as_millis()).unwrap_or(u64::MAX);
+        let (reschedule, answered) = match store.claim_lane(user, &limits.node_id, lease_ms).await {
+            Ok(Some(lease)) => {
+                let tried = match store.head_of(user).await {
+                    Ok(Some(entry)) => self.try_entry(entry, &lease).await,
+                    Ok(None) => (Reschedule::Idle, false),
+                    Err(e) => {
+                        tracing::error!(user_id = user, error = %e, "cannot read the outbox; will retry");
+                        (Reschedule::After(Duration::from_secs(5)), false)
+                    }
+                };
+                if let Err(e) = store.release_lane(&lease).await {
+                    tracing::warn!(user_id = user, error = %e, "cannot hand back a delivery lane; other nodes can take it when its lease runs out");
+                }
+                tried
+            }
+            Ok(None) => (Reschedule::HeldElsewhere, false),
             Err(e) => {
-                tracing::error!(user_id = user, error = %e, "cannot read the outbox; will retry");
+                tracing::error!(user_id = user, error = %e, "cannot claim a delivery lane; will retry");
                 (Reschedule::After(Duration::from_secs(5)), false)
             }
         };
@@ -507,7 +532,7 @@ impl Engine {
         }
         match reschedule {
             Reschedule::Now | Reschedule::Idle if more || again => s.make_ready(user),
-            Reschedule::Now | Reschedule::Idle => {
+            Reschedule::Now | Reschedule::Idle | Reschedule::HeldElsewhere => {
                 s.bulk.remove(user);
             }
             Reschedule::After(delay) => s.retry_later(user, now + delay),
@@ -534,7 +559,7 @@ impl Engine {
     }
 
     /// One try of an entry, and whether Webex answered it (not 429, not unreachable).
-    async fn try_entry(&self, entry: Entry) -> (Reschedule, bool) {
+    async fn try_entry(&self, entry: Entry, lease: &Lease) -> (Reschedule, bool) {
         let age = Duration::from_millis(now_ms().saturating_sub(entry.created_ms));
         let id = entry.id;
         let too_old = age > self.inner.limits.max_entry_age;
@@ -547,7 +572,7 @@ impl Engine {
                 ),
             }
         } else {
-            (self.inner.attempt)(entry).await
+            (self.inner.attempt)(entry, lease.clone()).await
         };
         let store = &self.inner.store;
         let mut last_call = None;
@@ -581,20 +606,27 @@ impl Engine {
                 Reschedule::Now,
             ),
             Attempt::RetryUser { after, reason } => {
-                self.record_failure(id, &reason).await;
+                self.record_failure(id, &reason, lease).await;
                 return (Reschedule::After(after), true);
             }
             Attempt::RetryUpstream { after, reason } => {
-                self.record_failure(id, &reason).await;
+                self.record_failure(id, &reason, lease).await;
                 return (Reschedule::Upstream(after), false);
             }
             Attempt::PauseAll { after, reason } => {
-                self.record_failure(id, &reason).await;
+                self.record_failure(id, &reason, lease).await;
                 return (Reschedule::PauseAll(after), false);
             }
         };
-        let ended = match store.finish(id, state, last_call.as_deref()).await {
+        let ended = match store
+            .finish(id, state, last_call.as_deref(), Some(lease))
+            .await
+        {
             Ok(entry) => entry,
+            Err(e @ StoreError::LeaseLost { .. }) => {
+                tracing::warn!(entry = id, error = %e, "a delivery outcome came too late");
+                return (Reschedule::HeldElsewhere, false);
+            }
             Err(e) => {
                 tracing::error!(entry = id, error = %e, "cannot record the end of an outbox entry; it will be tried again");
                 return (Reschedule::After(Duration::from_secs(5)), !too_old);
@@ -616,8 +648,13 @@ impl Engine {
         (reschedule, !too_old)
     }
 
-    async fn record_failure(&self, id: EntryId, reason: &str) {
-        if let Err(e) = self.inner.store.record_failure(id, reason).await {
+    async fn record_failure(&self, id: EntryId, reason: &str, lease: &Lease) {
+        if let Err(e) = self
+            .inner
+            .store
+            .record_failure(id, reason, Some(lease))
+            .await
+        {
             tracing::error!(entry = id, error = %e, "cannot record a failed attempt");
         }
     }
@@ -705,6 +742,8 @@ enum Reschedule {
     Now,
     /// Nothing pending.
     Idle,
+    /// Another node holds the user's lane (or took it over during the try): its work.
+    HeldElsewhere,
     /// Try this user again after the delay.
     After(Duration),
     /// Webex is failing: probe after the delay, or wait for the probe.
@@ -732,6 +771,8 @@ mod tests {
     fn limits(parallel: usize) -> Limits {
         Limits {
             poll: None,
+            node_id: "test-node".to_owned(),
+            lease: Duration::from_secs(30),
             max_parallel_users: parallel,
             max_entry_age: Duration::from_secs(3600),
         }
@@ -743,7 +784,7 @@ mod tests {
         answer: impl Fn(&Entry, usize) -> Attempt + Send + Sync + 'static,
     ) -> AttemptFn {
         let calls = Arc::new(AtomicUsize::new(0));
-        Arc::new(move |entry: Entry| {
+        Arc::new(move |entry: Entry, _lease: Lease| {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             log.lock()
                 .unwrap()
@@ -806,7 +847,7 @@ mod tests {
         let most_bulk = Arc::new(AtomicUsize::new(0));
         let attempt: AttemptFn = {
             let (log, in_flight, most_bulk) = (log.clone(), in_flight.clone(), most_bulk.clone());
-            Arc::new(move |entry: Entry| {
+            Arc::new(move |entry: Entry, _lease: Lease| {
                 let bulk = entry.new.origin == Origin::Bulk;
                 log.lock().unwrap().push(entry.new.user_id.clone());
                 let (in_flight, most_bulk) = (in_flight.clone(), most_bulk.clone());
@@ -1100,7 +1141,7 @@ mod tests {
         let running = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let (r, p) = (running.clone(), peak.clone());
-        let attempt: AttemptFn = Arc::new(move |_entry| {
+        let attempt: AttemptFn = Arc::new(move |_entry, _lease| {
             let (r, p) = (r.clone(), p.clone());
             Box::pin(async move {
                 let now = r.fetch_add(1, Ordering::SeqCst) + 1;
@@ -1131,7 +1172,7 @@ mod tests {
     /// are logged in order.
     fn down_for(down: Duration, log: Arc<Mutex<Vec<String>>>) -> AttemptFn {
         let down_until = Instant::now() + down;
-        Arc::new(move |entry: Entry| {
+        Arc::new(move |entry: Entry, _lease: Lease| {
             log.lock().unwrap().push(entry.new.user_id.clone());
             Box::pin(async move {
                 if Instant::now() < down_until {
@@ -1230,7 +1271,7 @@ mod tests {
         let starts = Arc::new(Mutex::new(Vec::new()));
         let calls = Arc::new(AtomicUsize::new(0));
         let (st, c) = (starts.clone(), calls.clone());
-        let attempt: AttemptFn = Arc::new(move |_entry| {
+        let attempt: AttemptFn = Arc::new(move |_entry, _lease| {
             st.lock().unwrap().push(Instant::now());
             let n = c.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::{Attempt, AttemptFn};
 use crate::metrics::{CallLabels, Metrics, StatusLabels};
-use crate::store::{AuditEvent, AuditRecord, Call, Entry, Store, now_ms};
+use crate::store::{AuditEvent, AuditRecord, Call, Entry, Lease, Store, now_ms};
 use crate::webex::{Outcome, Subscriber, SubscriberStatus, WebexClient, WebexError, backoff};
 
 /// Backoff of the probe while Webex fails: 1 s doubling to 15 s, with jitter. Only one user
@@ -31,13 +31,13 @@ impl Deliverer {
     /// The attempt function the scheduler calls.
     pub fn attempt_fn(self) -> AttemptFn {
         let this = Arc::new(self);
-        Arc::new(move |entry: Entry| {
+        Arc::new(move |entry: Entry, lease: Lease| {
             let this = this.clone();
-            Box::pin(async move { this.attempt(entry).await })
+            Box::pin(async move { this.attempt(entry, &lease).await })
         })
     }
 
-    async fn attempt(&self, entry: Entry) -> Attempt {
+    async fn attempt(&self, entry: Entry, lease: &Lease) -> Attempt {
         // A non-zero count says an earlier call may have reached Webex, so a provision looks the
         // user up first. A failed call is counted when it returns (`record`), a delivering one in
         // `Store::finish`; a crash during a call leaves the count as it was, and the POST sent
@@ -60,7 +60,7 @@ impl Deliverer {
                 }
                 let started = std::time::Instant::now();
                 let outcome = self.client.provision_once(user_id, body).await;
-                self.record(&entry, "provision", &outcome, started.elapsed())
+                self.record(&entry, lease, "provision", &outcome, started.elapsed())
                     .await;
                 tracking_id = Some(outcome.tracking_id.clone());
                 match outcome.result {
@@ -76,7 +76,7 @@ impl Deliverer {
                 Ok(Some(id)) => {
                     let started = std::time::Instant::now();
                     let outcome = self.client.update(&id, body).await;
-                    self.record(&entry, "update", &outcome, started.elapsed())
+                    self.record(&entry, lease, "update", &outcome, started.elapsed())
                         .await;
                     tracking_id = Some(outcome.tracking_id.clone());
                     match outcome.result {
@@ -112,7 +112,7 @@ impl Deliverer {
                 Ok(Some(id)) => {
                     let started = std::time::Instant::now();
                     let outcome = self.client.remove(&id).await;
-                    self.record(&entry, "remove", &outcome, started.elapsed())
+                    self.record(&entry, lease, "remove", &outcome, started.elapsed())
                         .await;
                     tracking_id = Some(outcome.tracking_id.clone());
                     match outcome.result {
@@ -196,7 +196,14 @@ impl Deliverer {
     }
 
     /// Record the call in metrics and the entry's tracking id in the store.
-    async fn record<T>(&self, entry: &Entry, call: &str, outcome: &Outcome<T>, took: Duration) {
+    async fn record<T>(
+        &self,
+        entry: &Entry,
+        lease: &Lease,
+        call: &str,
+        outcome: &Outcome<T>,
+        took: Duration,
+    ) {
         self.metrics.webex_seconds.observe(took.as_secs_f64());
         let status = match &outcome.result {
             Ok(_) => "ok".to_owned(),
@@ -219,7 +226,7 @@ impl Deliverer {
         if outcome.result.is_err()
             && let Err(e) = self
                 .store
-                .record_attempt(entry.id, &outcome.tracking_id)
+                .record_attempt(entry.id, &outcome.tracking_id, Some(lease))
                 .await
         {
             tracing::error!(entry = entry.id, error = %e, "cannot record a delivery attempt");

@@ -74,7 +74,7 @@ pub async fn connect(
 fn capped(attempt: AttemptFn, rate: f64) -> AttemptFn {
     let spacing = Duration::from_secs_f64(1.0 / rate);
     let last_start = Arc::new(tokio::sync::Mutex::new(None::<Instant>));
-    Arc::new(move |entry| {
+    Arc::new(move |entry, lease| {
         let attempt = attempt.clone();
         let last_start = last_start.clone();
         Box::pin(async move {
@@ -85,7 +85,7 @@ fn capped(attempt: AttemptFn, rate: f64) -> AttemptFn {
                 }
                 *last = Some(Instant::now());
             }
-            attempt(entry).await
+            attempt(entry, lease).await
         })
     })
 }
@@ -130,6 +130,9 @@ pub async fn standalone(
             max_parallel_users: webex.max_parallel_users,
             max_entry_age: Duration::from_secs(config.store.max_entry_age_hours * 3600),
             poll: None,
+            // Its own name on the lanes: on a shared store a running node may deliver too.
+            node_id: format!("{}/import", config.cluster.node_id()),
+            lease: Duration::from_millis(config.cluster.lease_ms),
         },
     );
     store

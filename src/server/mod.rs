@@ -368,7 +368,9 @@ async fn start_delivery(
             max_parallel_users: webex.max_parallel_users,
             max_entry_age: Duration::from_secs(config.store.max_entry_age_hours * 3600),
             poll: (config.store.backend == crate::config::StoreBackend::Postgres)
-                .then_some(POLL_SHARED_STORE),
+                .then_some(Duration::from_millis(config.cluster.poll_ms)),
+            node_id: config.cluster.node_id(),
+            lease: Duration::from_millis(config.cluster.lease_ms),
         },
     );
     engine.start().await?;
@@ -383,9 +385,6 @@ fn observe_store(store: &Store, metrics: &Arc<Metrics>) {
         error: Box::new(move |kind| errors.count_store_error(kind)),
     });
 }
-
-/// How often delivery looks in a shared store for work it was not handed (see `Limits::poll`).
-const POLL_SHARED_STORE: Duration = Duration::from_secs(1);
 
 /// How often records past the retention or the caps are deleted. Often enough that each round
 /// deletes a few minutes' worth (a long round of deletes delays the flushes requests wait for),

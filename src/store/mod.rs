@@ -10,6 +10,7 @@
 mod audit;
 mod commit;
 pub mod copy;
+mod lanes;
 mod outbox;
 mod population;
 pub mod postgres;
@@ -23,6 +24,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use audit::{AuditEvent, AuditQuery, AuditRecord};
+pub use lanes::Lease;
 pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry, Origin, Progress};
 pub use population::ReconcileReport;
 use sled_backend::SledStore;
@@ -76,6 +78,12 @@ pub enum StoreError {
         "the PostgreSQL schema is at version {found} and lacks {pending}; run `flowthrough store migrate --config <file>` (or start `serve`, which migrates)"
     )]
     SchemaBehind { found: i32, pending: String },
+    /// A delivery outcome written under a lease that has expired or that another node has
+    /// claimed since: the write is refused, the successor's work stands.
+    #[error(
+        "the delivery lease on user {user_id} (fence {fence}) has expired or another node took it over; this node's late outcome is discarded and the lease holder delivers the user"
+    )]
+    LeaseLost { user_id: String, fence: u64 },
 }
 
 impl From<sled::Error> for StoreError {
@@ -146,14 +154,22 @@ domain_operations! {
     fn users_with_pending(&self) -> Vec<String>;
     /// Record an attempt about to be made, so a crash after sending is known to maybe have
     /// reached Webex.
-    fn record_attempt(&self, id: EntryId, tracking_id: &str) -> Entry;
-    /// Note a failed attempt that will be retried.
-    fn record_failure(&self, id: EntryId, error: &str) -> Entry;
+    /// `lease`, when given, must still be held ([`StoreError::LeaseLost`] otherwise): the
+    /// check and the write are one statement.
+    fn record_attempt(&self, id: EntryId, tracking_id: &str, lease: Option<&Lease>) -> Entry;
+    /// Note a failed attempt that will be retried (under `lease`, as for `record_attempt`).
+    fn record_failure(&self, id: EntryId, error: &str, lease: Option<&Lease>) -> Entry;
     /// The final subscriber status found by the follow-up of a delivered entry.
     fn set_webex_status(&self, id: EntryId, status: &str) -> Entry;
     /// The entry reached its end (delivered or dead) and leaves its user's queue; `last_call`
     /// is the TrackingID of the call that ended it, counted as an attempt in the same write.
-    fn finish(&self, id: EntryId, state: EntryState, last_call: Option<&str>) -> Entry;
+    /// Under `lease`, as for `record_attempt`.
+    fn finish(&self, id: EntryId, state: EntryState, last_call: Option<&str>, lease: Option<&Lease>) -> Entry;
+    /// Claim the delivery lane of a user for `lease_ms`, with a fence higher than any before;
+    /// `None` while another owner's lease runs. A lane its owner claims again is renewed.
+    fn claim_lane(&self, user_id: &str, owner: &str, lease_ms: u64) -> Option<Lease>;
+    /// Hand a lane back at once, if this lease still holds it (another node may claim it now).
+    fn release_lane(&self, lease: &Lease) -> ();
     /// Put a dead entry back in its user's queue. False if it was not dead.
     fn retry(&self, id: EntryId) -> bool;
     /// Remove an entry for good (operator's `outbox drop`).

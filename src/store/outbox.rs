@@ -24,7 +24,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{SledStore, StoreError, decode, encode};
+use super::{Lease, SledStore, StoreError, decode, encode};
 
 pub(super) const OUTBOX: &str = "outbox";
 const USER_QUEUE: &str = "user_queue";
@@ -453,7 +453,13 @@ impl SledStore {
 
     /// Record an attempt that is about to be made (before the request leaves), so a crash after
     /// sending is known to have maybe reached Webex.
-    pub fn record_attempt(&self, id: EntryId, tracking_id: &str) -> Result<Entry, StoreError> {
+    pub fn record_attempt(
+        &self,
+        id: EntryId,
+        tracking_id: &str,
+        lease: Option<&Lease>,
+    ) -> Result<Entry, StoreError> {
+        self.lanes.check(lease)?;
         self.update_entry(id, |entry| {
             entry.attempts += 1;
             entry.tracking_id = Some(tracking_id.to_owned());
@@ -461,7 +467,13 @@ impl SledStore {
     }
 
     /// Note a failed attempt that will be retried.
-    pub fn record_failure(&self, id: EntryId, error: &str) -> Result<Entry, StoreError> {
+    pub fn record_failure(
+        &self,
+        id: EntryId,
+        error: &str,
+        lease: Option<&Lease>,
+    ) -> Result<Entry, StoreError> {
+        self.lanes.check(lease)?;
         self.update_entry(id, |entry| entry.last_error = Some(error.to_owned()))
     }
 
@@ -483,7 +495,9 @@ impl SledStore {
         id: EntryId,
         state: EntryState,
         last_call: Option<&str>,
+        lease: Option<&Lease>,
     ) -> Result<Entry, StoreError> {
+        self.lanes.check(lease)?;
         let is_dead = matches!(state, EntryState::Dead { .. });
         if is_dead {
             self.tree(DEAD)?.insert(id.to_be_bytes(), &[])?;
@@ -870,7 +884,7 @@ mod tests {
             let ids = store
                 .enqueue(vec![entry("a", "1"), entry("b", "2")], 10)
                 .unwrap();
-            store.finish(ids[0], dead(11), None).unwrap();
+            store.finish(ids[0], dead(11), None, None).unwrap();
             // What a schema 1 store looks like: no index.
             store.tree(DEAD).unwrap().clear().unwrap();
             store
@@ -901,7 +915,7 @@ mod tests {
             let ids = store
                 .enqueue(vec![entry("a", "1"), entry("a", "2"), entry("b", "3")], 10)
                 .unwrap();
-            store.finish(ids[2], dead(11), None).unwrap();
+            store.finish(ids[2], dead(11), None, None).unwrap();
             store
                 .tree(USER_QUEUE)
                 .unwrap()
@@ -974,7 +988,7 @@ mod tests {
             let ids = store
                 .enqueue(vec![entry("a", "1"), entry("b", "2"), entry("c", "3")], 10)
                 .unwrap();
-            store.finish(ids[0], delivered(11), None).unwrap();
+            store.finish(ids[0], delivered(11), None, None).unwrap();
             let queue = store.tree(USER_QUEUE).unwrap();
             queue.insert(queue_key("a", ids[0]), &[]).unwrap();
             queue.insert(queue_key("ghost", 999_999), &[]).unwrap();
@@ -983,7 +997,7 @@ mod tests {
                 .unwrap()
                 .insert(ids[1].to_be_bytes(), &[])
                 .unwrap();
-            store.finish(ids[2], dead(12), None).unwrap();
+            store.finish(ids[2], dead(12), None, None).unwrap();
             store.flush_blocking().unwrap();
             assert_eq!(
                 store.pending_summary().unwrap().0,
@@ -1036,14 +1050,14 @@ mod tests {
         let stored = |id| store.entry(id).unwrap().unwrap();
         assert_eq!(store.head_of("alice").unwrap().unwrap(), stored(ids[0]));
 
-        store.record_attempt(ids[0], "FLOWTHROUGH_1").unwrap();
+        store.record_attempt(ids[0], "FLOWTHROUGH_1", None).unwrap();
         let head = store.head_of("alice").unwrap().unwrap();
         assert_eq!(
             (head.attempts, head.tracking_id.as_deref()),
             (1, Some("FLOWTHROUGH_1"))
         );
         assert_eq!(head, stored(ids[0]));
-        store.record_failure(ids[0], "timeout").unwrap();
+        store.record_failure(ids[0], "timeout", None).unwrap();
         assert_eq!(
             store
                 .head_of("alice")
@@ -1055,7 +1069,7 @@ mod tests {
         );
 
         let ended = store
-            .finish(ids[1], delivered(2), Some("FLOWTHROUGH_2"))
+            .finish(ids[1], delivered(2), Some("FLOWTHROUGH_2"), None)
             .unwrap();
         assert_eq!(ended, stored(ids[1]));
         assert_eq!((ended.attempts, ended.state), (1, delivered(2)));
@@ -1071,7 +1085,7 @@ mod tests {
         );
         assert_eq!(store.head_of("carol").unwrap(), None);
         assert!(matches!(
-            store.finish(carol, delivered(4), None),
+            store.finish(carol, delivered(4), None, None),
             Err(StoreError::NotFound(_))
         ));
     }
@@ -1090,7 +1104,7 @@ mod tests {
             .insert(id.to_be_bytes(), encode(&behind).unwrap())
             .unwrap();
         let ended = store
-            .finish(id, delivered(2), Some("FLOWTHROUGH_6"))
+            .finish(id, delivered(2), Some("FLOWTHROUGH_6"), None)
             .unwrap();
         assert_eq!(ended.attempts, 6);
         assert_eq!(store.entry(id).unwrap().unwrap(), ended);
@@ -1109,7 +1123,7 @@ mod tests {
             let head = store.head_of(user).unwrap().unwrap();
             assert_eq!(head, store.entry(*id).unwrap().unwrap());
             store
-                .finish(*id, delivered(2), Some("FLOWTHROUGH_1"))
+                .finish(*id, delivered(2), Some("FLOWTHROUGH_1"), None)
                 .unwrap();
             assert_eq!(store.entry(*id).unwrap().unwrap().state, delivered(2));
         }

@@ -34,6 +34,7 @@ pub struct SledStore {
     pub(super) queueing: Arc<std::sync::Mutex<()>>,
     pub(super) counts: Arc<Counts>,
     pub(super) fresh: Arc<outbox::Fresh>,
+    pub(super) lanes: Arc<super::lanes::MemoryLanes>,
 }
 
 /// Record counts of the two trees that grow with traffic, for housekeeping's caps. sled's `len`
@@ -172,7 +173,22 @@ impl SledStore {
             queueing: Arc::default(),
             counts: Arc::default(),
             fresh: Arc::default(),
+            lanes: Arc::default(),
         })
+    }
+
+    pub fn claim_lane(
+        &self,
+        user_id: &str,
+        owner: &str,
+        lease_ms: u64,
+    ) -> Result<Option<super::Lease>, StoreError> {
+        Ok(self.lanes.claim(user_id, owner, lease_ms))
+    }
+
+    pub fn release_lane(&self, lease: &super::Lease) -> Result<(), StoreError> {
+        self.lanes.release(lease);
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {

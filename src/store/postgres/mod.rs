@@ -23,6 +23,7 @@
 
 mod connect;
 mod import;
+mod lanes;
 mod migrate;
 mod outbox;
 mod records;

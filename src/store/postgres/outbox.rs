@@ -6,7 +6,8 @@ use tokio_postgres::Row;
 
 use super::{Access, OpError, PgStore, durable_transaction, to_i64, to_u64};
 use crate::store::{
-    Call, Entry, EntryId, EntryState, Filter, NewEntry, Origin, Progress, Remembered, StoreError,
+    Call, Entry, EntryId, EntryState, Filter, Lease, NewEntry, Origin, Progress, Remembered,
+    StoreError,
 };
 
 const COLUMNS: &str = "id, created_ms, user_id, template, command, call::text, client, state, \
@@ -291,21 +292,37 @@ impl PgStore {
     }
 
     /// A change of one entry by id, returning it as it is now; `NotFound` when there is none.
+    ///
+    /// Under a lease, the row changes only while the lease still holds the user's lane (its
+    /// fence unchanged and its time not run out), checked in the same statement; a refused
+    /// change is [`StoreError::LeaseLost`].
     async fn change(
         &self,
         what: &'static str,
         set: &'static str,
         id: EntryId,
         params: ChangeParams,
+        lease: Option<&Lease>,
     ) -> Result<Entry, StoreError> {
-        let sql = format!("UPDATE outbox SET {set} WHERE id = $1 RETURNING {COLUMNS}");
+        let fence_param = match params {
+            ChangeParams::Text(_) => 3,
+            ChangeParams::End(..) => 9,
+        };
+        let sql = format!(
+            "UPDATE outbox SET {set} WHERE id = $1 AND (${fence_param}::bigint IS NULL OR EXISTS \
+             (SELECT 1 FROM lanes WHERE lanes.user_id = outbox.user_id \
+             AND lanes.fence = ${fence_param} AND lanes.lease_until > now())) RETURNING {COLUMNS}"
+        );
         let key = to_i64(id);
+        let fence = lease.map(|l| to_i64(l.fence));
         let changed = self
             .run(what, Access::Write, move |c| {
                 Box::pin(async move {
                     let statement = c.prepare_cached(&sql).await?;
                     let row = match &params {
-                        ChangeParams::Text(text) => c.query_opt(&statement, &[&key, text]).await?,
+                        ChangeParams::Text(text) => {
+                            c.query_opt(&statement, &[&key, text, &fence]).await?
+                        }
                         ChangeParams::End(state, last_call) => {
                             let (name, ended, subscriber, status, reason) = state;
                             let counted = i32::from(last_call.is_some());
@@ -313,7 +330,7 @@ impl PgStore {
                                 &statement,
                                 &[
                                     &key, name, ended, subscriber, status, reason, &counted,
-                                    last_call,
+                                    last_call, &fence,
                                 ],
                             )
                             .await?
@@ -323,7 +340,12 @@ impl PgStore {
                 })
             })
             .await?;
-        changed.ok_or(StoreError::NotFound(id))
+        match (changed, lease) {
+            (Some(entry), _) => Ok(entry),
+            // Delivery writes only entries it has read, which stay until pruned long after.
+            (None, Some(lease)) => Err(crate::store::lanes::lease_lost(lease)),
+            (None, None) => Err(StoreError::NotFound(id)),
+        }
     }
 
     pub async fn entry(&self, id: EntryId) -> Result<Option<Entry>, StoreError> {
@@ -388,22 +410,30 @@ impl PgStore {
         &self,
         id: EntryId,
         tracking_id: &str,
+        lease: Option<&Lease>,
     ) -> Result<Entry, StoreError> {
         self.change(
             "record a delivery attempt",
             "attempts = attempts + 1, tracking_id = $2",
             id,
             ChangeParams::Text(tracking_id.to_owned()),
+            lease,
         )
         .await
     }
 
-    pub async fn record_failure(&self, id: EntryId, error: &str) -> Result<Entry, StoreError> {
+    pub async fn record_failure(
+        &self,
+        id: EntryId,
+        error: &str,
+        lease: Option<&Lease>,
+    ) -> Result<Entry, StoreError> {
         self.change(
             "record a failed attempt",
             "last_error = $2",
             id,
             ChangeParams::Text(error.to_owned()),
+            lease,
         )
         .await
     }
@@ -414,6 +444,7 @@ impl PgStore {
             "webex_status = CASE WHEN state = 'delivered' THEN $2 ELSE webex_status END",
             id,
             ChangeParams::Text(status.to_owned()),
+            None,
         )
         .await
     }
@@ -423,6 +454,7 @@ impl PgStore {
         id: EntryId,
         state: EntryState,
         last_call: Option<&str>,
+        lease: Option<&Lease>,
     ) -> Result<Entry, StoreError> {
         self.change(
             "record the end of an entry",
@@ -430,6 +462,7 @@ impl PgStore {
              attempts = attempts + $7, tracking_id = coalesce($8, tracking_id)",
             id,
             ChangeParams::End(state_columns(&state), last_call.map(str::to_owned)),
+            lease,
         )
         .await
     }
