@@ -113,6 +113,7 @@ both_backends!(
     the_whole_user_map_is_listed_in_user_id_order,
     the_last_reconcile_report_replaces_the_one_before_and_survives_reopening,
     one_owner_at_a_time_holds_a_lane_and_late_writes_are_fenced_off,
+    a_claim_reads_the_head_and_a_hand_back_says_what_is_left_and_holds_a_backoff,
 );
 
 /// Leases on delivery lanes: a held lane is refused to others, its own owner renews it, an
@@ -178,7 +179,10 @@ async fn one_owner_at_a_time_holds_a_lane_and_late_writes_are_fenced_off(h: Harn
         );
     }
     // Handing back a lease that moved on leaves the successor's lease in place.
-    store.release_lane(&first).await.unwrap();
+    assert!(
+        store.release_lane(&first, 0).await.unwrap(),
+        "alice has work"
+    );
     assert!(
         store
             .claim_lane("alice", "node-a", 1000)
@@ -197,7 +201,10 @@ async fn one_owner_at_a_time_holds_a_lane_and_late_writes_are_fenced_off(h: Harn
         .await
         .unwrap();
     // Handed back, the lane is anyone's at once, with a higher fence.
-    store.release_lane(&second).await.unwrap();
+    assert!(
+        !store.release_lane(&second, 0).await.unwrap(),
+        "alice's only entry has ended"
+    );
     let third = store
         .claim_lane("alice", "node-a", 1000)
         .await
@@ -278,6 +285,128 @@ fn dead(at_ms: u64) -> EntryState {
     }
 }
 
+/// The users `owner` may claim now, sorted (the store promises no order).
+async fn claimable(store: &Store, owner: &str) -> Vec<String> {
+    let mut users: Vec<String> = store
+        .claimable_users(owner, usize::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(user, _)| user)
+        .collect();
+    users.sort();
+    users
+}
+
+/// The delivery round trips: a claim hands over the head with the lease; the hand-back says
+/// whether work is left, and a backoff given with it keeps the user out of every node's look
+/// for work until it is over; a renewal pushes the lease while it holds and fails once it has
+/// moved on; the look for work leaves out lanes other nodes hold.
+async fn a_claim_reads_the_head_and_a_hand_back_says_what_is_left_and_holds_a_backoff(h: Harness) {
+    let store = h.store();
+    let ids = store
+        .enqueue(
+            vec![
+                entry("alice", "add"),
+                entry("alice", "modify"),
+                NewEntry {
+                    origin: Origin::Bulk,
+                    ..entry("bob", "add")
+                },
+            ],
+            1,
+        )
+        .await
+        .unwrap();
+    let origins: std::collections::BTreeMap<String, Origin> = store
+        .claimable_users("node-a", usize::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        origins.into_iter().collect::<Vec<_>>(),
+        vec![("alice".into(), Origin::Live), ("bob".into(), Origin::Bulk)]
+    );
+    assert_eq!(
+        store.claimable_users("node-a", 1).await.unwrap().len(),
+        1,
+        "the look is bounded"
+    );
+
+    let (lease, head) = store
+        .claim_head("alice", "node-a", 60_000)
+        .await
+        .unwrap()
+        .expect("a free lane");
+    assert_eq!(
+        head.map(|e| e.id),
+        Some(ids[0]),
+        "the head comes with the lease"
+    );
+    assert!(
+        store
+            .claim_head("alice", "node-b", 60_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        claimable(store, "node-b").await,
+        vec!["bob"],
+        "alice is held by node-a"
+    );
+    assert_eq!(
+        claimable(store, "node-a").await,
+        vec!["alice", "bob"],
+        "its own lane"
+    );
+    let renewed = store.renew_lane(&lease, 120_000).await.unwrap();
+    assert!(
+        renewed.is_some_and(|until| until > lease.until_ms),
+        "{renewed:?} {lease:?}"
+    );
+
+    store
+        .finish(ids[0], delivered(2), None, Some(&lease))
+        .await
+        .unwrap();
+    assert!(
+        store.release_lane(&lease, 60_000).await.unwrap(),
+        "the modify is left"
+    );
+    assert!(
+        store.renew_lane(&lease, 60_000).await.unwrap().is_none(),
+        "a handed-back lease is not renewed"
+    );
+    assert_eq!(
+        claimable(store, "node-b").await,
+        vec!["bob"],
+        "alice backs off"
+    );
+    let (lease, head) = store
+        .claim_head("alice", "node-a", 60_000)
+        .await
+        .unwrap()
+        .expect("a backoff does not stop a claim: the node that set it retries on time");
+    assert_eq!(head.map(|e| e.id), Some(ids[1]));
+    store
+        .finish(ids[1], delivered(3), None, Some(&lease))
+        .await
+        .unwrap();
+    assert!(
+        !store.release_lane(&lease, 0).await.unwrap(),
+        "nothing left"
+    );
+    assert_eq!(claimable(store, "node-b").await, vec!["bob"]);
+    let (_, head) = store
+        .claim_head("alice", "node-b", 60_000)
+        .await
+        .unwrap()
+        .expect("a free lane");
+    assert!(head.is_none(), "no head without pending work");
+}
+
 async fn ids_listed(store: &Store, filter: Filter, limit: usize) -> Vec<EntryId> {
     store
         .list(filter, limit)
@@ -303,10 +432,7 @@ async fn per_user_order_is_arrival_order_and_finishing_advances_the_head(h: Harn
         .unwrap();
     assert!(ids[0] < ids[1] && ids[1] < ids[2], "{ids:?}");
     assert_eq!(store.head_of("alice").await.unwrap().unwrap().id, ids[0]);
-    assert_eq!(
-        store.users_with_pending().await.unwrap(),
-        vec!["alice", "bob"]
-    );
+    assert_eq!(claimable(store, "node").await, vec!["alice", "bob"]);
     let done = EntryState::Delivered {
         at_ms: 2,
         subscriber_id: Some("sub-1".into()),
@@ -430,7 +556,7 @@ async fn acknowledged_entries_and_records_survive_reopening(mut h: Harness) {
     h.store().append_audit(&command(12, "a")).await.unwrap();
     h.reopen().await;
     let store = h.store();
-    assert_eq!(store.users_with_pending().await.unwrap(), vec!["c"]);
+    assert_eq!(claimable(store, "node").await, vec!["c"]);
     assert_eq!(ids_listed(store, Filter::Dead, 10).await, vec![ids[1]]);
     assert_eq!(ids_listed(store, Filter::Delivered, 10).await, vec![ids[0]]);
     assert_eq!(ids_listed(store, Filter::All, 10).await, ids);

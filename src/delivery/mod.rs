@@ -43,6 +43,9 @@ pub enum Attempt {
     PauseAll { after: Duration, reason: String },
     /// A permanent failure: the entry is dead and stays for the operator.
     Dead { reason: String },
+    /// The lease on the user's lane ran out before a call that changes Webex: the call is not
+    /// made, nothing is written, and the node that holds the lane now does the work.
+    LeaseExpired,
 }
 
 /// How an entry ended, for whoever waits on it (the AS's request, until its deadline).
@@ -82,9 +85,55 @@ impl Finished {
 /// The future an attempt function returns.
 pub type AttemptFuture = Pin<Box<dyn Future<Output = Attempt> + Send>>;
 
-/// Tries one entry once, under the lease on its user's lane (which the writes it makes carry).
-/// `Arc` so it can be shared by the worker tasks.
-pub type AttemptFn = Arc<dyn Fn(Entry, Lease) -> AttemptFuture + Send + Sync>;
+/// Tries one entry once, under the lease on its user's lane (which the writes it makes carry,
+/// and which it checks before each call that changes Webex). `Arc` so it can be shared by the
+/// worker tasks.
+pub type AttemptFn = Arc<dyn Fn(Entry, Tenure) -> AttemptFuture + Send + Sync>;
+
+/// Share of a lease this node trusts itself to still hold, measured from before its claim or
+/// renewal was sent: another node can claim the lane only once the database's clock has passed
+/// the lease's end, which is later than the same span on this node's clock from an earlier
+/// start. The quarter left is the margin between "held" being checked and the call leaving.
+const TRUSTED_SHARE: f64 = 0.75;
+
+/// A lease as delivery holds it: the store's lease, which fenced writes carry, and how long this
+/// node may still act on it by its own clock, pushed on by each renewal. A node that was paused
+/// (SIGSTOP, a VM stall) past that time finds so before its next Webex call instead of making a
+/// call its successor makes too.
+#[derive(Debug, Clone)]
+pub struct Tenure {
+    lease: Lease,
+    trusted_until: Arc<Mutex<Instant>>,
+}
+
+impl Tenure {
+    fn new(lease: Lease, claimed_at: Instant, length: Duration) -> Tenure {
+        Tenure {
+            lease,
+            trusted_until: Arc::new(Mutex::new(claimed_at + length.mul_f64(TRUSTED_SHARE))),
+        }
+    }
+
+    /// A lease held for ever, for work that no other node can take (tests of the attempt).
+    pub fn sole(lease: Lease) -> Tenure {
+        Tenure::new(lease, Instant::now(), Duration::from_secs(86_400 * 365))
+    }
+
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// Whether this node may still act for the user: false once the trusted part of the lease
+    /// has passed without a renewal.
+    pub fn held(&self) -> bool {
+        Instant::now() < *self.trusted_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn renewed(&self, sent_at: Instant, length: Duration) {
+        *self.trusted_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            sent_at + length.mul_f64(TRUSTED_SHARE);
+    }
+}
 
 /// Limits of the scheduler.
 #[derive(Debug, Clone)]
@@ -104,6 +153,10 @@ pub struct Limits {
     /// the others (a few times a Webex call's timeout, so a slow call keeps its lease).
     pub lease: Duration,
 }
+
+/// Users taken from one look for work other nodes accepted or left: enough to fill every slot
+/// many times over before the next look, few enough that a look stays one short query.
+const POLL_BATCH: usize = 1000;
 
 /// Users whose head entry may be tried now, in the order they became ready, each once.
 /// Membership is a set lookup: every command submitted asks it, and after an outage the queue can
@@ -213,8 +266,13 @@ impl Engine {
     /// Start the scheduler loop on the current runtime, after queueing every user that has
     /// pending entries in the store (recovery after a restart or crash).
     pub async fn start(&self) -> Result<tokio::task::JoinHandle<()>, StoreError> {
-        for user in self.inner.store.users_with_pending().await? {
-            self.submit_found(&user).await?;
+        let found = self
+            .inner
+            .store
+            .claimable_users(&self.inner.limits.node_id, usize::MAX)
+            .await?;
+        for (user, origin) in found {
+            self.submit_found(&user, origin);
         }
         if let Some(every) = self.inner.limits.poll {
             let engine = self.clone();
@@ -240,38 +298,30 @@ impl Engine {
                     continue;
                 }
             }
-            let found = match self.inner.store.users_with_pending().await {
-                Ok(users) => users,
+            let found = self
+                .inner
+                .store
+                .claimable_users(&self.inner.limits.node_id, POLL_BATCH)
+                .await;
+            match found {
+                Ok(users) => {
+                    for (user, origin) in users {
+                        self.submit_found(&user, origin);
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot look for pending work; will look again");
-                    continue;
-                }
-            };
-            for user in found {
-                if let Err(e) = self.submit_found(&user).await {
-                    tracing::debug!(error = %e, "cannot read a pending user's work; will look again");
-                    break;
                 }
             }
         }
     }
 
-    /// A user found with pending work in the store. One the schedule knows keeps its kind (a
-    /// bulk submit never demotes a live user); another is bulk when the head of its queue is:
+    /// A user found with pending work in the store, `origin` being that of the head of its
+    /// queue. One the schedule knows keeps its kind (a found user never demotes a live one);
     /// recovery and the poll must not put an import's users before the AS's.
-    async fn submit_found(&self, user: &str) -> Result<(), StoreError> {
+    fn submit_found(&self, user: &str, origin: Origin) {
         let known = self.lock().knows(user);
-        let origin = if known {
-            Origin::Bulk
-        } else {
-            self.inner
-                .store
-                .head_of(user)
-                .await?
-                .map_or(Origin::Live, |head| head.new.origin)
-        };
-        self.submit_as(user, origin);
-        Ok(())
+        self.submit_as(user, if known { Origin::Bulk } else { origin });
     }
 
     /// A user has new pending work from the AS.
@@ -484,40 +534,42 @@ impl Engine {
     /// Try the head entry of a user once, store the result, and reschedule the user.
     ///
     /// One node at a time delivers a user: the head is read and tried under a lease on the
-    /// user's lane, handed back when the try ends. A lane another node holds is left to it; the
-    /// poll looks again, so the user is found if that node dies.
+    /// user's lane, renewed while the try lasts and handed back when it ends (with the backoff
+    /// the try asked for, which other nodes' polls respect). A lane another node holds is left
+    /// to it; the poll looks again, so the user is found if that node dies.
     async fn deliver_head(&self, user: &str) {
         let store = &self.inner.store;
         let limits = &self.inner.limits;
         let lease_ms = u64::try_from(limits.lease.as_millis()).unwrap_or(u64::MAX);
-        let (reschedule, answered) = match store.claim_lane(user, &limits.node_id, lease_ms).await {
-            Ok(Some(lease)) => {
-                let tried = match store.head_of(user).await {
-                    Ok(Some(entry)) => self.try_entry(entry, &lease).await,
-                    Ok(None) => (Reschedule::Idle, false),
-                    Err(e) => {
-                        tracing::error!(user_id = user, error = %e, "cannot read the outbox; will retry");
-                        (Reschedule::After(Duration::from_secs(5)), false)
-                    }
+        let claimed_at = Instant::now();
+        let (reschedule, answered, more) = match store
+            .claim_head(user, &limits.node_id, lease_ms)
+            .await
+        {
+            Ok(Some((lease, head))) => {
+                let tenure = Tenure::new(lease, claimed_at, limits.lease);
+                let (reschedule, answered) = match head {
+                    Some(entry) => self.try_under_lease(entry, &tenure).await,
+                    None => (Reschedule::Idle, false),
                 };
-                if let Err(e) = store.release_lane(&lease).await {
-                    tracing::warn!(user_id = user, error = %e, "cannot hand back a delivery lane; other nodes can take it when its lease runs out");
-                }
-                tried
+                // A lane taken over is not ours to hand back.
+                let more = !matches!(reschedule, Reschedule::HeldElsewhere)
+                    && {
+                        let ready_in =
+                            u64::try_from(reschedule.delay().as_millis()).unwrap_or(u64::MAX);
+                        store.release_lane(tenure.lease(), ready_in).await.unwrap_or_else(|e| {
+                            tracing::warn!(user_id = user, error = %e, "cannot hand back a delivery lane; other nodes can take it when its lease runs out");
+                            true
+                        })
+                    };
+                (reschedule, answered, more)
             }
-            Ok(None) => (Reschedule::HeldElsewhere, false),
+            Ok(None) => (Reschedule::HeldElsewhere, false, false),
             Err(e) => {
                 tracing::error!(user_id = user, error = %e, "cannot claim a delivery lane; will retry");
-                (Reschedule::After(Duration::from_secs(5)), false)
+                (Reschedule::After(Duration::from_secs(5)), false, false)
             }
         };
-        // Looked up here rather than by trying the user again: an empty try would take a turn
-        // of the pace.
-        let more = matches!(reschedule, Reschedule::Now)
-            && store.has_pending(user).await.unwrap_or_else(|e| {
-                tracing::error!(user_id = user, error = %e, "cannot read the outbox; will look again");
-                true
-            });
         let now = Instant::now();
         let mut s = self.lock();
         s.busy.remove(user);
@@ -558,8 +610,32 @@ impl Engine {
         }
     }
 
+    /// [`Engine::try_entry`], renewing the lease every third of its length while the try lasts
+    /// (a slow Webex, a long lookup and provision): a renewal that fails leaves the lease to run
+    /// out, and the try finds that out before its next call.
+    async fn try_under_lease(&self, entry: Entry, tenure: &Tenure) -> (Reschedule, bool) {
+        let length = self.inner.limits.lease;
+        let lease_ms = u64::try_from(length.as_millis()).unwrap_or(u64::MAX);
+        let attempt = self.try_entry(entry, tenure);
+        tokio::pin!(attempt);
+        loop {
+            tokio::select! {
+                tried = &mut attempt => return tried,
+                _ = tokio::time::sleep(length / 3) => {
+                    let sent_at = Instant::now();
+                    match self.inner.store.renew_lane(tenure.lease(), lease_ms).await {
+                        Ok(Some(_)) => tenure.renewed(sent_at, length),
+                        Ok(None) => tracing::warn!(user_id = %tenure.lease().user_id, "the delivery lease ran out during a try; another node may take the user over"),
+                        Err(e) => tracing::warn!(user_id = %tenure.lease().user_id, error = %e, "cannot renew a delivery lease; it runs out unless a later renewal gets through"),
+                    }
+                }
+            }
+        }
+    }
+
     /// One try of an entry, and whether Webex answered it (not 429, not unreachable).
-    async fn try_entry(&self, entry: Entry, lease: &Lease) -> (Reschedule, bool) {
+    async fn try_entry(&self, entry: Entry, tenure: &Tenure) -> (Reschedule, bool) {
+        let lease = tenure.lease();
         let age = Duration::from_millis(now_ms().saturating_sub(entry.created_ms));
         let id = entry.id;
         let too_old = age > self.inner.limits.max_entry_age;
@@ -572,7 +648,7 @@ impl Engine {
                 ),
             }
         } else {
-            (self.inner.attempt)(entry, lease.clone()).await
+            (self.inner.attempt)(entry, tenure.clone()).await
         };
         let store = &self.inner.store;
         let mut last_call = None;
@@ -616,6 +692,10 @@ impl Engine {
             Attempt::PauseAll { after, reason } => {
                 self.record_failure(id, &reason, lease).await;
                 return (Reschedule::PauseAll(after), false);
+            }
+            Attempt::LeaseExpired => {
+                tracing::warn!(entry = id, user_id = %lease.user_id, "the delivery lease ran out before a Webex call; the call was not made and the node holding the user now delivers it");
+                return (Reschedule::HeldElsewhere, false);
             }
         };
         let ended = match store
@@ -751,6 +831,18 @@ enum Reschedule {
     PauseAll(Duration),
 }
 
+impl Reschedule {
+    /// How long the user waits before its next try.
+    fn delay(&self) -> Duration {
+        match self {
+            Reschedule::After(delay)
+            | Reschedule::Upstream(delay)
+            | Reschedule::PauseAll(delay) => *delay,
+            Reschedule::Now | Reschedule::Idle | Reschedule::HeldElsewhere => Duration::ZERO,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -784,7 +876,7 @@ mod tests {
         answer: impl Fn(&Entry, usize) -> Attempt + Send + Sync + 'static,
     ) -> AttemptFn {
         let calls = Arc::new(AtomicUsize::new(0));
-        Arc::new(move |entry: Entry, _lease: Lease| {
+        Arc::new(move |entry: Entry, _lease: Tenure| {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             log.lock()
                 .unwrap()
@@ -847,7 +939,7 @@ mod tests {
         let most_bulk = Arc::new(AtomicUsize::new(0));
         let attempt: AttemptFn = {
             let (log, in_flight, most_bulk) = (log.clone(), in_flight.clone(), most_bulk.clone());
-            Arc::new(move |entry: Entry, _lease: Lease| {
+            Arc::new(move |entry: Entry, _lease: Tenure| {
                 let bulk = entry.new.origin == Origin::Bulk;
                 log.lock().unwrap().push(entry.new.user_id.clone());
                 let (in_flight, most_bulk) = (in_flight.clone(), most_bulk.clone());
@@ -1172,7 +1264,7 @@ mod tests {
     /// are logged in order.
     fn down_for(down: Duration, log: Arc<Mutex<Vec<String>>>) -> AttemptFn {
         let down_until = Instant::now() + down;
-        Arc::new(move |entry: Entry, _lease: Lease| {
+        Arc::new(move |entry: Entry, _lease: Tenure| {
             log.lock().unwrap().push(entry.new.user_id.clone());
             Box::pin(async move {
                 if Instant::now() < down_until {

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Attempt, AttemptFn};
+use super::{Attempt, AttemptFn, Tenure};
 use crate::metrics::{CallLabels, Metrics, StatusLabels};
-use crate::store::{AuditEvent, AuditRecord, Call, Entry, Lease, Store, now_ms};
+use crate::store::{AuditEvent, AuditRecord, Call, Entry, Store, now_ms};
 use crate::webex::{Outcome, Subscriber, SubscriberStatus, WebexClient, WebexError, backoff};
 
 /// Backoff of the probe while Webex fails: 1 s doubling to 15 s, with jitter. Only one user
@@ -31,13 +31,13 @@ impl Deliverer {
     /// The attempt function the scheduler calls.
     pub fn attempt_fn(self) -> AttemptFn {
         let this = Arc::new(self);
-        Arc::new(move |entry: Entry, lease: Lease| {
+        Arc::new(move |entry: Entry, tenure: Tenure| {
             let this = this.clone();
-            Box::pin(async move { this.attempt(entry, &lease).await })
+            Box::pin(async move { this.attempt(entry, &tenure).await })
         })
     }
 
-    async fn attempt(&self, entry: Entry, lease: &Lease) -> Attempt {
+    async fn attempt(&self, entry: Entry, tenure: &Tenure) -> Attempt {
         // A non-zero count says an earlier call may have reached Webex, so a provision looks the
         // user up first. A failed call is counted when it returns (`record`), a delivering one in
         // `Store::finish`; a crash during a call leaves the count as it was, and the POST sent
@@ -58,9 +58,12 @@ impl Deliverer {
                         Err(e) => return self.classify(&entry, e, None),
                     }
                 }
+                if !tenure.held() {
+                    return Attempt::LeaseExpired;
+                }
                 let started = std::time::Instant::now();
                 let outcome = self.client.provision_once(user_id, body).await;
-                self.record(&entry, lease, "provision", &outcome, started.elapsed())
+                self.record(&entry, tenure, "provision", &outcome, started.elapsed())
                     .await;
                 tracking_id = Some(outcome.tracking_id.clone());
                 match outcome.result {
@@ -74,9 +77,12 @@ impl Deliverer {
             }
             Call::Update { body } => match self.subscriber_id(user_id).await {
                 Ok(Some(id)) => {
+                    if !tenure.held() {
+                        return Attempt::LeaseExpired;
+                    }
                     let started = std::time::Instant::now();
                     let outcome = self.client.update(&id, body).await;
-                    self.record(&entry, lease, "update", &outcome, started.elapsed())
+                    self.record(&entry, tenure, "update", &outcome, started.elapsed())
                         .await;
                     tracking_id = Some(outcome.tracking_id.clone());
                     match outcome.result {
@@ -110,9 +116,12 @@ impl Deliverer {
             },
             Call::Remove => match self.subscriber_id(user_id).await {
                 Ok(Some(id)) => {
+                    if !tenure.held() {
+                        return Attempt::LeaseExpired;
+                    }
                     let started = std::time::Instant::now();
                     let outcome = self.client.remove(&id).await;
-                    self.record(&entry, lease, "remove", &outcome, started.elapsed())
+                    self.record(&entry, tenure, "remove", &outcome, started.elapsed())
                         .await;
                     tracking_id = Some(outcome.tracking_id.clone());
                     match outcome.result {
@@ -199,7 +208,7 @@ impl Deliverer {
     async fn record<T>(
         &self,
         entry: &Entry,
-        lease: &Lease,
+        tenure: &Tenure,
         call: &str,
         outcome: &Outcome<T>,
         took: Duration,
@@ -226,7 +235,7 @@ impl Deliverer {
         if outcome.result.is_err()
             && let Err(e) = self
                 .store
-                .record_attempt(entry.id, &outcome.tracking_id, Some(lease))
+                .record_attempt(entry.id, &outcome.tracking_id, Some(tenure.lease()))
                 .await
         {
             tracing::error!(entry = entry.id, error = %e, "cannot record a delivery attempt");

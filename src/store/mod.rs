@@ -150,8 +150,10 @@ domain_operations! {
     fn head_of(&self, user_id: &str) -> Option<Entry>;
     /// Whether a user has a pending entry.
     fn has_pending(&self, user_id: &str) -> bool;
-    /// Every user with pending work, each once. Used at start-up to recover.
-    fn users_with_pending(&self) -> Vec<String>;
+    /// Users with pending work whose lane `owner` may claim now (not leased by another node,
+    /// and on PostgreSQL not backing off), at most `limit`, each once, with the origin of its
+    /// head. Used at start-up to recover, and by the poll for work other nodes accepted or left.
+    fn claimable_users(&self, owner: &str, limit: usize) -> Vec<(String, Origin)>;
     /// Record an attempt about to be made, so a crash after sending is known to maybe have
     /// reached Webex.
     /// `lease`, when given, must still be held ([`StoreError::LeaseLost`] otherwise): the
@@ -168,8 +170,15 @@ domain_operations! {
     /// Claim the delivery lane of a user for `lease_ms`, with a fence higher than any before;
     /// `None` while another owner's lease runs. A lane its owner claims again is renewed.
     fn claim_lane(&self, user_id: &str, owner: &str, lease_ms: u64) -> Option<Lease>;
-    /// Hand a lane back at once, if this lease still holds it (another node may claim it now).
-    fn release_lane(&self, lease: &Lease) -> ();
+    /// [`Store::claim_lane`] and the head of the user's queue, read in the same round trip.
+    fn claim_head(&self, user_id: &str, owner: &str, lease_ms: u64) -> Option<(Lease, Option<Entry>)>;
+    /// Hand a lane back at once, if this lease still holds it (another node may claim it now;
+    /// other nodes' polls leave it for `ready_in_ms`, a backoff); says whether the user still
+    /// has pending work.
+    fn release_lane(&self, lease: &Lease, ready_in_ms: u64) -> bool;
+    /// Push a lease that still holds `lease_ms` further; its new end, or `None` once it has
+    /// run out or been claimed again.
+    fn renew_lane(&self, lease: &Lease, lease_ms: u64) -> Option<u64>;
     /// Put a dead entry back in its user's queue. False if it was not dead.
     fn retry(&self, id: EntryId) -> bool;
     /// Remove an entry for good (operator's `outbox drop`).

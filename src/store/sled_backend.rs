@@ -186,9 +186,49 @@ impl SledStore {
         Ok(self.lanes.claim(user_id, owner, lease_ms))
     }
 
-    pub fn release_lane(&self, lease: &super::Lease) -> Result<(), StoreError> {
-        self.lanes.release(lease);
-        Ok(())
+    pub fn claim_head(
+        &self,
+        user_id: &str,
+        owner: &str,
+        lease_ms: u64,
+    ) -> Result<Option<(super::Lease, Option<super::Entry>)>, StoreError> {
+        match self.lanes.claim(user_id, owner, lease_ms) {
+            Some(lease) => Ok(Some((lease, self.head_of(user_id)?))),
+            None => Ok(None),
+        }
+    }
+
+    pub fn release_lane(&self, lease: &super::Lease, ready_in_ms: u64) -> Result<bool, StoreError> {
+        self.lanes.release(lease, ready_in_ms);
+        self.has_pending(&lease.user_id)
+    }
+
+    pub fn renew_lane(
+        &self,
+        lease: &super::Lease,
+        lease_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(self.lanes.renew(lease, lease_ms))
+    }
+
+    pub fn claimable_users(
+        &self,
+        owner: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, super::Origin)>, StoreError> {
+        let mut found = Vec::new();
+        for user in self.users_with_pending()? {
+            if found.len() >= limit {
+                break;
+            }
+            if !self.lanes.claimable(&user, owner) {
+                continue;
+            }
+            if let Some(head) = self.head_of(&user)? {
+                found.push((user, head.new.origin));
+            }
+        }
+        Ok(found)
     }
 
     pub fn path(&self) -> &Path {

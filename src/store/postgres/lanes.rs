@@ -1,21 +1,57 @@
-//! Delivery lanes on PostgreSQL, shared by every node (see `store::lanes`): a claim takes a lane
-//! whose lease is free, its own or run out, skipping a row another node is claiming at that
-//! moment, and raises the fence; the database's clock decides expiry, so nodes' clocks need not
-//! agree.
+//! Delivery lanes on PostgreSQL, shared by every node (see `store::lanes`). The database's clock
+//! decides expiry, so nodes' clocks need not agree.
 
-use super::{Access, PgStore, to_i64, to_u64};
-use crate::store::{Lease, StoreError};
+use tokio_postgres::Row;
 
-/// The lane row exists for every user with an entry (enqueue creates it); a lane is claimable
-/// when unleased, leased to the claimer, or past its lease.
-const CLAIM: &str = "WITH free AS (SELECT user_id FROM lanes WHERE user_id = $1 \
-     AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until <= now()) FOR UPDATE SKIP LOCKED) \
-     UPDATE lanes SET lease_owner = $2, lease_until = now() + $3 * interval '1 millisecond', \
-     fence = lanes.fence + 1 FROM free WHERE lanes.user_id = free.user_id \
-     RETURNING lanes.fence, (extract(epoch FROM lanes.lease_until) * 1000)::bigint";
+use super::outbox::{COLUMNS, entry_from};
+use super::{Access, OpError, PgStore, to_i64, to_u64};
+use crate::store::{Entry, Lease, Origin, StoreError};
 
-const RELEASE: &str = "UPDATE lanes SET lease_owner = NULL, lease_until = NULL \
-     WHERE user_id = $1 AND fence = $2";
+/// A lane is claimable when unleased, leased to the claimer (a renewal), or past its lease; the
+/// fence grows at every claim. The claim waits for a transaction that holds the lane row (an
+/// accept of the same user committing on another node) rather than skipping it, so a user just
+/// handed to this node is not passed over. The head is read in the same statement: one round
+/// trip from "user ready" to "entry in hand". Its snapshot predates a wait for the lane, so it
+/// may miss an entry committed during that wait; `RELEASE` sees it and the user goes again.
+fn claim_head_sql() -> String {
+    format!(
+        "WITH claimed AS (UPDATE lanes SET lease_owner = $2, \
+         lease_until = now() + $3 * interval '1 millisecond', fence = fence + 1 \
+         WHERE user_id = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until <= now()) \
+         RETURNING fence, (extract(epoch FROM lease_until) * 1000)::bigint AS until_ms) \
+         SELECT head.*, claimed.fence, claimed.until_ms FROM claimed LEFT JOIN LATERAL \
+         (SELECT {COLUMNS} FROM outbox WHERE user_id = $1 AND state = 'pending' ORDER BY id LIMIT 1) \
+         head ON true"
+    )
+}
+
+/// Hands the lane back, not ready for other nodes' polls before `$3` ms (a backoff), and says
+/// whether the user still has work (the statement's snapshot is taken after the release's own).
+const RELEASE: &str = "WITH released AS (UPDATE lanes SET lease_owner = NULL, lease_until = NULL, \
+     ready_at = now() + $3 * interval '1 millisecond' WHERE user_id = $1 AND fence = $2) \
+     SELECT EXISTS (SELECT 1 FROM outbox WHERE user_id = $1 AND state = 'pending')";
+
+/// Extends a lease that still holds: same fence, not yet run out.
+const RENEW: &str = "UPDATE lanes SET lease_until = now() + $3 * interval '1 millisecond' \
+     WHERE user_id = $1 AND fence = $2 AND lease_until > now() \
+     RETURNING (extract(epoch FROM lease_until) * 1000)::bigint";
+
+/// Users with pending work that this node may claim now, with the origin of each one's head:
+/// driven by the pending rows (a partial index), not by every lane ever created.
+const CLAIMABLE: &str = "SELECT p.user_id, p.origin FROM \
+     (SELECT DISTINCT ON (user_id) user_id, origin FROM outbox WHERE state = 'pending' \
+      ORDER BY user_id, id) p JOIN lanes l USING (user_id) \
+     WHERE l.ready_at <= now() AND (l.lease_owner IS NULL OR l.lease_owner = $1 OR l.lease_until <= now()) \
+     LIMIT $2";
+
+fn lease_from(row: &Row, at: usize, user: String, owner: String) -> Result<Lease, OpError> {
+    Ok(Lease {
+        fence: to_u64(row.try_get(at)?, "lane fence")?,
+        until_ms: to_u64(row.try_get(at + 1)?, "lane lease time")?,
+        user_id: user,
+        owner,
+    })
+}
 
 impl PgStore {
     pub async fn claim_lane(
@@ -24,32 +60,89 @@ impl PgStore {
         owner: &str,
         lease_ms: u64,
     ) -> Result<Option<Lease>, StoreError> {
+        Ok(self
+            .claim_head(user_id, owner, lease_ms)
+            .await?
+            .map(|(lease, _)| lease))
+    }
+
+    pub async fn claim_head(
+        &self,
+        user_id: &str,
+        owner: &str,
+        lease_ms: u64,
+    ) -> Result<Option<(Lease, Option<Entry>)>, StoreError> {
         let (user, holder) = (user_id.to_owned(), owner.to_owned());
         let ms = lease_ms as f64;
         self.run("claim a delivery lane", Access::Write, move |c| {
             Box::pin(async move {
-                let claim = c.prepare_cached(CLAIM).await?;
+                let claim = c.prepare_cached(&claim_head_sql()).await?;
                 let Some(row) = c.query_opt(&claim, &[&user, &holder, &ms]).await? else {
                     return Ok(None);
                 };
-                Ok(Some(Lease {
-                    fence: to_u64(row.try_get(0)?, "lane fence")?,
-                    until_ms: to_u64(row.try_get(1)?, "lane lease time")?,
-                    user_id: user,
-                    owner: holder,
-                }))
+                let head = match row.try_get::<_, Option<i64>>(0)? {
+                    Some(_) => Some(entry_from(&row)?),
+                    None => None,
+                };
+                let columns = row.len();
+                Ok(Some((lease_from(&row, columns - 2, user, holder)?, head)))
             })
         })
         .await
     }
 
-    pub async fn release_lane(&self, lease: &Lease) -> Result<(), StoreError> {
+    pub async fn release_lane(&self, lease: &Lease, ready_in_ms: u64) -> Result<bool, StoreError> {
         let (user, fence) = (lease.user_id.clone(), to_i64(lease.fence));
+        let ready_in = ready_in_ms as f64;
         self.run("hand back a delivery lane", Access::Write, move |c| {
             Box::pin(async move {
                 let release = c.prepare_cached(RELEASE).await?;
-                c.execute(&release, &[&user, &fence]).await?;
-                Ok(())
+                Ok(c.query_one(&release, &[&user, &fence, &ready_in])
+                    .await?
+                    .try_get(0)?)
+            })
+        })
+        .await
+    }
+
+    pub async fn renew_lane(
+        &self,
+        lease: &Lease,
+        lease_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let (user, fence) = (lease.user_id.clone(), to_i64(lease.fence));
+        let ms = lease_ms as f64;
+        self.run("renew a delivery lease", Access::Write, move |c| {
+            Box::pin(async move {
+                let renew = c.prepare_cached(RENEW).await?;
+                match c.query_opt(&renew, &[&user, &fence, &ms]).await? {
+                    Some(row) => Ok(Some(to_u64(row.try_get(0)?, "lane lease time")?)),
+                    None => Ok(None),
+                }
+            })
+        })
+        .await
+    }
+
+    pub async fn claimable_users(
+        &self,
+        owner: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Origin)>, StoreError> {
+        let holder = owner.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run("look for claimable work", Access::Read, move |c| {
+            Box::pin(async move {
+                let query = c.prepare_cached(CLAIMABLE).await?;
+                let rows = c.query(&query, &[&holder, &limit]).await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok((
+                            row.try_get::<_, String>(0)?,
+                            Origin::from_name(row.try_get(1)?)?,
+                        ))
+                    })
+                    .collect()
             })
         })
         .await

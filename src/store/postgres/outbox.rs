@@ -10,7 +10,7 @@ use crate::store::{
     StoreError,
 };
 
-const COLUMNS: &str = "id, created_ms, user_id, template, command, call::text, client, state, \
+pub(super) const COLUMNS: &str = "id, created_ms, user_id, template, command, call::text, client, state, \
                        ended_ms, subscriber_id, webex_status, dead_reason, attempts, last_error, \
                        tracking_id, origin";
 
@@ -24,9 +24,17 @@ const PRUNE_BATCH: i64 = 5000;
 /// to `synchronous_commit = off` for the rest (see the module header of `postgres`).
 pub(super) const DURABLE_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit TO on";
 
-const INSERT: &str = "WITH lane AS (INSERT INTO lanes (user_id) VALUES ($2) ON CONFLICT DO NOTHING) \
-     INSERT INTO outbox (created_ms, user_id, template, command, call, client, origin, state) \
+const INSERT: &str = "INSERT INTO outbox (created_ms, user_id, template, command, call, client, origin, state) \
      VALUES ($1, $2, $3, $4, $5::text::json, $6, $7, 'pending') RETURNING id";
+
+/// Creates the lanes of a transaction's users, or locks them where they exist, in user order
+/// (so two transactions lock shared lanes in the same order and cannot deadlock), before any id
+/// is drawn. A second transaction for a user (on another node) waits here until the first has
+/// committed, so its entries' ids are drawn after the first's are visible: per user, id order
+/// is commit order, and delivery, which reads a user's head by id, never finds an entry before
+/// an older one that is still committing.
+const LOCK_LANES: &str = "INSERT INTO lanes (user_id) SELECT u FROM unnest($1::text[]) AS u ORDER BY u \
+     ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id";
 
 pub(super) const SAVE_PROFILE: &str = "INSERT INTO profiles (user_id, profile) VALUES ($1, $2::text::json) \
      ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile";
@@ -38,7 +46,7 @@ pub(super) const RECORD_CUSTOMER: &str = "INSERT INTO customers (service_provide
      VALUES ($1, $2, $3::text::json) \
      ON CONFLICT (service_provider_id, group_id) DO UPDATE SET record = excluded.record";
 
-fn entry_from(row: &Row) -> Result<Entry, OpError> {
+pub(super) fn entry_from(row: &Row) -> Result<Entry, OpError> {
     let state: &str = row.try_get(7)?;
     let ended_ms: Option<i64> = row.try_get(8)?;
     let ended = || -> Result<u64, StoreError> {
@@ -199,6 +207,9 @@ impl PgStore {
                 ))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
+        let mut lane_users: Vec<String> = rows.iter().map(|row| row.0.clone()).collect();
+        lane_users.sort_unstable();
+        lane_users.dedup();
         let created = to_i64(now_ms);
         self.run("store the command", Access::Write, move |c| {
             Box::pin(async move {
@@ -207,6 +218,7 @@ impl PgStore {
                     c.prepare_cached(MAP_TEMPLATE).await?,
                     c.prepare_cached(RECORD_CUSTOMER).await?,
                     c.prepare_cached(INSERT).await?,
+                    c.prepare_cached(LOCK_LANES).await?,
                 );
                 type Step<'a> = std::pin::Pin<
                     Box<
@@ -235,6 +247,11 @@ impl PgStore {
                         c.execute(&statements.2, &[sp, group, raw])
                             .await
                             .map(|_| None)
+                    }));
+                }
+                if !lane_users.is_empty() {
+                    steps.push(Box::pin(async {
+                        c.execute(&statements.4, &[&lane_users]).await.map(|_| None)
                     }));
                 }
                 let client_ref = &c;
@@ -383,24 +400,6 @@ impl PgStore {
                     )
                     .await?;
                 Ok(c.query_one(&statement, &[&user]).await?.try_get(0)?)
-            })
-        })
-        .await
-    }
-
-    pub async fn users_with_pending(&self) -> Result<Vec<String>, StoreError> {
-        self.run("read the outbox", Access::Read, |c| {
-            Box::pin(async move {
-                let rows = c
-                    .query(
-                        "SELECT DISTINCT user_id COLLATE \"C\" AS u FROM outbox WHERE state = 'pending' ORDER BY u",
-                        &[],
-                    )
-                    .await?;
-                Ok(rows
-                    .iter()
-                    .map(|row| row.try_get(0))
-                    .collect::<Result<_, _>>()?)
             })
         })
         .await
