@@ -11,8 +11,9 @@ use common::pg::PgCluster;
 use flowthrough::oci::UserProfile;
 use flowthrough::secret::Secret;
 use flowthrough::store::{
-    AuditEvent, AuditQuery, AuditRecord, Call, Customer, EntryId, EntryState, Filter, NewEntry,
-    Origin, Progress, ReconcileReport, Remembered, Store, StoreError, TokenRecord, TokenState,
+    AuditEvent, AuditQuery, AuditRecord, Call, Claim, Customer, EntryId, EntryState, Filter,
+    NewEntry, Origin, Progress, ReconcileReport, Remembered, Store, StoreError, TokenRecord,
+    TokenState,
 };
 
 /// A store of one backend, and what it takes to open it again as a restarted node would.
@@ -114,7 +115,96 @@ both_backends!(
     the_last_reconcile_report_replaces_the_one_before_and_survives_reopening,
     one_owner_at_a_time_holds_a_lane_and_late_writes_are_fenced_off,
     a_claim_reads_the_head_and_a_hand_back_says_what_is_left_and_holds_a_backoff,
+    nodes_share_rate_limits_heartbeats_and_chores,
 );
+
+/// What nodes tell each other: each 429 counts once and pauses all at least as long as asked
+/// (a shorter one never cuts a longer pause), a claim brings the limits along; heartbeats list
+/// the nodes with the lanes they hold; a chore runs on one owner at a time until its lease ends.
+async fn nodes_share_rate_limits_heartbeats_and_chores(h: Harness) {
+    let store = h.store();
+    let before = store.shared_limits().await.unwrap();
+    assert_eq!(before.pause_left_ms, 0, "{before:?}");
+    let first = store.note_rate_limited(60_000).await.unwrap();
+    assert_eq!(first.rate_limited, before.rate_limited + 1);
+    assert!(
+        (55_000..=60_000).contains(&first.pause_left_ms),
+        "{first:?}"
+    );
+    let second = store.note_rate_limited(1_000).await.unwrap();
+    assert_eq!(second.rate_limited, before.rate_limited + 2);
+    assert!(
+        second.pause_left_ms > 50_000,
+        "the longer pause holds: {second:?}"
+    );
+    store.enqueue(vec![entry("carol", "add")], 1).await.unwrap();
+    let claim = store
+        .claim_head("carol", "node-a", 60_000)
+        .await
+        .unwrap()
+        .expect("a free lane");
+    assert_eq!(claim.limits.rate_limited, second.rate_limited, "{claim:?}");
+    assert!(claim.limits.pause_left_ms > 50_000, "{claim:?}");
+
+    store
+        .heartbeat("node-a", "1.2.3", 1_000, false)
+        .await
+        .unwrap();
+    store
+        .heartbeat("node-b", "1.2.4", 2_000, false)
+        .await
+        .unwrap();
+    store
+        .heartbeat("node-b", "1.2.4", 2_000, true)
+        .await
+        .unwrap();
+    let nodes = store.nodes().await.unwrap();
+    let seen: Vec<(&str, &str, u64, bool, Vec<String>)> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n.node_id.as_str(),
+                n.version.as_str(),
+                n.started_ms,
+                n.stopped,
+                n.lanes_held.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("node-a", "1.2.3", 1_000, false, vec!["carol".to_owned()]),
+            ("node-b", "1.2.4", 2_000, true, vec![]),
+        ]
+    );
+    assert!(
+        nodes.iter().all(|n| n.heartbeat_age_ms < 10_000),
+        "{nodes:?}"
+    );
+
+    assert!(store.claim_chore("prune", "node-a", 60_000).await.unwrap());
+    assert!(
+        !store.claim_chore("prune", "node-b", 60_000).await.unwrap(),
+        "held by node-a"
+    );
+    assert!(
+        store.claim_chore("prune", "node-a", 60_000).await.unwrap(),
+        "renewed"
+    );
+    assert!(
+        store.claim_chore("refresh", "node-b", 1).await.unwrap(),
+        "another chore"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert!(
+        store
+            .claim_chore("refresh", "node-a", 60_000)
+            .await
+            .unwrap(),
+        "run out"
+    );
+}
 
 /// Leases on delivery lanes: a held lane is refused to others, its own owner renews it, an
 /// expired one goes to the next claimer with a higher fence, and from then on every outcome
@@ -334,7 +424,7 @@ async fn a_claim_reads_the_head_and_a_hand_back_says_what_is_left_and_holds_a_ba
         "the look is bounded"
     );
 
-    let (lease, head) = store
+    let Claim { lease, head, .. } = store
         .claim_head("alice", "node-a", 60_000)
         .await
         .unwrap()
@@ -384,7 +474,7 @@ async fn a_claim_reads_the_head_and_a_hand_back_says_what_is_left_and_holds_a_ba
         vec!["bob"],
         "alice backs off"
     );
-    let (lease, head) = store
+    let Claim { lease, head, .. } = store
         .claim_head("alice", "node-a", 60_000)
         .await
         .unwrap()
@@ -399,7 +489,7 @@ async fn a_claim_reads_the_head_and_a_hand_back_says_what_is_left_and_holds_a_ba
         "nothing left"
     );
     assert_eq!(claimable(store, "node-b").await, vec!["bob"]);
-    let (_, head) = store
+    let Claim { head, .. } = store
         .claim_head("alice", "node-b", 60_000)
         .await
         .unwrap()

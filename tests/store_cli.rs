@@ -40,7 +40,7 @@ async fn migrate_applies_once_checks_and_refuses_a_newer_schema() {
     let (code, out, err) = run(&[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains("0 → 2") && out.contains("applied 001_init") && out.contains("002_population"),
+        out.contains("0 → 3") && out.contains("applied 001_init") && out.contains("003_cluster"),
         "{out}"
     );
     let (code, out, _) = run(&[]);
@@ -48,7 +48,7 @@ async fn migrate_applies_once_checks_and_refuses_a_newer_schema() {
     assert!(out.contains("nothing to apply"), "{out}");
     let (code, out, _) = run(&["--check"]);
     assert_eq!(code, 0);
-    assert!(out.contains("schema version 2 (current)"), "{out}");
+    assert!(out.contains("schema version 3 (current)"), "{out}");
 
     // A database a newer flowthrough migrated: refused, by the tools and by serve.
     cluster.psql(
@@ -385,7 +385,7 @@ async fn tls_is_used_as_configured_and_doctor_reports_the_database() {
     for line in [
         "✓ PostgreSQL reachable: 127.0.0.1:",
         "✓ PostgreSQL TLS: verify-full",
-        "✓ PostgreSQL schema: version 2 (current)",
+        "✓ PostgreSQL schema: version 3 (current)",
         "✓ PostgreSQL durability: fsync = on, synchronous_commit = on",
         "✓ PostgreSQL commit: one commit took",
         "✓ store: 0 pending, 0 dead",
@@ -397,7 +397,9 @@ async fn tls_is_used_as_configured_and_doctor_reports_the_database() {
     std::fs::write(&config, cluster.store_section_tls(&empty, &verified)).unwrap();
     let (_, out, err) = flowthrough(&["doctor", "--offline", "--config", path(&config)]);
     assert!(
-        out.contains("! PostgreSQL schema: version 0, 001_init, 002_population to apply"),
+        out.contains(
+            "! PostgreSQL schema: version 0, 001_init, 002_population, 003_cluster to apply"
+        ),
         "{out}{err}"
     );
     assert_eq!(

@@ -19,8 +19,8 @@ use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
 
 use crate::store::{
-    AuditEvent, AuditRecord, Entry, EntryId, EntryState, Lease, Origin, Progress, Store,
-    StoreError, now_ms,
+    AuditEvent, AuditRecord, Entry, EntryId, EntryState, Lease, Origin, Progress, SharedLimits,
+    Store, StoreError, now_ms,
 };
 
 /// What one try of one entry came to.
@@ -231,6 +231,8 @@ struct Schedule {
     parked: Vec<String>,
     waiters: HashMap<EntryId, Vec<oneshot::Sender<Finished>>>,
     stopping: bool,
+    /// The nodes' count of 429s this node has heeded (its own included).
+    rate_limits_seen: u64,
 }
 
 /// The delivery engine. Cheap to clone.
@@ -266,6 +268,8 @@ impl Engine {
     /// Start the scheduler loop on the current runtime, after queueing every user that has
     /// pending entries in the store (recovery after a restart or crash).
     pub async fn start(&self) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+        // 429s met before this start taught the nodes then running; only newer ones count here.
+        self.lock().rate_limits_seen = self.inner.store.shared_limits().await?.rate_limited;
         let found = self
             .inner
             .store
@@ -298,6 +302,14 @@ impl Engine {
                     continue;
                 }
             }
+            match self.inner.store.shared_limits().await {
+                Ok(shared) => {
+                    self.heed(shared);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the shared rate limit; will look again");
+                }
+            }
             let found = self
                 .inner
                 .store
@@ -322,6 +334,22 @@ impl Engine {
     fn submit_found(&self, user: &str, origin: Origin) {
         let known = self.lock().knows(user);
         self.submit_as(user, if known { Origin::Bulk } else { origin });
+    }
+
+    /// Heed the rate limit as the nodes share it: a 429 another node met since the last look
+    /// pauses this node as long and makes its pacer learn, from what this node had Webex take in
+    /// the last second, its own share of the limit. Returns how long deliveries are paused now.
+    fn heed(&self, shared: SharedLimits) -> Duration {
+        let now = Instant::now();
+        let mut s = self.lock();
+        if shared.rate_limited > s.rate_limits_seen {
+            s.rate_limits_seen = shared.rate_limited;
+            s.pacer.limited(now);
+            let until = now + Duration::from_millis(shared.pause_left_ms);
+            s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
+        }
+        s.paused_until
+            .map_or(Duration::ZERO, |until| until.saturating_duration_since(now))
     }
 
     /// A user has new pending work from the AS.
@@ -546,9 +574,12 @@ impl Engine {
             .claim_head(user, &limits.node_id, lease_ms)
             .await
         {
-            Ok(Some((lease, head))) => {
-                let tenure = Tenure::new(lease, claimed_at, limits.lease);
-                let (reschedule, answered) = match head {
+            Ok(Some(claim)) => {
+                let tenure = Tenure::new(claim.lease, claimed_at, limits.lease);
+                let paused_for = self.heed(claim.limits);
+                let (reschedule, answered) = match claim.head {
+                    // Another node met a 429 since this user was picked: wait as it does.
+                    Some(_) if !paused_for.is_zero() => (Reschedule::After(paused_for), false),
                     Some(entry) => self.try_under_lease(entry, &tenure).await,
                     None => (Reschedule::Idle, false),
                 };
@@ -570,8 +601,21 @@ impl Engine {
                 (Reschedule::After(Duration::from_secs(5)), false, false)
             }
         };
+        // Every node pauses for a 429 any of them met, and learns its own share of the pace.
+        let shared = match reschedule {
+            Reschedule::PauseAll(delay) => {
+                let pause_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                store.note_rate_limited(pause_ms).await.map_err(|e| {
+                    tracing::warn!(error = %e, "cannot tell the other nodes of a 429 from Webex; they find it themselves");
+                }).ok()
+            }
+            _ => None,
+        };
         let now = Instant::now();
         let mut s = self.lock();
+        if let Some(shared) = shared {
+            s.rate_limits_seen = s.rate_limits_seen.max(shared.rate_limited);
+        }
         s.busy.remove(user);
         let again = s.again.remove(user);
         if answered {

@@ -112,6 +112,19 @@ impl MemoryLanes {
         })
     }
 
+    /// The users whose lanes `owner` holds now, in order.
+    pub(super) fn held_by(&self, owner: &str) -> Vec<String> {
+        let now = now_ms();
+        let (lanes, _) = &*self.lock();
+        let mut users: Vec<String> = lanes
+            .iter()
+            .filter(|(_, lane)| lane.owner == owner && lane.until_ms > now)
+            .map(|(user, _)| user.clone())
+            .collect();
+        users.sort();
+        users
+    }
+
     /// Refuses a write under a lease that has expired or been claimed again.
     pub(super) fn check(&self, lease: Option<&Lease>) -> Result<(), StoreError> {
         let Some(lease) = lease else {

@@ -8,6 +8,7 @@
 //! (its hot path keeps its group commit on the flusher thread and its entries in memory).
 
 mod audit;
+mod cluster;
 mod commit;
 pub mod copy;
 mod lanes;
@@ -24,6 +25,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use audit::{AuditEvent, AuditQuery, AuditRecord};
+pub use cluster::{Claim, NodeStatus, SharedLimits};
 pub use lanes::Lease;
 pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry, Origin, Progress};
 pub use population::ReconcileReport;
@@ -170,8 +172,9 @@ domain_operations! {
     /// Claim the delivery lane of a user for `lease_ms`, with a fence higher than any before;
     /// `None` while another owner's lease runs. A lane its owner claims again is renewed.
     fn claim_lane(&self, user_id: &str, owner: &str, lease_ms: u64) -> Option<Lease>;
-    /// [`Store::claim_lane`] and the head of the user's queue, read in the same round trip.
-    fn claim_head(&self, user_id: &str, owner: &str, lease_ms: u64) -> Option<(Lease, Option<Entry>)>;
+    /// [`Store::claim_lane`], with the head of the user's queue and the shared limits read in
+    /// the same round trip.
+    fn claim_head(&self, user_id: &str, owner: &str, lease_ms: u64) -> Option<Claim>;
     /// Hand a lane back at once, if this lease still holds it (another node may claim it now;
     /// other nodes' polls leave it for `ready_in_ms`, a backoff); says whether the user still
     /// has pending work.
@@ -179,6 +182,18 @@ domain_operations! {
     /// Push a lease that still holds `lease_ms` further; its new end, or `None` once it has
     /// run out or been claimed again.
     fn renew_lane(&self, lease: &Lease, lease_ms: u64) -> Option<u64>;
+    /// Tell every node that Webex answered 429: all pause at least `pause_ms`; returns the
+    /// limits as they are now.
+    fn note_rate_limited(&self, pause_ms: u64) -> SharedLimits;
+    /// The rate limit as the nodes have met it.
+    fn shared_limits(&self) -> SharedLimits;
+    /// This node is alive (or, `stopped`, has left on SIGTERM), at the store's clock.
+    fn heartbeat(&self, node_id: &str, version: &str, started_ms: u64, stopped: bool) -> ();
+    /// Every node that has written a heartbeat, with the lanes it holds, by node id.
+    fn nodes(&self) -> Vec<NodeStatus>;
+    /// Run the chore `name` for `lease_ms` unless another owner's lease on it runs: true when
+    /// this owner holds it now (claimed, or renewed).
+    fn claim_chore(&self, name: &str, owner: &str, lease_ms: u64) -> bool;
     /// Put a dead entry back in its user's queue. False if it was not dead.
     fn retry(&self, id: EntryId) -> bool;
     /// Remove an entry for good (operator's `outbox drop`).

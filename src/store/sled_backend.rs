@@ -35,6 +35,7 @@ pub struct SledStore {
     pub(super) counts: Arc<Counts>,
     pub(super) fresh: Arc<outbox::Fresh>,
     pub(super) lanes: Arc<super::lanes::MemoryLanes>,
+    cluster: Arc<super::cluster::MemoryCluster>,
 }
 
 /// Record counts of the two trees that grow with traffic, for housekeeping's caps. sled's `len`
@@ -174,6 +175,7 @@ impl SledStore {
             counts: Arc::default(),
             fresh: Arc::default(),
             lanes: Arc::default(),
+            cluster: Arc::default(),
         })
     }
 
@@ -191,11 +193,43 @@ impl SledStore {
         user_id: &str,
         owner: &str,
         lease_ms: u64,
-    ) -> Result<Option<(super::Lease, Option<super::Entry>)>, StoreError> {
+    ) -> Result<Option<super::Claim>, StoreError> {
         match self.lanes.claim(user_id, owner, lease_ms) {
-            Some(lease) => Ok(Some((lease, self.head_of(user_id)?))),
+            Some(lease) => Ok(Some(super::Claim {
+                lease,
+                head: self.head_of(user_id)?,
+                limits: self.cluster.shared_limits(),
+            })),
             None => Ok(None),
         }
+    }
+
+    pub fn note_rate_limited(&self, pause_ms: u64) -> Result<super::SharedLimits, StoreError> {
+        Ok(self.cluster.note_rate_limited(pause_ms))
+    }
+
+    pub fn shared_limits(&self) -> Result<super::SharedLimits, StoreError> {
+        Ok(self.cluster.shared_limits())
+    }
+
+    pub fn heartbeat(
+        &self,
+        node_id: &str,
+        version: &str,
+        started_ms: u64,
+        stopped: bool,
+    ) -> Result<(), StoreError> {
+        self.cluster
+            .heartbeat(node_id, version, started_ms, stopped);
+        Ok(())
+    }
+
+    pub fn nodes(&self) -> Result<Vec<super::NodeStatus>, StoreError> {
+        Ok(self.cluster.nodes(|node| self.lanes.held_by(node)))
+    }
+
+    pub fn claim_chore(&self, name: &str, owner: &str, lease_ms: u64) -> Result<bool, StoreError> {
+        Ok(self.cluster.claim_chore(name, owner, lease_ms))
     }
 
     pub fn release_lane(&self, lease: &super::Lease, ready_in_ms: u64) -> Result<bool, StoreError> {

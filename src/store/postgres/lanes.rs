@@ -3,15 +3,16 @@
 
 use tokio_postgres::Row;
 
+use super::cluster::LIMITS;
 use super::outbox::{COLUMNS, entry_from};
 use super::{Access, OpError, PgStore, to_i64, to_u64};
-use crate::store::{Entry, Lease, Origin, StoreError};
+use crate::store::{Claim, Lease, Origin, SharedLimits, StoreError};
 
 /// A lane is claimable when unleased, leased to the claimer (a renewal), or past its lease; the
 /// fence grows at every claim. The claim waits for a transaction that holds the lane row (an
 /// accept of the same user committing on another node) rather than skipping it, so a user just
 /// handed to this node is not passed over. The head is read in the same statement: one round
-/// trip from "user ready" to "entry in hand". Its snapshot predates a wait for the lane, so it
+/// trip from "user ready" to "entry in hand", with the rate limit the nodes share. Its snapshot predates a wait for the lane, so it
 /// may miss an entry committed during that wait; `RELEASE` sees it and the user goes again.
 fn claim_head_sql() -> String {
     format!(
@@ -19,7 +20,8 @@ fn claim_head_sql() -> String {
          lease_until = now() + $3 * interval '1 millisecond', fence = fence + 1 \
          WHERE user_id = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until <= now()) \
          RETURNING fence, (extract(epoch FROM lease_until) * 1000)::bigint AS until_ms) \
-         SELECT head.*, claimed.fence, claimed.until_ms FROM claimed LEFT JOIN LATERAL \
+         SELECT head.*, claimed.fence, claimed.until_ms, {LIMITS} FROM claimed CROSS JOIN control \
+         LEFT JOIN LATERAL \
          (SELECT {COLUMNS} FROM outbox WHERE user_id = $1 AND state = 'pending' ORDER BY id LIMIT 1) \
          head ON true"
     )
@@ -63,7 +65,7 @@ impl PgStore {
         Ok(self
             .claim_head(user_id, owner, lease_ms)
             .await?
-            .map(|(lease, _)| lease))
+            .map(|claim| claim.lease))
     }
 
     pub async fn claim_head(
@@ -71,7 +73,7 @@ impl PgStore {
         user_id: &str,
         owner: &str,
         lease_ms: u64,
-    ) -> Result<Option<(Lease, Option<Entry>)>, StoreError> {
+    ) -> Result<Option<Claim>, StoreError> {
         let (user, holder) = (user_id.to_owned(), owner.to_owned());
         let ms = lease_ms as f64;
         self.run("claim a delivery lane", Access::Write, move |c| {
@@ -84,8 +86,15 @@ impl PgStore {
                     Some(_) => Some(entry_from(&row)?),
                     None => None,
                 };
-                let columns = row.len();
-                Ok(Some((lease_from(&row, columns - 2, user, holder)?, head)))
+                let at = row.len() - 4;
+                Ok(Some(Claim {
+                    lease: lease_from(&row, at, user, holder)?,
+                    head,
+                    limits: SharedLimits {
+                        rate_limited: to_u64(row.try_get(at + 2)?, "rate-limit count")?,
+                        pause_left_ms: to_u64(row.try_get(at + 3)?, "pause")?,
+                    },
+                }))
             })
         })
         .await

@@ -16,6 +16,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "population",
         include_str!("migrations/002_population.sql"),
     ),
+    (3, "cluster", include_str!("migrations/003_cluster.sql")),
 ];
 
 /// The schema version this binary reads and writes.

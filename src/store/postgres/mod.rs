@@ -21,6 +21,7 @@
 //! down) is kept as the store's write failure: `/readyz` shows it and the AS is answered 503
 //! before any work; a probe clears it when a write succeeds again.
 
+mod cluster;
 mod connect;
 mod import;
 mod lanes;
