@@ -7,6 +7,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+#[allow(dead_code)]
+mod common;
+
 use flowthrough::config::WebexConfig;
 use flowthrough::failover::Resolver;
 use flowthrough::secret::Secret;
@@ -197,6 +200,60 @@ async fn five_hundred_concurrent_calls_with_an_expired_token_cause_one_refresh()
     assert_eq!(sim.counter("sent_401"), 0, "the stale token was never sent");
     assert_eq!(stack.tokens.state(), TokenState::Ok);
     assert_no_secret_logged(&secrets_of(&sim, &stack.store).await);
+    sim.stop().await;
+}
+
+/// Two nodes on one PostgreSQL store, both holding the same expired access token: 500 calls
+/// spread over them cause one refresh between them. The second node waits for the token row,
+/// finds the record the first committed and uses it; with rotation on, a refresh by the second
+/// with its own, now rotated, refresh token would show as a rejected refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_sharing_a_postgres_store_refresh_once_between_them() {
+    log_buffer();
+    let sim = Simulator::start(SimOptions::default()).await.unwrap();
+    sim.control(json!({"rotate_refresh_token": true})).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pg = common::pg::PgCluster::shared();
+    let store_config = pg.store_config(&pg.database());
+    let now = chrono::Utc::now().timestamp();
+    let stale = TokenRecord {
+        access_token: Some(Secret::new("stale-access-token-value")),
+        access_expires_at: Some(now - 3600),
+        refresh_token: sim.refresh_token.clone(),
+        refresh_expires_at: None,
+        last_refresh: Some(now - 7200),
+        state: TokenState::Ok,
+    };
+    Store::open_configured(&store_config)
+        .await
+        .unwrap()
+        .put_token(&stale)
+        .await
+        .unwrap();
+    // Generous: 500 calls on two cores, a lock wait and a refresh must not time out into
+    // retries, which would count calls twice.
+    let cfg = sim_config(dir.path(), &sim, "request_timeout_ms = 10000");
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let store = Store::open_configured(&store_config).await.unwrap();
+        let transport =
+            Transport::new(TransportOptions::from_config(&cfg, Resolver::System).unwrap()).unwrap();
+        let tokens = TokenManager::new(&cfg, store.clone(), transport.clone(), None)
+            .await
+            .unwrap();
+        nodes.push(WebexClient::new(&cfg, transport, tokens).unwrap());
+    }
+    let calls = (0..500).map(|i| {
+        let c = nodes[i % 2].clone();
+        tokio::spawn(async move { c.get(&format!("missing-{i}")).await })
+    });
+    for r in futures_util::future::join_all(calls).await {
+        assert_eq!(r.unwrap().result, Err(WebexError::NotFound));
+    }
+    assert_eq!(sim.counter("refreshes"), 1);
+    assert_eq!(sim.counter("refresh_rejected"), 0);
+    assert_eq!(sim.counter("get"), 500);
+    assert_eq!(sim.counter("sent_401"), 0, "the stale token was never sent");
     sim.stop().await;
 }
 

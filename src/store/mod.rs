@@ -348,6 +348,35 @@ impl Store {
         }
     }
 
+    /// Take the token record for a refresh: on PostgreSQL its row locked until
+    /// [`Store::commit_token`], so that nodes refresh one at a time and each reads what the one
+    /// before it committed (a rotated refresh token included); on sled (one node) the record
+    /// as stored.
+    pub async fn lock_token(&self) -> Result<TokenLock, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => Ok(TokenLock(TokenLockOf::Sled(s.token()?))),
+            Backend::Postgres(p) => Ok(TokenLock(TokenLockOf::Postgres(p.lock_token().await?))),
+        }
+    }
+
+    /// End a [`Store::lock_token`], durably writing `record` first if there is one.
+    pub async fn commit_token(
+        &self,
+        lock: TokenLock,
+        record: Option<&TokenRecord>,
+    ) -> Result<(), StoreError> {
+        match (&self.backend, lock.0) {
+            (Backend::Postgres(p), TokenLockOf::Postgres(lock)) => {
+                p.commit_token(lock, record).await
+            }
+            (Backend::Sled(s), _) => record.map_or(Ok(()), |r| s.put_token(r)),
+            (Backend::Postgres(_), TokenLockOf::Sled(_)) => Err(StoreError::Io(
+                "a token lock taken on another store was handed to this one (a bug: report it)"
+                    .to_owned(),
+            )),
+        }
+    }
+
     /// Why the store cannot be written now, if it cannot: sled's sticky log-write error (for
     /// good, until a restart), or PostgreSQL down, read-only or full (until it is back).
     pub fn write_failure(&self) -> Option<String> {
@@ -404,6 +433,26 @@ impl Store {
         match &self.backend {
             Backend::Sled(_) => None,
             Backend::Postgres(p) => Some(p.stats()),
+        }
+    }
+}
+
+/// The token record held for a refresh ([`Store::lock_token`]).
+#[derive(Debug)]
+pub struct TokenLock(TokenLockOf);
+
+#[derive(Debug)]
+enum TokenLockOf {
+    Sled(Option<TokenRecord>),
+    Postgres(postgres::TokenLock),
+}
+
+impl TokenLock {
+    /// The record as stored when the lock was taken.
+    pub fn record(&self) -> Option<&TokenRecord> {
+        match &self.0 {
+            TokenLockOf::Sled(record) => record.as_ref(),
+            TokenLockOf::Postgres(lock) => lock.record(),
         }
     }
 }

@@ -272,9 +272,13 @@ impl TokenManager {
     /// record stays when the new token does not work.
     pub async fn install_refresh_token(&self, refresh_token: Secret) -> Result<(), WebexError> {
         let _flight = self.inner.refresh_lock.lock().await;
-        let previous = self.current().record.clone();
+        let lock = self.lock_token().await?;
+        let previous = lock
+            .record()
+            .cloned()
+            .or_else(|| self.current().record.clone());
         let record = self.exchange(&refresh_token, previous.as_ref()).await?;
-        self.commit(Ok(record)).await.map(|_| ())
+        self.commit(Ok(record), lock).await.map(|_| ())
     }
 
     fn current(&self) -> std::sync::MutexGuard<'_, Current> {
@@ -330,6 +334,21 @@ impl TokenManager {
                 }
             }
         };
+        // One node at a time: wait for the token row, then look at what the node before this
+        // one committed while this one waited.
+        let lock = self.lock_token().await?;
+        let previous = match lock.record() {
+            Some(stored) if *stored != previous => {
+                if let Some(adopted) = self.adopt(stored) {
+                    let _ = self.inner.store.commit_token(lock, None).await;
+                    return adopted;
+                }
+                // Stored by another node with a refresh token newer than the one this node
+                // holds (it rotates), and already due again: refresh with that one.
+                stored.clone()
+            }
+            _ => previous,
+        };
         let result = self
             .exchange(&previous.refresh_token, Some(&previous))
             .await
@@ -353,22 +372,62 @@ impl TokenManager {
                     (e, None)
                 }
             });
-        self.commit(result).await
+        self.commit(result, lock).await
+    }
+
+    /// Take the token record for a refresh, its row locked on a shared store.
+    async fn lock_token(&self) -> Result<crate::store::TokenLock, WebexError> {
+        self.inner.store.lock_token().await.map_err(|e| {
+            let err = WebexError::Retryable {
+                reason: format!("cannot read the stored token for a refresh: {e}"),
+            };
+            let mut cur = self.current();
+            cur.attempts += 1;
+            cur.last_error = Some(err.clone());
+            err
+        })
+    }
+
+    /// Take over a record another node stored while this one waited for the token row, if it
+    /// settles the refresh: a fresh access token, or credentials found invalid.
+    fn adopt(&self, stored: &TokenRecord) -> Option<Result<(Secret, u64), WebexError>> {
+        let outcome = match &stored.state {
+            TokenState::CredentialsInvalid { reason } => Err(WebexError::CredentialsInvalid {
+                reason: reason.clone(),
+            }),
+            TokenState::Ok => Ok(self.fresh(stored)?),
+        };
+        let mut cur = self.current();
+        cur.record = Some(stored.clone());
+        cur.attempts += 1;
+        let adopted = match outcome {
+            Ok(token) => {
+                cur.generation += 1;
+                cur.last_error = None;
+                Ok((token, cur.generation))
+            }
+            Err(e) => {
+                cur.last_error = Some(e.clone());
+                Err(e)
+            }
+        };
+        self.inner
+            .rejected
+            .send_replace(is_rejected(cur.record.as_ref()));
+        Some(adopted)
     }
 
     /// Record the outcome of one refresh attempt (persisting any new record) and hand it out.
     async fn commit(
         &self,
         result: Result<TokenRecord, (WebexError, Option<TokenRecord>)>,
+        lock: crate::store::TokenLock,
     ) -> Result<(Secret, u64), WebexError> {
         let to_store = match &result {
             Ok(r) => Some(r),
             Err((_, r)) => r.as_ref(),
         };
-        let persisted = match to_store {
-            Some(r) => self.inner.store.put_token(r).await,
-            None => Ok(()),
-        };
+        let persisted = self.inner.store.commit_token(lock, to_store).await;
         self.count_refresh(match (&result, &persisted) {
             (Ok(_), Ok(())) => "ok",
             (Err((WebexError::CredentialsInvalid { .. }, _)), _) => "rejected",

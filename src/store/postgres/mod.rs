@@ -41,6 +41,7 @@ use super::StoreError;
 use crate::config::PostgresConfig;
 
 pub use migrate::{MigrationReport, SCHEMA_VERSION, check as check_schema};
+pub use records::TokenLock;
 
 /// How often the probe looks at a database that failed, and at a healthy one.
 const PROBE_FAILING: Duration = Duration::from_secs(1);
@@ -198,15 +199,38 @@ impl PgStore {
         access: Access,
         op: impl FnOnce(Object) -> OpFuture<T> + Send + 'static,
     ) -> Result<T, StoreError> {
+        let pool = self.inner.pool.clone();
+        self.run_on(what, access, async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            op(client).await.map_err(Failure::from)
+        })
+        .await
+    }
+
+    /// Run an operation on a connection it already holds (the token lock's), on the backend's
+    /// runtime, failures counted as [`PgStore::run`] counts them.
+    pub(super) async fn run_held<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        op: OpFuture<T>,
+    ) -> Result<T, StoreError> {
+        self.run_on(what, Access::Write, async move {
+            op.await.map_err(Failure::from)
+        })
+        .await
+    }
+
+    async fn run_on<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        access: Access,
+        op: impl Future<Output = Result<T, Failure>> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let Some(runtime) = &self.inner.runtime else {
             return Err(StoreError::Io("the PostgreSQL store is closed".to_owned()));
         };
-        let pool = self.inner.pool.clone();
         let started = Instant::now();
-        let task = runtime.spawn(async move {
-            let client = pool.get().await.map_err(pool_error)?;
-            op(client).await.map_err(Failure::from)
-        });
+        let task = runtime.spawn(op);
         let result = match task.await {
             Ok(result) => result,
             Err(e) => Err(Failure::Other(StoreError::Io(format!(

@@ -355,3 +355,102 @@ impl PgStore {
         .await
     }
 }
+
+/// The token record under a transaction-scoped advisory lock in an open durable transaction, so
+/// that one node at a time refreshes (a lock on the row itself would not exist before the first
+/// refresh stores one, when every node starts from the same initial refresh token): the others wait on the row and then read the record the first one
+/// committed. Dropped without [`PgStore::commit_token`], its connection is closed rather than
+/// returned to the pool inside the transaction; the server then rolls it back.
+pub struct TokenLock {
+    client: Option<deadpool_postgres::Object>,
+    record: Option<TokenRecord>,
+}
+
+impl TokenLock {
+    pub fn record(&self) -> Option<&TokenRecord> {
+        self.record.as_ref()
+    }
+}
+
+impl Drop for TokenLock {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+impl std::fmt::Debug for TokenLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenLock").finish_non_exhaustive()
+    }
+}
+
+/// A refresh holds the row for as long as Webex's token endpoint takes to answer (a few
+/// seconds, bounded by its request timeout): a node waiting for it must outwait that rather
+/// than give up after the statement timeout meant for the hot path.
+/// Any fixed number, other than the migration lock's: the token refresh's advisory lock.
+const TOKEN_LOCK_KEY: i64 = 0x0f10_7487_70c3;
+
+const TOKEN_LOCK: &str = "BEGIN; SET LOCAL synchronous_commit TO on; \
+     SET LOCAL lock_timeout = '60s'; SET LOCAL statement_timeout = '65s'";
+
+impl PgStore {
+    pub async fn lock_token(&self) -> Result<TokenLock, StoreError> {
+        self.run("lock the token record", Access::Write, move |c| {
+            Box::pin(async move {
+                let mut lock = TokenLock {
+                    client: Some(c),
+                    record: None,
+                };
+                if let Some(c) = &lock.client {
+                    c.batch_execute(TOKEN_LOCK).await?;
+                    c.execute("SELECT pg_advisory_xact_lock($1)", &[&TOKEN_LOCK_KEY])
+                        .await?;
+                    let row = c.query_opt("SELECT record::text FROM token", &[]).await?;
+                    if let Some(row) = row {
+                        let raw: String = row.try_get(0)?;
+                        lock.record = Some(crate::store::decode(raw.as_bytes(), "token record")?);
+                    }
+                }
+                Ok(lock)
+            })
+        })
+        .await
+    }
+
+    /// Write `record` (if any) under the lock and commit, durably; the lock ends either way.
+    pub async fn commit_token(
+        &self,
+        mut lock: TokenLock,
+        record: Option<&TokenRecord>,
+    ) -> Result<(), StoreError> {
+        let raw = record.map(|r| json(r, "the token record")).transpose()?;
+        let Some(client) = lock.client.take() else {
+            return Ok(());
+        };
+        self.run_held(
+            "write the token record",
+            Box::pin(async move {
+                let result = async {
+                    if let Some(raw) = &raw {
+                        client
+                            .execute(
+                                "INSERT INTO token (id, record, updated_at) VALUES (true, $1::text::json, now()) \
+                                 ON CONFLICT (id) DO UPDATE SET record = excluded.record, updated_at = now()",
+                                &[raw],
+                            )
+                            .await?;
+                    }
+                    client.batch_execute("COMMIT").await
+                }
+                .await;
+                if result.is_err() {
+                    drop(deadpool_postgres::Object::take(client));
+                }
+                Ok(result?)
+            }),
+        )
+        .await
+    }
+}
