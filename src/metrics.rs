@@ -55,6 +55,18 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    /// A node sharing the store (`[cluster] node_id`): a handful per deployment.
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeVersionLabels {
+    pub node: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DriftLabels {
     /// A kind of drift: missing, extra, differs, error, stuck, stale_map.
     pub kind: String,
@@ -76,6 +88,9 @@ pub struct Metrics {
     pub outbox_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub outbox_dead: Gauge,
     pub reconcile_drift_users: Family<DriftLabels, Gauge>,
+    pub cluster_node_heartbeat_age_seconds: Family<NodeVersionLabels, Gauge<f64, AtomicU64>>,
+    pub cluster_lanes_held: Family<NodeLabels, Gauge>,
+    pub cluster_leases_overdue: Gauge,
     pub reconcile_last_run_seconds: Gauge,
     pub store_volume_available_bytes: Gauge,
     pub store_volume_size_bytes: Gauge,
@@ -126,6 +141,9 @@ impl Metrics {
             outbox_oldest_age_seconds: Gauge::default(),
             outbox_dead: Gauge::default(),
             reconcile_drift_users: Family::default(),
+            cluster_node_heartbeat_age_seconds: Family::default(),
+            cluster_lanes_held: Family::default(),
+            cluster_leases_overdue: Gauge::default(),
             reconcile_last_run_seconds: Gauge::default(),
             store_volume_available_bytes: Gauge::default(),
             store_volume_size_bytes: Gauge::default(),
@@ -194,6 +212,21 @@ impl Metrics {
             "outbox_dead",
             "Dead outbox entries waiting for the operator",
             m.outbox_dead.clone(),
+        );
+        r.register(
+            "cluster_node_heartbeat_age_seconds",
+            "Since each node sharing the store last wrote its heartbeat (the store's clock); a node that left on SIGTERM is not listed",
+            m.cluster_node_heartbeat_age_seconds.clone(),
+        );
+        r.register(
+            "cluster_lanes_held",
+            "Users whose delivery lane each node holds a lease on now",
+            m.cluster_lanes_held.clone(),
+        );
+        r.register(
+            "cluster_leases_overdue",
+            "Delivery lanes whose lease ran out with work still on them and that no node has taken over",
+            m.cluster_leases_overdue.clone(),
         );
         r.register(
             "reconcile_drift_users",

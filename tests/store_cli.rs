@@ -58,13 +58,13 @@ async fn migrate_applies_once_checks_and_refuses_a_newer_schema() {
     let (code, out, err) = run(&["--check"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
-        err.contains("version 99") && err.contains("versions up to 2"),
+        err.contains("version 99") && err.contains("versions up to 3"),
         "{err}"
     );
     match Store::open_configured(&cluster.store_config(&db)).await {
         Err(StoreError::SchemaTooNew {
             found: 99,
-            known: 2,
+            known: 3,
         }) => {}
         other => panic!("a newer schema must be refused, got {other:?}"),
     }
@@ -86,7 +86,7 @@ async fn nodes_starting_together_migrate_once() {
     let db = config.postgres.as_ref().unwrap().dbname.clone().unwrap();
     assert_eq!(
         cluster.psql(&db, "SELECT count(*) FROM flowthrough_schema"),
-        "2",
+        "3",
         "each migration applied once"
     );
 }
@@ -410,4 +410,120 @@ async fn tls_is_used_as_configured_and_doctor_reports_the_database() {
         "0",
         "a check changes nothing"
     );
+}
+
+/// `flowthrough cluster status` reads the nodes from the database: alive, stopped on purpose,
+/// missing (no heartbeat for longer than a lease) with the users it still holds, and leases
+/// that ran out with work on them; exit 2 while anything is wrong, in the table and in JSON. A
+/// sled config is refused with where to look instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_lists_nodes_and_flags_a_missing_one() {
+    let cluster = PgCluster::shared();
+    let db = cluster.database();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pg.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[cluster]\nnode_id = \"ops-host\"\nlease_ms = 5000\n",
+            cluster.store_section(&db)
+        ),
+    )
+    .unwrap();
+    let config = path(&config).to_owned();
+    let status = |json: bool| {
+        let mut args = vec!["cluster", "status", "--config", &config];
+        if json {
+            args.push("--json");
+        }
+        flowthrough(&args)
+    };
+    let store = Store::open_configured(&cluster.store_config(&db))
+        .await
+        .unwrap();
+    let (code, out, err) = status(false);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("no node has started"), "{out}");
+
+    store
+        .heartbeat("node-a", "9.9.9", 1_000, false)
+        .await
+        .unwrap();
+    store
+        .heartbeat("node-b", "9.9.9", 2_000, false)
+        .await
+        .unwrap();
+    store
+        .heartbeat("node-c", "9.9.8", 3_000, true)
+        .await
+        .unwrap();
+    let (code, out, err) = status(false);
+    assert_eq!(code, 0, "all alive or stopped: {out}{err}");
+    assert!(out.contains("node-c") && out.contains("stopped"), "{out}");
+
+    // node-b dies holding alice, whose work is still pending.
+    store
+        .enqueue(vec![new_entry("alice@acme.example")], 1)
+        .await
+        .unwrap();
+    store
+        .claim_lane("alice@acme.example", "node-b", 1)
+        .await
+        .unwrap()
+        .expect("a free lane");
+    cluster.psql(
+        &db,
+        "UPDATE nodes SET heartbeat_at = now() - interval '1 minute' WHERE node_id = 'node-b'",
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (code, out, err) = status(false);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        out.contains("node-b is missing") && out.contains("1 of its leases ran out"),
+        "{out}"
+    );
+    let (code, out, _) = status(true);
+    assert_eq!(code, 2);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let states: Vec<(String, String, u64)> = doc["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["node_id"].as_str().unwrap().to_owned(),
+                n["state"].as_str().unwrap().to_owned(),
+                n["leases_overdue"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("node-a".into(), "alive".into(), 0),
+            ("node-b".into(), "missing".into(), 1),
+            ("node-c".into(), "stopped".into(), 0),
+        ]
+    );
+
+    let sled = dir.path().join("sled.toml");
+    std::fs::write(
+        &sled,
+        format!("[store]\npath = \"{}\"\n", path(&dir.path().join("s"))),
+    )
+    .unwrap();
+    let (code, _, err) = flowthrough(&["cluster", "status", "--config", path(&sled)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("sled") && err.contains("/status"), "{err}");
+}
+
+fn new_entry(user: &str) -> flowthrough::store::NewEntry {
+    flowthrough::store::NewEntry {
+        user_id: user.to_owned(),
+        template: "acme".to_owned(),
+        command: "UserAddRequest17sp4".to_owned(),
+        call: flowthrough::store::Call::Remove,
+        client: "test".to_owned(),
+        origin: flowthrough::store::Origin::Live,
+    }
 }

@@ -6,6 +6,7 @@
 //! fails the policy).
 
 mod certs;
+mod cluster;
 mod doctor;
 mod import;
 mod outbox;
@@ -73,6 +74,8 @@ enum Command {
     Token(token::TokenArgs),
     /// The PostgreSQL store: apply (or check) schema migrations; copy a sled store into it.
     Store(store::StoreArgs),
+    /// Several nodes on one PostgreSQL store: every node, its heartbeat and the users it delivers.
+    Cluster(cluster::ClusterArgs),
     /// Run the Webex API SIMULATOR (for tests, staging and benchmarks; never used by serve).
     Simulator(simulator::SimulatorArgs),
     /// Hash a password for a provisioning or proxy account (read from stdin).
@@ -101,6 +104,7 @@ pub fn main() -> ExitCode {
         Command::Certs(args) => certs::run(args),
         Command::Token(args) => token::run(args),
         Command::Store(args) => store::run(args),
+        Command::Cluster(args) => cluster::run(args),
         Command::Simulator(args) => simulator::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Sandbox(args) => sandbox::run(args),

@@ -14,7 +14,9 @@ use serde_json::json;
 use super::{AppState, ServeError};
 use crate::config::{ClientPolicyConfig, ServerConfig};
 use crate::listener::CurrentTls;
-use crate::metrics::{DriftLabels, FileLabels, Metrics, OutcomeLabels};
+use crate::metrics::{
+    DriftLabels, FileLabels, Metrics, NodeLabels, NodeVersionLabels, OutcomeLabels,
+};
 use crate::population::fetch::{ListStats, Scope, list_scope};
 use crate::store::{Filter, NewEntry, Origin, ReconcileReport, now_ms};
 use crate::tls::{LoadedTls, Observer};
@@ -141,6 +143,30 @@ async fn refresh_gauges(state: &AppState) {
                 .set(i64::try_from(users).unwrap_or(i64::MAX));
         }
     }
+    if let Ok(nodes) = state.store.nodes().await {
+        // Families are cleared so that a node gone from the table leaves the series too.
+        m.cluster_node_heartbeat_age_seconds.clear();
+        m.cluster_lanes_held.clear();
+        let mut overdue = 0;
+        for node in nodes.iter().filter(|n| !n.stopped) {
+            m.cluster_node_heartbeat_age_seconds
+                .get_or_create(&NodeVersionLabels {
+                    node: node.node_id.clone(),
+                    version: node.version.clone(),
+                })
+                .set(node.heartbeat_age_ms as f64 / 1000.0);
+            m.cluster_lanes_held
+                .get_or_create(&NodeLabels {
+                    node: node.node_id.clone(),
+                })
+                .set(i64::try_from(node.lanes_held.len()).unwrap_or(i64::MAX));
+        }
+        for node in &nodes {
+            overdue += node.leases_overdue;
+        }
+        m.cluster_leases_overdue
+            .set(i64::try_from(overdue).unwrap_or(i64::MAX));
+    }
     if let Some(db) = state.store.database_stats() {
         m.store_pool_in_use.set(db.pool_in_use as i64);
         m.store_pool_waiting.set(db.pool_waiting as i64);
@@ -237,6 +263,10 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
             "users_waiting_for_webex": state.engine.as_ref().map_or(0, |e| e.waiting_for_webex()),
         },
         "token": token,
+        "cluster": {
+            "node_id": state.config.cluster.node_id(),
+            "nodes": state.store.nodes().await.unwrap_or_default(),
+        },
         "recent_unreadable_documents": documents,
     }))
 }

@@ -139,6 +139,27 @@ pub struct Running {
     shutting_down: Arc<AtomicBool>,
     reload: admin::Reloader,
     admin_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    node_id: String,
+    started_ms: u64,
+}
+
+/// This release, as nodes report it to each other.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Say every third of a lease that this node is alive: `cluster status` and the node-missing
+/// alert call a node missing once its heartbeat is older than a lease, by when its users'
+/// leases have run out too.
+fn spawn_heartbeat(store: Store, node_id: String, started_ms: u64, lease: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(lease / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = store.heartbeat(&node_id, VERSION, started_ms, false).await {
+                tracing::debug!(error = %e, "cannot write this node's heartbeat; will try again");
+            }
+        }
+    });
 }
 
 impl Running {
@@ -165,6 +186,15 @@ impl Running {
         if let Some(engine) = &self.engine {
             engine.stop();
             let _ = tokio::time::timeout(grace, engine.idle()).await;
+        }
+        // Every try hands its lane back as it ends, so once idle this node holds none: say so,
+        // so that `cluster status` and the node-missing alert tell a stop from a death.
+        if let Err(e) = self
+            .store
+            .heartbeat(&self.node_id, VERSION, self.started_ms, true)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record this node's stop; it shows as missing until it starts again");
         }
         self.store.flush().await?;
         self.admin.stop(true).await;
@@ -211,7 +241,11 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     } else {
         None
     };
-    spawn_housekeeping(store.clone(), &config.store);
+    let node_id = config.cluster.node_id();
+    let lease = Duration::from_millis(config.cluster.lease_ms);
+    let started_ms = crate::store::now_ms();
+    spawn_heartbeat(store.clone(), node_id.clone(), started_ms, lease);
+    spawn_housekeeping(store.clone(), &config.store, node_id.clone());
     let (engine, tokens, upstream, webex) = match delivery {
         Some((engine, tokens, upstream, webex)) => {
             (Some(engine), Some(tokens), Some(upstream), Some(webex))
@@ -318,6 +352,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         shutting_down,
         reload,
         admin_task,
+        node_id,
+        started_ms,
     })
 }
 
@@ -394,13 +430,24 @@ const PRUNE_EVERY: Duration = Duration::from_secs(300);
 /// Audit retention and the pruning of finished outbox entries, every [`PRUNE_EVERY`] (and once at
 /// start), on the blocking pool: the first round on sled counts the records by walking the trees
 /// (about 3 s at a million each), and a round with much to remove takes as long.
-fn spawn_housekeeping(store: Store, cfg: &crate::config::StoreConfig) {
+fn spawn_housekeeping(store: Store, cfg: &crate::config::StoreConfig, node_id: String) {
     let retention_ms = u64::from(cfg.audit_retention_days) * 86_400_000;
     let (max_audit, max_history) = (cfg.audit_max_records, cfg.history_max_entries);
+    // Held past the next round, so the node that pruned last keeps the chore while it lives;
+    // another takes it over one round after it died.
+    let chore_ms = u64::try_from(PRUNE_EVERY.as_millis() * 2).unwrap_or(u64::MAX);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(PRUNE_EVERY);
         loop {
             tick.tick().await;
+            match store.claim_chore("prune", &node_id, chore_ms).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot claim the pruning chore; will try at the next round");
+                    continue;
+                }
+            }
             let store = store.clone();
             let runtime = tokio::runtime::Handle::current();
             let round = tokio::task::spawn_blocking(move || {
