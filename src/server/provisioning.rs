@@ -23,12 +23,22 @@ use crate::oci::{
 };
 use crate::secret::BasicCredentials;
 use crate::store::{
-    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, Origin, Remembered, StoreError,
-    now_ms,
+    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, Origin, Remembered, Store,
+    StoreError, now_ms,
 };
 
 /// How much of a document the audit keeps when flowthrough cannot use it.
 const EXCERPT_BYTES: usize = 64 * 1024;
+
+/// The first look at a waiting command's stored outcome on a shared store, after its accept.
+/// Another node holding the user's lane delivers it as soon as its current Webex call ends, so
+/// the outcome can be there within tens of milliseconds; the AS should not wait much longer.
+const FIRST_STORE_LOOK: Duration = Duration::from_millis(50);
+
+/// The longest pause between looks, which double from [`FIRST_STORE_LOOK`]: a command that waits
+/// seconds (a slow Webex, a lane held by a busy node) costs the database five reads a second,
+/// not twenty, and its answer comes at most this late.
+const LONGEST_STORE_LOOK: Duration = Duration::from_millis(200);
 
 /// Basic credentials from the request, if any.
 fn basic_credentials(headers: &HeaderMap) -> Option<BasicCredentials> {
@@ -465,7 +475,7 @@ async fn conclude(
         engine.submit(user);
     }
     let deadline = tokio::time::Instant::from_std(started) + state.settings.ack_deadline;
-    let finished = wait(&state, accepted.watches, deadline).await;
+    let finished = wait(&state, &engine, accepted.watches, deadline).await;
     // Durable before the AS hears anything. A failed flush still leaves the audit records
     // written by `answer`: delivery may already have taken the commands to Webex.
     let flushed = state.store.flushed(flushing).await;
@@ -486,14 +496,19 @@ async fn conclude(
 /// into a vague 7020. Hands on the ends that came, by entry.
 async fn wait(
     state: &AppState,
+    engine: &Engine,
     watches: Vec<(EntryId, Watch)>,
     deadline: tokio::time::Instant,
 ) -> HashMap<EntryId, Finished> {
+    // On a shared store another node may deliver a command (it holds the user's lane), and
+    // only the store learns how it ended.
+    let shared = state.settings.shared_store.then_some(&state.store);
+    let watched: Option<Vec<EntryId>> = shared.map(|_| watches.iter().map(|(id, _)| *id).collect());
     let mut finished = HashMap::new();
     if !state.credentials_invalid() {
         let deliveries = async {
             for (id, watch) in watches {
-                if let Ok(Ok(end)) = tokio::time::timeout_at(deadline, watch).await {
+                if let Some(end) = end_of(id, watch, shared, deadline).await {
                     finished.insert(id, end);
                 }
             }
@@ -509,7 +524,54 @@ async fn wait(
             () = rejected => {}
         }
     }
+    // The engine keeps a watch until it ends the entry itself, which it never does for an
+    // entry another node delivered: given up here, or each would stay for the process's life.
+    if let Some(ids) = watched {
+        engine.unwatch(ids);
+    }
     finished
+}
+
+/// How one stored command ended, if it did by the deadline: from this node's engine, or on a
+/// shared store from the stored entry, whichever tells first.
+async fn end_of(
+    id: EntryId,
+    watch: Watch,
+    shared: Option<&Store>,
+    deadline: tokio::time::Instant,
+) -> Option<Finished> {
+    let Some(store) = shared else {
+        return tokio::time::timeout_at(deadline, watch).await.ok()?.ok();
+    };
+    tokio::time::timeout_at(deadline, async {
+        tokio::select! {
+            Ok(end) = watch => end,
+            end = stored_end(store, id) => end,
+        }
+    })
+    .await
+    .ok()
+}
+
+/// Look at an entry's stored progress until it has ended, more rarely as time goes on. A read
+/// that fails counts as "not yet": the command was committed, so it is answered 7020 at the
+/// deadline, never with an error.
+async fn stored_end(store: &Store, id: EntryId) -> Finished {
+    let mut pause = FIRST_STORE_LOOK;
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(LONGEST_STORE_LOOK);
+        match store.progress(id).await {
+            Ok(progress) => {
+                if let Some(end) = progress.as_ref().and_then(Finished::of) {
+                    return end;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(entry = id, error = %e, "cannot read a waiting command's progress; looking again until the ack deadline");
+            }
+        }
+    }
 }
 
 /// Answer each command and write its audit record. A command answered before delivery keeps its
@@ -693,20 +755,27 @@ async fn keep_document(state: &AppState, client: &str, reason: &str, body: &[u8]
     }
 }
 
-/// Shared settings of the provisioning handler, from `[server]`.
+/// Shared settings of the provisioning handler, from `[server]` and `[store]`.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub max_body_bytes: usize,
     pub ack_deadline: Duration,
     pub max_connection_age: Duration,
+    /// The store is shared with other nodes (PostgreSQL): another node may deliver a command
+    /// this one accepted, so a request waiting for its outcome looks at the store too.
+    pub shared_store: bool,
 }
 
 impl Settings {
-    pub fn from_config(server: &crate::config::ServerConfig) -> Settings {
+    pub fn from_config(
+        server: &crate::config::ServerConfig,
+        store: &crate::config::StoreConfig,
+    ) -> Settings {
         Settings {
             max_body_bytes: server.max_body_bytes,
             ack_deadline: Duration::from_millis(server.ack_deadline_ms),
             max_connection_age: Duration::from_secs(server.max_connection_age_s),
+            shared_store: store.backend == crate::config::StoreBackend::Postgres,
         }
     }
 }
