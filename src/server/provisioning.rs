@@ -75,8 +75,9 @@ fn oci_reply(session: &Session, responses: &[ResponseCommand]) -> HttpResponse {
         .body(oci::write(session, responses))
 }
 
-/// What a stage hands to the next, or the request's answer when the stage ends it early.
-type Stage<T> = Result<T, HttpResponse>;
+/// What a stage hands to the next, or the request's answer when the stage ends it early (boxed:
+/// a response is large to move through every stage's result, and ending early is the rare path).
+type Stage<T> = Result<T, Box<HttpResponse>>;
 
 /// The end of a stored command, when delivery reaches it.
 type Watch = tokio::sync::oneshot::Receiver<Finished>;
@@ -142,7 +143,7 @@ pub async fn handle(
     let mut response = process(&req, &body, &state, template, started)
         .instrument(span)
         .await
-        .unwrap_or_else(|answered_early| answered_early);
+        .unwrap_or_else(|answered_early| *answered_early);
     state
         .metrics
         .request_seconds
@@ -209,33 +210,33 @@ async fn process(
 /// Hands on the engine the accepted commands go to.
 fn admit<'s>(req: &HttpRequest, state: &'s AppState) -> Stage<&'s Engine> {
     let Some(engine) = &state.engine else {
-        return Err(plain(
+        return Err(Box::new(plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "this node runs no provisioning listener",
-        ));
+        )));
     };
     if state.shutting_down() {
-        return Err(plain(
+        return Err(Box::new(plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "flowthrough is shutting down; the AS should retry on another node or in a moment",
-        ));
+        )));
     }
     // Refused without a log line each: the write that failed was logged, `/readyz` names the
     // failure, and every later write would fail the same way.
     if state.store.write_failure().is_some() {
-        return Err(plain(
+        return Err(Box::new(plain(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!(
                 "the store cannot be written (see /status on the admin listener); nothing was accepted — {}; then the AS can retry",
                 state.store.write_failure_remedy()
             ),
-        ));
+        )));
     }
     if !content_type_ok(req) {
-        return Err(plain(
+        return Err(Box::new(plain(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Content-Type must be text/xml or application/xml for an OCI-P document",
-        ));
+        )));
     }
     Ok(engine)
 }
@@ -258,7 +259,7 @@ async fn parse(state: &AppState, client: &str, body: &[u8]) -> Stage<Document> {
     if let Err(e) = state.store.flush().await {
         tracing::warn!(error = %e, "cannot flush the kept document to the store");
     }
-    Err(match error.class() {
+    Err(Box::new(match error.class() {
         ErrorClass::TooLarge => plain(StatusCode::PAYLOAD_TOO_LARGE, &error.to_string()),
         ErrorClass::NotOci => plain(
             StatusCode::BAD_REQUEST,
@@ -273,7 +274,7 @@ async fn parse(state: &AppState, client: &str, body: &[u8]) -> Stage<Document> {
             state.metrics.count_command("document", "error_7001");
             oci_reply(&session, &[response])
         }
-    })
+    }))
 }
 
 /// Choose every command's template, and check the provisioning account it asks for, before
@@ -314,7 +315,7 @@ async fn choose_templates(
             if let Some(account) = &template.provisioning_account
                 && !account.verify(credentials.as_ref())
             {
-                return Err(HttpResponse::Unauthorized()
+                return Err(Box::new(HttpResponse::Unauthorized()
                     .insert_header((
                         header::WWW_AUTHENTICATE,
                         format!("Basic realm=\"flowthrough {template_name}\", charset=\"UTF-8\""),
@@ -322,7 +323,7 @@ async fn choose_templates(
                     .content_type("text/plain; charset=utf-8")
                     .body(format!(
                         "template \"{template_name}\" requires the provisioning account's HTTP Basic credentials; configure them on the AS\n"
-                    )));
+                    ))));
             }
             if let Command::UserAdd(profile) = &request.command {
                 added_here.insert(&profile.user_id, template_name);
@@ -412,7 +413,7 @@ async fn map_and_store(
                 Ok(kept) => kept,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot encode a command for the store");
-                    return Err(store_refused(state));
+                    return Err(Box::new(store_refused(state)));
                 }
             };
         let user = plan.user_id().unwrap_or_default().to_owned();
@@ -443,7 +444,7 @@ async fn map_and_store(
             Err(e) => {
                 engine.unwatch(watches.iter().map(|(id, _)| *id));
                 tracing::error!(error = %e, "cannot write to the store");
-                return Err(store_refused(state));
+                return Err(Box::new(store_refused(state)));
             }
         };
         steps.push(CommandStep::new(request, Some(template_name), step));
