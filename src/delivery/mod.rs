@@ -63,7 +63,7 @@ pub enum Finished {
 
 impl Finished {
     /// How a stored entry ended; `None` while it is pending.
-    fn of(progress: &Progress) -> Option<Finished> {
+    pub(crate) fn of(progress: &Progress) -> Option<Finished> {
         match &progress.state {
             EntryState::Pending => None,
             EntryState::Dead { reason, .. } => Some(Finished::Dead {

@@ -257,7 +257,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let tls_loaded = Arc::new(AtomicBool::new(true));
     let state = web::Data::new(AppState {
         languages: config.language_table(),
-        settings: Settings::from_config(&server),
+        settings: Settings::from_config(&server, &config.store),
         store: store.clone(),
         engine: engine.clone(),
         metrics: metrics.clone(),

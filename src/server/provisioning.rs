@@ -1,10 +1,13 @@
 //! `POST /provisioning[/{template}]`: one OCI-P document in, one OCI-P document out.
 //!
-//! Per command: choose the template, map, and either answer at once (customer records, no-ops,
-//! rejections) or store a Webex call in the outbox. The store is flushed before any answer, then the
-//! request waits for its deliveries up to the ack deadline; what is not done by then is answered
-//! 7020 and continues in the background.
+//! A request goes through named stages, each handing plain data to the next: [`admit`],
+//! [`parse`], [`choose_templates`], [`map_and_store`] (the durable accept), then, in a task that
+//! outlives the request ([`conclude`]), [`wait`] for the outcomes up to the ack deadline and
+//! [`answer`]. A stage before the accept may end the request itself (a refusal, or one OCI-P
+//! error for the whole document); from the accept on, every command is answered: by its outcome,
+//! or 7020 at the deadline while delivery continues in the background.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
@@ -14,16 +17,28 @@ use tracing::Instrument;
 
 use super::AppState;
 use crate::delivery::{Engine, Finished};
-use crate::mapping::{self, MapContext, OciError, Plan};
-use crate::oci::{self, Command, ErrorClass, ParseLimits, Request, ResponseCommand, Session};
+use crate::mapping::{self, MapContext, OciError, Plan, Rejection};
+use crate::oci::{
+    self, Command, Document, ErrorClass, ParseLimits, Request, ResponseCommand, Session,
+};
 use crate::secret::BasicCredentials;
 use crate::store::{
-    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, Origin, Remembered, StoreError,
-    now_ms,
+    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, Origin, Remembered, Store,
+    StoreError, now_ms,
 };
 
 /// How much of a document the audit keeps when flowthrough cannot use it.
 const EXCERPT_BYTES: usize = 64 * 1024;
+
+/// The first look at a waiting command's stored outcome on a shared store, after its accept.
+/// Another node holding the user's lane delivers it as soon as its current Webex call ends, so
+/// the outcome can be there within tens of milliseconds; the AS should not wait much longer.
+const FIRST_STORE_LOOK: Duration = Duration::from_millis(50);
+
+/// The longest pause between looks, which double from [`FIRST_STORE_LOOK`]: a command that waits
+/// seconds (a slow Webex, a lane held by a busy node) costs the database five reads a second,
+/// not twenty, and its answer comes at most this late.
+const LONGEST_STORE_LOOK: Duration = Duration::from_millis(200);
 
 /// Basic credentials from the request, if any.
 fn basic_credentials(headers: &HeaderMap) -> Option<BasicCredentials> {
@@ -59,6 +74,10 @@ fn oci_reply(session: &Session, responses: &[ResponseCommand]) -> HttpResponse {
         .content_type("text/xml; charset=UTF-8")
         .body(oci::write(session, responses))
 }
+
+/// What a stage hands to the next, or the request's answer when the stage ends it early (boxed:
+/// a response is large to move through every stage's result, and ending early is the rare path).
+type Stage<T> = Result<T, Box<HttpResponse>>;
 
 /// The end of a stored command, when delivery reaches it.
 type Watch = tokio::sync::oneshot::Receiver<Finished>;
@@ -98,6 +117,16 @@ impl CommandStep {
     }
 }
 
+/// What the durable accept hands to the rest of the request, none of which needs the AS.
+struct Accepted {
+    /// Every command of the document, in order.
+    steps: Vec<CommandStep>,
+    /// The user of each stored command, for delivery.
+    users: Vec<String>,
+    /// The stored commands' ends, watched before they were stored.
+    watches: Vec<(EntryId, Watch)>,
+}
+
 pub async fn handle(
     req: HttpRequest,
     body: web::Bytes,
@@ -111,14 +140,14 @@ pub async fn handle(
         client = %super::client_label(&req),
         template = template.unwrap_or("-"),
     );
-    let response = process(&req, &body, &state, template, started)
+    let mut response = process(&req, &body, &state, template, started)
         .instrument(span)
-        .await;
+        .await
+        .unwrap_or_else(|answered_early| *answered_early);
     state
         .metrics
         .request_seconds
         .observe(started.elapsed().as_secs_f64());
-    let mut response = response;
     if crate::listener::connection_too_old(&req, state.settings.max_connection_age) {
         // actix writes `Connection: close` and closes after this response.
         response
@@ -135,84 +164,135 @@ pub async fn handle(
     response
 }
 
+/// The stages in order; each one that can end the request early does so through `?`.
 async fn process(
     req: &HttpRequest,
     body: &[u8],
     state: &web::Data<AppState>,
     explicit: Option<&str>,
     started: Instant,
-) -> HttpResponse {
+) -> Stage<HttpResponse> {
+    let engine = admit(req, state)?;
+    let client = super::client_label(req);
+    let document = parse(state, &client, body).await?;
+    let chosen = choose_templates(req.headers(), state, &document, explicit).await?;
+    let accepted = map_and_store(state, engine, &client, body, &document, chosen).await?;
+
+    // From here on nothing depends on the AS still listening. Once stored, a command must reach
+    // delivery and its audit record must be written even if the AS hangs up and actix drops this
+    // future: the benchmark's generator, stopping with requests in flight, left stored commands
+    // undelivered until a restart that way, and their audit records were never written.
+    let concluding = actix_rt::spawn(
+        conclude(state.clone(), engine.clone(), accepted, client, started).in_current_span(),
+    );
+    Ok(match concluding.await {
+        Ok(Ok(responses)) => oci_reply(&document.session, &responses),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot flush the store");
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store cannot be flushed to disk; the AS should retry — check the data volume",
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the task concluding a request ended early");
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "flowthrough could not conclude the request; the AS should retry (a command that was stored is delivered once, whatever the retry)",
+            )
+        }
+    })
+}
+
+/// Refuse, before any work, a request this node cannot accept commands from: a node without a
+/// delivery engine (tunnel only) or shutting down sends the AS elsewhere, a store that cannot be
+/// written would refuse every command anyway, and only an XML body can be an OCI-P document.
+/// Hands on the engine the accepted commands go to.
+fn admit<'s>(req: &HttpRequest, state: &'s AppState) -> Stage<&'s Engine> {
     let Some(engine) = &state.engine else {
-        return plain(
+        return Err(Box::new(plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "this node runs no provisioning listener",
-        );
+        )));
     };
     if state.shutting_down() {
-        return plain(
+        return Err(Box::new(plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "flowthrough is shutting down; the AS should retry on another node or in a moment",
-        );
+        )));
     }
-    // Refused before any work and without a log line each: the write that failed was logged,
-    // `/readyz` names the failure, and every later write would fail the same way.
+    // Refused without a log line each: the write that failed was logged, `/readyz` names the
+    // failure, and every later write would fail the same way.
     if state.store.write_failure().is_some() {
-        return plain(
+        return Err(Box::new(plain(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!(
                 "the store cannot be written (see /status on the admin listener); nothing was accepted — {}; then the AS can retry",
                 state.store.write_failure_remedy()
             ),
-        );
+        )));
     }
     if !content_type_ok(req) {
-        return plain(
+        return Err(Box::new(plain(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Content-Type must be text/xml or application/xml for an OCI-P document",
-        );
+        )));
     }
-    let client = super::client_label(req);
+    Ok(engine)
+}
+
+/// Read the body as an OCI-P document within the configured size. A body flowthrough cannot use
+/// ends the request here (too large 413, not OCI-P 400, malformed OCI-P one 7001) and is kept in
+/// the audit for the operator to study. Hands on the typed document.
+async fn parse(state: &AppState, client: &str, body: &[u8]) -> Stage<Document> {
     let limits = ParseLimits {
         max_bytes: state.settings.max_body_bytes,
         ..ParseLimits::default()
     };
-    let document = match oci::parse(body, &limits) {
-        Ok(document) => document,
-        Err(error) => {
-            keep_document(state, &client, &error.to_string(), body).await;
-            // Kept for the operator to study: durable before the AS hears of it, as every other
-            // record is (a document that only reached the page cache is gone after a power cut).
-            if let Err(e) = state.store.flush().await {
-                tracing::warn!(error = %e, "cannot flush the kept document to the store");
-            }
-            return match error.class() {
-                ErrorClass::TooLarge => plain(StatusCode::PAYLOAD_TOO_LARGE, &error.to_string()),
-                ErrorClass::NotOci => plain(
-                    StatusCode::BAD_REQUEST,
-                    &format!("not an OCI-P document: {error}"),
-                ),
-                ErrorClass::Malformed => {
-                    let session = error
-                        .session()
-                        .cloned()
-                        .unwrap_or_else(|| Session::SessionId(String::new()));
-                    let response = OciError::Malformed.response(None, Some(error.to_string()));
-                    state.metrics.count_command("document", "error_7001");
-                    oci_reply(&session, &[response])
-                }
-            };
-        }
+    let error = match oci::parse(body, &limits) {
+        Ok(document) => return Ok(document),
+        Err(error) => error,
     };
+    keep_document(state, client, &error.to_string(), body).await;
+    // Durable before the AS hears of it, as every other record is (a document that only reached
+    // the page cache is gone after a power cut).
+    if let Err(e) = state.store.flush().await {
+        tracing::warn!(error = %e, "cannot flush the kept document to the store");
+    }
+    Err(Box::new(match error.class() {
+        ErrorClass::TooLarge => plain(StatusCode::PAYLOAD_TOO_LARGE, &error.to_string()),
+        ErrorClass::NotOci => plain(
+            StatusCode::BAD_REQUEST,
+            &format!("not an OCI-P document: {error}"),
+        ),
+        ErrorClass::Malformed => {
+            let session = error
+                .session()
+                .cloned()
+                .unwrap_or_else(|| Session::SessionId(String::new()));
+            let response = OciError::Malformed.response(None, Some(error.to_string()));
+            state.metrics.count_command("document", "error_7001");
+            oci_reply(&session, &[response])
+        }
+    }))
+}
 
+/// Choose every command's template, and check the provisioning account it asks for, before
+/// anything is stored: a document refused 401 comes again with the credentials, and its first
+/// commands must not wait in the outbox meanwhile (stored, never handed to delivery). Hands on
+/// one choice per command, in order: a configured template's name, or why the command is refused.
+async fn choose_templates(
+    headers: &HeaderMap,
+    state: &AppState,
+    document: &Document,
+    explicit: Option<&str>,
+) -> Stage<Vec<Result<String, Rejection>>> {
     let config = &state.config;
-    let credentials = basic_credentials(req.headers());
-    // Every command's template is chosen, and its provisioning account checked, before anything
-    // is stored: a document refused 401 comes again with the credentials, and its first commands
-    // must not wait in the outbox meanwhile (stored, never handed to delivery).
+    let credentials = basic_credentials(headers);
     let mut chosen = Vec::with_capacity(document.commands.len());
     // The templates this document's own UserAdds give their users, as the store will remember
     // them by the time a later command of the document is mapped.
-    let mut added_here: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    let mut added_here: HashMap<&str, &str> = HashMap::new();
     for request in &document.commands {
         let remembered = match mapping::remembered_template_user(&request.command, explicit) {
             Some(user) => match added_here.get(user) {
@@ -235,7 +315,7 @@ async fn process(
             if let Some(account) = &template.provisioning_account
                 && !account.verify(credentials.as_ref())
             {
-                return HttpResponse::Unauthorized()
+                return Err(Box::new(HttpResponse::Unauthorized()
                     .insert_header((
                         header::WWW_AUTHENTICATE,
                         format!("Basic realm=\"flowthrough {template_name}\", charset=\"UTF-8\""),
@@ -243,7 +323,7 @@ async fn process(
                     .content_type("text/plain; charset=utf-8")
                     .body(format!(
                         "template \"{template_name}\" requires the provisioning account's HTTP Basic credentials; configure them on the AS\n"
-                    ));
+                    ))));
             }
             if let Command::UserAdd(profile) = &request.command {
                 added_here.insert(&profile.user_id, template_name);
@@ -251,9 +331,35 @@ async fn process(
         }
         chosen.push(choice);
     }
+    Ok(chosen)
+}
 
+/// The 503 of a store that refused a command's write: nothing of the command was accepted.
+fn store_refused(state: &AppState) -> HttpResponse {
+    plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!(
+            "the store cannot be written; nothing was accepted — {}; then the AS can retry",
+            state.store.write_failure_remedy()
+        ),
+    )
+}
+
+/// Map each command through its template and store what it leaves: the durable accept, after
+/// which the command is flowthrough's to deliver. A command that needs no Webex call (refused,
+/// a customer record, a no-op) is answered now; one that does is stored in the outbox, watched
+/// before it is stored. A write the store refuses ends the request 503. Hands on every
+/// command's step, and the users and watches of the stored ones.
+async fn map_and_store(
+    state: &AppState,
+    engine: &Engine,
+    client: &str,
+    body: &[u8],
+    document: &Document,
+    chosen: Vec<Result<String, Rejection>>,
+) -> Stage<Accepted> {
     let mut steps = Vec::with_capacity(document.commands.len());
-    let mut user_ids: Vec<String> = Vec::new();
+    let mut users: Vec<String> = Vec::new();
     // Watched before stored: the engine may take an entry up as soon as it is stored, before
     // this request is done (its user's previous entry ends), and a watch set before then leaves
     // it no window to end unseen.
@@ -265,7 +371,7 @@ async fn process(
                 if matches!(request.command, Command::Unsupported) {
                     keep_document(
                         state,
-                        &client,
+                        client,
                         &format!("unsupported command {}", request.name),
                         body,
                     )
@@ -279,7 +385,7 @@ async fn process(
                 continue;
             }
         };
-        let Some(template) = config.templates.get(&template_name) else {
+        let Some(template) = state.config.templates.get(&template_name) else {
             // select_template only returns configured names; answer rather than drop a command.
             let response = OciError::UnknownTemplate.response(request.echo.clone(), None);
             steps.push(CommandStep::new(request, None, Step::Answered(response)));
@@ -292,32 +398,22 @@ async fn process(
             }
             _ => None,
         };
-        let languages = &state.languages;
         let ctx = MapContext {
             template_name: &template_name,
             template,
-            languages,
+            languages: &state.languages,
             last_profile: last_profile.as_ref(),
         };
         let plan = mapping::plan(&request.command, &ctx);
         for note in plan.notes() {
             tracing::info!(command = %request.name, user_id = user_id.as_deref().unwrap_or(""), "{note}");
         }
-        let refused = || {
-            plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!(
-                    "the store cannot be written; nothing was accepted — {}; then the AS can retry",
-                    state.store.write_failure_remedy()
-                ),
-            )
-        };
         let (remembered, call) =
             match what_to_keep(request, &template_name, last_profile.as_ref(), &plan) {
                 Ok(kept) => kept,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot encode a command for the store");
-                    return refused();
+                    return Err(Box::new(store_refused(state)));
                 }
             };
         let user = plan.user_id().unwrap_or_default().to_owned();
@@ -326,7 +422,7 @@ async fn process(
             template: template_name.clone(),
             command: request.name.clone(),
             call,
-            client: client.clone(),
+            client: client.to_owned(),
             origin: Origin::Live,
         });
         let stored = state
@@ -337,7 +433,7 @@ async fn process(
             .await;
         let step = match stored {
             Ok(Some(id)) => {
-                user_ids.push(user);
+                users.push(user);
                 Step::Queued {
                     id,
                     on_delivery: plan.response(request.echo.clone()),
@@ -348,56 +444,25 @@ async fn process(
             Err(e) => {
                 engine.unwatch(watches.iter().map(|(id, _)| *id));
                 tracing::error!(error = %e, "cannot write to the store");
-                return refused();
+                return Err(Box::new(store_refused(state)));
             }
         };
         steps.push(CommandStep::new(request, Some(template_name), step));
     }
-
-    // From here on nothing depends on the AS still listening. Once stored, a command must reach
-    // delivery and its audit record must be written even if the AS hangs up and actix drops this
-    // future: the benchmark's generator, stopping with requests in flight, left stored commands
-    // undelivered until a restart that way, and their audit records were never written.
-    let concluding = actix_rt::spawn(
-        conclude(
-            state.clone(),
-            engine.clone(),
-            user_ids,
-            watches,
-            steps,
-            client,
-            started,
-        )
-        .in_current_span(),
-    );
-    match concluding.await {
-        Ok(Ok(responses)) => oci_reply(&document.session, &responses),
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "cannot flush the store");
-            plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the store cannot be flushed to disk; the AS should retry — check the data volume",
-            )
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "the task concluding a request ended early");
-            plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "flowthrough could not conclude the request; the AS should retry (a command that was stored is delivered once, whatever the retry)",
-            )
-        }
-    }
+    Ok(Accepted {
+        steps,
+        users,
+        watches,
+    })
 }
 
-/// Hand the stored commands to delivery while they are made durable, wait for their ends up to
-/// the ack deadline and for the flush, write the audit records and make the answers. Runs as a
-/// task of its own, which the request only awaits (see the end of [`process`]).
+/// Hand the stored commands to delivery while they are made durable, wait for their ends, wait
+/// for the flush, then answer. Runs as a task of its own, which the request only awaits (see
+/// [`process`]), so it ends the same whether or not the AS still listens.
 async fn conclude(
     state: web::Data<AppState>,
     engine: Engine,
-    users: Vec<String>,
-    watches: Vec<(EntryId, Watch)>,
-    steps: Vec<CommandStep>,
+    accepted: Accepted,
     client: String,
     started: Instant,
 ) -> Result<Vec<ResponseCommand>, StoreError> {
@@ -407,23 +472,48 @@ async fn conclude(
     // it ends can leave a Webex call whose command the store lost, but then the AS got no answer
     // and sends the command again, and a provision sent again looks the user up first.
     let flushing = state.store.start_flush();
-    for user in &users {
+    for user in &accepted.users {
         engine.submit(user);
     }
-
     let deadline = tokio::time::Instant::from_std(started) + state.settings.ack_deadline;
-    let mut finished = std::collections::HashMap::new();
+    let finished = wait(&state, &engine, accepted.watches, deadline).await;
+    // Durable before the AS hears anything. A failed flush still leaves the audit records
+    // written by `answer`: delivery may already have taken the commands to Webex.
+    let flushed = state.store.flushed(flushing).await;
+    if let Ok(took) = &flushed {
+        state
+            .metrics
+            .store_flush_seconds
+            .observe(took.as_secs_f64());
+    }
+    let responses = answer(&state, accepted.steps, &finished, &client, started).await;
+    flushed?;
+    Ok(responses)
+}
+
+/// Wait for the stored commands' ends up to the ack deadline, so that the AS hears Webex's
+/// answer when Webex gives it in time rather than 7020. Cut short once Webex rejects the refresh
+/// token: nothing is delivered without credentials, and waiting longer only turns a clear 7030
+/// into a vague 7020. Hands on the ends that came, by entry.
+async fn wait(
+    state: &AppState,
+    engine: &Engine,
+    watches: Vec<(EntryId, Watch)>,
+    deadline: tokio::time::Instant,
+) -> HashMap<EntryId, Finished> {
+    // On a shared store another node may deliver a command (it holds the user's lane), and
+    // only the store learns how it ended.
+    let shared = state.settings.shared_store.then_some(&state.store);
+    let watched: Option<Vec<EntryId>> = shared.map(|_| watches.iter().map(|(id, _)| *id).collect());
+    let mut finished = HashMap::new();
     if !state.credentials_invalid() {
         let deliveries = async {
             for (id, watch) in watches {
-                if let Ok(Ok(result)) = tokio::time::timeout_at(deadline, watch).await {
-                    finished.insert(id, result);
+                if let Some(end) = end_of(id, watch, shared, deadline).await {
+                    finished.insert(id, end);
                 }
             }
         };
-        // Nothing is delivered without credentials: once Webex rejects the refresh token
-        // (this request's delivery or any other call may find out), waiting longer only turns
-        // a clear 7030 into a vague 7020.
         let rejected = async {
             match &state.tokens {
                 Some(tokens) => tokens.credentials_rejected().await,
@@ -435,17 +525,68 @@ async fn conclude(
             () = rejected => {}
         }
     }
-    // Durable before the AS hears anything. A failed flush still leaves the audit records
-    // below: delivery may already have taken the commands to Webex.
-    let flushed = state.store.flushed(flushing).await;
-    if let Ok(took) = &flushed {
-        state
-            .metrics
-            .store_flush_seconds
-            .observe(took.as_secs_f64());
+    // The engine keeps a watch until it ends the entry itself, which it never does for an
+    // entry another node delivered: given up here, or each would stay for the process's life.
+    if let Some(ids) = watched {
+        engine.unwatch(ids);
     }
-    let credentials_invalid = state.credentials_invalid();
+    finished
+}
 
+/// How one stored command ended, if it did by the deadline: from this node's engine, or on a
+/// shared store from the stored entry, whichever tells first.
+async fn end_of(
+    id: EntryId,
+    watch: Watch,
+    shared: Option<&Store>,
+    deadline: tokio::time::Instant,
+) -> Option<Finished> {
+    let Some(store) = shared else {
+        return tokio::time::timeout_at(deadline, watch).await.ok()?.ok();
+    };
+    tokio::time::timeout_at(deadline, async {
+        tokio::select! {
+            Ok(end) = watch => end,
+            end = stored_end(store, id) => end,
+        }
+    })
+    .await
+    .ok()
+}
+
+/// Look at an entry's stored progress until it has ended, more rarely as time goes on. A read
+/// that fails counts as "not yet": the command was committed, so it is answered 7020 at the
+/// deadline, never with an error.
+async fn stored_end(store: &Store, id: EntryId) -> Finished {
+    let mut pause = FIRST_STORE_LOOK;
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(LONGEST_STORE_LOOK);
+        match store.progress(id).await {
+            Ok(progress) => {
+                if let Some(end) = progress.as_ref().and_then(Finished::of) {
+                    return end;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(entry = id, error = %e, "cannot read a waiting command's progress; looking again until the ack deadline");
+            }
+        }
+    }
+}
+
+/// Answer each command and write its audit record. A command answered before delivery keeps its
+/// answer; a stored one is answered by its end (Webex's answer, or 7010 for a dead entry), 7030
+/// while the refresh token is rejected, else 7020 (delivery continues). Hands on the answers in
+/// the document's order.
+async fn answer(
+    state: &AppState,
+    steps: Vec<CommandStep>,
+    finished: &HashMap<EntryId, Finished>,
+    client: &str,
+    started: Instant,
+) -> Vec<ResponseCommand> {
+    let credentials_invalid = state.credentials_invalid();
     let mut responses = Vec::with_capacity(steps.len());
     let mut audit_pending = Vec::with_capacity(steps.len());
     for CommandStep {
@@ -504,7 +645,7 @@ async fn conclude(
         state.metrics.count_command(kind, &outcome);
         audit_pending.push(AuditRecord {
             at_ms: now_ms(),
-            client: client.clone(),
+            client: client.to_owned(),
             event: AuditEvent::Command {
                 template,
                 command: name,
@@ -523,8 +664,7 @@ async fn conclude(
             tracing::warn!(error = %e, "cannot write an audit record");
         }
     }
-    flushed?;
-    Ok(responses)
+    responses
 }
 
 /// What a command leaves in the store: what the adapter remembers about the user and customer,
@@ -616,20 +756,27 @@ async fn keep_document(state: &AppState, client: &str, reason: &str, body: &[u8]
     }
 }
 
-/// Shared settings of the provisioning handler, from `[server]`.
+/// Shared settings of the provisioning handler, from `[server]` and `[store]`.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub max_body_bytes: usize,
     pub ack_deadline: Duration,
     pub max_connection_age: Duration,
+    /// The store is shared with other nodes (PostgreSQL): another node may deliver a command
+    /// this one accepted, so a request waiting for its outcome looks at the store too.
+    pub shared_store: bool,
 }
 
 impl Settings {
-    pub fn from_config(server: &crate::config::ServerConfig) -> Settings {
+    pub fn from_config(
+        server: &crate::config::ServerConfig,
+        store: &crate::config::StoreConfig,
+    ) -> Settings {
         Settings {
             max_body_bytes: server.max_body_bytes,
             ack_deadline: Duration::from_millis(server.ack_deadline_ms),
             max_connection_age: Duration::from_secs(server.max_connection_age_s),
+            shared_store: store.backend == crate::config::StoreBackend::Postgres,
         }
     }
 }
