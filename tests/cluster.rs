@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
@@ -28,12 +28,9 @@ const LEASE_MS: u64 = 2000;
 const POLL_MS: u64 = 200;
 
 /// The tests run one at a time: each starts two or three nodes, and on a two-core machine
-/// concurrent ones would starve each other's leases and skew the rate measurement.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// concurrent ones would starve each other's leases and skew the rate measurement. (tokio's
+/// mutex: held across awaits, and released by a test that panics.)
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -339,7 +336,7 @@ fn life() -> Vec<Cmd> {
 /// before: Webex sees each user's calls exactly in order, none missing, none twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_users_commands_reach_webex_in_order_whichever_node_took_them() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     const USERS: usize = 200;
     let cluster = Cluster::start(Control::default(), 2, "", "").await;
     let urls = cluster.urls();
@@ -352,7 +349,9 @@ async fn each_users_commands_reach_webex_in_order_whichever_node_took_them() {
                 let url = &urls[(u + k) % 2];
                 match send(&client, url, &cmd.xml(&user)).await {
                     Heard::Acknowledged => {}
-                    other => return Err(format!("{user} command {k} ({cmd:?}) at {url}: {other:?}")),
+                    other => {
+                        return Err(format!("{user} command {k} ({cmd:?}) at {url}: {other:?}"));
+                    }
                 }
             }
             Ok(user)
@@ -384,15 +383,21 @@ async fn each_users_commands_reach_webex_in_order_whichever_node_took_them() {
         &wrong[..wrong.len().min(3)]
     );
     assert_eq!(applied.len(), USERS, "calls for users nobody sent");
-    assert!(cluster.world.subscribers().is_empty(), "every user ends deleted");
+    assert!(
+        cluster.world.subscribers().is_empty(),
+        "every user ends deleted"
+    );
 }
+
+/// A user's run: the user and the commands it had acknowledged, or what went wrong.
+type UserRun = Result<(String, Vec<Cmd>), String>;
 
 /// The AS side of a load that survives node deaths: each user's commands in a cycle (add, then
 /// modify, modify, IM&P off, IM&P on …), each sent to the next node; a command not accepted is
 /// sent again to the other node until one acknowledges it, as the AS does behind a balancer.
 struct Load {
     stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<Result<(String, Vec<Cmd>), String>>>,
+    tasks: Vec<tokio::task::JoinHandle<UserRun>>,
 }
 
 impl Load {
@@ -428,7 +433,9 @@ impl Load {
                                 }
                                 Heard::NotAccepted(why) => {
                                     if tokio::time::Instant::now() > give_up {
-                                        return Err(format!("{user} {cmd:?} never accepted: {why}"));
+                                        return Err(format!(
+                                            "{user} {cmd:?} never accepted: {why}"
+                                        ));
                                     }
                                     node = (node + 1) % urls.len();
                                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -510,11 +517,7 @@ async fn holds_work(cluster: &Cluster, node: &str) -> bool {
 
 /// When the stranded entries ended, once all have; `None` if some never did.
 async fn ended(cluster: &Cluster, ids: &[u64], limit: Duration) -> Option<Vec<(u64, String)>> {
-    let list = ids
-        .iter()
-        .map(u64::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let list = ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     let ok = eventually_async(limit, || {
         cluster.count(&format!(
             "SELECT count(*) FROM outbox WHERE id IN ({list}) AND state = 'pending'"
@@ -552,7 +555,7 @@ async fn eventually_async(limit: Duration, mut check: impl FnMut() -> bool) -> b
 /// acknowledged command reaches Webex, in per-user order, no provision or remove twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_users_are_delivered_by_the_others_in_order() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     const USERS: usize = 24;
     const ROUNDS: usize = 20;
     // Webex answers after 100 ms, so calls are under way when a node dies.
@@ -564,7 +567,10 @@ async fn a_killed_nodes_users_are_delivered_by_the_others_in_order() {
     let load = Load::start(&cluster.client, cluster.urls(), USERS, "fail");
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(holds_work(&cluster, "node-a").await, "node-a never held work");
+    assert!(
+        holds_work(&cluster, "node-a").await,
+        "node-a never held work"
+    );
     cluster.nodes[0].kill();
     let killed_at = now_ms();
     let left = stranded(&cluster, "node-a");
@@ -600,7 +606,10 @@ async fn a_killed_nodes_users_are_delivered_by_the_others_in_order() {
         cluster.nodes[victim].kill();
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
         cluster.nodes[victim].start_ready().await;
-        eprintln!("round {round}: killed and restarted {}", cluster.nodes[victim].name);
+        eprintln!(
+            "round {round}: killed and restarted {}",
+            cluster.nodes[victim].name
+        );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let acknowledged = load.finish().await;
@@ -618,7 +627,10 @@ async fn a_killed_nodes_users_are_delivered_by_the_others_in_order() {
     for (user, cmds) in &acknowledged {
         let expected: Vec<String> = cmds.iter().map(Cmd::expected).collect();
         let (got, again) = without_repeated_updates(applied.get(user).map_or(&[][..], |v| v));
-        assert_eq!(got, expected, "{user}: Webex's calls against the acknowledged commands");
+        assert_eq!(
+            got, expected,
+            "{user}: Webex's calls against the acknowledged commands"
+        );
         commands += cmds.len();
         repeats += again;
     }
@@ -635,7 +647,7 @@ async fn a_killed_nodes_users_are_delivered_by_the_others_in_order() {
 /// up, its late outcome writes are refused and logged, and Webex applied each command once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_past_its_lease_has_its_late_writes_refused() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     const USERS: usize = 8;
     // Webex takes 1.5 s to answer (within the lease), and the node waits up to 10 s for it.
     let control = Control {
@@ -643,7 +655,9 @@ async fn a_node_stopped_past_its_lease_has_its_late_writes_refused() {
         ..Control::default()
     };
     let cluster = Cluster::start(control, 2, "request_timeout_ms = 10000", "").await;
-    let users: Vec<String> = (0..USERS).map(|u| format!("fence-{u}@acme.example")).collect();
+    let users: Vec<String> = (0..USERS)
+        .map(|u| format!("fence-{u}@acme.example"))
+        .collect();
     let mut requests = Vec::new();
     for user in &users {
         let (client, url, user) = (
@@ -665,7 +679,10 @@ async fn a_node_stopped_past_its_lease_has_its_late_writes_refused() {
     );
     cluster.nodes[0].signal(libc::SIGSTOP);
     let left = stranded(&cluster, "node-a");
-    assert!(!left.is_empty(), "node-a was stopped holding no lane with work");
+    assert!(
+        !left.is_empty(),
+        "node-a was stopped holding no lane with work"
+    );
     cluster
         .world
         .sim
@@ -678,7 +695,10 @@ async fn a_node_stopped_past_its_lease_has_its_late_writes_refused() {
         .expect("node-b delivers the stopped node's users");
     for ((id, user, lease_until), (at, state)) in left.iter().zip(&ends) {
         assert_eq!(state, "delivered", "entry {id} of {user}");
-        assert!(at >= lease_until, "entry {id} of {user} taken before the lease ran out");
+        assert!(
+            at >= lease_until,
+            "entry {id} of {user} taken before the lease ran out"
+        );
     }
     cluster.nodes[0].signal(libc::SIGCONT);
     let refused = "has expired or another node took it over";
@@ -789,7 +809,7 @@ async fn relay(mut client: TcpStream, target: u16, mut state: watch::Receiver<bo
 /// carries on accepting and delivering; the cut node recovers by itself once it is restored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_from_the_database_refuses_while_the_other_delivers() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let world = Cluster::world(Control::default()).await;
     let pg_port = world.postgres.as_ref().unwrap().0.port;
     let proxy = DbProxy::start(pg_port).await;
@@ -839,7 +859,11 @@ async fn a_node_cut_from_the_database_refuses_while_the_other_delivers() {
         let heard = send(client, &other.url, &add(&user)).await;
         assert!(matches!(heard, Heard::Acknowledged), "{heard:?}");
         assert!(
-            eventually(Duration::from_secs(10), || cluster.world.subscriber(&user).is_some()).await,
+            eventually(Duration::from_secs(10), || cluster
+                .world
+                .subscriber(&user)
+                .is_some())
+            .await,
             "{user} delivered while the other node is cut off"
         );
     }
@@ -860,7 +884,10 @@ async fn a_node_cut_from_the_database_refuses_while_the_other_delivers() {
         .collect();
     for user in ["before-0", "before-1", "during-0", "during-4", "after"] {
         let user = format!("{user}@acme.example");
-        assert!(subscribers.contains(&user), "{user} missing: {subscribers:?}");
+        assert!(
+            subscribers.contains(&user),
+            "{user} missing: {subscribers:?}"
+        );
     }
     assert_eq!(
         cluster.count("SELECT count(*) FROM outbox WHERE state = 'dead'"),
@@ -869,7 +896,11 @@ async fn a_node_cut_from_the_database_refuses_while_the_other_delivers() {
 }
 
 /// Poll a node's `/readyz` until `done` holds or `limit` passes; the last answer.
-async fn ready_until(node: &Node, limit: Duration, done: impl Fn(u16, &str) -> bool) -> (u16, String) {
+async fn ready_until(
+    node: &Node,
+    limit: Duration,
+    done: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let (status, why) = node.ready().await;
@@ -884,7 +915,7 @@ async fn ready_until(node: &Node, limit: Duration, done: impl Fn(u16, &str) -> b
 /// 0.95 R, and at most 2 % of their calls are answered 429 — the pause and the pace are shared.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_webexs_rate_limit() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     const RATE: u64 = 20;
     const USERS: usize = 320;
     let control = Control {
@@ -897,7 +928,12 @@ async fn two_nodes_share_webexs_rate_limit() {
     for u in 0..USERS {
         let (client, url) = (cluster.client.clone(), cluster.nodes[u % 2].url.clone());
         requests.push(tokio::spawn(async move {
-            send(&client, &url, &Cmd::Add.xml(&format!("rate-{u}@acme.example"))).await
+            send(
+                &client,
+                &url,
+                &Cmd::Add.xml(&format!("rate-{u}@acme.example")),
+            )
+            .await
         }));
     }
     for request in requests {
@@ -907,7 +943,15 @@ async fn two_nodes_share_webexs_rate_limit() {
     // Measured over 10 s in the middle of the backlog (16 s at R), after the nodes have met
     // the limit.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let delivered = || cluster.world.sim.calls().iter().filter(|c| c.applied()).count();
+    let delivered = || {
+        cluster
+            .world
+            .sim
+            .calls()
+            .iter()
+            .filter(|c| c.applied())
+            .count()
+    };
     let (from, started) = (delivered(), tokio::time::Instant::now());
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (to, took) = (delivered(), started.elapsed());
@@ -931,14 +975,18 @@ async fn two_nodes_share_webexs_rate_limit() {
         rate >= 0.95 * RATE as f64,
         "two nodes deliver {rate:.1}/s under a limit of {RATE}/s"
     );
-    assert!(share <= 0.02, "{limited} of {} calls answered 429", calls.len());
+    assert!(
+        share <= 0.02,
+        "{limited} of {} calls answered 429",
+        calls.len()
+    );
 }
 
 /// The access token expires under 500 concurrent commands spread over two nodes: one refresh in
 /// all, the other node reuses the token the first obtained.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_refresh_an_expired_token_once() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     const REQUESTS: usize = 500;
     let cluster = Cluster::start(Control::default(), 2, "", "").await;
     // Each node gets a token of its own in use first.
@@ -956,7 +1004,12 @@ async fn two_nodes_refresh_an_expired_token_once() {
     for u in 0..REQUESTS {
         let (client, url) = (cluster.client.clone(), cluster.nodes[u % 2].url.clone());
         requests.push(tokio::spawn(async move {
-            send(&client, &url, &Cmd::Add.xml(&format!("token-{u}@acme.example"))).await
+            send(
+                &client,
+                &url,
+                &Cmd::Add.xml(&format!("token-{u}@acme.example")),
+            )
+            .await
         }));
     }
     for request in requests {
@@ -964,7 +1017,14 @@ async fn two_nodes_refresh_an_expired_token_once() {
         assert!(matches!(heard, Heard::Acknowledged), "{heard:?}");
     }
     assert!(cluster.drained(Duration::from_secs(120)).await);
-    assert_eq!(cluster.world.subscribers().len(), REQUESTS + 2, "nothing lost");
+    assert_eq!(
+        cluster.world.subscribers().len(),
+        REQUESTS + 2,
+        "nothing lost"
+    );
     let refreshes = cluster.world.sim.counter("refreshes") - before;
-    assert_eq!(refreshes, 1, "refreshes of the expired token across both nodes");
+    assert_eq!(
+        refreshes, 1,
+        "refreshes of the expired token across both nodes"
+    );
 }

@@ -228,7 +228,10 @@ async fn records_each_call_per_user_in_order_when_asked() {
     assert_eq!(post().await.unwrap().status(), 200);
     assert!(sim.calls().is_empty(), "off by default");
 
-    assert_eq!(control(&http, &root, json!({"record_calls": true})).await, 200);
+    assert_eq!(
+        control(&http, &root, json!({"record_calls": true})).await,
+        200
+    );
     assert_eq!(post().await.unwrap().status(), 409);
     let listed: serde_json::Value = http
         .get(format!("{subs}?userId=r1@example.com"))
@@ -246,9 +249,15 @@ async fn records_each_call_per_user_in_order_when_asked() {
         .json(&json!({"firstName": "C"}))
         .send();
     assert_eq!(put.await.unwrap().status(), 200);
-    let delete = http.delete(format!("{subs}/{id}")).bearer_auth(&access).send();
+    let delete = http
+        .delete(format!("{subs}/{id}"))
+        .bearer_auth(&access)
+        .send();
     assert_eq!(delete.await.unwrap().status(), 204);
-    let unknown = http.delete(format!("{subs}/{id}")).bearer_auth(&access).send();
+    let unknown = http
+        .delete(format!("{subs}/{id}"))
+        .bearer_auth(&access)
+        .send();
     assert_eq!(unknown.await.unwrap().status(), 404);
 
     let calls = sim.calls();
@@ -269,6 +278,10 @@ async fn records_each_call_per_user_in_order_when_asked() {
     );
     assert_eq!(calls[2].body, json!({"firstName": "C"}));
     assert_eq!(calls[0].body["lastName"], "B");
-    assert!(calls.windows(2).all(|w| w[0].seq < w[1].seq && w[0].at_ms <= w[1].at_ms));
+    assert!(
+        calls
+            .windows(2)
+            .all(|w| w[0].seq < w[1].seq && w[0].at_ms <= w[1].at_ms)
+    );
     sim.stop().await;
 }

@@ -413,12 +413,18 @@ fn json_body(body: &web::Bytes) -> Value {
 
 async fn provision(state: Shared, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let v = json_body(&body);
-    api(&state, &req, "provision", About::Body(&v), |s| s.provision(&v)).await
+    api(&state, &req, "provision", About::Body(&v), |s| {
+        s.provision(&v)
+    })
+    .await
 }
 
 async fn validate(state: Shared, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let v = json_body(&body);
-    api(&state, &req, "validate", About::Body(&v), |s| s.precheck(&v)).await
+    api(&state, &req, "validate", About::Body(&v), |s| {
+        s.precheck(&v)
+    })
+    .await
 }
 
 async fn update(
@@ -428,15 +434,28 @@ async fn update(
     body: web::Bytes,
 ) -> HttpResponse {
     let v = json_body(&body);
-    api(&state, &req, "update", About::Subscriber(&id, Some(&v)), |s| s.update(&id, &v)).await
+    api(
+        &state,
+        &req,
+        "update",
+        About::Subscriber(&id, Some(&v)),
+        |s| s.update(&id, &v),
+    )
+    .await
 }
 
 async fn remove(state: Shared, req: HttpRequest, id: web::Path<String>) -> HttpResponse {
-    api(&state, &req, "remove", About::Subscriber(&id, None), |s| s.remove(&id)).await
+    api(&state, &req, "remove", About::Subscriber(&id, None), |s| {
+        s.remove(&id)
+    })
+    .await
 }
 
 async fn get_one(state: Shared, req: HttpRequest, id: web::Path<String>) -> HttpResponse {
-    api(&state, &req, "get", About::Subscriber(&id, None), |s| s.get(&id)).await
+    api(&state, &req, "get", About::Subscriber(&id, None), |s| {
+        s.get(&id)
+    })
+    .await
 }
 
 async fn list(
