@@ -196,3 +196,92 @@ async fn several_listen_addresses_share_one_port() {
     }
     sim.stop().await;
 }
+
+/// With `record_calls`, each subscriber-API call is kept in the order its work was done, with
+/// the userId it was about (from the body, the addressed subscriber — read before a remove
+/// drops it — or the list's filter), its status and body; without, nothing is kept.
+#[tokio::test]
+async fn records_each_call_per_user_in_order_when_asked() {
+    let sim = Simulator::start(SimOptions::default()).await.unwrap();
+    let http = client(&sim.ca_pem);
+    let subs = format!("{}/broadworks/subscribers", sim.base_url);
+    let root = sim.base_url.trim_end_matches("/v1").to_owned();
+    let form = [
+        ("grant_type", "refresh_token"),
+        ("client_id", sim.client_id.as_str()),
+        ("client_secret", sim.client_secret.expose()),
+        ("refresh_token", sim.refresh_token.expose()),
+    ];
+    let tok: serde_json::Value = http
+        .post(format!("{}/access_token", sim.base_url))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let access = tok["access_token"].as_str().unwrap().to_owned();
+    let user = json!({"provisioningId": "p", "userId": "r1@example.com", "spEnterpriseId": "e",
+        "firstName": "A", "lastName": "B", "package": "basic"});
+    let post = || http.post(&subs).bearer_auth(&access).json(&user).send();
+    assert_eq!(post().await.unwrap().status(), 200);
+    assert!(sim.calls().is_empty(), "off by default");
+
+    assert_eq!(
+        control(&http, &root, json!({"record_calls": true})).await,
+        200
+    );
+    assert_eq!(post().await.unwrap().status(), 409);
+    let listed: serde_json::Value = http
+        .get(format!("{subs}?userId=r1@example.com"))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = listed["items"][0]["id"].as_str().unwrap().to_owned();
+    let put = http
+        .put(format!("{subs}/{id}"))
+        .bearer_auth(&access)
+        .json(&json!({"firstName": "C"}))
+        .send();
+    assert_eq!(put.await.unwrap().status(), 200);
+    let delete = http
+        .delete(format!("{subs}/{id}"))
+        .bearer_auth(&access)
+        .send();
+    assert_eq!(delete.await.unwrap().status(), 204);
+    let unknown = http
+        .delete(format!("{subs}/{id}"))
+        .bearer_auth(&access)
+        .send();
+    assert_eq!(unknown.await.unwrap().status(), 404);
+
+    let calls = sim.calls();
+    let seen: Vec<(&str, Option<&str>, u16, bool)> = calls
+        .iter()
+        .map(|c| (c.kind.as_str(), c.user_id.as_deref(), c.status, c.applied()))
+        .collect();
+    let r1 = Some("r1@example.com");
+    assert_eq!(
+        seen,
+        [
+            ("provision", r1, 409, false),
+            ("list", r1, 200, false),
+            ("update", r1, 200, true),
+            ("remove", r1, 204, true),
+            ("remove", None, 404, false),
+        ]
+    );
+    assert_eq!(calls[2].body, json!({"firstName": "C"}));
+    assert_eq!(calls[0].body["lastName"], "B");
+    assert!(
+        calls
+            .windows(2)
+            .all(|w| w[0].seq < w[1].seq && w[0].at_ms <= w[1].at_ms)
+    );
+    sim.stop().await;
+}

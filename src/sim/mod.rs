@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::Value;
 
-pub use state::{Control, RetryAfterMode};
+pub use state::{CallRecord, Control, RetryAfterMode};
 use state::{Reply, SimState};
 
 use crate::secret::Secret;
@@ -112,6 +112,12 @@ impl SimHandle {
     /// `POST /_sim/seed` with `{"subscribers": [...]}`).
     pub fn seed(&self, subscribers: &[Value]) -> Result<usize, String> {
         lock(&self.state).seed(subscribers)
+    }
+
+    /// Every subscriber-API call so far, in the order the simulator did their work; empty unless
+    /// `record_calls` is on.
+    pub fn calls(&self) -> Vec<CallRecord> {
+        lock(&self.state).calls().to_vec()
     }
 
     /// Invalidate every access token issued so far (the next call gets 401).
@@ -342,15 +348,34 @@ fn respond(reply: Reply) -> HttpResponse {
     }
 }
 
-/// The common path of every subscriber-API call: count, faults, bearer check, work, latency.
+/// Which user a call is about, and its body, for its [`CallRecord`].
+#[derive(Clone, Copy)]
+enum About<'a> {
+    /// A body carrying `userId`.
+    Body(&'a Value),
+    /// A subscriber id in the path, with the body if there is one; its userId is read before
+    /// the work (a remove drops it).
+    Subscriber(&'a str, Option<&'a Value>),
+    /// A list's `userId` filter.
+    Filter(Option<&'a String>),
+}
+
+/// The common path of every subscriber-API call: count, faults, bearer check, work, record,
+/// latency.
 async fn api(
     state: &Shared,
     req: &HttpRequest,
     kind: &str,
+    about: About<'_>,
     work: impl FnOnce(&mut SimState) -> Reply,
 ) -> HttpResponse {
     let (reply, delay) = {
         let mut s = lock(state);
+        let user_id = match about {
+            About::Body(body) => body["userId"].as_str().map(str::to_owned),
+            About::Subscriber(id, _) => s.user_of(id),
+            About::Filter(user) => user.cloned(),
+        };
         s.count(kind);
         let page_latency = (kind == "list" && s.control.list_latency_ms > 0)
             .then(|| std::time::Duration::from_millis(s.control.list_latency_ms));
@@ -369,6 +394,11 @@ async fn api(
                 Ok(()) => work(&mut s),
             },
         };
+        let body = match about {
+            About::Body(body) | About::Subscriber(_, Some(body)) => body.clone(),
+            About::Subscriber(_, None) | About::Filter(_) => Value::Null,
+        };
+        s.record_call(kind, user_id, reply.status(), body);
         (reply, delay)
     };
     if let Some(d) = delay {
@@ -383,12 +413,18 @@ fn json_body(body: &web::Bytes) -> Value {
 
 async fn provision(state: Shared, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let v = json_body(&body);
-    api(&state, &req, "provision", |s| s.provision(&v)).await
+    api(&state, &req, "provision", About::Body(&v), |s| {
+        s.provision(&v)
+    })
+    .await
 }
 
 async fn validate(state: Shared, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let v = json_body(&body);
-    api(&state, &req, "validate", |s| s.precheck(&v)).await
+    api(&state, &req, "validate", About::Body(&v), |s| {
+        s.precheck(&v)
+    })
+    .await
 }
 
 async fn update(
@@ -398,15 +434,28 @@ async fn update(
     body: web::Bytes,
 ) -> HttpResponse {
     let v = json_body(&body);
-    api(&state, &req, "update", |s| s.update(&id, &v)).await
+    api(
+        &state,
+        &req,
+        "update",
+        About::Subscriber(&id, Some(&v)),
+        |s| s.update(&id, &v),
+    )
+    .await
 }
 
 async fn remove(state: Shared, req: HttpRequest, id: web::Path<String>) -> HttpResponse {
-    api(&state, &req, "remove", |s| s.remove(&id)).await
+    api(&state, &req, "remove", About::Subscriber(&id, None), |s| {
+        s.remove(&id)
+    })
+    .await
 }
 
 async fn get_one(state: Shared, req: HttpRequest, id: web::Path<String>) -> HttpResponse {
-    api(&state, &req, "get", |s| s.get(&id)).await
+    api(&state, &req, "get", About::Subscriber(&id, None), |s| {
+        s.get(&id)
+    })
+    .await
 }
 
 async fn list(
@@ -416,7 +465,10 @@ async fn list(
 ) -> HttpResponse {
     let info = req.connection_info().clone();
     let base = format!("{}://{}{}", info.scheme(), info.host(), req.path());
-    api(&state, &req, "list", |s| s.list(&q, &base)).await
+    api(&state, &req, "list", About::Filter(q.get("userId")), |s| {
+        s.list(&q, &base)
+    })
+    .await
 }
 
 async fn access_token(state: Shared, form: web::Form<HashMap<String, String>>) -> HttpResponse {

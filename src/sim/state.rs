@@ -56,6 +56,9 @@ pub struct Control {
     /// Added latency of every list page (`GET /broadworks/subscribers`), on top of
     /// `latency_ms`: the floor of a paged read is the pages it needs times this.
     pub list_latency_ms: u64,
+    /// Keep a record of every subscriber-API call (see [`CallRecord`]). Off by default: a
+    /// benchmark's millions of calls would grow it without bound.
+    pub record_calls: bool,
 }
 
 impl Default for Control {
@@ -78,7 +81,37 @@ impl Default for Control {
             provisioning_delay_ms: 0,
             error_user_ids: Vec::new(),
             list_latency_ms: 0,
+            record_calls: false,
         }
+    }
+}
+
+/// One subscriber-API call as the simulator answered it. Tests with several flowthrough nodes
+/// read what reached Webex for each user, in the order it was applied, from these: the final
+/// state alone cannot tell a command applied twice, or two applied in the wrong order and
+/// then overwritten, from a correct run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallRecord {
+    /// Order of the call's work among all calls (the state's lock decides it).
+    pub seq: u64,
+    /// When the work was done, Unix milliseconds.
+    pub at_ms: u64,
+    /// `provision`, `update`, `remove`, `get`, `list` or `validate`.
+    pub kind: String,
+    /// The userId the call was about: from the body, the addressed subscriber or the list's
+    /// filter; `None` when it named none (an unknown subscriber id, an unfiltered list).
+    pub user_id: Option<String>,
+    /// The HTTP status answered; 0 for a dropped connection.
+    pub status: u16,
+    /// The request's JSON body (`null` when it had none).
+    pub body: Value,
+}
+
+impl CallRecord {
+    /// Whether the call changed Webex's state: a provision, update or remove answered 2xx.
+    pub fn applied(&self) -> bool {
+        matches!(self.kind.as_str(), "provision" | "update" | "remove")
+            && (200..300).contains(&self.status)
     }
 }
 
@@ -129,6 +162,16 @@ pub enum Reply {
     },
     Empty(u16),
     Drop,
+}
+
+impl Reply {
+    /// The HTTP status, 0 for a dropped connection.
+    pub fn status(&self) -> u16 {
+        match self {
+            Reply::Json { status, .. } | Reply::Empty(status) => *status,
+            Reply::Drop => 0,
+        }
+    }
 }
 
 fn error(status: u16, message: &str, errors: &[(u32, &str)]) -> Reply {
@@ -194,6 +237,7 @@ pub struct SimState {
     user_ids: HashMap<String, Vec<String>>,
     counters: BTreeMap<String, u64>,
     window: (Instant, u32),
+    calls: Vec<CallRecord>,
 }
 
 impl SimState {
@@ -217,7 +261,36 @@ impl SimState {
             user_ids: HashMap::new(),
             counters: BTreeMap::new(),
             window: (Instant::now(), 0),
+            calls: Vec::new(),
         }
+    }
+
+    /// The userId carried by the subscriber with this id, if there is one.
+    pub fn user_of(&self, id: &str) -> Option<String> {
+        self.find(id).and_then(|s| s.fields.get("userId").cloned())
+    }
+
+    /// Record a call when `record_calls` is on.
+    pub fn record_call(&mut self, kind: &str, user_id: Option<String>, status: u16, body: Value) {
+        if !self.control.record_calls {
+            return;
+        }
+        let at_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.calls.push(CallRecord {
+            seq: self.calls.len() as u64,
+            at_ms,
+            kind: kind.to_owned(),
+            user_id,
+            status,
+            body,
+        });
+    }
+
+    /// Every call recorded so far, in the order their work was done.
+    pub fn calls(&self) -> &[CallRecord] {
+        &self.calls
     }
 
     pub fn count(&mut self, what: &str) {
