@@ -40,6 +40,13 @@ fn exported_metric_names() -> BTreeSet<String> {
         kind: "extra".into(),
     };
     m.reconcile_drift_users.get_or_create(&drift).set(1);
+    let node = flowthrough::metrics::NodeVersionLabels {
+        node: "a".into(),
+        version: "1".into(),
+    };
+    m.cluster_node_heartbeat_age_seconds
+        .get_or_create(&node)
+        .set(1.0);
     m.render()
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
