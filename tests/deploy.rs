@@ -47,6 +47,8 @@ fn exported_metric_names() -> BTreeSet<String> {
     m.cluster_node_heartbeat_age_seconds
         .get_or_create(&node)
         .set(1.0);
+    let held = flowthrough::metrics::NodeLabels { node: "a".into() };
+    m.cluster_lanes_held.get_or_create(&held).set(1);
     m.render()
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
