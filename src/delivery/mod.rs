@@ -337,14 +337,20 @@ impl Engine {
     }
 
     /// Heed the rate limit as the nodes share it: a 429 another node met since the last look
-    /// pauses this node as long and makes its pacer learn, from what this node had Webex take in
-    /// the last second, its own share of the limit. Returns how long deliveries are paused now.
+    /// pauses this node as long, and, if this node is not paced yet, makes its pacer learn from
+    /// what this node had Webex take in the last second its own share of the limit. Once paced,
+    /// a node lowers its pace only for its own 429s: each lowers the pace of the node that met
+    /// it, as on one node, where lowering every node's for every node's 429 would take the sum
+    /// down by one step per node for each window that went over.
+    /// Returns how long deliveries are paused now.
     fn heed(&self, shared: SharedLimits) -> Duration {
         let now = Instant::now();
         let mut s = self.lock();
         if shared.rate_limited > s.rate_limits_seen {
             s.rate_limits_seen = shared.rate_limited;
-            s.pacer.limited(now);
+            if s.pacer.in_force(now).is_none() {
+                s.pacer.limited(now);
+            }
             let until = now + Duration::from_millis(shared.pause_left_ms);
             s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
         }
@@ -570,13 +576,16 @@ impl Engine {
         let limits = &self.inner.limits;
         let lease_ms = u64::try_from(limits.lease.as_millis()).unwrap_or(u64::MAX);
         let claimed_at = Instant::now();
-        let (reschedule, answered, more) = match store
+        // `called`: whether the try had an entry to make a call for; a try without one gives
+        // its slot of the pace back.
+        let (reschedule, answered, more, called) = match store
             .claim_head(user, &limits.node_id, lease_ms)
             .await
         {
             Ok(Some(claim)) => {
                 let tenure = Tenure::new(claim.lease, claimed_at, limits.lease);
                 let paused_for = self.heed(claim.limits);
+                let called = claim.head.is_some() && paused_for.is_zero();
                 let (reschedule, answered) = match claim.head {
                     // Another node met a 429 since this user was picked: wait as it does.
                     Some(_) if !paused_for.is_zero() => (Reschedule::After(paused_for), false),
@@ -593,12 +602,17 @@ impl Engine {
                             true
                         })
                     };
-                (reschedule, answered, more)
+                (reschedule, answered, more, called)
             }
-            Ok(None) => (Reschedule::HeldElsewhere, false, false),
+            Ok(None) => (Reschedule::HeldElsewhere, false, false, false),
             Err(e) => {
                 tracing::error!(user_id = user, error = %e, "cannot claim a delivery lane; will retry");
-                (Reschedule::After(Duration::from_secs(5)), false, false)
+                (
+                    Reschedule::After(Duration::from_secs(5)),
+                    false,
+                    false,
+                    false,
+                )
             }
         };
         // Every node pauses for a 429 any of them met, and learns its own share of the pace.
@@ -615,6 +629,9 @@ impl Engine {
         let mut s = self.lock();
         if let Some(shared) = shared {
             s.rate_limits_seen = s.rate_limits_seen.max(shared.rate_limited);
+        }
+        if !called {
+            s.pacer.skipped(now);
         }
         s.busy.remove(user);
         let again = s.again.remove(user);

@@ -176,6 +176,19 @@ impl Pacer {
         self.next_start = Some(from + interval);
     }
 
+    /// An attempt given a slot by [`Pacer::started`] made no call after all (its user's work
+    /// was done, or held by another node): the slot goes back, so that a pace shared with work
+    /// that is not there does not fall below the one learned.
+    pub fn skipped(&mut self, now: Instant) {
+        let Some(rate) = self.rate else {
+            return;
+        };
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        if let Some(at) = self.next_start {
+            self.next_start = Some(at.checked_sub(interval).unwrap_or(now).max(now));
+        }
+    }
+
     /// Webex accepted an attempt.
     pub fn accepted(&mut self, now: Instant) {
         self.accepted.push_back(now);
@@ -235,6 +248,30 @@ fn pace_for(accepted: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_skipped_start_gives_its_slot_back_but_never_a_slot_in_the_past() {
+        let now = Instant::now();
+        let mut pacer = Pacer::new();
+        for i in 0..10 {
+            pacer.accepted(now + Duration::from_millis(i * 10));
+        }
+        pacer.limited(now + Duration::from_millis(100));
+        let rate = pacer.rate().unwrap();
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let t = now + Duration::from_millis(200);
+        pacer.started(t);
+        pacer.started(t);
+        let second_slot = pacer.wait_until(t).unwrap();
+        pacer.skipped(t);
+        assert_eq!(pacer.wait_until(t), Some(second_slot - interval));
+        pacer.skipped(t);
+        pacer.skipped(t);
+        assert_eq!(pacer.wait_until(t), None, "no slot before now");
+        let mut unpaced = Pacer::new();
+        unpaced.skipped(t);
+        assert_eq!(unpaced.wait_until(t), None);
+    }
 
     #[test]
     fn unpaced_until_the_first_429() {

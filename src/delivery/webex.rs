@@ -231,8 +231,14 @@ impl Deliverer {
                 status,
             })
             .inc();
-        // A call that delivered the entry is counted by `Store::finish`, in the same write.
+        // A call that delivered the entry is counted by `Store::finish`, in the same write. A
+        // 429 is not counted: Webex refused it unread, so the next try need not look the user
+        // up first, and under a rate limit that lookup would spend half of Webex's allowance.
         if outcome.result.is_err()
+            && !matches!(
+                outcome.result,
+                Err(WebexError::RetryAfter { status: 429, .. })
+            )
             && let Err(e) = self
                 .store
                 .record_attempt(entry.id, &outcome.tracking_id, Some(tenure.lease()))
