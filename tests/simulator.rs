@@ -1,6 +1,6 @@
 //! The Webex API simulator over real HTTPS: Webex-like validation, bearer checks, control and state.
 
-use flowthrough::sim::{SimOptions, Simulator};
+use flowthrough::sim::{SimHandle, SimOptions, Simulator};
 use serde_json::json;
 
 fn client(ca_pem: &str) -> reqwest::Client {
@@ -13,6 +13,31 @@ fn client(ca_pem: &str) -> reqwest::Client {
 }
 
 /// POST a control document to the simulator over HTTP; its answer's status.
+/// The refresh grant with the simulator's own credentials.
+fn refresh_form(sim: &SimHandle) -> [(&'static str, String); 4] {
+    [
+        ("grant_type", "refresh_token".to_owned()),
+        ("client_id", sim.client_id.clone()),
+        ("client_secret", sim.client_secret.expose().to_owned()),
+        ("refresh_token", sim.refresh_token.expose().to_owned()),
+    ]
+}
+
+async fn grant(
+    http: &reqwest::Client,
+    sim: &SimHandle,
+    form: &[(&'static str, String); 4],
+) -> serde_json::Value {
+    http.post(format!("{}/access_token", sim.base_url))
+        .form(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn control(http: &reqwest::Client, root: &str, body: serde_json::Value) -> u16 {
     let r = http
         .post(format!("{root}/_sim/control"))
@@ -48,25 +73,12 @@ async fn validates_like_webex_and_exposes_control_and_state() {
     assert!(b["message"].is_string() && b["trackingId"].is_string());
 
     // The refresh grant, then a wrong secret.
-    let form = [
-        ("grant_type", "refresh_token"),
-        ("client_id", sim.client_id.as_str()),
-        ("client_secret", sim.client_secret.expose()),
-        ("refresh_token", sim.refresh_token.expose()),
-    ];
-    let tok: serde_json::Value = http
-        .post(format!("{}/access_token", sim.base_url))
-        .form(&form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let form = refresh_form(&sim);
+    let tok = grant(&http, &sim, &form).await;
     let access = tok["access_token"].as_str().unwrap().to_owned();
     assert!(tok["expires_in"].as_u64().unwrap() > 0);
     let mut wrong = form;
-    wrong[2].1 = "wrong";
+    wrong[2].1 = "wrong".to_owned();
     let r = http
         .post(format!("{}/access_token", sim.base_url))
         .form(&wrong)
@@ -206,21 +218,7 @@ async fn records_each_call_per_user_in_order_when_asked() {
     let http = client(&sim.ca_pem);
     let subs = format!("{}/broadworks/subscribers", sim.base_url);
     let root = sim.base_url.trim_end_matches("/v1").to_owned();
-    let form = [
-        ("grant_type", "refresh_token"),
-        ("client_id", sim.client_id.as_str()),
-        ("client_secret", sim.client_secret.expose()),
-        ("refresh_token", sim.refresh_token.expose()),
-    ];
-    let tok: serde_json::Value = http
-        .post(format!("{}/access_token", sim.base_url))
-        .form(&form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tok = grant(&http, &sim, &refresh_form(&sim)).await;
     let access = tok["access_token"].as_str().unwrap().to_owned();
     let user = json!({"provisioningId": "p", "userId": "r1@example.com", "spEnterpriseId": "e",
         "firstName": "A", "lastName": "B", "package": "basic"});

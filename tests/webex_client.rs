@@ -158,22 +158,26 @@ fn body(user: &str) -> serde_json::Value {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn five_hundred_concurrent_calls_with_an_expired_token_cause_one_refresh() {
-    log_buffer();
-    let sim = Simulator::start(SimOptions::default()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store_path = dir.path().join("store");
-    // An access token that expired an hour ago, with the valid refresh token beside it.
+/// An access token that expired an hour ago, with the valid refresh token beside it.
+fn expired_an_hour_ago(sim: &SimHandle) -> TokenRecord {
     let now = chrono::Utc::now().timestamp();
-    let stale = TokenRecord {
+    TokenRecord {
         access_token: Some(Secret::new("stale-access-token-value")),
         access_expires_at: Some(now - 3600),
         refresh_token: sim.refresh_token.clone(),
         refresh_expires_at: None,
         last_refresh: Some(now - 7200),
         state: TokenState::Ok,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_hundred_concurrent_calls_with_an_expired_token_cause_one_refresh() {
+    log_buffer();
+    let sim = Simulator::start(SimOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("store");
+    let stale = expired_an_hour_ago(&sim);
     Store::open(&store_path)
         .unwrap()
         .put_token(&stale)
@@ -215,15 +219,7 @@ async fn nodes_sharing_a_postgres_store_refresh_once_between_them() {
     let dir = tempfile::tempdir().unwrap();
     let pg = common::pg::PgCluster::shared();
     let store_config = pg.store_config(&pg.database());
-    let now = chrono::Utc::now().timestamp();
-    let stale = TokenRecord {
-        access_token: Some(Secret::new("stale-access-token-value")),
-        access_expires_at: Some(now - 3600),
-        refresh_token: sim.refresh_token.clone(),
-        refresh_expires_at: None,
-        last_refresh: Some(now - 7200),
-        state: TokenState::Ok,
-    };
+    let stale = expired_an_hour_ago(&sim);
     Store::open_configured(&store_config)
         .await
         .unwrap()

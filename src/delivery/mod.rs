@@ -1182,6 +1182,71 @@ mod tests {
         ));
     }
 
+    /// A try that outlasts its lease keeps the lane by renewing it: the end it writes under
+    /// the lease is accepted, and while it ran another node could not claim the user. (Real
+    /// time: sled's lanes expire by the wall clock.)
+    #[tokio::test]
+    async fn a_try_longer_than_its_lease_renews_it_and_keeps_the_lane() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let lease = Duration::from_millis(300);
+        let (store_seen, held_elsewhere) = (store.clone(), Arc::new(Mutex::new(Vec::new())));
+        let seen = held_elsewhere.clone();
+        let attempt: AttemptFn = Arc::new(move |entry: Entry, tenure: Tenure| {
+            let (store, seen) = (store_seen.clone(), seen.clone());
+            Box::pin(async move {
+                for _ in 0..4 {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let other = store
+                        .claim_lane(&entry.new.user_id, "other-node", 60_000)
+                        .await
+                        .unwrap();
+                    seen.lock().unwrap().push((other.is_some(), tenure.held()));
+                }
+                delivered()
+            })
+        });
+        let ids = store
+            .enqueue(vec![new_entry("slow", "add")], now_ms())
+            .await
+            .unwrap();
+        let engine = Engine::new(store.clone(), attempt, Limits { lease, ..limits(1) });
+        let end = engine.watch(ids[0]).await;
+        engine.start().await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), end).await;
+        assert!(
+            matches!(ended, Ok(Ok(Finished::Delivered { .. }))),
+            "{ended:?}: a lease lost mid-try leaves the end unwritten"
+        );
+        assert_eq!(
+            *held_elsewhere.lock().unwrap(),
+            vec![(false, true); 4],
+            "800 ms under a 300 ms lease: renewed throughout, never claimable by another node"
+        );
+        assert!(matches!(
+            store.entry(ids[0]).await.unwrap().unwrap().state,
+            EntryState::Delivered { .. }
+        ));
+    }
+
+    #[test]
+    fn a_tenure_is_trusted_for_three_quarters_of_its_lease_from_before_the_claim() {
+        let lease = Lease {
+            user_id: "u".into(),
+            owner: "n".into(),
+            fence: 1,
+            until_ms: 0,
+        };
+        let length = Duration::from_secs(40);
+        let now = Instant::now();
+        let fresh = Tenure::new(lease.clone(), now - Duration::from_secs(29), length);
+        assert!(fresh.held());
+        let stale = Tenure::new(lease.clone(), now - Duration::from_secs(31), length);
+        assert!(!stale.held(), "past three quarters of the lease");
+        stale.renewed(now, length);
+        assert!(stale.held(), "a renewal pushes it on");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_entry_watched_from_its_announcement_is_seen_to_end_however_soon() {
         let dir = tempfile::tempdir().unwrap();
