@@ -918,8 +918,8 @@ async fn ready_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_webexs_rate_limit() {
     let _serial = SERIAL.lock().await;
-    const RATE: u64 = 20;
-    const USERS: usize = 320;
+    const RATE: u64 = 100;
+    const USERS: usize = 1600;
     let control = Control {
         rate_limit_per_s: RATE as u32,
         retry_after_s: 1,

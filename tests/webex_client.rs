@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-#[allow(dead_code)]
 mod common;
 
 use flowthrough::config::WebexConfig;

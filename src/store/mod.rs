@@ -355,7 +355,9 @@ impl Store {
     pub async fn lock_token(&self) -> Result<TokenLock, StoreError> {
         match &self.backend {
             Backend::Sled(s) => Ok(TokenLock(TokenLockOf::Sled(s.token()?))),
-            Backend::Postgres(p) => Ok(TokenLock(TokenLockOf::Postgres(p.lock_token().await?))),
+            Backend::Postgres(p) => Ok(TokenLock(TokenLockOf::Postgres(Box::new(
+                p.lock_token().await?,
+            )))),
         }
     }
 
@@ -367,7 +369,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match (&self.backend, lock.0) {
             (Backend::Postgres(p), TokenLockOf::Postgres(lock)) => {
-                p.commit_token(lock, record).await
+                p.commit_token(*lock, record).await
             }
             (Backend::Sled(s), _) => record.map_or(Ok(()), |r| s.put_token(r)),
             (Backend::Postgres(_), TokenLockOf::Sled(_)) => Err(StoreError::Io(
@@ -444,7 +446,8 @@ pub struct TokenLock(TokenLockOf);
 #[derive(Debug)]
 enum TokenLockOf {
     Sled(Option<TokenRecord>),
-    Postgres(postgres::TokenLock),
+    /// Boxed: a pooled connection and a record, moved about only while one refresh runs.
+    Postgres(Box<postgres::TokenLock>),
 }
 
 impl TokenLock {
