@@ -183,6 +183,18 @@ async fn nodes_share_rate_limits_heartbeats_and_chores(h: Harness) {
         "{nodes:?}"
     );
 
+    // Paces: the average of the live nodes that keep one.
+    assert_eq!(store.shared_limits().await.unwrap().pace_per_s, None);
+    store
+        .heartbeat("node-b", "1.2.4", 2_000, false)
+        .await
+        .unwrap();
+    store.share_pace("node-a", Some(40.0)).await.unwrap();
+    store.share_pace("node-b", Some(60.0)).await.unwrap();
+    assert_eq!(store.shared_limits().await.unwrap().pace_per_s, Some(50.0));
+    store.share_pace("node-b", None).await.unwrap();
+    assert_eq!(store.shared_limits().await.unwrap().pace_per_s, Some(40.0));
+
     assert!(store.claim_chore("prune", "node-a", 60_000).await.unwrap());
     assert!(
         !store.claim_chore("prune", "node-b", 60_000).await.unwrap(),

@@ -154,6 +154,10 @@ pub struct Limits {
     pub lease: Duration,
 }
 
+/// Paces closer than this share are the same pace: nodes do not trade changes of a few tenths
+/// of an attempt per second.
+const PACE_TOLERANCE: f64 = 0.02;
+
 /// Users taken from one look for work other nodes accepted or left: enough to fill every slot
 /// many times over before the next look, few enough that a look stays one short query.
 const POLL_BATCH: usize = 1000;
@@ -233,6 +237,8 @@ struct Schedule {
     stopping: bool,
     /// The nodes' count of 429s this node has heeded (its own included).
     rate_limits_seen: u64,
+    /// The pace this node last told the other nodes.
+    published_pace: Option<f64>,
 }
 
 /// The delivery engine. Cheap to clone.
@@ -305,6 +311,7 @@ impl Engine {
             match self.inner.store.shared_limits().await {
                 Ok(shared) => {
                     self.heed(shared);
+                    self.publish_pace().await;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot read the shared rate limit; will look again");
@@ -336,26 +343,60 @@ impl Engine {
         self.submit_as(user, if known { Origin::Bulk } else { origin });
     }
 
-    /// Heed the rate limit as the nodes share it: a 429 another node met since the last look
-    /// pauses this node as long, and, if this node is not paced yet, makes its pacer learn from
-    /// what this node had Webex take in the last second its own share of the limit. Once paced,
-    /// a node lowers its pace only for its own 429s: each lowers the pace of the node that met
-    /// it, as on one node, where lowering every node's for every node's 429 would take the sum
-    /// down by one step per node for each window that went over.
-    /// Returns how long deliveries are paused now.
+    /// Heed the rate limit as the nodes share it. A 429 another node met since the last look
+    /// pauses this node as long, and makes its pacer learn from what this node had Webex take
+    /// in the last second (its own share of the limit, which [`Engine::publish_pace`] then tells
+    /// the others). Otherwise, while paced, this node takes up the average pace of the live
+    /// nodes: each learns from its own share, which at the first 429 is rarely an even one (one
+    /// node learned 15/s and the other 62/s under a limit of 100/s, and together they kept to
+    /// 77/s), so the nodes even out at the average and split the limit between them. A pace of
+    /// this node's that the others have not heard of yet (a raise, a new learning) is kept until
+    /// they have. Returns how long deliveries are paused now.
     fn heed(&self, shared: SharedLimits) -> Duration {
         let now = Instant::now();
         let mut s = self.lock();
         if shared.rate_limited > s.rate_limits_seen {
             s.rate_limits_seen = shared.rate_limited;
-            if s.pacer.in_force(now).is_none() {
-                s.pacer.limited(now);
-            }
+            s.pacer.limited(now);
             let until = now + Duration::from_millis(shared.pause_left_ms);
             s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
+        } else if let (Some(average), Some(own)) = (shared.pace_per_s, s.pacer.in_force(now))
+            && s.published_pace == Some(own)
+            && (average - own).abs() > own * PACE_TOLERANCE
+        {
+            s.pacer.share(average);
+            s.published_pace = Some(average);
         }
         s.paused_until
             .map_or(Duration::ZERO, |until| until.saturating_duration_since(now))
+    }
+
+    /// Tell the other nodes this node's pace when it has changed (learned from a 429, raised,
+    /// forgotten) since they last heard it.
+    async fn publish_pace(&self) {
+        let pace = {
+            let mut s = self.lock();
+            let pace = s.pacer.in_force(Instant::now());
+            let heard = match (pace, s.published_pace) {
+                (None, None) => true,
+                (Some(pace), Some(published)) => (pace - published).abs() <= pace * PACE_TOLERANCE,
+                _ => false,
+            };
+            if heard {
+                return;
+            }
+            s.published_pace = pace;
+            pace
+        };
+        if let Err(e) = self
+            .inner
+            .store
+            .share_pace(&self.inner.limits.node_id, pace)
+            .await
+        {
+            tracing::debug!(error = %e, "cannot tell the other nodes this node's pace; will try at the next change");
+            self.lock().published_pace = None;
+        }
     }
 
     /// A user has new pending work from the AS.
@@ -625,50 +666,53 @@ impl Engine {
             }
             _ => None,
         };
-        let now = Instant::now();
-        let mut s = self.lock();
-        if let Some(shared) = shared {
-            s.rate_limits_seen = s.rate_limits_seen.max(shared.rate_limited);
-        }
-        if !called {
-            s.pacer.skipped(now);
-        }
-        s.busy.remove(user);
-        let again = s.again.remove(user);
-        if answered {
-            s.pacer.accepted(now);
-        }
-        let probe_ended =
-            s.probe.as_deref() == Some(user) && !matches!(reschedule, Reschedule::Upstream(_));
-        if answered || probe_ended {
-            s.release_parked(user);
-        }
-        match reschedule {
-            Reschedule::Now | Reschedule::Idle if more || again => s.make_ready(user),
-            Reschedule::Now | Reschedule::Idle | Reschedule::HeldElsewhere => {
-                s.bulk.remove(user);
+        {
+            let now = Instant::now();
+            let mut s = self.lock();
+            if let Some(shared) = shared {
+                s.rate_limits_seen = s.rate_limits_seen.max(shared.rate_limited);
             }
-            Reschedule::After(delay) => s.retry_later(user, now + delay),
-            Reschedule::Upstream(delay) => {
-                if s.probe.as_deref().is_none_or(|probe| probe == user) {
-                    s.probe = Some(user.to_owned());
-                    s.retry_later(user, now + delay);
-                } else {
-                    s.delayed.insert(user.to_owned());
-                    s.parked.push(user.to_owned());
+            if !called {
+                s.pacer.skipped(now);
+            }
+            s.busy.remove(user);
+            let again = s.again.remove(user);
+            if answered {
+                s.pacer.accepted(now);
+            }
+            let probe_ended =
+                s.probe.as_deref() == Some(user) && !matches!(reschedule, Reschedule::Upstream(_));
+            if answered || probe_ended {
+                s.release_parked(user);
+            }
+            match reschedule {
+                Reschedule::Now | Reschedule::Idle if more || again => s.make_ready(user),
+                Reschedule::Now | Reschedule::Idle | Reschedule::HeldElsewhere => {
+                    s.bulk.remove(user);
+                }
+                Reschedule::After(delay) => s.retry_later(user, now + delay),
+                Reschedule::Upstream(delay) => {
+                    if s.probe.as_deref().is_none_or(|probe| probe == user) {
+                        s.probe = Some(user.to_owned());
+                        s.retry_later(user, now + delay);
+                    } else {
+                        s.delayed.insert(user.to_owned());
+                        s.parked.push(user.to_owned());
+                    }
+                }
+                Reschedule::PauseAll(delay) => {
+                    s.pacer.limited(now);
+                    let until = now + delay;
+                    s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
+                    if s.bulk.contains(user) {
+                        s.bulk_ready.push_front(user.to_owned());
+                    } else {
+                        s.ready.push_front(user.to_owned());
+                    }
                 }
             }
-            Reschedule::PauseAll(delay) => {
-                s.pacer.limited(now);
-                let until = now + delay;
-                s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
-                if s.bulk.contains(user) {
-                    s.bulk_ready.push_front(user.to_owned());
-                } else {
-                    s.ready.push_front(user.to_owned());
-                }
-            }
         }
+        self.publish_pace().await;
     }
 
     /// [`Engine::try_entry`], renewing the lease every third of its length while the try lasts

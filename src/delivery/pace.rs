@@ -176,6 +176,15 @@ impl Pacer {
         self.next_start = Some(from + interval);
     }
 
+    /// Take up the pace the nodes sharing Webex's limit keep on average (see
+    /// `Engine::heed`). Only a pace in force is replaced, and the moment of the last change is
+    /// kept: the raises towards the rate Webex took before go on at their own rhythm.
+    pub fn share(&mut self, rate: f64) {
+        if self.rate.is_some() {
+            self.rate = Some(rate.max(MIN_RATE));
+        }
+    }
+
     /// An attempt given a slot by [`Pacer::started`] made no call after all (its user's work
     /// was done, or held by another node): the slot goes back, so that a pace shared with work
     /// that is not there does not fall below the one learned.
@@ -248,6 +257,22 @@ fn pace_for(accepted: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_pace_replaces_one_in_force_only() {
+        let now = Instant::now();
+        let mut pacer = Pacer::new();
+        pacer.share(50.0);
+        assert_eq!(pacer.rate(), None, "unpaced stays unpaced");
+        for i in 0..10 {
+            pacer.accepted(now + Duration::from_millis(i * 10));
+        }
+        pacer.limited(now + Duration::from_millis(100));
+        pacer.share(40.0);
+        assert_eq!(pacer.rate(), Some(40.0));
+        pacer.share(0.1);
+        assert_eq!(pacer.rate(), Some(MIN_RATE));
+    }
 
     #[test]
     fn a_skipped_start_gives_its_slot_back_but_never_a_slot_in_the_past() {

@@ -9,12 +9,15 @@ use std::sync::Mutex;
 use super::{Entry, Lease, now_ms};
 
 /// Webex's rate limit as the nodes have met it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SharedLimits {
     /// How many 429s the nodes have reported: a node that sees it grow learns its pace anew.
     pub rate_limited: u64,
     /// How long every node still pauses after the latest of them.
     pub pause_left_ms: u64,
+    /// The average pace of the live nodes that keep one (attempts per second each): every node
+    /// paces at it, so that together they split Webex's limit evenly.
+    pub pace_per_s: Option<f64>,
 }
 
 /// A claimed lane, with the head of its queue and the shared limits read in the same round trip.
@@ -23,6 +26,15 @@ pub struct Claim {
     pub lease: Lease,
     pub head: Option<Entry>,
     pub limits: SharedLimits,
+}
+
+impl SharedLimits {
+    fn with_pace(self, cluster: &MemoryCluster) -> SharedLimits {
+        SharedLimits {
+            pace_per_s: cluster.average_pace(),
+            ..self
+        }
+    }
 }
 
 /// One node as the store knows it.
@@ -45,6 +57,8 @@ pub struct NodeStatus {
 #[derive(Debug, Default)]
 struct State {
     limits: (u64, u64),
+    /// Each node's pace, by node id (on sled: this node's alone).
+    paces: HashMap<String, f64>,
     nodes: HashMap<String, (String, u64, u64, bool)>,
     chores: HashMap<String, (String, u64)>,
 }
@@ -63,13 +77,18 @@ impl MemoryCluster {
 
     pub(super) fn note_rate_limited(&self, pause_ms: u64) -> SharedLimits {
         let now = now_ms();
-        let state = &mut self.lock().limits;
-        state.0 += 1;
-        state.1 = state.1.max(now + pause_ms);
+        let (seq, until) = {
+            let state = &mut self.lock().limits;
+            state.0 += 1;
+            state.1 = state.1.max(now + pause_ms);
+            *state
+        };
         SharedLimits {
-            rate_limited: state.0,
-            pause_left_ms: state.1.saturating_sub(now),
+            rate_limited: seq,
+            pause_left_ms: until.saturating_sub(now),
+            pace_per_s: None,
         }
+        .with_pace(self)
     }
 
     pub(super) fn shared_limits(&self) -> SharedLimits {
@@ -77,7 +96,22 @@ impl MemoryCluster {
         SharedLimits {
             rate_limited: seq,
             pause_left_ms: until.saturating_sub(now_ms()),
+            pace_per_s: None,
         }
+        .with_pace(self)
+    }
+
+    pub(super) fn share_pace(&self, node_id: &str, pace: Option<f64>) {
+        let paces = &mut self.lock().paces;
+        match pace {
+            Some(pace) => paces.insert(node_id.to_owned(), pace),
+            None => paces.remove(node_id),
+        };
+    }
+
+    fn average_pace(&self) -> Option<f64> {
+        let paces = &self.lock().paces;
+        (!paces.is_empty()).then(|| paces.values().sum::<f64>() / paces.len() as f64)
     }
 
     pub(super) fn heartbeat(&self, node_id: &str, version: &str, started_ms: u64, stopped: bool) {

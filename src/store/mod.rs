@@ -187,6 +187,9 @@ domain_operations! {
     fn note_rate_limited(&self, pause_ms: u64) -> SharedLimits;
     /// The rate limit as the nodes have met it.
     fn shared_limits(&self) -> SharedLimits;
+    /// This node's pace under the rate limit (`None`: it keeps none), averaged with the other
+    /// live nodes' into [`SharedLimits::pace_per_s`].
+    fn share_pace(&self, node_id: &str, pace: Option<f64>) -> ();
     /// This node is alive (or, `stopped`, has left on SIGTERM), at the store's clock.
     fn heartbeat(&self, node_id: &str, version: &str, started_ms: u64, stopped: bool) -> ();
     /// Every node that has written a heartbeat, with the lanes it holds, by node id.

@@ -212,6 +212,11 @@ impl SledStore {
         Ok(self.cluster.shared_limits())
     }
 
+    pub fn share_pace(&self, node_id: &str, pace: Option<f64>) -> Result<(), StoreError> {
+        self.cluster.share_pace(node_id, pace);
+        Ok(())
+    }
+
     pub fn heartbeat(
         &self,
         node_id: &str,

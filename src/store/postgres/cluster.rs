@@ -2,18 +2,23 @@
 //! one of them met, heartbeats, and leases on chores that must run once. The database's clock
 //! decides every age and expiry.
 
-use super::{Access, PgStore, to_u64};
+use tokio_postgres::Row;
+
+use super::{Access, OpError, PgStore, to_u64};
 use crate::store::{NodeStatus, SharedLimits, StoreError};
 
 /// A 429: one more for every node to see, and a pause at least this long.
 const RATE_LIMITED: &str = "UPDATE control SET limited_seq = limited_seq + 1, \
-     paused_until = greatest(coalesce(paused_until, now()), now() + $1 * interval '1 millisecond') \
-     RETURNING limited_seq, \
-     greatest(0, extract(epoch FROM (paused_until - now())) * 1000)::bigint";
+     paused_until = greatest(coalesce(paused_until, now()), now() + $1 * interval '1 millisecond')";
 
-/// The columns of [`SharedLimits`], from the `control` row.
+/// The columns of [`SharedLimits`], from the `control` row and the live nodes' paces (a node
+/// silent for a minute no longer counts).
 pub(super) const LIMITS: &str = "control.limited_seq, \
-     greatest(0, coalesce(extract(epoch FROM (control.paused_until - now())) * 1000, 0))::bigint";
+     greatest(0, coalesce(extract(epoch FROM (control.paused_until - now())) * 1000, 0))::bigint, \
+     (SELECT avg(pace_per_s) FROM nodes WHERE stopped_at IS NULL AND pace_per_s IS NOT NULL \
+      AND heartbeat_at > now() - interval '1 minute')";
+
+const SHARE_PACE: &str = "UPDATE nodes SET pace_per_s = $2 WHERE node_id = $1";
 
 const HEARTBEAT: &str = "INSERT INTO nodes (node_id, version, started_at, heartbeat_at, stopped_at) \
      VALUES ($1, $2, to_timestamp($3::float8 / 1000), now(), CASE WHEN $4 THEN now() END) \
@@ -39,12 +44,10 @@ impl PgStore {
         let ms = pause_ms as f64;
         self.run("share a rate limit", Access::Write, move |c| {
             Box::pin(async move {
-                let statement = c.prepare_cached(RATE_LIMITED).await?;
-                let row = c.query_one(&statement, &[&ms]).await?;
-                Ok(SharedLimits {
-                    rate_limited: to_u64(row.try_get(0)?, "rate-limit count")?,
-                    pause_left_ms: to_u64(row.try_get(1)?, "pause")?,
-                })
+                let statement = c
+                    .prepare_cached(&format!("{RATE_LIMITED} RETURNING {LIMITS}"))
+                    .await?;
+                limits_from(&c.query_one(&statement, &[&ms]).await?, 0)
             })
         })
         .await
@@ -57,10 +60,19 @@ impl PgStore {
                     .prepare_cached(&format!("SELECT {LIMITS} FROM control"))
                     .await?;
                 let row = c.query_one(&statement, &[]).await?;
-                Ok(SharedLimits {
-                    rate_limited: to_u64(row.try_get(0)?, "rate-limit count")?,
-                    pause_left_ms: to_u64(row.try_get(1)?, "pause")?,
-                })
+                limits_from(&row, 0)
+            })
+        })
+        .await
+    }
+
+    pub async fn share_pace(&self, node_id: &str, pace: Option<f64>) -> Result<(), StoreError> {
+        let node = node_id.to_owned();
+        self.run("share this node's pace", Access::Write, move |c| {
+            Box::pin(async move {
+                let statement = c.prepare_cached(SHARE_PACE).await?;
+                c.execute(&statement, &[&node, &pace]).await?;
+                Ok(())
             })
         })
         .await
@@ -125,4 +137,13 @@ impl PgStore {
         })
         .await
     }
+}
+
+/// [`SharedLimits`] from the [`LIMITS`] columns starting at `at`.
+pub(super) fn limits_from(row: &Row, at: usize) -> Result<SharedLimits, OpError> {
+    Ok(SharedLimits {
+        rate_limited: to_u64(row.try_get(at)?, "rate-limit count")?,
+        pause_left_ms: to_u64(row.try_get(at + 1)?, "pause")?,
+        pace_per_s: row.try_get(at + 2)?,
+    })
 }

@@ -3,10 +3,10 @@
 
 use tokio_postgres::Row;
 
-use super::cluster::LIMITS;
+use super::cluster::{LIMITS, limits_from};
 use super::outbox::{COLUMNS, entry_from};
 use super::{Access, OpError, PgStore, to_i64, to_u64};
-use crate::store::{Claim, Lease, Origin, SharedLimits, StoreError};
+use crate::store::{Claim, Lease, Origin, StoreError};
 
 /// A lane is claimable when unleased, leased to the claimer (a renewal), or past its lease; the
 /// fence grows at every claim. The claim waits for a transaction that holds the lane row (an
@@ -86,14 +86,11 @@ impl PgStore {
                     Some(_) => Some(entry_from(&row)?),
                     None => None,
                 };
-                let at = row.len() - 4;
+                let at = row.len() - 5;
                 Ok(Some(Claim {
                     lease: lease_from(&row, at, user, holder)?,
                     head,
-                    limits: SharedLimits {
-                        rate_limited: to_u64(row.try_get(at + 2)?, "rate-limit count")?,
-                        pause_left_ms: to_u64(row.try_get(at + 3)?, "pause")?,
-                    },
+                    limits: limits_from(&row, at + 2)?,
                 }))
             })
         })

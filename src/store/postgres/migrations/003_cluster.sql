@@ -13,5 +13,8 @@ CREATE TABLE nodes (
     version      text NOT NULL,
     started_at   timestamptz NOT NULL,
     heartbeat_at timestamptz NOT NULL,
-    stopped_at   timestamptz
+    stopped_at   timestamptz,
+    -- Its pace under Webex's rate limit (attempts per second), while it keeps one: each node
+    -- paces at the average of the live nodes' paces, so the nodes split the limit evenly.
+    pace_per_s   double precision
 );
