@@ -491,7 +491,7 @@ median() { # [printf format]: of the numbers on stdin; "n/a" when a report lacks
   sort -g | awk -v f="${1:-%s}" '$1 != "null" && NF { v[++n] = $1 }
     END { if (!n) print "n/a"; else printf f "\n", (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2) }'
 }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a != "n/a" && b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a != "n/a" && b + 0 > 0) printf "%.2f", a / b; else print "n/a" }'; }
 per_round() { # jq path, measurement (max, half), target: the figure of each round
   for round in $(seq 1 "$ROUNDS"); do j "$1" "$2-$3-$round.json"; done
 }
