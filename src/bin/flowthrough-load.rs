@@ -561,11 +561,11 @@ async fn worker(
             REQUEST_TIMEOUT,
             exchange(&plan, target, &mut conn, &request),
         )
-            .await
-            .unwrap_or_else(|_| {
-                conn = None;
-                Outcome::Failed("timeout".to_owned())
-            });
+        .await
+        .unwrap_or_else(|_| {
+            conn = None;
+            Outcome::Failed("timeout".to_owned())
+        });
         let micros = scheduled.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
         let _ = tally.latency.record(micros.max(1));
         match outcome {
