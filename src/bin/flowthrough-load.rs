@@ -38,9 +38,11 @@ const IDLE_OPEN_PARALLEL: usize = 64;
 #[derive(Debug, Parser)]
 #[command(name = "flowthrough-load", max_term_width = 100)]
 struct Args {
-    /// Target address (loopback only: 127.0.0.0/8 or ::1).
-    #[arg(long)]
-    target: SocketAddr,
+    /// Target address (loopback only: 127.0.0.0/8 or ::1). Repeatable: connection i goes to
+    /// the (i mod N)-th of N targets, as a balancer spreading connections over nodes would, and
+    /// a fixed rate's slots go to whichever connection is free, so a slower node takes fewer.
+    #[arg(long, required = true)]
+    target: Vec<SocketAddr>,
     /// TLS server name (SNI, and the name the server certificate must carry).
     #[arg(long, default_value = "localhost")]
     server_name: String,
@@ -222,12 +224,17 @@ fn tls_config(args: &Args) -> Result<Arc<rustls::ClientConfig>, LoadError> {
     Ok(Arc::new(cfg))
 }
 
+/// One server the connections are spread over, with the request head naming it (Host).
+struct Target {
+    addr: SocketAddr,
+    head: String,
+}
+
 /// Everything the workers share, fixed before the run starts.
 struct Plan {
-    target: SocketAddr,
+    targets: Vec<Target>,
     server_name: ServerName<'static>,
     connector: TlsConnector,
-    head: String,
     has_body: bool,
     bodies: Vec<BodyTemplate>,
     run: String,
@@ -444,8 +451,8 @@ fn judge(response: &Response) -> Outcome {
     Outcome::Ok { warnings }
 }
 
-async fn connect(plan: &Plan) -> Result<TlsStream<TcpStream>, String> {
-    let tcp = TcpStream::connect(plan.target)
+async fn connect(plan: &Plan, addr: SocketAddr) -> Result<TlsStream<TcpStream>, String> {
+    let tcp = TcpStream::connect(addr)
         .await
         .map_err(|_| "connect".to_owned())?;
     let _ = tcp.set_nodelay(true);
@@ -456,10 +463,15 @@ async fn connect(plan: &Plan) -> Result<TlsStream<TcpStream>, String> {
 }
 
 /// One exchange on `conn` (opening it when absent); the connection is kept only when reusable.
-async fn exchange(plan: &Plan, conn: &mut Option<TlsStream<TcpStream>>, request: &[u8]) -> Outcome {
+async fn exchange(
+    plan: &Plan,
+    target: &Target,
+    conn: &mut Option<TlsStream<TcpStream>>,
+    request: &[u8],
+) -> Outcome {
     let stream = match conn {
         Some(s) => s,
-        None => match connect(plan).await {
+        None => match connect(plan, target.addr).await {
             Ok(s) => conn.insert(s),
             Err(kind) => return Outcome::Failed(kind),
         },
@@ -493,10 +505,10 @@ fn body_and_user(n: u64, bodies: u64, users: Option<u64>) -> (u64, u64) {
     }
 }
 
-fn build_request(plan: &Plan, n: u64) -> (Vec<u8>, String) {
+fn build_request(plan: &Plan, target: &Target, n: u64) -> (Vec<u8>, String) {
     let (body, user) = body_and_user(n, plan.bodies.len() as u64, plan.users);
     let user_id = format!("load-{}-{user}@example.com", plan.run);
-    let mut request = plan.head.clone().into_bytes();
+    let mut request = target.head.clone().into_bytes();
     if plan.has_body && !plan.bodies.is_empty() {
         let template = &plan.bodies[body as usize];
         let body = template.render(&user_id);
@@ -510,10 +522,12 @@ fn build_request(plan: &Plan, n: u64) -> (Vec<u8>, String) {
 
 async fn worker(
     plan: Arc<Plan>,
+    target: usize,
     next: Arc<AtomicU64>,
     start: Instant,
     latency: Histogram<u64>,
 ) -> Tally {
+    let target = &plan.targets[target];
     let mut tally = Tally::new(latency);
     let mut conn: Option<TlsStream<TcpStream>> = None;
     loop {
@@ -542,13 +556,16 @@ async fn worker(
                 now
             }
         };
-        let (request, user_id) = build_request(&plan, n);
-        let outcome = tokio::time::timeout(REQUEST_TIMEOUT, exchange(&plan, &mut conn, &request))
-            .await
-            .unwrap_or_else(|_| {
-                conn = None;
-                Outcome::Failed("timeout".to_owned())
-            });
+        let (request, user_id) = build_request(&plan, target, n);
+        let outcome = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            exchange(&plan, target, &mut conn, &request),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            conn = None;
+            Outcome::Failed("timeout".to_owned())
+        });
         let micros = scheduled.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
         let _ = tally.latency.record(micros.max(1));
         match outcome {
@@ -619,6 +636,38 @@ fn raise_fd_limit() {
     }
 }
 
+/// Each target with its request head: the same but for the Host line, which names the target.
+fn targets(args: &Args, method: &str, has_body: bool) -> Result<Vec<Target>, LoadError> {
+    let mut rest = String::new();
+    if has_body {
+        rest.push_str(&format!("Content-Type: {}\r\n", args.content_type));
+    }
+    for h in &args.header {
+        let (name, value) = h
+            .split_once(':')
+            .filter(|(n, _)| !n.trim().is_empty() && !n.contains(' '))
+            .ok_or_else(|| LoadError::Header(h.clone()))?;
+        rest.push_str(&format!("{}: {}\r\n", name.trim(), value.trim()));
+    }
+    if args.new_connection {
+        rest.push_str("Connection: close\r\n");
+    }
+    Ok(args
+        .target
+        .iter()
+        .map(|&addr| {
+            let host = match addr.ip() {
+                IpAddr::V6(_) => format!("[{}]:{}", args.server_name, addr.port()),
+                IpAddr::V4(_) => format!("{}:{}", args.server_name, addr.port()),
+            };
+            Target {
+                addr,
+                head: format!("{method} {} HTTP/1.1\r\nHost: {host}\r\n{rest}", args.path),
+            }
+        })
+        .collect())
+}
+
 fn make_plan(args: &Args) -> Result<Plan, LoadError> {
     let server_name = ServerName::try_from(args.server_name.clone())
         .map_err(|e| LoadError::Tls(format!("server name {:?}: {e}", args.server_name)))?;
@@ -632,34 +681,15 @@ fn make_plan(args: &Args) -> Result<Plan, LoadError> {
     } else {
         Vec::new()
     };
-    let host = match args.target.ip() {
-        IpAddr::V6(_) => format!("[{}]:{}", args.server_name, args.target.port()),
-        IpAddr::V4(_) => format!("{}:{}", args.server_name, args.target.port()),
-    };
-    let mut head = format!("{method} {} HTTP/1.1\r\nHost: {host}\r\n", args.path);
-    if has_body {
-        head.push_str(&format!("Content-Type: {}\r\n", args.content_type));
-    }
-    for h in &args.header {
-        let (name, value) = h
-            .split_once(':')
-            .filter(|(n, _)| !n.trim().is_empty() && !n.contains(' '))
-            .ok_or_else(|| LoadError::Header(h.clone()))?;
-        head.push_str(&format!("{}: {}\r\n", name.trim(), value.trim()));
-    }
-    if args.new_connection {
-        head.push_str("Connection: close\r\n");
-    }
     let interval = match args.rate {
         Some(r) if r > 0.0 && r.is_finite() => Some(Duration::from_secs_f64(1.0 / r)),
         Some(_) => return Err(LoadError::Rate),
         None => None,
     };
     Ok(Plan {
-        target: args.target,
+        targets: targets(args, &method, has_body)?,
         server_name,
         connector: TlsConnector::from(tls_config(args)?),
-        head,
         has_body,
         bodies,
         run: args
@@ -686,7 +716,15 @@ async fn run_load(args: &Args, mut plan: Plan) -> Result<Value, LoadError> {
     let plan = Arc::new(plan);
     let next = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..args.connections.max(1))
-        .map(|_| tokio::spawn(worker(plan.clone(), next.clone(), start, empty.clone())))
+        .map(|i| {
+            tokio::spawn(worker(
+                plan.clone(),
+                i % plan.targets.len(),
+                next.clone(),
+                start,
+                empty.clone(),
+            ))
+        })
         .collect();
     let mut tally = Tally::new(empty);
     for t in tasks {
@@ -716,7 +754,7 @@ async fn run_load(args: &Args, mut plan: Plan) -> Result<Value, LoadError> {
         "mode": if args.new_connection { "new-connection" } else { "keep-alive" },
         "pacing": match args.rate { Some(r) => json!({"fixed_rate_per_s": r}), None => json!("max") },
         "connections": args.connections,
-        "target": args.target.to_string(),
+        "target": target_list(args),
         "path": args.path,
         "run": plan.run,
         "elapsed_s": elapsed,
@@ -749,6 +787,15 @@ async fn run_load(args: &Args, mut plan: Plan) -> Result<Value, LoadError> {
     Ok(report)
 }
 
+/// The targets as the report names them: one address, or several joined by commas.
+fn target_list(args: &Args) -> String {
+    args.target
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn write_acked(path: &Path, acked: &[String]) -> Result<(), LoadError> {
     let err = |e: std::io::Error| LoadError::Write {
         path: path.to_owned(),
@@ -771,12 +818,13 @@ async fn run_idle(args: &Args, plan: Plan, count: usize) -> Result<Value, LoadEr
     let plan = Arc::new(plan);
     let semaphore = Arc::new(tokio::sync::Semaphore::new(IDLE_OPEN_PARALLEL));
     let tasks: Vec<_> = (0..count)
-        .map(|_| {
+        .map(|i| {
             let plan = plan.clone();
             let semaphore = semaphore.clone();
             tokio::spawn(async move {
                 let _permit = semaphore.acquire_owned().await;
-                tokio::time::timeout(REQUEST_TIMEOUT, connect(&plan))
+                let addr = plan.targets[i % plan.targets.len()].addr;
+                tokio::time::timeout(REQUEST_TIMEOUT, connect(&plan, addr))
                     .await
                     .unwrap_or_else(|_| Err("timeout".to_owned()))
             })
@@ -808,7 +856,7 @@ async fn run_idle(args: &Args, plan: Plan, count: usize) -> Result<Value, LoadEr
     }
     let mut report = json!({
         "mode": "idle",
-        "target": args.target.to_string(),
+        "target": target_list(args),
         "requested": count,
         "opened": open.len(),
         "alive_after_hold": alive,
@@ -881,8 +929,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<Value, LoadError> {
-    if !is_loopback(&args.target) {
-        return Err(LoadError::NotLoopback(args.target));
+    if let Some(&outside) = args.target.iter().find(|t| !is_loopback(t)) {
+        return Err(LoadError::NotLoopback(outside));
     }
     if args.idle.is_none() && args.duration.is_none() && args.requests.is_none() {
         return Err(LoadError::Unbounded);
@@ -942,6 +990,39 @@ mod tests {
         ] {
             assert!(!is_loopback(&bad.parse().unwrap()), "{bad}");
         }
+    }
+
+    #[test]
+    fn each_target_is_named_in_its_own_host_line() {
+        let args = Args::try_parse_from([
+            "flowthrough-load",
+            "--target",
+            "127.0.0.1:8443",
+            "--target",
+            "127.0.0.2:9443",
+            "--ca",
+            "ca.pem",
+            "--cert",
+            "c.pem",
+            "--key",
+            "c.key",
+            "--header",
+            "X-A: 1",
+        ])
+        .unwrap();
+        let heads: Vec<_> = targets(&args, "POST", true)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.head)
+            .collect();
+        let rest = "Content-Type: text/xml\r\nX-A: 1\r\n";
+        assert_eq!(
+            heads,
+            [
+                format!("POST /provisioning HTTP/1.1\r\nHost: localhost:8443\r\n{rest}"),
+                format!("POST /provisioning HTTP/1.1\r\nHost: localhost:9443\r\n{rest}"),
+            ]
+        );
     }
 
     #[test]
