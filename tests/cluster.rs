@@ -1042,3 +1042,60 @@ async fn two_nodes_refresh_an_expired_token_once() {
         "refreshes of the expired token across both nodes"
     );
 }
+
+/// While Webex fails, one user of one node probes for both nodes: users that reach the other
+/// node meanwhile wait for that probe without a call of their own, and all go once it gets
+/// through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_webex_fails_one_node_probes_for_both() {
+    let _serial = SERIAL.lock().await;
+    let control = Control {
+        server_error_ratio: 1.0,
+        ..Control::default()
+    };
+    let cluster = Cluster::start(control, 2, "", "ack_deadline_ms = 200").await;
+    let sim = &cluster.world.sim;
+    let calls_for = |user: &str| {
+        sim.calls()
+            .iter()
+            .filter(|c| c.user_id.as_deref() == Some(user))
+            .count()
+    };
+    let heard = send(
+        &cluster.client,
+        &cluster.nodes[0].url,
+        &Cmd::Add.xml("probe@acme.example"),
+    )
+    .await;
+    assert!(matches!(heard, Heard::Acknowledged), "{heard:?}");
+    assert!(
+        common::eventually(Duration::from_secs(10), || calls_for("probe@acme.example")
+            > 0)
+        .await,
+        "node-a's user meets the outage"
+    );
+    // node-b hears of node-a's probe at its next claim or look for work.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let waiting: Vec<String> = (0..10).map(|u| format!("wait-{u}@acme.example")).collect();
+    for user in &waiting {
+        let heard = send(&cluster.client, &cluster.nodes[1].url, &Cmd::Add.xml(user)).await;
+        assert!(matches!(heard, Heard::Acknowledged), "{heard:?}");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let called: Vec<&String> = waiting.iter().filter(|u| calls_for(u) > 0).collect();
+    assert!(
+        called.is_empty(),
+        "users of node-b called Webex while node-a probed: {called:?}"
+    );
+    assert!(
+        calls_for("probe@acme.example") >= 2,
+        "the probe goes on trying"
+    );
+    sim.control(serde_json::json!({"server_error_ratio": 0.0}))
+        .unwrap();
+    assert!(
+        cluster.drained(Duration::from_secs(60)).await,
+        "every user is delivered once Webex answers"
+    );
+    assert_eq!(cluster.world.subscribers().len(), 11);
+}

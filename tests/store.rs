@@ -120,7 +120,8 @@ both_backends!(
 
 /// What nodes tell each other: each 429 counts once and pauses all at least as long as asked
 /// (a shorter one never cuts a longer pause), a claim brings the limits along; heartbeats list
-/// the nodes with the lanes they hold; a chore runs on one owner at a time until its lease ends.
+/// the nodes with the lanes they hold; paces are averaged; the Webex probe and a chore are held
+/// by one owner at a time until their lease ends.
 async fn nodes_share_rate_limits_heartbeats_and_chores(h: Harness) {
     let store = h.store();
     let before = store.shared_limits().await.unwrap();
@@ -194,6 +195,38 @@ async fn nodes_share_rate_limits_heartbeats_and_chores(h: Harness) {
     assert_eq!(store.shared_limits().await.unwrap().pace_per_s, Some(50.0));
     store.share_pace("node-b", None).await.unwrap();
     assert_eq!(store.shared_limits().await.unwrap().pace_per_s, Some(40.0));
+
+    // The Webex probe: one owner at a time, renewed by its owner, taken over once run out, shown
+    // with the limits, ended by its owner only.
+    assert!(store.claim_probe("node-a", 60_000).await.unwrap());
+    assert!(!store.claim_probe("node-b", 60_000).await.unwrap());
+    assert!(
+        store.claim_probe("node-a", 60_000).await.unwrap(),
+        "renewed"
+    );
+    let limits = store.shared_limits().await.unwrap();
+    assert_eq!(limits.probe_owner.as_deref(), Some("node-a"));
+    assert!(limits.probe_left_ms > 50_000, "{limits:?}");
+    store.end_probe("node-b").await.unwrap();
+    assert_eq!(
+        store.shared_limits().await.unwrap().probe_owner.as_deref(),
+        Some("node-a"),
+        "only its owner ends a probe"
+    );
+    store.end_probe("node-a").await.unwrap();
+    let limits = store.shared_limits().await.unwrap();
+    assert_eq!((limits.probe_owner, limits.probe_left_ms), (None, 0));
+    assert!(store.claim_probe("node-b", 1).await.unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(
+        store.shared_limits().await.unwrap().probe_owner,
+        None,
+        "run out"
+    );
+    assert!(
+        store.claim_probe("node-a", 60_000).await.unwrap(),
+        "taken over"
+    );
 
     assert!(store.claim_chore("prune", "node-a", 60_000).await.unwrap());
     assert!(

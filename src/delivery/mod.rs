@@ -239,6 +239,9 @@ struct Schedule {
     rate_limits_seen: u64,
     /// The pace this node last told the other nodes.
     published_pace: Option<f64>,
+    /// Another node's user probes Webex while it fails: this node's users wait for it (parked)
+    /// as they wait for a probe of this node's.
+    remote_probe: bool,
 }
 
 /// The delivery engine. Cheap to clone.
@@ -351,16 +354,33 @@ impl Engine {
     /// node learned 15/s and the other 62/s under a limit of 100/s, and together they kept to
     /// 77/s), so the nodes even out at the average and split the limit between them. A pace of
     /// this node's that the others have not heard of yet (a raise, a new learning) is kept until
-    /// they have. Returns how long deliveries are paused now.
+    /// they have. While another node's user probes Webex, this node's users wait for it too, and
+    /// go once the probe is over. Returns how long deliveries are paused now.
     fn heed(&self, shared: SharedLimits) -> Duration {
         let now = Instant::now();
         let mut s = self.lock();
-        if shared.rate_limited > s.rate_limits_seen {
+        let new_429 = shared.rate_limited > s.rate_limits_seen;
+        if new_429 {
             s.rate_limits_seen = shared.rate_limited;
             s.pacer.limited(now);
             let until = now + Duration::from_millis(shared.pause_left_ms);
             s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
-        } else if let (Some(average), Some(own)) = (shared.pace_per_s, s.pacer.in_force(now))
+        }
+        let probing_elsewhere = shared
+            .probe_owner
+            .as_deref()
+            .is_some_and(|owner| owner != self.inner.limits.node_id)
+            && shared.probe_left_ms > 0;
+        if probing_elsewhere && s.probe.is_none() {
+            s.remote_probe = true;
+        } else if !probing_elsewhere && s.remote_probe {
+            // The other node's probe got through (or its node died): this node's users go.
+            s.release_parked("");
+        }
+        // Just learned from a new 429: the others hear this node's new pace before it takes up
+        // theirs.
+        if !new_429
+            && let (Some(average), Some(own)) = (shared.pace_per_s, s.pacer.in_force(now))
             && s.published_pace == Some(own)
             && (average - own).abs() > own * PACE_TOLERANCE
         {
@@ -594,7 +614,7 @@ impl Engine {
             // While Webex is failing, a user other than the probe waits for the probe without a
             // try of its own: an outage is not hammered by each new arrival (three transport
             // tries apiece), and all go together as soon as the probe gets through.
-            if s.probe.as_deref().is_some_and(|probe| probe != user) {
+            if s.remote_probe || s.probe.as_deref().is_some_and(|probe| probe != user) {
                 s.delayed.insert(user.clone());
                 s.parked.push(user);
                 continue;
@@ -626,10 +646,13 @@ impl Engine {
             Ok(Some(claim)) => {
                 let tenure = Tenure::new(claim.lease, claimed_at, limits.lease);
                 let paused_for = self.heed(claim.limits);
-                let called = claim.head.is_some() && paused_for.is_zero();
+                let probing_elsewhere = self.lock().remote_probe;
+                let called = claim.head.is_some() && paused_for.is_zero() && !probing_elsewhere;
                 let (reschedule, answered) = match claim.head {
                     // Another node met a 429 since this user was picked: wait as it does.
                     Some(_) if !paused_for.is_zero() => (Reschedule::After(paused_for), false),
+                    // Webex fails and another node's user probes it: wait for that probe.
+                    Some(_) if probing_elsewhere => (Reschedule::Upstream(Duration::ZERO), false),
                     Some(entry) => self.try_under_lease(entry, &tenure).await,
                     None => (Reschedule::Idle, false),
                 };
@@ -656,6 +679,25 @@ impl Engine {
                 )
             }
         };
+        // One user of one node probes while Webex fails: a user that would be this node's
+        // probe takes the shared one first, held a lease past its next try (another node's
+        // user probes if this node dies). Unless the database cannot say, then it probes alone.
+        let probes_here = match reschedule {
+            Reschedule::Upstream(delay)
+                if self
+                    .lock()
+                    .probe
+                    .as_deref()
+                    .is_none_or(|probe| probe == user) =>
+            {
+                let hold_ms = u64::try_from((delay + limits.lease).as_millis()).unwrap_or(u64::MAX);
+                store
+                    .claim_probe(&limits.node_id, hold_ms)
+                    .await
+                    .unwrap_or(true)
+            }
+            _ => false,
+        };
         // Every node pauses for a 429 any of them met, and learns its own share of the pace.
         let shared = match reschedule {
             Reschedule::PauseAll(delay) => {
@@ -666,6 +708,7 @@ impl Engine {
             }
             _ => None,
         };
+        let mut end_shared_probe = false;
         {
             let now = Instant::now();
             let mut s = self.lock();
@@ -683,6 +726,7 @@ impl Engine {
             let probe_ended =
                 s.probe.as_deref() == Some(user) && !matches!(reschedule, Reschedule::Upstream(_));
             if answered || probe_ended {
+                end_shared_probe |= s.probe.is_some();
                 s.release_parked(user);
             }
             match reschedule {
@@ -692,10 +736,11 @@ impl Engine {
                 }
                 Reschedule::After(delay) => s.retry_later(user, now + delay),
                 Reschedule::Upstream(delay) => {
-                    if s.probe.as_deref().is_none_or(|probe| probe == user) {
+                    if probes_here && s.probe.as_deref().is_none_or(|probe| probe == user) {
                         s.probe = Some(user.to_owned());
                         s.retry_later(user, now + delay);
                     } else {
+                        s.remote_probe |= !probes_here && s.probe.is_none();
                         s.delayed.insert(user.to_owned());
                         s.parked.push(user.to_owned());
                     }
@@ -711,6 +756,9 @@ impl Engine {
                     }
                 }
             }
+        }
+        if end_shared_probe && let Err(e) = store.end_probe(&limits.node_id).await {
+            tracing::warn!(error = %e, "cannot tell the other nodes that Webex answers again; their users wait until this node's probe runs out");
         }
         self.publish_pace().await;
     }
@@ -871,11 +919,11 @@ impl Schedule {
     /// An attempt got an answer from Webex, or the probe has nothing left to probe with: the
     /// users waiting go now (the first to fail again becomes the next probe), the probe too.
     fn release_parked(&mut self, answered_for: &str) {
-        let Some(probe) = self.probe.take() else {
-            return;
-        };
+        self.remote_probe = false;
         let mut release = std::mem::take(&mut self.parked);
-        if probe != answered_for {
+        if let Some(probe) = self.probe.take()
+            && probe != answered_for
+        {
             for users in self.later.values_mut() {
                 users.retain(|u| *u != probe);
             }

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use super::{Entry, Lease, now_ms};
 
 /// Webex's rate limit as the nodes have met it.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SharedLimits {
     /// How many 429s the nodes have reported: a node that sees it grow learns its pace anew.
     pub rate_limited: u64,
@@ -18,6 +18,9 @@ pub struct SharedLimits {
     /// The average pace of the live nodes that keep one (attempts per second each): every node
     /// paces at it, so that together they split Webex's limit evenly.
     pub pace_per_s: Option<f64>,
+    /// The node whose user probes Webex while it fails, and for how much longer.
+    pub probe_owner: Option<String>,
+    pub probe_left_ms: u64,
 }
 
 /// A claimed lane, with the head of its queue and the shared limits read in the same round trip.
@@ -30,8 +33,16 @@ pub struct Claim {
 
 impl SharedLimits {
     fn with_pace(self, cluster: &MemoryCluster) -> SharedLimits {
+        let now = now_ms();
+        let probe = cluster
+            .lock()
+            .probe
+            .clone()
+            .filter(|(_, until)| *until > now);
         SharedLimits {
             pace_per_s: cluster.average_pace(),
+            probe_left_ms: probe.as_ref().map_or(0, |(_, until)| until - now),
+            probe_owner: probe.map(|(owner, _)| owner),
             ..self
         }
     }
@@ -59,6 +70,8 @@ struct State {
     limits: (u64, u64),
     /// Each node's pace, by node id (on sled: this node's alone).
     paces: HashMap<String, f64>,
+    /// Who probes Webex, until when.
+    probe: Option<(String, u64)>,
     nodes: HashMap<String, (String, u64, u64, bool)>,
     chores: HashMap<String, (String, u64)>,
 }
@@ -86,7 +99,7 @@ impl MemoryCluster {
         SharedLimits {
             rate_limited: seq,
             pause_left_ms: until.saturating_sub(now),
-            pace_per_s: None,
+            ..SharedLimits::default()
         }
         .with_pace(self)
     }
@@ -96,9 +109,29 @@ impl MemoryCluster {
         SharedLimits {
             rate_limited: seq,
             pause_left_ms: until.saturating_sub(now_ms()),
-            pace_per_s: None,
+            ..SharedLimits::default()
         }
         .with_pace(self)
+    }
+
+    pub(super) fn claim_probe(&self, owner: &str, for_ms: u64) -> bool {
+        let now = now_ms();
+        let probe = &mut self.lock().probe;
+        if probe
+            .as_ref()
+            .is_some_and(|(holder, until)| holder != owner && *until > now)
+        {
+            return false;
+        }
+        *probe = Some((owner.to_owned(), now + for_ms));
+        true
+    }
+
+    pub(super) fn end_probe(&self, owner: &str) {
+        let probe = &mut self.lock().probe;
+        if probe.as_ref().is_some_and(|(holder, _)| holder == owner) {
+            *probe = None;
+        }
     }
 
     pub(super) fn share_pace(&self, node_id: &str, pace: Option<f64>) {

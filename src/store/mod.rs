@@ -187,6 +187,11 @@ domain_operations! {
     fn note_rate_limited(&self, pause_ms: u64) -> SharedLimits;
     /// The rate limit as the nodes have met it.
     fn shared_limits(&self) -> SharedLimits;
+    /// Let this owner's user be the one that probes Webex while it fails, for `for_ms` (renewed
+    /// by each probe); false while another node's probe runs.
+    fn claim_probe(&self, owner: &str, for_ms: u64) -> bool;
+    /// The probe got through (or gave up): every node's waiting users go.
+    fn end_probe(&self, owner: &str) -> ();
     /// This node's pace under the rate limit (`None`: it keeps none), averaged with the other
     /// live nodes' into [`SharedLimits::pace_per_s`].
     fn share_pace(&self, node_id: &str, pace: Option<f64>) -> ();

@@ -212,6 +212,15 @@ impl SledStore {
         Ok(self.cluster.shared_limits())
     }
 
+    pub fn claim_probe(&self, owner: &str, for_ms: u64) -> Result<bool, StoreError> {
+        Ok(self.cluster.claim_probe(owner, for_ms))
+    }
+
+    pub fn end_probe(&self, owner: &str) -> Result<(), StoreError> {
+        self.cluster.end_probe(owner);
+        Ok(())
+    }
+
     pub fn share_pace(&self, node_id: &str, pace: Option<f64>) -> Result<(), StoreError> {
         self.cluster.share_pace(node_id, pace);
         Ok(())

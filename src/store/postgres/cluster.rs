@@ -16,7 +16,17 @@ const RATE_LIMITED: &str = "UPDATE control SET limited_seq = limited_seq + 1, \
 pub(super) const LIMITS: &str = "control.limited_seq, \
      greatest(0, coalesce(extract(epoch FROM (control.paused_until - now())) * 1000, 0))::bigint, \
      (SELECT avg(pace_per_s) FROM nodes WHERE stopped_at IS NULL AND pace_per_s IS NOT NULL \
-      AND heartbeat_at > now() - interval '1 minute')";
+      AND heartbeat_at > now() - interval '1 minute'), \
+     CASE WHEN control.probe_until > now() THEN control.probe_owner END, \
+     greatest(0, coalesce(extract(epoch FROM (control.probe_until - now())) * 1000, 0))::bigint";
+
+/// The probe is taken when nobody holds it, its holder renews it, or its time ran out.
+const CLAIM_PROBE: &str = "UPDATE control SET probe_owner = $1, \
+     probe_until = now() + $2 * interval '1 millisecond' \
+     WHERE probe_owner IS NULL OR probe_owner = $1 OR probe_until <= now() RETURNING true";
+
+const END_PROBE: &str =
+    "UPDATE control SET probe_owner = NULL, probe_until = NULL WHERE probe_owner = $1";
 
 const SHARE_PACE: &str = "UPDATE nodes SET pace_per_s = $2 WHERE node_id = $1";
 
@@ -61,6 +71,29 @@ impl PgStore {
                     .await?;
                 let row = c.query_one(&statement, &[]).await?;
                 limits_from(&row, 0)
+            })
+        })
+        .await
+    }
+
+    pub async fn claim_probe(&self, owner: &str, for_ms: u64) -> Result<bool, StoreError> {
+        let (owner, ms) = (owner.to_owned(), for_ms as f64);
+        self.run("claim the Webex probe", Access::Write, move |c| {
+            Box::pin(async move {
+                let statement = c.prepare_cached(CLAIM_PROBE).await?;
+                Ok(c.query_opt(&statement, &[&owner, &ms]).await?.is_some())
+            })
+        })
+        .await
+    }
+
+    pub async fn end_probe(&self, owner: &str) -> Result<(), StoreError> {
+        let owner = owner.to_owned();
+        self.run("end the Webex probe", Access::Write, move |c| {
+            Box::pin(async move {
+                let statement = c.prepare_cached(END_PROBE).await?;
+                c.execute(&statement, &[&owner]).await?;
+                Ok(())
             })
         })
         .await
@@ -145,5 +178,7 @@ pub(super) fn limits_from(row: &Row, at: usize) -> Result<SharedLimits, OpError>
         rate_limited: to_u64(row.try_get(at)?, "rate-limit count")?,
         pause_left_ms: to_u64(row.try_get(at + 1)?, "pause")?,
         pace_per_s: row.try_get(at + 2)?,
+        probe_owner: row.try_get(at + 3)?,
+        probe_left_ms: to_u64(row.try_get(at + 4)?, "probe time")?,
     })
 }

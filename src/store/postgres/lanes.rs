@@ -86,7 +86,7 @@ impl PgStore {
                     Some(_) => Some(entry_from(&row)?),
                     None => None,
                 };
-                let at = row.len() - 5;
+                let at = row.len() - 7;
                 Ok(Some(Claim {
                     lease: lease_from(&row, at, user, holder)?,
                     head,

@@ -5,6 +5,10 @@
 -- next claim or look for work, pause as long, and learn their own share of the pace from it.
 ALTER TABLE control ADD COLUMN limited_seq bigint NOT NULL DEFAULT 0;
 
+-- While Webex fails, one user on one node probes; the others wait for it (every node's users).
+-- A probe not renewed by probe_until (its node died) lets another node's user probe.
+ALTER TABLE control ADD COLUMN probe_owner text, ADD COLUMN probe_until timestamptz;
+
 -- The nodes sharing this store: who they are, which release they run, when each last said it was
 -- alive (the database's clock). `flowthrough cluster status`, /status and /metrics read it;
 -- stopped_at is set by a node leaving on SIGTERM, and cleared when it starts again.
