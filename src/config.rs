@@ -145,9 +145,10 @@ pub const DEFAULT_CACHE_MIB: u64 = 32;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// This node's name on the leases it holds; the host name when not given.
-    #[serde(default)]
-    pub node_id: Option<String>,
+    /// This node's name on the leases it holds; the host name when not given (resolved once,
+    /// here, so every part of the node uses the same name).
+    #[serde(default = "host_name")]
+    pub node_id: String,
     /// How long a delivery lease lasts: a dead node's users go to the others after this.
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
@@ -159,7 +160,7 @@ pub struct ClusterConfig {
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
-            node_id: None,
+            node_id: host_name(),
             lease_ms: default_lease_ms(),
             poll_ms: default_poll_ms(),
         }
@@ -174,17 +175,13 @@ fn default_poll_ms() -> u64 {
     1_000
 }
 
-impl ClusterConfig {
-    /// `node_id`, or the host name (`node` if the kernel does not say).
-    pub fn node_id(&self) -> String {
-        self.node_id.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|name| name.trim().to_owned())
-                .filter(|name| !name.is_empty())
-                .unwrap_or_else(|| "node".to_owned())
-        })
-    }
+/// The kernel's host name (`node` if it does not say).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "node".to_owned())
 }
 
 /// `[store]`: where the outbox, user map, audit and tokens live.
@@ -728,6 +725,12 @@ impl Config {
                 "must be at least 1000: a lease shorter than a Webex call would pass users between nodes mid-call",
             ));
         }
+        if self.cluster.node_id.trim().is_empty() {
+            return Err(Problem::new(
+                "cluster.node_id",
+                "must not be empty: it names this node on the leases it holds; leave it out to use the host name",
+            ));
+        }
         if self.cluster.poll_ms == 0 {
             return Err(Problem::new(
                 "cluster.poll_ms",
@@ -1054,6 +1057,17 @@ calling_code = "+1"
         assert_eq!(config.tunnel.as_ref().unwrap().max_tunnels, 1024);
         assert_eq!(config.template_overrides["acme-ent"], "acme");
         assert!(config.templates["acme"].provisioning_account.is_some());
+    }
+
+    #[test]
+    fn the_node_id_defaults_to_the_host_name_and_is_never_empty() {
+        let config = parse(TEMPLATE).unwrap();
+        assert!(!config.cluster.node_id.is_empty());
+        let named = parse(&format!("{TEMPLATE}[cluster]\nnode_id = \"dmz-a\"\n")).unwrap();
+        assert_eq!(named.cluster.node_id, "dmz-a");
+        let (_, key, message) = invalid(&format!("{TEMPLATE}[cluster]\nnode_id = \" \"\n"));
+        assert_eq!(key, "cluster.node_id");
+        assert!(message.contains("host name"), "{message}");
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub async fn standalone(
             max_entry_age: Duration::from_secs(config.store.max_entry_age_hours * 3600),
             poll: None,
             // Its own name on the lanes: on a shared store a running node may deliver too.
-            node_id: format!("{}/import", config.cluster.node_id()),
+            node_id: format!("{}/import", config.cluster.node_id),
             lease: Duration::from_millis(config.cluster.lease_ms),
         },
     );

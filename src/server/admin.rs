@@ -264,7 +264,7 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
         },
         "token": token,
         "cluster": {
-            "node_id": state.config.cluster.node_id(),
+            "node_id": state.config.cluster.node_id,
             "nodes": state.store.nodes().await.unwrap_or_default(),
         },
         "recent_unreadable_documents": documents,

@@ -241,7 +241,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     } else {
         None
     };
-    let node_id = config.cluster.node_id();
+    let node_id = config.cluster.node_id.clone();
     let lease = Duration::from_millis(config.cluster.lease_ms);
     let started_ms = crate::store::now_ms();
     spawn_heartbeat(store.clone(), node_id.clone(), started_ms, lease);
@@ -405,7 +405,7 @@ async fn start_delivery(
             max_entry_age: Duration::from_secs(config.store.max_entry_age_hours * 3600),
             poll: (config.store.backend == crate::config::StoreBackend::Postgres)
                 .then_some(Duration::from_millis(config.cluster.poll_ms)),
-            node_id: config.cluster.node_id(),
+            node_id: config.cluster.node_id.clone(),
             lease: Duration::from_millis(config.cluster.lease_ms),
         },
     );
