@@ -39,7 +39,7 @@ pub use postgres::Observer;
 use postgres::PgStore;
 
 /// A failure of the store. The message says what to do next.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error(
         "cannot open the store at {path}: {reason}; check that the directory exists, is writable by the flowthrough user, and that no other flowthrough process uses it"

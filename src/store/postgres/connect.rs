@@ -43,7 +43,7 @@ pub(super) fn pool(config: &PostgresConfig) -> Result<(Pool, String), StoreError
     }
     // Whatever the database or role default: writes that nothing is acknowledged for do not wait
     // for the disk; acknowledgements open their transactions with `synchronous_commit = on`
-    // (`DURABLE_BEGIN`, `durable_transaction`).
+    // (`ACCEPT`, `durable_transaction`).
     pg.options(format!(
         "-c synchronous_commit=off -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
         config.statement_timeout_ms,

@@ -62,6 +62,7 @@ struct Inner {
     observer: OnceLock<Observer>,
     /// `host:port/dbname`, for messages.
     target: String,
+    audit: Mutex<records::AuditQueue>,
 }
 
 impl Drop for Inner {
@@ -150,6 +151,7 @@ impl PgStore {
                 failure: Mutex::new(None),
                 observer: OnceLock::new(),
                 target,
+                audit: Mutex::default(),
             }),
         };
         Ok(store)

@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
 
 use super::outbox::{RECORD_CUSTOMER, SAVE_PROFILE};
 use super::{Access, OpError, PgStore, durable_transaction, to_i64};
@@ -237,18 +238,75 @@ impl PgStore {
                     AuditEvent::Command { user_id, .. } => user_id.clone(),
                     _ => None,
                 };
-                self.run("write an audit record", Access::Write, move |c| {
+                let (sender, written) = oneshot::channel();
+                let lead = {
+                    let mut queue = self.audit_queue();
+                    queue.waiting.push(((at, user, raw), sender));
+                    !std::mem::replace(&mut queue.writing, true)
+                };
+                if lead {
+                    let Some(runtime) = &self.inner.runtime else {
+                        return Err(StoreError::Io("the PostgreSQL store is closed".to_owned()));
+                    };
+                    runtime.spawn(self.clone().write_audit_batches());
+                }
+                written.await.unwrap_or_else(|_| {
+                    Err(StoreError::Io(
+                        "the audit writer stopped before writing a record".to_owned(),
+                    ))
+                })
+            }
+        }
+    }
+
+    fn audit_queue(&self) -> std::sync::MutexGuard<'_, AuditQueue> {
+        self.inner
+            .audit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Write the queued audit records, all that are waiting in one statement, until none are.
+    /// A record queued while a batch is being written goes with the next: under load a batch
+    /// holds the records of every request answered meanwhile, one statement for them all
+    /// instead of one each; alone, a record is written at once. Runs as a task of its own, so
+    /// a caller that goes away cannot leave the queue without a writer.
+    async fn write_audit_batches(self) {
+        loop {
+            let batch = {
+                let mut queue = self.audit_queue();
+                if queue.waiting.is_empty() {
+                    queue.writing = false;
+                    return;
+                }
+                std::mem::take(&mut queue.waiting)
+            };
+            let (rows, senders): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let mut columns: (Vec<i64>, Vec<Option<String>>, Vec<String>) = Default::default();
+            for (at, user, raw) in rows {
+                columns.0.push(at);
+                columns.1.push(user);
+                columns.2.push(raw);
+            }
+            let written = self
+                .run("write audit records", Access::Write, move |c| {
                     Box::pin(async move {
                         let statement = c
                             .prepare_cached(
-                                "INSERT INTO audit (at_ms, user_id, record) VALUES ($1, $2, $3::text::json)",
+                                "INSERT INTO audit (at_ms, user_id, record) \
+                                 SELECT at_ms, user_id, record::json \
+                                 FROM unnest($1::bigint[], $2::text[], $3::text[]) \
+                                 WITH ORDINALITY AS r (at_ms, user_id, record, n) ORDER BY n",
                             )
                             .await?;
-                        c.execute(&statement, &[&at, &user, &raw]).await?;
+                        c.execute(&statement, &[&columns.0, &columns.1, &columns.2])
+                            .await?;
                         Ok(())
                     })
                 })
-                .await
+                .await;
+            for sender in senders {
+                let _ = sender.send(written.clone());
             }
         }
     }
@@ -454,3 +512,13 @@ impl PgStore {
         .await
     }
 }
+
+/// Audit records waiting for [`PgStore::write_audit_batches`], and whether it runs.
+#[derive(Default)]
+pub(super) struct AuditQueue {
+    writing: bool,
+    waiting: Vec<(AuditRow, oneshot::Sender<Result<(), StoreError>>)>,
+}
+
+/// An audit record's columns: time, user, the record as JSON text.
+type AuditRow = (i64, Option<String>, String);
