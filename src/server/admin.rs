@@ -239,8 +239,16 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 
 async fn status(state: web::Data<AppState>) -> HttpResponse {
     let (ready, reasons) = readiness(&state);
-    let (pending, oldest) = state.store.pending_summary().await.unwrap_or((0, None));
-    let dead = state.store.dead_count().await.unwrap_or_default();
+    // Counts the store cannot give are null with the reason beside them, never 0: "nothing
+    // pending" while the database is down would tell the operator the opposite of the truth.
+    let counts = match state.store.pending_summary().await {
+        Ok(summary) => state.store.dead_count().await.map(|dead| (summary, dead)),
+        Err(e) => Err(e),
+    };
+    let (pending, oldest, dead, unknown) = match counts {
+        Ok(((pending, oldest), dead)) => (Some(pending), oldest, Some(dead), None),
+        Err(e) => (None, None, None, Some(e.to_string())),
+    };
     let documents = state
         .store
         .audit(&crate::store::AuditQuery {
@@ -258,6 +266,7 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
             "pending": pending,
             "oldest_pending_ms": oldest,
             "dead": dead,
+            "counts_unavailable": unknown,
             "paused_for_rate_limit": state.engine.as_ref().is_some_and(|e| e.paused_until().is_some()),
             "pace_per_second": state.engine.as_ref().and_then(|e| e.pace()),
             "users_waiting_for_webex": state.engine.as_ref().map_or(0, |e| e.waiting_for_webex()),

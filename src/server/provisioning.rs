@@ -27,6 +27,9 @@ use crate::store::{
     StoreError, now_ms,
 };
 
+/// The longest an answer waits for its audit records (see [`answer`]).
+const AUDIT_WAIT: Duration = Duration::from_millis(250);
+
 /// How much of a document the audit keeps when flowthrough cannot use it.
 const EXCERPT_BYTES: usize = 64 * 1024;
 
@@ -659,10 +662,24 @@ async fn answer(
         });
         responses.push(response);
     }
-    for record in &audit_pending {
-        if let Err(e) = state.store.append_audit(record).await {
-            tracing::warn!(error = %e, "cannot write an audit record");
+    // The answer is decided and the command durable: the audit records go with it when the
+    // store takes them at once, as it does, and never hold it back longer than
+    // [`AUDIT_WAIT`] (a database that stops answering without closing its connections kept
+    // answers the AS waits for by up to a statement timeout: `bench/RESULTS.md`, power cuts
+    // of PostgreSQL). Past that the records are written in the background when it answers.
+    let store = state.store.clone();
+    let writing = tokio::spawn(async move {
+        for record in &audit_pending {
+            if let Err(e) = store.append_audit(record).await {
+                tracing::warn!(error = %e, "cannot write an audit record");
+            }
         }
+    });
+    if tokio::time::timeout(AUDIT_WAIT, writing).await.is_err() {
+        tracing::warn!(
+            waited_ms = AUDIT_WAIT.as_millis() as u64,
+            "the store is slow to take audit records: the AS is answered first and the records are written when the store answers (check the database with `flowthrough doctor`)"
+        );
     }
     responses
 }
