@@ -17,11 +17,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::proxy::{DbProxy, Link};
 use common::*;
 use flowthrough::sim::{CallRecord, Control, SimOptions};
 use rand::Rng;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 /// Short leases and polls, so a dead node's users move within seconds.
 const LEASE_MS: u64 = 2000;
@@ -142,9 +141,8 @@ impl Cluster {
         cluster
     }
 
-    /// Configure node number `i` (not started); `store_port` replaces PostgreSQL's port (a
-    /// proxy in front of it).
-    fn add_node(&mut self, i: usize, webex: &str, server: &str, store_port: Option<u16>) {
+    /// Configure node number `i` (not started); with `proxy`, its store is reached through it.
+    fn add_node(&mut self, i: usize, webex: &str, server: &str, proxy: Option<&DbProxy>) {
         let name = format!("node-{}", (b'a' + i as u8) as char);
         let port = free_port();
         let admin = format!("127.0.0.1:{}", free_port());
@@ -160,10 +158,8 @@ impl Cluster {
                 &format!("listen = [\"127.0.0.1:{port}\"]"),
             )
             .replace("[admin]\nlisten = \"127.0.0.1:0\"\n", "");
-        if let Some(proxy) = store_port {
-            let pg = self.pg().0.port;
-            text = text.replace(&format!("\nport = {pg}\n"), &format!("\nport = {proxy}\n"));
-            assert!(text.contains(&format!("\nport = {proxy}\n")));
+        if let Some(proxy) = proxy {
+            text = proxy.route(&text);
         }
         let config = self.world.path(&format!("{name}.toml"));
         std::fs::write(&config, text).unwrap();
@@ -747,77 +743,6 @@ async fn a_node_stopped_past_its_lease_has_its_late_writes_refused() {
     );
 }
 
-/// A TCP relay to PostgreSQL that the test can cut (every connection dropped, new ones
-/// refused: nothing listens) and restore on the same port.
-struct DbProxy {
-    port: u16,
-    up: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl DbProxy {
-    async fn start(target: u16) -> DbProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (up, mut state) = watch::channel(true);
-        let task = tokio::spawn(async move {
-            let mut listener = Some(listener);
-            loop {
-                match listener.take() {
-                    Some(l) => {
-                        tokio::select! {
-                            accepted = l.accept() => {
-                                listener = Some(l);
-                                let Ok((client, _)) = accepted else { continue };
-                                tokio::spawn(relay(client, target, state.clone()));
-                            }
-                            changed = state.changed() => {
-                                if changed.is_err() { return; }
-                                // Cut: the listener closes with `l`, so connects are refused.
-                                if *state.borrow() { listener = Some(l); }
-                            }
-                        }
-                    }
-                    None => {
-                        if state.changed().await.is_err() {
-                            return;
-                        }
-                        if *state.borrow() {
-                            listener = Some(
-                                TcpListener::bind(("127.0.0.1", port))
-                                    .await
-                                    .expect("the proxy's port is free again"),
-                            );
-                        }
-                    }
-                }
-            }
-        });
-        DbProxy { port, up, task }
-    }
-
-    fn set(&self, up: bool) {
-        self.up.send(up).unwrap();
-    }
-}
-
-impl Drop for DbProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Relay one connection until either side closes or the proxy is cut.
-async fn relay(mut client: TcpStream, target: u16, mut state: watch::Receiver<bool>) {
-    let Ok(mut server) = TcpStream::connect(("127.0.0.1", target)).await else {
-        return;
-    };
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-        _ = state.wait_for(|up| !up) => {}
-    }
-}
-
 /// One node's database connection cut: it answers 503 and turns not ready, the other node
 /// carries on accepting and delivering; the cut node recovers by itself once it is restored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -831,7 +756,7 @@ async fn a_node_cut_from_the_database_refuses_while_the_other_delivers() {
         client: as_client(&world),
         world,
     };
-    cluster.add_node(0, "", "", Some(proxy.port));
+    cluster.add_node(0, "", "", Some(&proxy));
     cluster.add_node(1, "", "", None);
     for node in &mut cluster.nodes {
         node.start_ready().await;
@@ -844,7 +769,7 @@ async fn a_node_cut_from_the_database_refuses_while_the_other_delivers() {
         assert!(matches!(heard, Heard::Acknowledged), "{heard:?}");
     }
 
-    proxy.set(false);
+    proxy.set(Link::Cut);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut last = None;
     for n in 0.. {
@@ -882,7 +807,7 @@ async fn a_node_cut_from_the_database_refuses_while_the_other_delivers() {
     }
     assert_eq!(cut.ready().await.0, 503, "still cut, still not ready");
 
-    proxy.set(true);
+    proxy.set(Link::Up);
     let green = ready_until(cut, Duration::from_secs(30), |status, _| status == 200).await;
     assert_eq!(green.0, 200, "the node recovers by itself: {green:?}");
     let heard = send(client, &cut.url, &add("after@acme.example")).await;

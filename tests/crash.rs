@@ -10,6 +10,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::proxy::{DbProxy, Link};
 use common::*;
 use flowthrough::sim::SimOptions;
 
@@ -383,6 +384,212 @@ async fn postgres_stopped_under_load_loses_nothing_and_recovers_by_itself() {
         "one subscriber per user"
     );
     drop(world);
+}
+
+/// Issue 21: a connection lost during a commit never turns into an acknowledgement. A relay
+/// between flowthrough and PostgreSQL switches to swallowing PostgreSQL's answers: the commands'
+/// transactions reach the server and commit, flowthrough never hears so, and the connections are
+/// closed a moment later. Each of those commands is answered 503 (its outcome unknown to
+/// flowthrough), yet the database shows that some committed, so the window was hit; once the
+/// relay is back the node turns ready by itself, accepts again, and delivers what committed
+/// unacknowledged (the AS resends it anyway; a provision sent again looks the user up first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_during_the_commit_is_never_acknowledged() {
+    const LOST: usize = 5;
+    // A cluster of the test's own: the relay's grace before it closes (SWALLOWED_CLOSE) must
+    // cover the commit, which other tests' load on a shared cluster could slow down.
+    let cluster = Arc::new(common::pg::PgCluster::start());
+    let world = World::on_cluster(SimOptions::default(), cluster.clone()).await;
+    let db = world.postgres.as_ref().map(|(_, db)| db.clone()).unwrap();
+    let proxy = DbProxy::start(cluster.port).await;
+    let Served {
+        config, admin, url, ..
+    } = serve_config(&world, "ack_deadline_ms = 1000");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, proxy.route(&text)).unwrap();
+    let _serving = Serving(spawn(&config, "warn", Stdio::inherit()));
+    wait_ready(&admin).await;
+    let client = world.as_client();
+
+    // Sanity, and a warm pool: sent together, these leave several pooled connections with the
+    // store's statements prepared, so a command sent after the switch can go straight to its
+    // one-round-trip commit (a fresh connection's handshake would be swallowed before anything
+    // commits).
+    let before: Vec<String> = (0..LOST)
+        .map(|i| format!("before-{i}@acme.example"))
+        .collect();
+    for (user, (status, body)) in before.iter().zip(add_all(&client, &url, &before).await) {
+        assert!(
+            acknowledged(status, &body),
+            "{user}: acknowledged with the database reachable: {status} {body}"
+        );
+    }
+
+    proxy.set(Link::SwallowAnswers);
+    let lost: Vec<String> = (0..LOST)
+        .map(|i| format!("lost-{i}@acme.example"))
+        .collect();
+    // Together, so that they all pass admission before the first lost connection marks the store
+    // as failing (after which later requests are refused before they reach the database).
+    let heard = add_all(&client, &url, &lost).await;
+    for (user, (status, body)) in lost.iter().zip(&heard) {
+        assert!(
+            !acknowledged(*status, body),
+            "{user} was acknowledged although PostgreSQL's answer to its commit never reached flowthrough: {status} {body}"
+        );
+        // What serve answers when the store's write fails: 503 in plain text, no OCI-P document.
+        assert!(
+            *status == 503
+                && body.starts_with("the store cannot be written")
+                && answers(body).is_empty(),
+            "{user}: a lost commit is answered 503 \"the store cannot be written\": {status} {body}"
+        );
+    }
+    let committed = committed_users(&cluster, &db, "lost-%");
+    assert!(
+        !committed.is_empty(),
+        "none of {lost:?} committed, so the test missed the window it is about (a commit whose \
+         answer is lost): the relay closed before PostgreSQL committed, or every command needed a \
+         new connection; answers: {heard:?}"
+    );
+    eprintln!(
+        "lost commits: {} of {LOST} committed without an answer, all answered 503: {}",
+        committed.len(),
+        heard[0].1.trim_end()
+    );
+
+    proxy.set(Link::Up);
+    let (status, why) =
+        readiness_until(&admin, Duration::from_secs(30), |status, _| status == 200).await;
+    assert_eq!(
+        status, 200,
+        "/readyz turns green once the connection works again, without a restart: {why}"
+    );
+    let after = "after@acme.example".to_owned();
+    let (status, body) = add_all(&client, &url, std::slice::from_ref(&after))
+        .await
+        .remove(0);
+    assert!(
+        acknowledged(status, &body),
+        "{after}: acknowledged once the database is reachable again: {status} {body}"
+    );
+
+    // Every acknowledged command and every commit whose answer was lost reaches Webex.
+    let mut expected: BTreeSet<String> = before.iter().cloned().collect();
+    expected.insert(after);
+    expected.extend(committed.iter().cloned());
+    let delivered = eventually(Duration::from_secs(30), || {
+        let subscribers: BTreeSet<String> = world
+            .subscribers()
+            .iter()
+            .filter_map(|s| s["userId"].as_str().map(str::to_owned))
+            .collect();
+        expected.is_subset(&subscribers)
+    })
+    .await;
+    let status = get_json(&format!("http://{admin}/status")).await;
+    assert!(
+        delivered,
+        "delivered: {expected:?}; the simulator has {:?}; {status}",
+        world.subscribers()
+    );
+    assert_eq!(status["outbox"]["dead"], 0, "{status}");
+    // What committed is exactly what was delivered of the lost commands (read again: the set is
+    // final now), each once, and its entries ended delivered.
+    let committed = committed_users(&cluster, &db, "lost-%");
+    let mut per_user: BTreeMap<String, usize> = BTreeMap::new();
+    for s in world.subscribers() {
+        *per_user
+            .entry(s["userId"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = per_user.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "provisioned twice: {twice:?}");
+    let delivered_lost: BTreeSet<String> = per_user
+        .keys()
+        .filter(|u| u.starts_with("lost-"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        delivered_lost, committed,
+        "the lost commands Webex got are those that committed"
+    );
+    // The entry's end is written after Webex's answer, so a moment after the subscriber shows.
+    let ended = eventually(Duration::from_secs(10), || {
+        cluster.psql(
+            &db,
+            "SELECT count(*) FROM outbox WHERE state <> 'delivered'",
+        ) == "0"
+    })
+    .await;
+    assert!(
+        ended,
+        "every entry ends delivered: {}",
+        cluster.psql(&db, "SELECT user_id, state FROM outbox ORDER BY id")
+    );
+}
+
+/// `flowthrough serve` as a child process, killed when the test ends (a failed assertion too).
+struct Serving(std::process::Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A UserAdd for each of `users`, all sent at once; each one's HTTP status and body, in order.
+async fn add_all(client: &reqwest::Client, url: &str, users: &[String]) -> Vec<(u16, String)> {
+    let sends: Vec<_> = users
+        .iter()
+        .map(|user| {
+            let request = client
+                .post(url)
+                .header("content-type", "text/xml")
+                .body(document(&user_add(user, Some(user))));
+            let user = user.clone();
+            tokio::spawn(async move {
+                let response = request
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("{user}: no answer from flowthrough: {e}"));
+                let status = response.status().as_u16();
+                let body = response
+                    .text()
+                    .await
+                    .unwrap_or_else(|e| panic!("{user}: the answer's body broke off: {e}"));
+                (status, body)
+            })
+        })
+        .collect();
+    let mut heard = Vec::with_capacity(sends.len());
+    for send in sends {
+        heard.push(send.await.expect("a request's task ends"));
+    }
+    heard
+}
+
+/// Whether the AS was told the command is accepted: SuccessResponse, or 7020 (stored, delivery
+/// continues).
+fn acknowledged(status: u16, body: &str) -> bool {
+    status == 200
+        && answers(body)
+            .first()
+            .is_some_and(|a| a.kind == "SuccessResponse" || a.code == Some(7020))
+}
+
+/// The users of the outbox entries committed in `db` whose user id is `LIKE pattern`, read from
+/// PostgreSQL directly (not through the relay).
+fn committed_users(cluster: &common::pg::PgCluster, db: &str, pattern: &str) -> BTreeSet<String> {
+    cluster
+        .psql(
+            db,
+            &format!("SELECT DISTINCT user_id FROM outbox WHERE user_id LIKE '{pattern}'"),
+        )
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Poll `/readyz` until `done` holds for its status and text, or `limit` passes; the last answer.
