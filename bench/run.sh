@@ -495,14 +495,15 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a != "n/a" && b + 0 > 0) printf "%
 per_round() { # jq path, measurement (max, half), target: the figure of each round
   for round in $(seq 1 "$ROUNDS"); do j "$1" "$2-$3-$round.json"; done
 }
-added_diffs() { # target: its p99 at half load minus (a)'s of the same round, one line a round
+added_diffs() { # target [measurement, default half]: its p99 minus (a)'s of the same round, one line a round
+  local m=${2:-half}
   for round in $(seq 1 "$ROUNDS"); do
-    awk -v x="$(j .latency_ms.p99 "half-$1-$round.json")" -v a="$(j .latency_ms.p99 "half-a-$round.json")" 'BEGIN{printf "%.2f\n", x - a}'
+    awk -v x="$(j .latency_ms.p99 "$m-$1-$round.json")" -v a="$(j .latency_ms.p99 "$m-a-$round.json")" 'BEGIN{printf "%.2f\n", x - a}'
   done
 }
-added() { # target: the median of added_diffs, then their range
+added() { # target [measurement]: the median of added_diffs, then their range
   local diffs
-  diffs=$(added_diffs "$1")
+  diffs=$(added_diffs "$1" "${2:-}")
   printf '%.2f (%s to %s)' "$(echo "$diffs" | median)" "$(echo "$diffs" | sort -g | head -1)" "$(echo "$diffs" | sort -g | tail -1)"
 }
 if [ "${BENCH_SKIP_BUILD:-0}" = 1 ]; then
@@ -541,10 +542,16 @@ measure_rounds() { # (a), the base whose max sets the half load, the others
   for round in $(seq 1 "$ROUNDS"); do
     for t in "$@"; do settled; "target_$t" -c "$CONNS" --duration "$DUR" --json >"$R/max-$t-$round.json"; done
   done
-  HALF=$(per_round .ok_per_s max "$2" | median | awk '{ h = int($1 / 2); print (h < 1 ? 1 : h) }')
+  HALF=$(half_of "$2")
   say "latency at half of ($2)'s max: $HALF req/s, $ROUNDS rounds"
+  fixed_rate_rounds half "$HALF" "$@"
+}
+half_of() { per_round .ok_per_s max "$1" | median | awk '{ h = int($1 / 2); print (h < 1 ? 1 : h) }'; } # target
+fixed_rate_rounds() { # measurement name, rate, targets
+  local m=$1 rate=$2
+  shift 2
   for round in $(seq 1 "$ROUNDS"); do
-    for t in "$@"; do settled; "target_$t" -c "$CONNS" --rate "$HALF" --duration "$DUR" --json >"$R/half-$t-$round.json"; done
+    for t in "$@"; do settled; "target_$t" -c "$CONNS" --rate "$rate" --duration "$DUR" --json >"$R/$m-$t-$round.json"; done
   done
 }
 # The table rows pg and cluster share: (a), the base, the other and other / base.
@@ -574,6 +581,11 @@ pg_setup_line() {
 if [ "$MODE" = pg ]; then
   STORES=("$ADMIN_PORT" "$ADMIN_PG_PORT")
   measure_rounds a b bpg
+  # (b)'s half load is over (b-pg)'s max (its queue then grows for the whole round): the added
+  # p99 of both is also measured at half of (b-pg)'s own max, a load each of them carries.
+  HALF_PG=$(half_of bpg)
+  say "latency at half of (bpg)'s max: $HALF_PG req/s, $ROUNDS rounds"
+  fixed_rate_rounds halfpg "$HALF_PG" a b bpg
   {
     echo "<!-- bench-pg:start (written by bench/run.sh pg; everything outside these markers is kept) -->"
     echo "## (b) flowthrough on sled beside (b-pg) flowthrough on PostgreSQL"
@@ -585,8 +597,13 @@ if [ "$MODE" = pg ]; then
     echo "| measure | (a) direct | (b) sled | (b-pg) PostgreSQL | b-pg / b | target |"
     echo "| --- | --- | --- | --- | --- | --- |"
     comparison_rows b bpg "≥ 0.5" "≤ 2"
+    printf '| p99 at %s req/s, half of (b-pg)'"'"'s max (ms), median of %s rounds | %s | %s | %s | | |\n' "$HALF_PG" "$ROUNDS" \
+      "$(per_round .latency_ms.p99 halfpg a | median)" "$(per_round .latency_ms.p99 halfpg b | median)" \
+      "$(per_round .latency_ms.p99 halfpg bpg | median)"
+    printf '| p99 added over direct at %s req/s (ms): median (range) | — | %s | %s | %s | ≤ 2 |\n' "$HALF_PG" \
+      "$(added b halfpg)" "$(added bpg halfpg)" "$(ratio "$(added_diffs bpg halfpg | median)" "$(added_diffs b halfpg | median)")"
     echo
-    echo "Errors: max $(errors_of max b) / $(errors_of max bpg); half-load 7020s (b-pg): $(jq -s '[.[].warnings.oci_7020 // 0] | add' "$R"/half-bpg-*.json)."
+    echo "Errors: max $(errors_of max b) / $(errors_of max bpg); half-load 7020s (b-pg): $(jq -s '[.[].warnings.oci_7020 // 0] | add' "$R"/half-bpg-*.json) at $HALF req/s, $(jq -s '[.[].warnings.oci_7020 // 0] | add' "$R"/halfpg-bpg-*.json) at $HALF_PG req/s."
     echo "<!-- bench-pg:end -->"
   } >"$WORK/section.md"
   write_section bench-pg

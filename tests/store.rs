@@ -13,7 +13,7 @@ use flowthrough::secret::Secret;
 use flowthrough::store::{
     AuditEvent, AuditQuery, AuditRecord, Call, Claim, Customer, EntryId, EntryState, Filter,
     NewEntry, Origin, Progress, ReconcileReport, Remembered, Store, StoreError, TokenRecord,
-    TokenState,
+    TokenState, UserMapChange,
 };
 
 /// A store of one backend, and what it takes to open it again as a restarted node would.
@@ -115,6 +115,7 @@ both_backends!(
     the_last_reconcile_report_replaces_the_one_before_and_survives_reopening,
     one_owner_at_a_time_holds_a_lane_and_late_writes_are_fenced_off,
     a_claim_reads_the_head_and_a_hand_back_says_what_is_left_and_holds_a_backoff,
+    the_end_of_a_try_writes_the_entry_the_user_map_and_hands_the_lane_back,
     nodes_share_rate_limits_heartbeats_and_chores,
 );
 
@@ -540,6 +541,120 @@ async fn a_claim_reads_the_head_and_a_hand_back_says_what_is_left_and_holds_a_ba
         .unwrap()
         .expect("a free lane");
     assert!(head.is_none(), "no head without pending work");
+}
+
+/// `finish_try`: the entry ends with the attempt counted, the user map changes as the end
+/// says (mapped with the entry's template, then forgotten by a removal, the template kept), the
+/// lane is free for another node at once, and the answer says whether work is left. A late end
+/// under a lease that moved on changes nothing.
+async fn the_end_of_a_try_writes_the_entry_the_user_map_and_hands_the_lane_back(h: Harness) {
+    let store = h.store();
+    let ids = store
+        .enqueue(
+            vec![
+                entry("alice", "add"),
+                entry("alice", "delete"),
+                entry("bob", "add"),
+            ],
+            1,
+        )
+        .await
+        .unwrap();
+    store.map_user("alice", None, Some("older")).await.unwrap();
+    let claim = |user: &'static str, owner: &'static str| async move {
+        store
+            .claim_head(user, owner, 60_000)
+            .await
+            .unwrap()
+            .expect("a free lane")
+    };
+
+    let Claim { lease, head, .. } = claim("alice", "node-a").await;
+    assert_eq!(head.map(|e| e.id), Some(ids[0]));
+    let provisioned = EntryState::Delivered {
+        at_ms: 2,
+        subscriber_id: Some("sub-1".into()),
+        webex_status: Some("provisioned".into()),
+    };
+    let map = UserMapChange::Map {
+        subscriber_id: "sub-1".into(),
+        template: "acme".into(),
+    };
+    let (ended, more) = store
+        .finish_try(
+            ids[0],
+            provisioned.clone(),
+            Some("FLOWTHROUGH_1"),
+            &lease,
+            Some(map),
+        )
+        .await
+        .unwrap();
+    assert_eq!((ended.state, ended.attempts), (provisioned, 1));
+    assert!(more, "the delete is left");
+    let record = store.user("alice").await.unwrap().unwrap();
+    assert_eq!(
+        (record.subscriber_id.as_deref(), record.template.as_deref()),
+        (Some("sub-1"), Some("acme"))
+    );
+    assert!(
+        store.renew_lane(&lease, 60_000).await.unwrap().is_none(),
+        "the lease was handed back"
+    );
+
+    let Claim { lease, head, .. } = claim("alice", "node-b").await;
+    assert_eq!(
+        head.map(|e| e.id),
+        Some(ids[1]),
+        "another node takes the lane at once"
+    );
+    let removed = EntryState::Delivered {
+        at_ms: 3,
+        subscriber_id: Some("sub-1".into()),
+        webex_status: Some("removed".into()),
+    };
+    let (_, more) = store
+        .finish_try(ids[1], removed, None, &lease, Some(UserMapChange::Forget))
+        .await
+        .unwrap();
+    assert!(!more, "nothing left");
+    let record = store.user("alice").await.unwrap().unwrap();
+    assert_eq!(
+        (record.subscriber_id.as_deref(), record.template.as_deref()),
+        (None, Some("acme"))
+    );
+
+    let Claim { lease: stale, .. } = claim("bob", "node-a").await;
+    store.release_lane(&stale, 0).await.unwrap();
+    let Claim { lease, .. } = claim("bob", "node-b").await;
+    let late = store
+        .finish_try(
+            ids[2],
+            dead(4),
+            None,
+            &stale,
+            Some(UserMapChange::Map {
+                subscriber_id: "sub-2".into(),
+                template: "acme".into(),
+            }),
+        )
+        .await;
+    assert!(
+        matches!(late, Err(StoreError::LeaseLost { .. })),
+        "{late:?}"
+    );
+    assert_eq!(store.user("bob").await.unwrap(), None, "no map change");
+    assert!(store.entry(ids[2]).await.unwrap().unwrap().is_pending());
+    assert!(
+        store.renew_lane(&lease, 60_000).await.unwrap().is_some(),
+        "the holder's lease stands"
+    );
+    let (_, more) = store
+        .finish_try(ids[2], dead(5), None, &lease, None)
+        .await
+        .unwrap();
+    assert!(!more);
+    assert_eq!(store.user("bob").await.unwrap(), None);
 }
 
 async fn ids_listed(store: &Store, filter: Filter, limit: usize) -> Vec<EntryId> {

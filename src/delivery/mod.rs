@@ -12,15 +12,15 @@ pub mod webex;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
 
 use crate::store::{
-    AuditEvent, AuditRecord, Entry, EntryId, EntryState, Lease, Origin, Progress, SharedLimits,
-    Store, StoreError, now_ms,
+    AuditEvent, AuditRecord, Call, Entry, EntryId, EntryState, Lease, Origin, Progress,
+    SharedLimits, Store, StoreError, UserMapChange, now_ms,
 };
 
 /// What one try of one entry came to.
@@ -104,6 +104,9 @@ const TRUSTED_SHARE: f64 = 0.75;
 pub struct Tenure {
     lease: Lease,
     trusted_until: Arc<Mutex<Instant>>,
+    /// Set when the try's end handed the lane back with its outcome: whether the user has
+    /// pending work left.
+    handed_back: Arc<OnceLock<bool>>,
 }
 
 impl Tenure {
@@ -111,6 +114,7 @@ impl Tenure {
         Tenure {
             lease,
             trusted_until: Arc::new(Mutex::new(claimed_at + length.mul_f64(TRUSTED_SHARE))),
+            handed_back: Arc::default(),
         }
     }
 
@@ -656,16 +660,22 @@ impl Engine {
                     Some(entry) => self.try_under_lease(entry, &tenure).await,
                     None => (Reschedule::Idle, false),
                 };
-                // A lane taken over is not ours to hand back.
-                let more = !matches!(reschedule, Reschedule::HeldElsewhere)
-                    && {
-                        let ready_in =
-                            u64::try_from(reschedule.delay().as_millis()).unwrap_or(u64::MAX);
-                        store.release_lane(tenure.lease(), ready_in).await.unwrap_or_else(|e| {
+                // A lane taken over is not ours to hand back; one the try's end handed back
+                // is back.
+                let more = match tenure.handed_back.get() {
+                    Some(more) => *more,
+                    None => {
+                        !matches!(reschedule, Reschedule::HeldElsewhere)
+                            && {
+                                let ready_in = u64::try_from(reschedule.delay().as_millis())
+                                    .unwrap_or(u64::MAX);
+                                store.release_lane(tenure.lease(), ready_in).await.unwrap_or_else(|e| {
                             tracing::warn!(user_id = user, error = %e, "cannot hand back a delivery lane; other nodes can take it when its lease runs out");
                             true
                         })
-                    };
+                            }
+                    }
+                };
                 (reschedule, answered, more, called)
             }
             Ok(None) => (Reschedule::HeldElsewhere, false, false, false),
@@ -792,6 +802,11 @@ impl Engine {
         let age = Duration::from_millis(now_ms().saturating_sub(entry.created_ms));
         let id = entry.id;
         let too_old = age > self.inner.limits.max_entry_age;
+        // What a delivery of it makes of the user's record, written with its end.
+        let (removal, template) = (
+            matches!(entry.new.call, Call::Remove),
+            entry.new.template.clone(),
+        );
         let attempt = if too_old {
             Attempt::Dead {
                 reason: format!(
@@ -805,6 +820,7 @@ impl Engine {
         };
         let store = &self.inner.store;
         let mut last_call = None;
+        let mut user_map = None;
         let (state, finished, reschedule) = match attempt {
             Attempt::Delivered {
                 subscriber_id,
@@ -812,6 +828,16 @@ impl Engine {
                 tracking_id,
             } => {
                 last_call = tracking_id.clone();
+                user_map = if removal {
+                    Some(UserMapChange::Forget)
+                } else {
+                    subscriber_id
+                        .clone()
+                        .map(|subscriber_id| UserMapChange::Map {
+                            subscriber_id,
+                            template: template.clone(),
+                        })
+                };
                 (
                     EntryState::Delivered {
                         at_ms: now_ms(),
@@ -852,10 +878,13 @@ impl Engine {
             }
         };
         let ended = match store
-            .finish(id, state, last_call.as_deref(), Some(lease))
+            .finish_try(id, state, last_call.as_deref(), lease, user_map)
             .await
         {
-            Ok(entry) => entry,
+            Ok((entry, more)) => {
+                let _ = tenure.handed_back.set(more);
+                entry
+            }
             Err(e @ StoreError::LeaseLost { .. }) => {
                 tracing::warn!(entry = id, error = %e, "a delivery outcome came too late");
                 return (Reschedule::HeldElsewhere, false);

@@ -125,8 +125,8 @@ impl Deliverer {
                         .await;
                     tracking_id = Some(outcome.tracking_id.clone());
                     match outcome.result {
+                        // The user map forgets the subscriber with the entry's end.
                         Ok(()) | Err(WebexError::NotFound) => {
-                            let _ = self.store.unmap_subscriber(user_id).await;
                             return Attempt::Delivered {
                                 subscriber_id: Some(id),
                                 webex_status: Some("removed".to_owned()),
@@ -295,14 +295,7 @@ impl Deliverer {
                 tracking_id,
             };
         };
-        let _ = self
-            .store
-            .map_user(
-                &entry.new.user_id,
-                Some(&subscriber.id),
-                Some(&entry.new.template),
-            )
-            .await;
+        // The user map learns the subscriber with the entry's end (`Store::finish_try`).
         let status = status_name(subscriber.status);
         if !subscriber.status.is_settled() {
             self.follow_up(entry, subscriber.id.clone(), call);

@@ -342,7 +342,7 @@ fn store_refused(state: &AppState) -> HttpResponse {
     plain(
         StatusCode::SERVICE_UNAVAILABLE,
         &format!(
-            "the store cannot be written; nothing was accepted — {}; then the AS can retry",
+            "the store cannot be written, so nothing was acknowledged — {}; then the AS can send the commands again (one whose write was cut off as it committed may already be stored: it is delivered once, and sending it again is safe)",
             state.store.write_failure_remedy()
         ),
     )

@@ -31,7 +31,7 @@ pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry, Origin, Pro
 pub use population::ReconcileReport;
 use sled_backend::SledStore;
 pub use tokens::{TokenRecord, TokenState};
-pub use users::{Customer, UserRecord};
+pub use users::{Customer, UserMapChange, UserRecord};
 
 use crate::config::{StoreBackend, StoreConfig};
 use crate::oci::UserProfile;
@@ -169,6 +169,11 @@ domain_operations! {
     /// is the TrackingID of the call that ended it, counted as an attempt in the same write.
     /// Under `lease`, as for `record_attempt`.
     fn finish(&self, id: EntryId, state: EntryState, last_call: Option<&str>, lease: Option<&Lease>) -> Entry;
+    /// The end of a delivery try, in one write where there were three: [`Store::finish`] of
+    /// its entry under `lease`, the change the end makes to the user's record, and the lane
+    /// handed back at once ([`Store::release_lane`]). Says whether the user still has pending
+    /// work.
+    fn finish_try(&self, id: EntryId, state: EntryState, last_call: Option<&str>, lease: &Lease, user_map: Option<UserMapChange>) -> (Entry, bool);
     /// Claim the delivery lane of a user for `lease_ms`, with a fence higher than any before;
     /// `None` while another owner's lease runs. A lane its owner claims again is renewed.
     fn claim_lane(&self, user_id: &str, owner: &str, lease_ms: u64) -> Option<Lease>;

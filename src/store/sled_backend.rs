@@ -246,6 +246,26 @@ impl SledStore {
         Ok(self.cluster.claim_chore(name, owner, lease_ms))
     }
 
+    pub fn finish_try(
+        &self,
+        id: super::EntryId,
+        state: super::EntryState,
+        last_call: Option<&str>,
+        lease: &super::Lease,
+        user_map: Option<super::UserMapChange>,
+    ) -> Result<(super::Entry, bool), StoreError> {
+        let entry = self.finish(id, state, last_call, Some(lease))?;
+        match user_map {
+            Some(super::UserMapChange::Map {
+                subscriber_id,
+                template,
+            }) => self.map_user(&lease.user_id, Some(&subscriber_id), Some(&template))?,
+            Some(super::UserMapChange::Forget) => self.unmap_subscriber(&lease.user_id)?,
+            None => {}
+        }
+        Ok((entry, self.release_lane(lease, 0)?))
+    }
+
     pub fn release_lane(&self, lease: &super::Lease, ready_in_ms: u64) -> Result<bool, StoreError> {
         self.lanes.release(lease, ready_in_ms);
         self.has_pending(&lease.user_id)

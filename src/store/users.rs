@@ -31,6 +31,19 @@ pub struct Customer {
     pub template: String,
 }
 
+/// How a delivered entry changes its user's record (see [`crate::store::Store::finish_try`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserMapChange {
+    /// Provisioned or updated: the user is this subscriber, provisioned with this template.
+    Map {
+        subscriber_id: String,
+        template: String,
+    },
+    /// Removed from Webex: the subscriber id is forgotten; the template and profile stay, so a
+    /// later IM&P assignment can provision the user again.
+    Forget,
+}
+
 impl SledStore {
     pub fn user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
         self.tree(USERS)?

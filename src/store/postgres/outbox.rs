@@ -7,7 +7,7 @@ use tokio_postgres::Row;
 use super::{Access, OpError, PgStore, durable_transaction, to_i64, to_u64};
 use crate::store::{
     Call, Entry, EntryId, EntryState, Filter, Lease, NewEntry, Origin, Progress, Remembered,
-    StoreError,
+    StoreError, UserMapChange,
 };
 
 pub(super) const COLUMNS: &str = "id, created_ms, user_id, template, command, call::text, client, state, \
@@ -52,6 +52,32 @@ entries AS (INSERT INTO outbox (created_ms, user_id, template, command, call, cl
         WITH ORDINALITY AS e (user_id, template, command, call, client, origin, n) \
     ORDER BY e.n RETURNING id) \
 SELECT locked.setting, entries.id FROM locked LEFT JOIN entries ON true ORDER BY entries.id";
+
+/// [`PgStore::finish_try`]: the entry's end under the lease's fence (as `change` writes it),
+/// the user map as the end changes it, and the lane handed back ready at once, in one
+/// statement; then whether the user has pending work besides this entry (the statement's
+/// snapshot still shows it pending). An entry another node's accept adds while this statement
+/// waits for the lane is not seen here; that node hands its user to its own engine, and the
+/// poll finds it otherwise.
+fn finish_try_sql() -> String {
+    format!(
+        "WITH ended AS (UPDATE outbox SET state = $2, ended_ms = $3, subscriber_id = $4, \
+         webex_status = $5, dead_reason = $6, attempts = attempts + $7, \
+         tracking_id = coalesce($8, tracking_id) \
+         WHERE id = $1 AND EXISTS (SELECT 1 FROM lanes WHERE lanes.user_id = outbox.user_id \
+         AND lanes.fence = $9 AND lanes.lease_until > now()) RETURNING {COLUMNS}), \
+         mapped AS (INSERT INTO user_map (user_id, subscriber_id, template) \
+         SELECT user_id, $10, $11 FROM ended WHERE $10::text IS NOT NULL \
+         ON CONFLICT (user_id) DO UPDATE SET subscriber_id = excluded.subscriber_id, \
+         template = excluded.template), \
+         forgotten AS (UPDATE user_map SET subscriber_id = NULL \
+         WHERE $12 AND user_id = (SELECT user_id FROM ended)), \
+         released AS (UPDATE lanes SET lease_owner = NULL, lease_until = NULL, ready_at = now() \
+         WHERE user_id = (SELECT user_id FROM ended) AND fence = $9) \
+         SELECT ended.*, EXISTS (SELECT 1 FROM outbox WHERE user_id = ended.user_id \
+         AND state = 'pending' AND id <> ended.id) FROM ended"
+    )
+}
 
 pub(super) const SAVE_PROFILE: &str = "INSERT INTO profiles (user_id, profile) VALUES ($1, $2::text::json) \
      ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile";
@@ -457,6 +483,64 @@ impl PgStore {
             lease,
         )
         .await
+    }
+
+    pub async fn finish_try(
+        &self,
+        id: EntryId,
+        state: EntryState,
+        last_call: Option<&str>,
+        lease: &Lease,
+        user_map: Option<UserMapChange>,
+    ) -> Result<(Entry, bool), StoreError> {
+        let (key, fence) = (to_i64(id), to_i64(lease.fence));
+        let (name, ended, subscriber, status, reason) = state_columns(&state);
+        let (counted, last_call) = (i32::from(last_call.is_some()), last_call.map(str::to_owned));
+        let (map_to, template, forget) = match user_map {
+            Some(UserMapChange::Map {
+                subscriber_id,
+                template,
+            }) => (Some(subscriber_id), Some(template), false),
+            Some(UserMapChange::Forget) => (None, None, true),
+            None => (None, None, false),
+        };
+        let ended_try = self
+            .run(
+                "record the end of a delivery try",
+                Access::Write,
+                move |c| {
+                    Box::pin(async move {
+                        let statement = c.prepare_cached(&finish_try_sql()).await?;
+                        let Some(row) = c
+                            .query_opt(
+                                &statement,
+                                &[
+                                    &key,
+                                    &name,
+                                    &ended,
+                                    &subscriber,
+                                    &status,
+                                    &reason,
+                                    &counted,
+                                    &last_call,
+                                    &fence,
+                                    &map_to,
+                                    &template,
+                                    &forget,
+                                ],
+                            )
+                            .await?
+                        else {
+                            return Ok(None);
+                        };
+                        let more: bool = row.try_get(row.len() - 1)?;
+                        Ok(Some((entry_from(&row)?, more)))
+                    })
+                },
+            )
+            .await?;
+        // Delivery ends only entries it has read, which stay until pruned long after.
+        ended_try.ok_or_else(|| crate::store::lanes::lease_lost(lease))
     }
 
     pub async fn retry(&self, id: EntryId) -> Result<bool, StoreError> {
