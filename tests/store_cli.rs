@@ -9,7 +9,9 @@ use std::time::Duration;
 use common::pg::PgCluster;
 use common::*;
 use flowthrough::sim::SimOptions;
-use flowthrough::store::{AuditQuery, Customer, EntryState, Filter, Store, StoreError};
+use flowthrough::store::{
+    AuditQuery, Customer, EntryState, Filter, ReconcileReport, Store, StoreError,
+};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,6 +182,11 @@ async fn a_sled_store_copied_into_postgres_is_served_from_there() {
     })
     .await
     .unwrap();
+    let last_reconcile = ReconcileReport {
+        at_ms: 7_000,
+        counts: [("missing".to_owned(), 3), ("extra".to_owned(), 1)].into(),
+    };
+    sled.put_reconcile_report(&last_reconcile).await.unwrap();
     sled.flush().await.unwrap();
 
     let cluster = PgCluster::shared();
@@ -272,6 +279,10 @@ async fn a_sled_store_copied_into_postgres_is_served_from_there() {
     );
     assert_eq!(copied.token().await.unwrap(), token);
     assert_eq!(copied.customers().await.unwrap(), customers);
+    assert_eq!(
+        copied.reconcile_report().await.unwrap(),
+        Some(last_reconcile)
+    );
     for (user, (record, profile)) in users
         .iter()
         .chain(["early@acme.example".to_owned()].iter())

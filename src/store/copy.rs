@@ -1,6 +1,6 @@
 //! `store copy`: a sled store moved into PostgreSQL — every outbox entry (pending, dead and the
-//! delivered history) with its id and state, the user map, profiles, customers, the token and the
-//! audit. Read in key order in batches, written a batch per transaction; a record the database
+//! delivered history) with its id and state, the user map, profiles, customers, the token, the
+//! audit and the last reconcile run's counts. Read in key order in batches, written a batch per transaction; a record the database
 //! already holds is left alone, so a copy can be run again or resumed after an interruption. At
 //! the end, every kind's count in the source is compared with how many of those records the
 //! database holds.
@@ -66,7 +66,9 @@ pub async fn sled_to_postgres(
     }
     let customers = sled.customers()?;
     let token = sled.token()?;
-    total += customers.len() as u64 + u64::from(token.is_some());
+    let last_reconcile = sled.reconcile_report()?;
+    total +=
+        customers.len() as u64 + u64::from(token.is_some()) + u64::from(last_reconcile.is_some());
     progress.total(total);
 
     let mut report = Vec::new();
@@ -136,6 +138,15 @@ pub async fn sled_to_postgres(
         progress.advanced(1);
         report.push(Copied {
             kind: "token record",
+            source: 1,
+            target: present,
+        });
+    }
+    if let Some(last) = &last_reconcile {
+        let present = pg.import_reconcile_report(last).await?;
+        progress.advanced(1);
+        report.push(Copied {
+            kind: "reconcile report",
             source: 1,
             target: present,
         });

@@ -5,7 +5,9 @@
 
 use super::{Access, OpError, PgStore, durable_transaction, to_i64};
 use crate::oci::UserProfile;
-use crate::store::{AuditEvent, AuditRecord, Customer, Entry, StoreError, TokenRecord, UserRecord};
+use crate::store::{
+    AuditEvent, AuditRecord, Customer, Entry, ReconcileReport, StoreError, TokenRecord, UserRecord,
+};
 
 fn json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Io(format!("cannot encode a record: {e}")))
@@ -260,6 +262,33 @@ impl PgStore {
                 .await?;
                 let present: i64 = tx
                     .query_one("SELECT count(*) FROM token", &[])
+                    .await?
+                    .try_get(0)?;
+                tx.commit().await?;
+                Ok(u64::try_from(present).unwrap_or_default())
+            })
+        })
+        .await
+    }
+
+    /// The last reconcile run's counts, unless the database has a report already (a reconcile
+    /// may have run against it since).
+    pub async fn import_reconcile_report(
+        &self,
+        report: &ReconcileReport,
+    ) -> Result<u64, StoreError> {
+        let raw = json(report)?;
+        self.run("copy the reconcile report", Access::Write, move |mut c| {
+            Box::pin(async move {
+                let tx = durable_transaction(&mut c).await?;
+                tx.execute(
+                    "INSERT INTO reconcile_report (id, report) VALUES (true, $1::text::json) \
+                     ON CONFLICT (id) DO NOTHING",
+                    &[&raw],
+                )
+                .await?;
+                let present: i64 = tx
+                    .query_one("SELECT count(*) FROM reconcile_report", &[])
                     .await?
                     .try_get(0)?;
                 tx.commit().await?;
