@@ -28,8 +28,8 @@ pub enum StoreCommand {
         check: bool,
     },
     /// Copy a sled store into PostgreSQL: outbox (pending, dead, delivered history), user map,
-    /// profiles, customers, token, audit, the last reconcile report. Safe to run again or resume; refused while a running
-    /// node holds the sled store.
+    /// profiles, customers, token, audit, the last reconcile report. Safe to run again or
+    /// resume; refused while a running node holds the sled store.
     Copy {
         /// The sled store: its directory, or a config whose [store] path names it.
         #[arg(long, value_name = "PATH")]
