@@ -246,14 +246,7 @@ async fn a_store_that_cannot_grow_refuses_goes_unready_and_loses_nothing_acknowl
         "every acknowledged command reaches Webex after the restart"
     );
     assert_eq!(status["outbox"]["dead"], 0, "{status}");
-    let mut per_user: BTreeMap<String, usize> = BTreeMap::new();
-    for s in world.subscribers() {
-        *per_user
-            .entry(s["userId"].as_str().unwrap_or_default().to_owned())
-            .or_default() += 1;
-    }
-    let twice: Vec<_> = per_user.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "provisioned twice: {twice:?}");
+    provisioned_once_each(&world);
 }
 
 /// PostgreSQL stopped under load and started again, flowthrough left running: the AS hears 503
@@ -497,14 +490,7 @@ async fn a_connection_lost_during_the_commit_is_never_acknowledged() {
     // What committed is exactly what was delivered of the lost commands (read again: the set is
     // final now), each once, and its entries ended delivered.
     let committed = committed_users(&cluster, &db, "lost-%");
-    let mut per_user: BTreeMap<String, usize> = BTreeMap::new();
-    for s in world.subscribers() {
-        *per_user
-            .entry(s["userId"].as_str().unwrap_or_default().to_owned())
-            .or_default() += 1;
-    }
-    let twice: Vec<_> = per_user.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "provisioned twice: {twice:?}");
+    let per_user = provisioned_once_each(&world);
     let delivered_lost: BTreeSet<String> = per_user
         .keys()
         .filter(|u| u.starts_with("lost-"))
@@ -609,4 +595,17 @@ async fn readiness_until(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The simulator's subscribers by userId, after checking that none was provisioned twice.
+fn provisioned_once_each(world: &World) -> BTreeMap<String, usize> {
+    let mut per_user: BTreeMap<String, usize> = BTreeMap::new();
+    for s in world.subscribers() {
+        *per_user
+            .entry(s["userId"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = per_user.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "provisioned twice: {twice:?}");
+    per_user
 }
