@@ -14,6 +14,7 @@
 #   bench/run.sh pg [--short]         (b) beside (b-pg): flowthrough on a throwaway PostgreSQL
 #                                     cluster (initdb here, fsync on); throughput, CPU per request
 #                                     (flowthrough + postgres processes), p99 added at half load
+#                                     and at an AS's real rates (100/s and 10/s, 4 connections)
 #   bench/run.sh cluster [--short]    (b-pg) one node beside (b-pg2) two nodes sharing one database
 #                                     of that cluster, the generator spreading its connections over
 #                                     both: the same three figures; then kill -9 of one node under
@@ -554,6 +555,33 @@ fixed_rate_rounds() { # measurement name, rate, targets
     for t in "$@"; do settled; "target_$t" -c "$CONNS" --rate "$rate" --duration "$DUR" --json >"$R/$m-$t-$round.json"; done
   done
 }
+# The rates a real Application Server sends (issue 24): 100/s and 10/s over 4 connections, each
+# round 2 × and 5 × the measurement time, so that a p99 rests on 200 or more requests a round.
+LOW_RATES=(100 10)
+low_rate_rounds() { # targets
+  local rate
+  for rate in "${LOW_RATES[@]}"; do
+    local seconds=$((rate >= 100 ? DUR * 2 : DUR * 5))
+    say "latency at $rate req/s, 4 connections, ${seconds} s, $ROUNDS rounds"
+    for round in $(seq 1 "$ROUNDS"); do
+      for t in "$@"; do
+        settled
+        "target_$t" -c 4 --rate "$rate" --duration "$seconds" --json >"$R/low$rate-$t-$round.json"
+      done
+    done
+  done
+}
+low_rate_rows() { # base, other
+  local rate
+  for rate in "${LOW_RATES[@]}"; do
+    printf '| p99 at %s req/s, 4 connections (ms), median of %s rounds | %s | %s | %s | | |\n' "$rate" "$ROUNDS" \
+      "$(per_round .latency_ms.p99 "low$rate" a | median)" "$(per_round .latency_ms.p99 "low$rate" "$1" | median)" \
+      "$(per_round .latency_ms.p99 "low$rate" "$2" | median)"
+    printf '| p99 added over direct at %s req/s (ms): median (range) | — | %s | %s | %s | ≤ 1 (issue 24) |\n' "$rate" \
+      "$(added "$1" "low$rate")" "$(added "$2" "low$rate")" \
+      "$(ratio "$(added_diffs "$2" "low$rate" | median)" "$(added_diffs "$1" "low$rate" | median)")"
+  done
+}
 # The table rows pg and cluster share: (a), the base, the other and other / base.
 comparison_rows() { # base, other, throughput ratio target, added p99 target
   local b=$1 o=$2
@@ -586,6 +614,7 @@ if [ "$MODE" = pg ]; then
   HALF_PG=$(half_of bpg)
   say "latency at half of (bpg)'s max: $HALF_PG req/s, $ROUNDS rounds"
   fixed_rate_rounds halfpg "$HALF_PG" a b bpg
+  low_rate_rounds a b bpg
   {
     echo "<!-- bench-pg:start (written by bench/run.sh pg; everything outside these markers is kept) -->"
     echo "## (b) flowthrough on sled beside (b-pg) flowthrough on PostgreSQL"
@@ -602,6 +631,7 @@ if [ "$MODE" = pg ]; then
       "$(per_round .latency_ms.p99 halfpg bpg | median)"
     printf '| p99 added over direct at %s req/s (ms): median (range) | — | %s | %s | %s | ≤ 2 |\n' "$HALF_PG" \
       "$(added b halfpg)" "$(added bpg halfpg)" "$(ratio "$(added_diffs bpg halfpg | median)" "$(added_diffs b halfpg | median)")"
+    low_rate_rows b bpg
     echo
     echo "Errors: max $(errors_of max b) / $(errors_of max bpg); half-load 7020s (b-pg): $(jq -s '[.[].warnings.oci_7020 // 0] | add' "$R"/half-bpg-*.json) at $HALF req/s, $(jq -s '[.[].warnings.oci_7020 // 0] | add' "$R"/halfpg-bpg-*.json) at $HALF_PG req/s."
     echo "<!-- bench-pg:end -->"

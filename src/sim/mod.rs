@@ -193,11 +193,22 @@ impl Simulator {
     /// Must be called inside a tokio runtime.
     pub async fn start(opts: SimOptions) -> Result<SimHandle, SimError> {
         let first = *opts.listen.first().ok_or(SimError::NoListen)?;
+        // Nagle off on the listener, which Linux hands to every accepted connection (actix-web
+        // leaves it on): a response written in two segments otherwise waits for the client's
+        // delayed ACK, and direct calls at 10/s read a 42 ms p99 (bench/run.sh pg, thirteenth
+        // sitting) that is TCP's, not the simulator's.
         let bind = |addr: SocketAddr| {
-            TcpListener::bind(addr).map_err(|e| SimError::Bind {
+            let listener = TcpListener::bind(addr).map_err(|e| SimError::Bind {
                 addr,
                 reason: e.to_string(),
-            })
+            })?;
+            socket2::SockRef::from(&listener)
+                .set_tcp_nodelay(true)
+                .map_err(|e| SimError::Bind {
+                    addr,
+                    reason: format!("cannot turn Nagle off: {e}"),
+                })?;
+            Ok(listener)
         };
         let l0 = bind(first)?;
         let port = l0
