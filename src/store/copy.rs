@@ -1,9 +1,9 @@
 //! `store copy`: a sled store moved into PostgreSQL — every outbox entry (pending, dead and the
 //! delivered history) with its id and state, the user map, profiles, customers, the token, the
-//! audit and the last reconcile run's counts. Read in key order in batches, written a batch per transaction; a record the database
-//! already holds is left alone, so a copy can be run again or resumed after an interruption. At
-//! the end, every kind's count in the source is compared with how many of those records the
-//! database holds.
+//! audit and the last reconcile run's counts. Read in key order in batches, written a batch per
+//! transaction; a record the database already holds is left alone, so a copy can be run again
+//! or resumed after an interruption. At the end, every kind's count in the source is compared
+//! with how many of those records the database holds.
 
 use std::path::Path;
 
@@ -125,31 +125,25 @@ pub async fn sled_to_postgres(
         }
         report.push(copied);
     }
-    let count = customers.len() as u64;
-    let present = pg.import_customers(customers).await?;
-    progress.advanced(count);
-    report.push(Copied {
-        kind: "customers",
-        source: count,
-        target: present,
-    });
-    if let Some(token) = &token {
-        let present = pg.import_token(token).await?;
-        progress.advanced(1);
+    let mut copied = |kind, source, target| {
+        progress.advanced(source);
         report.push(Copied {
-            kind: "token record",
-            source: 1,
-            target: present,
+            kind,
+            source,
+            target,
         });
+    };
+    let count = customers.len() as u64;
+    copied("customers", count, pg.import_customers(customers).await?);
+    if let Some(token) = &token {
+        copied("token record", 1, pg.import_token(token).await?);
     }
     if let Some(last) = &last_reconcile {
-        let present = pg.import_reconcile_report(last).await?;
-        progress.advanced(1);
-        report.push(Copied {
-            kind: "reconcile report",
-            source: 1,
-            target: present,
-        });
+        copied(
+            "reconcile report",
+            1,
+            pg.import_reconcile_report(last).await?,
+        );
     }
     pg.import_done().await?;
     Ok(report)

@@ -14,7 +14,7 @@ use crate::store::{Claim, Lease, Origin, StoreError};
 /// handed to this node is not passed over. The head is read in the same statement: one round
 /// trip from "user ready" to "entry in hand", with the rate limit the nodes share. Its snapshot predates a wait for the lane, so it
 /// may miss an entry committed during that wait; `RELEASE` sees it and the user goes again.
-fn claim_head_sql() -> String {
+static CLAIM_HEAD_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH claimed AS (UPDATE lanes SET lease_owner = $2, \
          lease_until = now() + $3 * interval '1 millisecond', fence = fence + 1 \
@@ -25,7 +25,7 @@ fn claim_head_sql() -> String {
          (SELECT {COLUMNS} FROM outbox WHERE user_id = $1 AND state = 'pending' ORDER BY id LIMIT 1) \
          head ON true"
     )
-}
+});
 
 /// Hands the lane back, not ready for other nodes' polls before `$3` ms (a backoff), and says
 /// whether the user still has work (the statement's snapshot is taken after the release's own).
@@ -78,7 +78,7 @@ impl PgStore {
         let ms = lease_ms as f64;
         self.run("claim a delivery lane", Access::Write, move |c| {
             Box::pin(async move {
-                let claim = c.prepare_cached(&claim_head_sql()).await?;
+                let claim = c.prepare_cached(&CLAIM_HEAD_SQL).await?;
                 let Some(row) = c.query_opt(&claim, &[&user, &holder, &ms]).await? else {
                     return Ok(None);
                 };

@@ -59,13 +59,9 @@ SELECT locked.setting, entries.id FROM locked LEFT JOIN entries ON true ORDER BY
 /// snapshot still shows it pending). An entry another node's accept adds while this statement
 /// waits for the lane is not seen here; that node hands its user to its own engine, and the
 /// poll finds it otherwise.
-fn finish_try_sql() -> String {
+static FINISH_TRY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "WITH ended AS (UPDATE outbox SET state = $2, ended_ms = $3, subscriber_id = $4, \
-         webex_status = $5, dead_reason = $6, attempts = attempts + $7, \
-         tracking_id = coalesce($8, tracking_id) \
-         WHERE id = $1 AND EXISTS (SELECT 1 FROM lanes WHERE lanes.user_id = outbox.user_id \
-         AND lanes.fence = $9 AND lanes.lease_until > now()) RETURNING {COLUMNS}), \
+        "WITH ended AS ({}), \
          mapped AS (INSERT INTO user_map (user_id, subscriber_id, template) \
          SELECT user_id, $10, $11 FROM ended WHERE $10::text IS NOT NULL \
          ON CONFLICT (user_id) DO UPDATE SET subscriber_id = excluded.subscriber_id, \
@@ -75,7 +71,23 @@ fn finish_try_sql() -> String {
          released AS (UPDATE lanes SET lease_owner = NULL, lease_until = NULL, ready_at = now() \
          WHERE user_id = (SELECT user_id FROM ended) AND fence = $9) \
          SELECT ended.*, EXISTS (SELECT 1 FROM outbox WHERE user_id = ended.user_id \
-         AND state = 'pending' AND id <> ended.id) FROM ended"
+         AND state = 'pending' AND id <> ended.id) FROM ended",
+        change_sql(END, 9)
+    )
+});
+
+/// The columns an entry's end sets ([`ChangeParams::End`]).
+const END: &str = "state = $2, ended_ms = $3, subscriber_id = $4, webex_status = $5, \
+     dead_reason = $6, attempts = attempts + $7, tracking_id = coalesce($8, tracking_id)";
+
+/// A change of one entry by id (`$1`) that returns it as it is now; under a lease (its fence
+/// in parameter `fence_param`, NULL for none) only while the lease still holds the user's lane:
+/// its fence unchanged and its time not run out.
+fn change_sql(set: &str, fence_param: usize) -> String {
+    format!(
+        "UPDATE outbox SET {set} WHERE id = $1 AND (${fence_param}::bigint IS NULL OR EXISTS \
+         (SELECT 1 FROM lanes WHERE lanes.user_id = outbox.user_id \
+         AND lanes.fence = ${fence_param} AND lanes.lease_until > now())) RETURNING {COLUMNS}"
     )
 }
 
@@ -344,11 +356,7 @@ impl PgStore {
             ChangeParams::Text(_) => 3,
             ChangeParams::End(..) => 9,
         };
-        let sql = format!(
-            "UPDATE outbox SET {set} WHERE id = $1 AND (${fence_param}::bigint IS NULL OR EXISTS \
-             (SELECT 1 FROM lanes WHERE lanes.user_id = outbox.user_id \
-             AND lanes.fence = ${fence_param} AND lanes.lease_until > now())) RETURNING {COLUMNS}"
-        );
+        let sql = change_sql(set, fence_param);
         let key = to_i64(id);
         let fence = lease.map(|l| to_i64(l.fence));
         let changed = self
@@ -476,8 +484,7 @@ impl PgStore {
     ) -> Result<Entry, StoreError> {
         self.change(
             "record the end of an entry",
-            "state = $2, ended_ms = $3, subscriber_id = $4, webex_status = $5, dead_reason = $6, \
-             attempts = attempts + $7, tracking_id = coalesce($8, tracking_id)",
+            END,
             id,
             ChangeParams::End(state_columns(&state), last_call.map(str::to_owned)),
             lease,
@@ -510,7 +517,7 @@ impl PgStore {
                 Access::Write,
                 move |c| {
                     Box::pin(async move {
-                        let statement = c.prepare_cached(&finish_try_sql()).await?;
+                        let statement = c.prepare_cached(&FINISH_TRY_SQL).await?;
                         let Some(row) = c
                             .query_opt(
                                 &statement,
