@@ -20,5 +20,6 @@ pub mod server;
 pub mod sim;
 pub mod store;
 pub mod tls;
+pub mod trace;
 pub mod tunnel;
 pub mod webex;

@@ -22,6 +22,7 @@ use crate::store::{
     AuditEvent, AuditRecord, Call, Entry, EntryId, EntryState, Lease, Origin, Progress,
     SharedLimits, Store, StoreError, UserMapChange, now_ms,
 };
+use crate::trace::DeliveryMarks;
 
 /// What one try of one entry came to.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +56,9 @@ pub enum Finished {
         subscriber_id: Option<String>,
         webex_status: Option<String>,
         tracking_id: Option<String>,
+        /// When this node's engine passed each stage of the delivery; unknown when the end was
+        /// read from the store.
+        marks: Option<DeliveryMarks>,
     },
     Dead {
         reason: String,
@@ -77,6 +81,7 @@ impl Finished {
                 subscriber_id: subscriber_id.clone(),
                 webex_status: webex_status.clone(),
                 tracking_id: progress.tracking_id.clone(),
+                marks: None,
             }),
         }
     }
@@ -667,7 +672,10 @@ impl Engine {
                     Some(_) if !paused_for.is_zero() => (Reschedule::After(paused_for), false),
                     // Webex fails and another node's user probes it: wait for that probe.
                     Some(_) if probing_elsewhere => (Reschedule::Upstream(Duration::ZERO), false),
-                    Some(entry) => self.try_under_lease(entry, &tenure).await,
+                    Some(entry) => {
+                        let picked = (claimed_at.into_std(), std::time::Instant::now());
+                        self.try_under_lease(entry, &tenure, picked).await
+                    }
                     None => (Reschedule::Idle, false),
                 };
                 // A lane the try's end handed back is back; one taken over is not ours.
@@ -792,10 +800,15 @@ impl Engine {
     /// [`Engine::try_entry`], renewing the lease every third of its length while the try lasts
     /// (a slow Webex, a long lookup and provision): a renewal that fails leaves the lease to run
     /// out, and the try finds that out before its next call.
-    async fn try_under_lease(&self, entry: Entry, tenure: &Tenure) -> (Reschedule, bool) {
+    async fn try_under_lease(
+        &self,
+        entry: Entry,
+        tenure: &Tenure,
+        picked: (std::time::Instant, std::time::Instant),
+    ) -> (Reschedule, bool) {
         let length = self.inner.limits.lease;
         let lease_ms = u64::try_from(length.as_millis()).unwrap_or(u64::MAX);
-        let attempt = self.try_entry(entry, tenure);
+        let attempt = self.try_entry(entry, tenure, picked);
         tokio::pin!(attempt);
         loop {
             tokio::select! {
@@ -812,8 +825,14 @@ impl Engine {
         }
     }
 
-    /// One try of an entry, and whether Webex answered it (not 429, not unreachable).
-    async fn try_entry(&self, entry: Entry, tenure: &Tenure) -> (Reschedule, bool) {
+    /// One try of an entry, and whether Webex answered it (not 429, not unreachable). `picked`:
+    /// when the engine started on the lane and when its claim came back, for the trace.
+    async fn try_entry(
+        &self,
+        entry: Entry,
+        tenure: &Tenure,
+        (picked, claimed): (std::time::Instant, std::time::Instant),
+    ) -> (Reschedule, bool) {
         let lease = tenure.lease();
         let age = Duration::from_millis(now_ms().saturating_sub(entry.created_ms));
         let id = entry.id;
@@ -834,6 +853,7 @@ impl Engine {
         } else {
             (self.inner.attempt)(entry, tenure.clone()).await
         };
+        let answered = std::time::Instant::now();
         let store = &self.inner.store;
         let mut last_call = None;
         let mut user_map = None;
@@ -864,6 +884,7 @@ impl Engine {
                         subscriber_id,
                         webex_status,
                         tracking_id,
+                        marks: None,
                     },
                     Reschedule::Now,
                 )
@@ -893,10 +914,19 @@ impl Engine {
                 return (Reschedule::HeldElsewhere, false);
             }
         };
-        let ended = match store
+        let stored = store
             .finish_try(id, state, last_call.as_deref(), lease, user_map)
-            .await
-        {
+            .await;
+        let mut finished = finished;
+        if let Finished::Delivered { marks, .. } = &mut finished {
+            *marks = Some(DeliveryMarks {
+                picked,
+                claimed,
+                answered,
+                ended: std::time::Instant::now(),
+            });
+        }
+        let ended = match stored {
             Ok((entry, more)) => {
                 let _ = tenure.handed_back.set(more);
                 entry

@@ -220,6 +220,18 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
+/// Where the recent provisioning requests' time went, stage by stage (`trace`), in
+/// microseconds; the tail is the slowest 1 % of them.
+async fn stages(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.traces.summary())
+}
+
+/// Forget the recorded requests, so that the next summary covers one measurement only.
+async fn stages_clear(state: web::Data<AppState>) -> HttpResponse {
+    state.traces.clear();
+    HttpResponse::NoContent().finish()
+}
+
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain").body("ok\n")
 }
@@ -559,6 +571,8 @@ pub fn start(
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/status", web::get().to(status))
+            .route("/debug/stages", web::get().to(stages))
+            .route("/debug/stages", web::delete().to(stages_clear))
             .route("/admin/reload", web::post().to(reload))
             .route("/admin/audit", web::get().to(audit))
             .route("/admin/outbox", web::get().to(outbox_list))

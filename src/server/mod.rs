@@ -70,6 +70,8 @@ pub struct AppState {
     pub shutting_down: Arc<AtomicBool>,
     /// What `/readyz` looks at besides the token.
     pub tls_loaded: Arc<AtomicBool>,
+    /// The recent provisioning requests' stages, for `/debug/stages`.
+    pub traces: Arc<crate::trace::Traces>,
 }
 
 impl AppState {
@@ -266,6 +268,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         webex,
         shutting_down: shutting_down.clone(),
         tls_loaded: tls_loaded.clone(),
+        traces: Arc::default(),
         config: config.clone(),
     });
 

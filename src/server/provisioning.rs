@@ -26,6 +26,7 @@ use crate::store::{
     AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, Origin, Remembered, Store,
     StoreError, now_ms,
 };
+use crate::trace::Timeline;
 
 /// The longest an answer waits for its audit records (see [`answer`]).
 const AUDIT_WAIT: Duration = Duration::from_millis(250);
@@ -143,14 +144,17 @@ pub async fn handle(
         client = %super::client_label(&req),
         template = template.unwrap_or("-"),
     );
-    let mut response = process(&req, &body, &state, template, started)
+    let mut timeline = Timeline::new(started);
+    let mut response = process(&req, &body, &state, template, &mut timeline)
         .instrument(span)
         .await
         .unwrap_or_else(|answered_early| *answered_early);
+    let ended = Instant::now();
+    state.traces.record(&timeline, ended);
     state
         .metrics
         .request_seconds
-        .observe(started.elapsed().as_secs_f64());
+        .observe((ended - started).as_secs_f64());
     if crate::listener::connection_too_old(&req, state.settings.max_connection_age) {
         // actix writes `Connection: close` and closes after this response.
         response
@@ -173,24 +177,36 @@ async fn process(
     body: &[u8],
     state: &web::Data<AppState>,
     explicit: Option<&str>,
-    started: Instant,
+    timeline: &mut Timeline,
 ) -> Stage<HttpResponse> {
     let engine = admit(req, state)?;
     let client = super::client_label(req);
     let document = parse(state, &client, body).await?;
+    timeline.parsed(Instant::now());
     let chosen = choose_templates(req.headers(), state, &document, explicit).await?;
-    let accepted = map_and_store(state, engine, &client, body, &document, chosen).await?;
+    let accepted = map_and_store(state, engine, &client, body, &document, chosen, timeline).await?;
+    timeline.mapped(Instant::now());
 
     // From here on nothing depends on the AS still listening. Once stored, a command must reach
     // delivery and its audit record must be written even if the AS hangs up and actix drops this
     // future: the benchmark's generator, stopping with requests in flight, left stored commands
     // undelivered until a restart that way, and their audit records were never written.
     let concluding = actix_rt::spawn(
-        conclude(state.clone(), engine.clone(), accepted, client, started).in_current_span(),
+        conclude(
+            state.clone(),
+            engine.clone(),
+            accepted,
+            client,
+            timeline.clone(),
+        )
+        .in_current_span(),
     );
     Ok(match concluding.await {
-        Ok(Ok(responses)) => oci_reply(&document.session, &responses),
-        Ok(Err(e)) => {
+        Ok((concluded, Ok(responses))) => {
+            *timeline = concluded;
+            oci_reply(&document.session, &responses)
+        }
+        Ok((_, Err(e))) => {
             tracing::error!(error = %e, "cannot flush the store");
             plain(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -360,6 +376,7 @@ async fn map_and_store(
     body: &[u8],
     document: &Document,
     chosen: Vec<Result<String, Rejection>>,
+    timeline: &mut Timeline,
 ) -> Stage<Accepted> {
     let mut steps = Vec::with_capacity(document.commands.len());
     let mut users: Vec<String> = Vec::new();
@@ -428,12 +445,14 @@ async fn map_and_store(
             client: client.to_owned(),
             origin: Origin::Live,
         });
+        let accepting = Instant::now();
         let stored = state
             .store
             .accept(remembered, entry, now_ms(), |id| {
                 watches.push((id, engine.watch_new(id)));
             })
             .await;
+        timeline.accepted(accepting.elapsed());
         let step = match stored {
             Ok(Some(id)) => {
                 users.push(user);
@@ -461,14 +480,16 @@ async fn map_and_store(
 
 /// Hand the stored commands to delivery while they are made durable, wait for their ends, wait
 /// for the flush, then answer. Runs as a task of its own, which the request only awaits (see
-/// [`process`]), so it ends the same whether or not the AS still listens.
+/// [`process`]), so it ends the same whether or not the AS still listens. Hands the timeline
+/// back with the answers.
 async fn conclude(
     state: web::Data<AppState>,
     engine: Engine,
     accepted: Accepted,
     client: String,
-    started: Instant,
-) -> Result<Vec<ResponseCommand>, StoreError> {
+    mut timeline: Timeline,
+) -> (Timeline, Result<Vec<ResponseCommand>, StoreError>) {
+    let started = timeline.start();
     // The commands are written, so delivery may start while they are flushed: the Webex call
     // and the flush overlap instead of following each other, and a flush that has ended by the
     // time delivery has wakes nobody. The AS still hears nothing before the flush. A crash before
@@ -480,9 +501,19 @@ async fn conclude(
     }
     let deadline = tokio::time::Instant::from_std(started) + state.settings.ack_deadline;
     let finished = wait(&state, &engine, accepted.watches, deadline).await;
+    timeline.woken(Instant::now());
+    for end in finished.values() {
+        if let Finished::Delivered {
+            marks: Some(marks), ..
+        } = end
+        {
+            timeline.delivered(*marks);
+        }
+    }
     // Durable before the AS hears anything. A failed flush still leaves the audit records
     // written by `answer`: delivery may already have taken the commands to Webex.
     let flushed = state.store.flushed(flushing).await;
+    timeline.flushed(Instant::now());
     if let Ok(took) = &flushed {
         state
             .metrics
@@ -490,8 +521,9 @@ async fn conclude(
             .observe(took.as_secs_f64());
     }
     let responses = answer(&state, accepted.steps, &finished, &client, started).await;
-    flushed?;
-    Ok(responses)
+    timeline.audited(Instant::now());
+    let concluded = flushed.map(|_| responses);
+    (timeline, concluded)
 }
 
 /// Wait for the stored commands' ends up to the ack deadline, so that the AS hears Webex's
