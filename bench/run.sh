@@ -577,8 +577,52 @@ fixed_rate_rounds() { # measurement name, rate, targets
   local m=$1 rate=$2
   shift 2
   for round in $(seq 1 "$ROUNDS"); do
-    for t in "$@"; do settled; "target_$t" -c "$CONNS" --rate "$rate" --duration "$DUR" --json >"$R/$m-$t-$round.json"; done
+    for t in "$@"; do traced "$m" "$t" "$round" -c "$CONNS" --rate "$rate" --duration "$DUR"; done
   done
+}
+# One fixed-rate run of a target; for flowthrough also its own account of each request's stages
+# (`/debug/stages`, cleared before the run), beside the generator's report.
+admin_of() { case $1 in b) echo "$ADMIN_PORT" ;; bpg) echo "$ADMIN_PG_PORT" ;; esac; }
+traced() { # measurement, target, round, the generator's arguments
+  local m=$1 t=$2 round=$3 admin
+  shift 3
+  admin=$(admin_of "$t")
+  settled
+  [ -z "$admin" ] || curl -sf -X DELETE "http://127.0.0.1:$admin/debug/stages" >/dev/null
+  "target_$t" "$@" --json >"$R/$m-$t-$round.json"
+  [ -z "$admin" ] || curl -sf "http://127.0.0.1:$admin/debug/stages" >"$R/stages-$m-$t-$round.json"
+}
+# Where the time of flowthrough's requests went in one measurement (issue 24), from each run's
+# /debug/stages: per stage the median over the rounds of its p50, its p99 and its mean among the
+# slowest 1 % of requests, in ms, for each target named. The generator's p99 beside the
+# handler's own total says what the connection, TLS and HTTP around the handler took.
+stage_table() { # measurement, targets
+  local m=$1 t stage
+  shift
+  local head="| stage" rule="| ---"
+  for t in "$@"; do head="$head | ($t) p50 | ($t) p99 | ($t) slowest 1 %"; rule="$rule | --- | --- | ---"; done
+  echo "$head |"
+  echo "$rule |"
+  stage_cell() { # target, jq filter on a stage summary → µs
+    for round in $(seq 1 "$ROUNDS"); do
+      jq -r "$2 // \"null\"" "$R/stages-$m-$1-$round.json" 2>/dev/null || echo null
+    done | median | awk '$1 == "n/a" { print "—"; next } { printf "%.3f", $1 / 1000 }'
+  }
+  for stage in parse map accept queue claim webex finish wake flush audit reply; do
+    local row="| $stage"
+    for t in "$@"; do
+      for f in p50_us p99_us tail_mean_us; do
+        row="$row | $(stage_cell "$t" ".stages[] | select(.stage == \"$stage\") | .$f")"
+      done
+    done
+    echo "$row |"
+  done
+  local row="| total in the handler"
+  for t in "$@"; do row="$row | $(stage_cell "$t" .total.p50_us) | $(stage_cell "$t" .total.p99_us) | $(stage_cell "$t" .total.max_us) (max)"; done
+  echo "$row |"
+  row="| the generator's latency"
+  for t in "$@"; do row="$row | $(per_round .latency_ms.p50 "$m" "$t" | median) | $(per_round .latency_ms.p99 "$m" "$t" | median) | "; done
+  echo "$row |"
 }
 # The rates a real Application Server sends (issue 24): 100/s and 10/s over 4 connections, each
 # round 2 × and 5 × the measurement time, so that a p99 rests on 200 or more requests a round.
@@ -589,10 +633,7 @@ low_rate_rounds() { # targets
     local seconds=$((rate >= 100 ? DUR * 2 : DUR * 5))
     say "latency at $rate req/s, 4 connections, ${seconds} s, $ROUNDS rounds"
     for round in $(seq 1 "$ROUNDS"); do
-      for t in "$@"; do
-        settled
-        "target_$t" -c 4 --rate "$rate" --duration "$seconds" --json >"$R/low$rate-$t-$round.json"
-      done
+      for t in "$@"; do traced "low$rate" "$t" "$round" -c 4 --rate "$rate" --duration "$seconds"; done
     done
   done
 }
@@ -657,6 +698,16 @@ if [ "$MODE" = pg ]; then
     printf '| p99 added over direct at %s req/s (ms): median (range) | — | %s | %s | %s | ≤ 2 |\n' "$HALF_PG" \
       "$(added b halfpg)" "$(added bpg halfpg)" "$(ratio "$(added_diffs bpg halfpg | median)" "$(added_diffs b halfpg | median)")"
     low_rate_rows b bpg
+    for m in low100 low10 halfpg; do
+      echo
+      case $m in
+        low100) echo "Where the time goes at 100 req/s, 4 connections (ms; \`/debug/stages\` of each run, medians of $ROUNDS rounds):" ;;
+        low10) echo "Where the time goes at 10 req/s, 4 connections (ms; \`/debug/stages\` of each run, medians of $ROUNDS rounds):" ;;
+        halfpg) echo "Where the time goes at $HALF_PG req/s, half of (b-pg)'s max (ms; \`/debug/stages\` of each run, medians of $ROUNDS rounds):" ;;
+      esac
+      echo
+      stage_table "$m" b bpg
+    done
     echo
     echo "Errors: max $(errors_of max b) / $(errors_of max bpg); half-load 7020s (b-pg): $(jq -s '[.[].warnings.oci_7020 // 0] | add' "$R"/half-bpg-*.json) at $HALF req/s, $(jq -s '[.[].warnings.oci_7020 // 0] | add' "$R"/halfpg-bpg-*.json) at $HALF_PG req/s."
     echo "<!-- bench-pg:end -->"
