@@ -608,7 +608,7 @@ stage_table() { # measurement, targets
       jq -r "$2 // \"null\"" "$R/stages-$m-$1-$round.json" 2>/dev/null || echo null
     done | median | awk '$1 == "n/a" { print "—"; next } { printf "%.3f", $1 / 1000 }'
   }
-  for stage in parse map accept queue claim webex finish wake flush audit reply; do
+  for stage in parse map accept queue claim webex notify wake flush audit reply; do
     local row="| $stage"
     for t in "$@"; do
       for f in p50_us p99_us tail_mean_us; do

@@ -31,8 +31,9 @@ pub enum Stage {
     Claim,
     /// The Webex call (with a token from the cache, or its refresh).
     Webex,
-    /// Storing the try's end (and the user map, and the lane handed back).
-    Finish,
+    /// From Webex's answer to the waiting request being told: the end of a delivered entry is
+    /// stored after that, off the answer's path.
+    Notify,
     /// From the stored end to the waiting request hearing of it.
     Wake,
     /// What the flush still took after the wait: on sled it overlaps the Webex call.
@@ -51,7 +52,7 @@ impl Stage {
         Stage::Queue,
         Stage::Claim,
         Stage::Webex,
-        Stage::Finish,
+        Stage::Notify,
         Stage::Wake,
         Stage::Flush,
         Stage::Audit,
@@ -66,7 +67,7 @@ impl Stage {
             Stage::Queue => "queue",
             Stage::Claim => "claim",
             Stage::Webex => "webex",
-            Stage::Finish => "finish",
+            Stage::Notify => "notify",
             Stage::Wake => "wake",
             Stage::Flush => "flush",
             Stage::Audit => "audit",
@@ -85,8 +86,8 @@ pub struct DeliveryMarks {
     pub claimed: Instant,
     /// Webex answered.
     pub answered: Instant,
-    /// The try's end was stored.
-    pub ended: Instant,
+    /// The waiting request was told (for a delivered entry before its end is stored).
+    pub notified: Instant,
 }
 
 /// One request's stages as it passes them. Stages it skips (a command answered without Webex,
@@ -141,7 +142,10 @@ impl Timeline {
     /// A stored command's delivery, heard while the request waited (one that ends after the
     /// deadline is not); of several, the one that ended last is the one waited for.
     pub fn delivered(&mut self, marks: DeliveryMarks) {
-        if self.delivery.is_none_or(|known| known.ended < marks.ended) {
+        if self
+            .delivery
+            .is_none_or(|known| known.notified < marks.notified)
+        {
             self.delivery = Some(marks);
         }
     }
@@ -180,8 +184,8 @@ impl Timeline {
         set(Stage::Queue, since(d.map(|d| d.picked), mapped));
         set(Stage::Claim, d.map(|d| d.claimed - d.picked));
         set(Stage::Webex, d.map(|d| d.answered - d.claimed));
-        set(Stage::Finish, d.map(|d| d.ended - d.answered));
-        set(Stage::Wake, since(self.woken, d.map(|d| d.ended)));
+        set(Stage::Notify, d.map(|d| d.notified - d.answered));
+        set(Stage::Wake, since(self.woken, d.map(|d| d.notified)));
         set(Stage::Flush, since(self.flushed, self.woken));
         set(Stage::Audit, since(self.audited, self.flushed));
         set(Stage::Reply, since(Some(end), self.audited));
@@ -349,7 +353,7 @@ mod tests {
             picked: t0 + ms(5),
             claimed,
             answered: claimed + ms(webex),
-            ended: claimed + ms(webex + 1),
+            notified: claimed + ms(webex + 1),
         });
         let woken = claimed + ms(webex + 2);
         t.woken(woken);
@@ -403,7 +407,7 @@ mod tests {
             Stage::Queue,
             Stage::Claim,
             Stage::Webex,
-            Stage::Finish,
+            Stage::Notify,
             Stage::Wake,
         ] {
             assert_eq!(record.stages[stage as usize], None, "{}", stage.name());
@@ -420,7 +424,7 @@ mod tests {
             picked: t0,
             claimed: t0,
             answered: t0 + ms(end),
-            ended: t0 + ms(end),
+            notified: t0 + ms(end),
         };
         t.delivered(marks(9));
         t.delivered(marks(4));

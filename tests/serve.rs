@@ -1039,7 +1039,7 @@ async fn each_request_is_traced_stage_by_stage(backend: Backend) {
     for name in ["parse", "map", "accept", "flush", "audit", "reply"] {
         assert_eq!(stage(&traced, name)["count"], 4, "{name}: {traced}");
     }
-    for name in ["queue", "claim", "finish", "wake"] {
+    for name in ["queue", "claim", "notify", "wake"] {
         assert_eq!(stage(&traced, name)["count"], 3, "{name}: {traced}");
     }
 

@@ -914,18 +914,25 @@ impl Engine {
                 return (Reschedule::HeldElsewhere, false);
             }
         };
-        let stored = store
-            .finish_try(id, state, last_call.as_deref(), lease, user_map)
-            .await;
+        // Webex took the call: the AS hears so now, and the end is stored after. Losing that
+        // write (a crash, a lease taken over) means one more delivery, which a crash may always
+        // cause (delivery state may lag, and a provision sent again looks the user up first);
+        // Webex's answer stays true. A dead entry is told only once stored: if that write fails,
+        // the entry stays pending and may yet be delivered, and the AS must not hear otherwise.
+        let mut answered_in_time = false;
         let mut finished = finished;
         if let Finished::Delivered { marks, .. } = &mut finished {
             *marks = Some(DeliveryMarks {
                 picked,
                 claimed,
                 answered,
-                ended: std::time::Instant::now(),
+                notified: std::time::Instant::now(),
             });
+            answered_in_time = self.notify(id, &finished);
         }
+        let stored = store
+            .finish_try(id, state, last_call.as_deref(), lease, user_map)
+            .await;
         let ended = match stored {
             Ok((entry, more)) => {
                 let _ = tenure.handed_back.set(more);
@@ -943,10 +950,8 @@ impl Engine {
         // No flush here: if this state is lost in a crash the entry is tried again, and a
         // provision tried again looks the user up first (Webex refuses duplicates anyway). The
         // AS's acknowledgement depends only on the enqueue, which the handler flushed.
-        let waiters = self.lock().waiters.remove(&id).unwrap_or_default();
-        let mut answered_in_time = false;
-        for waiter in waiters {
-            answered_in_time |= waiter.send(finished.clone()).is_ok();
+        if matches!(finished, Finished::Dead { .. }) {
+            answered_in_time = self.notify(id, &finished);
         }
         // A request still waiting writes the command's audit record with this outcome in it;
         // past its deadline, this record says how the entry ended.
@@ -954,6 +959,16 @@ impl Engine {
             audit_end(store, &ended, &finished).await;
         }
         (reschedule, !too_old)
+    }
+
+    /// Tell the requests waiting on an entry how it ended; whether one still listened.
+    fn notify(&self, id: EntryId, finished: &Finished) -> bool {
+        let waiters = self.lock().waiters.remove(&id).unwrap_or_default();
+        let mut heard = false;
+        for waiter in waiters {
+            heard |= waiter.send(finished.clone()).is_ok();
+        }
+        heard
     }
 
     async fn record_failure(&self, id: EntryId, reason: &str, lease: &Lease) {
@@ -1347,6 +1362,51 @@ mod tests {
             store.entry(ids[0]).await.unwrap().unwrap().state,
             EntryState::Dead { .. }
         ));
+    }
+
+    /// Webex's acceptance reaches the waiting request before the end is stored: an end the
+    /// store cannot take (here the entry was dropped while its call ran) leaves the AS with
+    /// Webex's answer, not a 7020 at the deadline. A dead end is told only once stored.
+    #[tokio::test]
+    async fn a_delivery_is_told_before_its_end_is_stored_and_a_death_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let dropping = store.clone();
+        let attempt: AttemptFn = Arc::new(move |entry: Entry, _tenure: Tenure| {
+            let store = dropping.clone();
+            Box::pin(async move {
+                store.drop_entry(entry.id).await.unwrap().unwrap();
+                if entry.new.command == "add" {
+                    delivered()
+                } else {
+                    Attempt::Dead {
+                        reason: "400: invalid".into(),
+                    }
+                }
+            })
+        });
+        let ids = store
+            .enqueue(
+                vec![new_entry("carol", "add"), new_entry("dave", "bad")],
+                now_ms(),
+            )
+            .await
+            .unwrap();
+        let engine = Engine::new(store.clone(), attempt, limits(2));
+        let added = engine.watch(ids[0]).await;
+        let refused = engine.watch(ids[1]).await;
+        engine.start().await.unwrap();
+        let told = tokio::time::timeout(Duration::from_secs(5), added).await;
+        assert!(
+            matches!(told, Ok(Ok(Finished::Delivered { marks: Some(_), .. }))),
+            "{told:?}"
+        );
+        let untold = tokio::time::timeout(Duration::from_millis(300), refused).await;
+        assert!(
+            untold.is_err(),
+            "a death that was not stored was told: {untold:?}"
+        );
+        engine.stop();
     }
 
     /// A try that outlasts its lease keeps the lane by renewing it: the end it writes under
