@@ -38,7 +38,8 @@ pub enum Stage {
     Wake,
     /// What the flush still took after the wait: on sled it overlaps the Webex call.
     Flush,
-    /// The audit records' write the answer waits for (at most 250 ms).
+    /// The audit records' write the answer waits for: only a command refused before the
+    /// store has one (at most 250 ms); a stored command's went in with its accept.
     Audit,
     /// Writing the OCI-P answer.
     Reply,

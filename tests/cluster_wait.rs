@@ -193,29 +193,42 @@ async fn the_as_hears_the_outcome_another_node_delivered() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(only(&body).kind, "SuccessResponse", "{body}");
 
-    let audit = nodes
-        .store
-        .audit(&AuditQuery {
-            user_id: Some(USER.to_owned()),
-            documents_only: false,
-            limit: 10,
-        })
-        .await
-        .unwrap();
-    let recorded = audit.iter().find_map(|record| match &record.event {
-        AuditEvent::Command {
-            outbox_id: Some(outbox_id),
-            outcome,
-            tracking_id,
-            ..
-        } if *outbox_id == id => Some((outcome.clone(), tracking_id.clone())),
-        _ => None,
-    });
-    assert_eq!(
-        recorded,
-        Some(("success".to_owned(), Some("TRACKING_OTHER".to_owned()))),
-        "{audit:?}"
-    );
+    // The record went in with the command as `accepted` and is completed after the answer
+    // (not waited for): it says what the other node's delivery came to soon after.
+    let recorded = || async {
+        let audit = nodes
+            .store
+            .audit(&AuditQuery {
+                user_id: Some(USER.to_owned()),
+                documents_only: false,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        let outcome = audit.iter().find_map(|record| match &record.event {
+            AuditEvent::Command {
+                outbox_id: Some(outbox_id),
+                outcome,
+                tracking_id,
+                ..
+            } if *outbox_id == id => Some((outcome.clone(), tracking_id.clone())),
+            _ => None,
+        });
+        (outcome, audit)
+    };
+    let completed = Some(("success".to_owned(), Some("TRACKING_OTHER".to_owned())));
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let (mut outcome, mut audit) = recorded().await;
+    while outcome != completed && tokio::time::Instant::now() < deadline {
+        assert_eq!(
+            outcome.as_ref().map(|(outcome, _)| outcome.as_str()),
+            Some("accepted"),
+            "{audit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        (outcome, audit) = recorded().await;
+    }
+    assert_eq!(outcome, completed, "{audit:?}");
     nodes.stop().await;
 }
 

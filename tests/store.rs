@@ -11,9 +11,9 @@ use common::pg::PgCluster;
 use flowthrough::oci::UserProfile;
 use flowthrough::secret::Secret;
 use flowthrough::store::{
-    AuditEvent, AuditQuery, AuditRecord, Call, Claim, Customer, EntryId, EntryState, Filter,
-    NewEntry, Origin, Progress, ReconcileReport, Remembered, Store, StoreError, TokenRecord,
-    TokenState, UserMapChange,
+    Accepted, AuditEvent, AuditQuery, AuditRecord, Call, Claim, Customer, EntryId, EntryState,
+    Filter, NewEntry, Origin, Progress, ReconcileReport, Remembered, Store, StoreError,
+    TokenRecord, TokenState, UserMapChange,
 };
 
 /// A store of one backend, and what it takes to open it again as a restarted node would.
@@ -363,6 +363,7 @@ async fn a_failed_accept_stores_nothing_on_postgres() {
         }),
         template: Some(("half@acme.example".into(), "acme".into())),
         customer: None,
+        audit: Some(command(1, "half@acme.example")),
     };
     // PostgreSQL text cannot hold a NUL: the entry's insert fails after the profile's.
     let failed = store
@@ -379,6 +380,7 @@ async fn a_failed_accept_stores_nothing_on_postgres() {
     );
     assert_eq!(store.profile("half@acme.example").await.unwrap(), None);
     assert_eq!(store.user("half@acme.example").await.unwrap(), None);
+    assert_eq!(store.audit(&all(10)).await.unwrap(), vec![]);
     for i in 0..20 {
         let id = store
             .accept(
@@ -389,7 +391,7 @@ async fn a_failed_accept_stores_nothing_on_postgres() {
             )
             .await
             .unwrap();
-        assert!(id.is_some());
+        assert!(id.entry.is_some());
     }
     assert_eq!(store.pending_summary().await.unwrap().0, 20);
     assert_eq!(store.write_failure(), None, "a bad record is not an outage");
@@ -1284,7 +1286,8 @@ async fn flushes_complete_for_every_ticket(h: Harness) {
 }
 
 /// What the handler stores for one command, in one call: the profile, the user's template, a
-/// customer, the entry (announced), or any of them alone.
+/// customer, the entry (announced) and the command's audit record naming it, or any of them
+/// alone; the record completed afterwards in place.
 async fn accepting_a_command_writes_its_records_and_its_entry(h: Harness) {
     let store = h.store();
     let profile = UserProfile {
@@ -1304,21 +1307,55 @@ async fn accepting_a_command_writes_its_records_and_its_entry(h: Harness) {
         .await
         .unwrap();
     let mut announced = Vec::new();
-    let id = store
+    let accepted_record = AuditRecord {
+        event: AuditEvent::Command {
+            outcome: "accepted".into(),
+            webex_status: None,
+            tracking_id: None,
+            outbox_id: None,
+            latency_ms: 0,
+            template: Some("acme".into()),
+            command: "UserAddRequest17sp4".into(),
+            user_id: Some("new@acme.example".into()),
+        },
+        ..command(7, "new@acme.example")
+    };
+    let accepted = store
         .accept(
             Remembered {
                 profile: Some(profile.clone()),
                 template: Some(("new@acme.example".into(), "acme".into())),
                 customer: Some(customer.clone()),
+                audit: Some(accepted_record.clone()),
             },
             Some(entry("new@acme.example", "add")),
             7,
             |id| announced.push(id),
         )
         .await
-        .unwrap()
         .unwrap();
+    let id = accepted.entry.unwrap();
     assert_eq!(announced, vec![id]);
+    // The record went in with the entry, naming it.
+    let mut naming = accepted_record.clone();
+    if let AuditEvent::Command { outbox_id, .. } = &mut naming.event {
+        *outbox_id = Some(id);
+    }
+    assert_eq!(store.audit(&all(10)).await.unwrap(), vec![naming]);
+    let mut answered = command(7, "new@acme.example");
+    if let AuditEvent::Command { outbox_id, .. } = &mut answered.event {
+        *outbox_id = Some(id);
+    }
+    store
+        .complete_audit(accepted.audit.unwrap(), &answered)
+        .await
+        .unwrap();
+    assert_eq!(store.audit(&all(10)).await.unwrap(), vec![answered.clone()]);
+    let of_user = AuditQuery {
+        user_id: Some("new@acme.example".into()),
+        ..all(10)
+    };
+    assert_eq!(store.audit(&of_user).await.unwrap(), vec![answered]);
     assert_eq!(
         store.head_of("new@acme.example").await.unwrap().unwrap().id,
         id
@@ -1340,7 +1377,30 @@ async fn accepting_a_command_writes_its_records_and_its_entry(h: Harness) {
         })
         .await
         .unwrap();
-    assert_eq!(nothing_queued, None);
+    assert_eq!(
+        nothing_queued,
+        Accepted {
+            entry: None,
+            audit: None
+        }
+    );
+    // A command answered at its accept: its record is final and names no entry.
+    let final_record = command(9, "other@acme.example");
+    let answered_now = store
+        .accept(
+            Remembered {
+                audit: Some(final_record.clone()),
+                ..Remembered::default()
+            },
+            None,
+            9,
+            |_| panic!("no entry, no id"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answered_now.entry, None);
+    assert!(answered_now.audit.is_some());
+    assert_eq!(store.audit(&all(1)).await.unwrap(), vec![final_record]);
     assert_eq!(store.pending_summary().await.unwrap().0, 1);
 }
 

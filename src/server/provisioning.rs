@@ -23,8 +23,8 @@ use crate::oci::{
 };
 use crate::secret::BasicCredentials;
 use crate::store::{
-    AuditEvent, AuditRecord, Call, Customer, EntryId, NewEntry, Origin, Remembered, Store,
-    StoreError, now_ms,
+    AuditEvent, AuditKey, AuditRecord, Call, Customer, EntryId, NewEntry, Origin, Remembered,
+    Store, StoreError, now_ms,
 };
 use crate::trace::Timeline;
 
@@ -99,27 +99,80 @@ enum Step {
     },
 }
 
+/// Where a command's audit record stands when its answer is decided.
+enum Audit {
+    /// Not written: a command refused before the store, written with its answer.
+    Unwritten,
+    /// Written with the accept, final: the command was answered then (no Webex call).
+    Final,
+    /// Written with the accept as `accepted`; the answer completes it.
+    Accepted(AuditKey),
+}
+
 /// A command of the document and what it came to, owned: the answer and the audit record are
 /// made by a task that outlives the request when the AS hangs up (see [`conclude`]).
 struct CommandStep {
+    command: AboutCommand,
+    step: Step,
+    audit: Audit,
+}
+
+/// What the answer and the audit say of a command besides its outcome.
+struct AboutCommand {
     name: String,
     kind: &'static str,
     user_id: Option<String>,
     template: Option<String>,
-    step: Step,
 }
 
 impl CommandStep {
     fn new(request: &Request, template: Option<String>, step: Step) -> CommandStep {
         CommandStep {
-            name: request.name.clone(),
-            kind: command_kind(&request.command),
-            user_id: mapping::command_user_id(&request.command).map(str::to_owned),
-            template,
+            command: AboutCommand {
+                name: request.name.clone(),
+                kind: command_kind(&request.command),
+                user_id: mapping::command_user_id(&request.command).map(str::to_owned),
+                template,
+            },
             step,
+            audit: Audit::Unwritten,
         }
     }
 }
+
+impl AboutCommand {
+    /// Its audit record, answered as `outcome`.
+    fn record(&self, at_ms: u64, client: &str, outcome: String, end: CommandEnd) -> AuditRecord {
+        AuditRecord {
+            at_ms,
+            client: client.to_owned(),
+            event: AuditEvent::Command {
+                template: self.template.clone(),
+                command: self.name.clone(),
+                user_id: self.user_id.clone(),
+                outcome,
+                webex_status: end.webex_status,
+                tracking_id: end.tracking_id,
+                outbox_id: end.outbox_id,
+                latency_ms: end.latency_ms,
+            },
+        }
+    }
+}
+
+/// What an audit record says of a command's end beyond its outcome.
+#[derive(Default)]
+struct CommandEnd {
+    webex_status: Option<String>,
+    tracking_id: Option<String>,
+    outbox_id: Option<EntryId>,
+    latency_ms: u64,
+}
+
+/// The outcome of a stored command's audit record until it is answered: it stays if the
+/// answer's completion of the record is lost (a crash), and the outbox entry it names says how
+/// the command ended.
+const ACCEPTED: &str = "accepted";
 
 /// What the durable accept hands to the rest of the request, none of which needs the AS.
 struct Accepted {
@@ -437,6 +490,37 @@ async fn map_and_store(
                 }
             };
         let user = plan.user_id().unwrap_or_default().to_owned();
+        let queued = call.is_some();
+        let answer_now = plan.response(request.echo.clone());
+        let mut step = CommandStep::new(
+            request,
+            Some(template_name.clone()),
+            Step::Answered(answer_now),
+        );
+        // The record goes in with the command: `accepted` for one that waits for Webex (the
+        // store names its entry), the final one for a command answered here.
+        let at_ms = now_ms();
+        let outcome = match &step.step {
+            Step::Answered(response) if !queued => outcome_label(response),
+            _ => ACCEPTED.to_owned(),
+        };
+        let latency_ms = if queued {
+            0
+        } else {
+            elapsed_ms(timeline.start())
+        };
+        let remembered = Remembered {
+            audit: Some(step.command.record(
+                at_ms,
+                client,
+                outcome,
+                CommandEnd {
+                    latency_ms,
+                    ..CommandEnd::default()
+                },
+            )),
+            ..remembered
+        };
         let entry = call.map(|call| NewEntry {
             user_id: user.clone(),
             template: template_name.clone(),
@@ -448,28 +532,34 @@ async fn map_and_store(
         let accepting = Instant::now();
         let stored = state
             .store
-            .accept(remembered, entry, now_ms(), |id| {
+            .accept(remembered, entry, at_ms, |id| {
                 watches.push((id, engine.watch_new(id)));
             })
             .await;
         timeline.accepted(accepting.elapsed());
-        let step = match stored {
-            Ok(Some(id)) => {
-                users.push(user);
-                Step::Queued {
-                    id,
-                    on_delivery: plan.response(request.echo.clone()),
-                    echo: request.echo.clone(),
+        match stored {
+            Ok(accepted) => {
+                step.audit = match accepted.audit {
+                    Some(key) if queued => Audit::Accepted(key),
+                    Some(_) => Audit::Final,
+                    None => Audit::Unwritten,
+                };
+                if let Some(id) = accepted.entry {
+                    users.push(user);
+                    step.step = Step::Queued {
+                        id,
+                        on_delivery: plan.response(request.echo.clone()),
+                        echo: request.echo.clone(),
+                    };
                 }
             }
-            Ok(None) => Step::Answered(plan.response(request.echo.clone())),
             Err(e) => {
                 engine.unwatch(watches.iter().map(|(id, _)| *id));
                 tracing::error!(error = %e, "cannot write to the store");
                 return Err(Box::new(store_refused(state)));
             }
-        };
-        steps.push(CommandStep::new(request, Some(template_name), step));
+        }
+        steps.push(step);
     }
     Ok(Accepted {
         steps,
@@ -610,10 +700,10 @@ async fn stored_end(store: &Store, id: EntryId) -> Finished {
     }
 }
 
-/// Answer each command and write its audit record. A command answered before delivery keeps its
-/// answer; a stored one is answered by its end (Webex's answer, or 7010 for a dead entry), 7030
-/// while the refresh token is rejected, else 7020 (delivery continues). Hands on the answers in
-/// the document's order.
+/// Answer each command and settle its audit record. A command answered before delivery keeps
+/// its answer; a stored one is answered by its end (Webex's answer, or 7010 for a dead entry),
+/// 7030 while the refresh token is rejected, else 7020 (delivery continues). Hands on the
+/// answers in the document's order.
 async fn answer(
     state: &AppState,
     steps: Vec<CommandStep>,
@@ -623,13 +713,12 @@ async fn answer(
 ) -> Vec<ResponseCommand> {
     let credentials_invalid = state.credentials_invalid();
     let mut responses = Vec::with_capacity(steps.len());
-    let mut audit_pending = Vec::with_capacity(steps.len());
+    let mut new_records = Vec::new();
+    let mut completions = Vec::new();
     for CommandStep {
-        name,
-        kind,
-        user_id,
-        template,
+        command,
         step,
+        audit,
     } in steps
     {
         let (response, outbox_id) = match step {
@@ -653,7 +742,7 @@ async fn answer(
                     None => {
                         tracing::info!(
                             entry = id,
-                            command = %name,
+                            command = %command.name,
                             waited_ms = started.elapsed().as_millis() as u64,
                             "answered 7020: not delivered within server.ack_deadline_ms; delivery \
                              continues (see `flowthrough outbox show {id}`)"
@@ -668,6 +757,7 @@ async fn answer(
             }
         };
         let outcome = outcome_label(&response);
+        state.metrics.count_command(command.kind, &outcome);
         // Delivered within the deadline: the audit gets the Webex side too.
         let (webex_status, tracking_id) = match outbox_id.and_then(|id| finished.get(&id)) {
             Some(Finished::Delivered {
@@ -677,43 +767,62 @@ async fn answer(
             }) => (webex_status.clone(), tracking_id.clone()),
             _ => (None, None),
         };
-        state.metrics.count_command(kind, &outcome);
-        audit_pending.push(AuditRecord {
-            at_ms: now_ms(),
-            client: client.to_owned(),
-            event: AuditEvent::Command {
-                template,
-                command: name,
-                user_id,
-                outcome,
-                webex_status,
-                tracking_id,
-                outbox_id,
-                latency_ms: started.elapsed().as_millis() as u64,
-            },
-        });
+        let end = CommandEnd {
+            webex_status,
+            tracking_id,
+            outbox_id,
+            latency_ms: elapsed_ms(started),
+        };
+        match audit {
+            Audit::Final => {}
+            Audit::Unwritten => new_records.push(command.record(now_ms(), client, outcome, end)),
+            Audit::Accepted(key) => {
+                completions.push((key, command.record(key.at_ms, client, outcome, end)));
+            }
+        }
         responses.push(response);
     }
-    // The answer is decided and the command durable: the audit records go with it when the
-    // store takes them at once, as it does, and never hold it back longer than
-    // [`AUDIT_WAIT`] (a database that stops answering without closing its connections kept
-    // answers the AS waits for by up to a statement timeout: `bench/RESULTS.md`, power cuts
-    // of PostgreSQL). Past that the records are written in the background when it answers.
+    settle_audit(state, new_records, completions).await;
+    responses
+}
+
+/// Write the records of commands refused before the store, and complete those the accept
+/// wrote. A completion is not waited for: the accepted record is already durable with the
+/// command (SPEC §11), and the outbox entry it names says how the command ended if the
+/// completion is lost. A new record is the only record of its command, so the answer waits for
+/// it when the store takes it at once, as it does, but never longer than [`AUDIT_WAIT`] (a
+/// database that stops answering without closing its connections kept answers the AS waits for
+/// by up to a statement timeout: `bench/RESULTS.md`, power cuts of PostgreSQL). Past that the
+/// records are written in the background when it answers.
+async fn settle_audit(
+    state: &AppState,
+    new_records: Vec<AuditRecord>,
+    completions: Vec<(AuditKey, AuditRecord)>,
+) {
     let store = state.store.clone();
+    let wait = !new_records.is_empty();
     let writing = tokio::spawn(async move {
-        for record in &audit_pending {
+        for record in &new_records {
             if let Err(e) = store.append_audit(record).await {
                 tracing::warn!(error = %e, "cannot write an audit record");
             }
         }
+        for (key, record) in &completions {
+            if let Err(e) = store.complete_audit(*key, record).await {
+                tracing::warn!(error = %e, "cannot complete an audit record; it says `accepted`, and the outbox entry it names says how the command ended");
+            }
+        }
     });
-    if tokio::time::timeout(AUDIT_WAIT, writing).await.is_err() {
+    if wait && tokio::time::timeout(AUDIT_WAIT, writing).await.is_err() {
         tracing::warn!(
             waited_ms = AUDIT_WAIT.as_millis() as u64,
             "the store is slow to take audit records: the AS is answered first and the records are written when the store answers (check the database with `flowthrough doctor`)"
         );
     }
-    responses
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// What a command leaves in the store: what the adapter remembers about the user and customer,

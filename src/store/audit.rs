@@ -51,6 +51,24 @@ pub enum AuditEvent {
     Document { reason: String, excerpt: String },
 }
 
+impl AuditRecord {
+    /// The user a command's record is about.
+    pub fn user_id(&self) -> Option<&str> {
+        match &self.event {
+            AuditEvent::Command { user_id, .. } => user_id.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// Where [`crate::store::Store::accept`] put a command's audit record, for
+/// [`crate::store::Store::complete_audit`] to replace it once the command is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditKey {
+    pub(crate) at_ms: u64,
+    pub(crate) id: u64,
+}
+
 /// Which records `audit` returns, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
@@ -72,6 +90,11 @@ const MAX_DOCUMENTS: usize = 1000;
 
 impl SledStore {
     pub fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
+        self.append_audit_keyed(record).map(|_| ())
+    }
+
+    /// [`SledStore::append_audit`], saying where the record went.
+    pub(super) fn append_audit_keyed(&self, record: &AuditRecord) -> Result<AuditKey, StoreError> {
         let id = self.db.generate_id()?;
         let tree = match record.event {
             AuditEvent::Document { .. } => DOCUMENTS,
@@ -84,6 +107,20 @@ impl SledStore {
                 tree.pop_min()?;
             }
         } else {
+            self.counts.audit.added(1);
+        }
+        Ok(AuditKey {
+            at_ms: record.at_ms,
+            id,
+        })
+    }
+
+    /// Replace the record at `key` (written again if pruning took it meanwhile).
+    pub fn complete_audit(&self, key: AuditKey, record: &AuditRecord) -> Result<(), StoreError> {
+        let replaced = self
+            .tree(AUDIT)?
+            .insert(self::key(key.at_ms, key.id), encode(record)?)?;
+        if replaced.is_none() {
             self.counts.audit.added(1);
         }
         Ok(())

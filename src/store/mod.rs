@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use audit::{AuditEvent, AuditQuery, AuditRecord};
+pub use audit::{AuditEvent, AuditKey, AuditQuery, AuditRecord};
 pub use cluster::{Claim, NodeStatus, SharedLimits};
 pub use lanes::Lease;
 pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry, Origin, Progress};
@@ -115,6 +115,19 @@ pub struct Remembered {
     pub template: Option<(String, String)>,
     /// A customer recorded from a group or service-provider add.
     pub customer: Option<Customer>,
+    /// The command's audit record, written with the command (SPEC §11: the acknowledgement is
+    /// the command's row and its audit record, committed together). For a command with an
+    /// outbox entry it says `accepted`, with the entry's id filled in by the store, until
+    /// [`Store::complete_audit`] replaces it with the answer.
+    pub audit: Option<AuditRecord>,
+}
+
+/// What [`Store::accept`] stored: the command's outbox entry, if it has one, and where its
+/// audit record is, if it came with one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub entry: Option<EntryId>,
+    pub audit: Option<AuditKey>,
 }
 
 /// A request's place in the store's durability: on sled, its place in the group commit; on
@@ -232,6 +245,10 @@ domain_operations! {
     fn record_customer(&self, customer: &Customer) -> ();
     fn customers(&self) -> Vec<Customer>;
     fn append_audit(&self, record: &AuditRecord) -> ();
+    /// Replace the audit record an accept wrote ([`Remembered::audit`]) with what became of
+    /// the command. Not durable on return, as the accept's record is: a crash may leave the
+    /// accepted one, and the outbox entry it names says the rest.
+    fn complete_audit(&self, key: AuditKey, record: &AuditRecord) -> ();
     /// Newest records first.
     fn audit(&self, query: &AuditQuery) -> Vec<AuditRecord>;
     /// Drop records older than `cutoff_ms`, then the oldest beyond `max_records`.
@@ -327,16 +344,17 @@ impl Store {
         }
     }
 
-    /// Write what one command leaves behind: the records it changes and its outbox entry, the
-    /// entry's id told to `announce` as [`Store::enqueue_announced`] does. On PostgreSQL one
-    /// transaction, its statements sent together: one round trip to the acknowledgement.
+    /// Write what one command leaves behind: the records it changes, its outbox entry and its
+    /// audit record, the entry's id told to `announce` as [`Store::enqueue_announced`] does.
+    /// On PostgreSQL one statement, committed with `synchronous_commit = on`: one round trip
+    /// to the acknowledgement. On sled durable after the next flush, as every write.
     pub async fn accept(
         &self,
         remembered: Remembered,
         entry: Option<NewEntry>,
         now_ms: u64,
         mut announce: impl FnMut(EntryId),
-    ) -> Result<Option<EntryId>, StoreError> {
+    ) -> Result<Accepted, StoreError> {
         match &self.backend {
             Backend::Sled(s) => {
                 if let Some(profile) = &remembered.profile {
@@ -348,15 +366,25 @@ impl Store {
                 if let Some(customer) = &remembered.customer {
                     s.record_customer(customer)?;
                 }
-                match entry {
-                    Some(entry) => Ok(s.enqueue_announced(vec![entry], now_ms, announce)?.pop()),
-                    None => Ok(None),
-                }
+                let entry = match entry {
+                    Some(entry) => s.enqueue_announced(vec![entry], now_ms, announce)?.pop(),
+                    None => None,
+                };
+                let audit = match remembered.audit {
+                    Some(mut record) => {
+                        if let AuditEvent::Command { outbox_id, .. } = &mut record.event {
+                            *outbox_id = entry.or(*outbox_id);
+                        }
+                        Some(s.append_audit_keyed(&record)?)
+                    }
+                    None => None,
+                };
+                Ok(Accepted { entry, audit })
             }
             Backend::Postgres(p) => {
-                let id = p.accept(remembered, entry, now_ms).await?;
-                id.into_iter().for_each(&mut announce);
-                Ok(id)
+                let accepted = p.accept(remembered, entry, now_ms).await?;
+                accepted.entry.into_iter().for_each(&mut announce);
+                Ok(accepted)
             }
         }
     }

@@ -4,10 +4,11 @@
 
 use tokio_postgres::Row;
 
+use super::records::json;
 use super::{Access, OpError, PgStore, durable_transaction, to_i64, to_u64};
 use crate::store::{
-    Call, Entry, EntryId, EntryState, Filter, Lease, NewEntry, Origin, Progress, Remembered,
-    StoreError, UserMapChange,
+    Accepted, AuditKey, Call, Entry, EntryId, EntryState, Filter, Lease, NewEntry, Origin,
+    Progress, Remembered, StoreError, UserMapChange,
 };
 
 pub(super) const COLUMNS: &str = "id, created_ms, user_id, template, command, call::text, client, state, \
@@ -32,7 +33,8 @@ const PRUNE_BATCH: i64 = 5000;
 /// profile, template and customer are written under those locks too, so they follow the same
 /// order. `synchronous_commit` is set for the statement's own transaction (`set_config(...,
 /// true)`), which ends when the statement does; the main query reads `locked`, so the setting
-/// is made even when nothing else is written, and its value comes back to be checked.
+/// is made even when nothing else is written, and its value comes back to be checked. The
+/// command's audit record goes in with it, naming the entry (a command has at most one).
 const ACCEPT: &str = "\
 WITH durable AS MATERIALIZED (SELECT set_config('synchronous_commit', 'on', true) AS setting), \
 lanes AS (INSERT INTO lanes (user_id) SELECT u FROM unnest($9::text[]) AS u ORDER BY u \
@@ -50,8 +52,13 @@ entries AS (INSERT INTO outbox (created_ms, user_id, template, command, call, cl
     SELECT $1, e.user_id, e.template, e.command, e.call::json, e.client, e.origin, 'pending' \
     FROM locked, unnest($10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[]) \
         WITH ORDINALITY AS e (user_id, template, command, call, client, origin, n) \
-    ORDER BY e.n RETURNING id) \
-SELECT locked.setting, entries.id FROM locked LEFT JOIN entries ON true ORDER BY entries.id";
+    ORDER BY e.n RETURNING id), \
+audited AS (INSERT INTO audit (at_ms, user_id, record) \
+    SELECT $16, $17, CASE WHEN entry.id IS NULL THEN $18::text::json \
+        ELSE ($18::text::jsonb || jsonb_build_object('outbox_id', entry.id))::json END \
+    FROM locked, (SELECT min(id) AS id FROM entries) AS entry WHERE $18::text IS NOT NULL RETURNING id) \
+SELECT locked.setting, entries.id, (SELECT id FROM audited) FROM locked LEFT JOIN entries ON true \
+ORDER BY entries.id";
 
 /// [`PgStore::finish_try`]: the entry's end under the lease's fence (as `change` writes it),
 /// the user map as the end changes it, and the lane handed back ready at once, in one
@@ -200,8 +207,10 @@ impl PgStore {
         entries: Vec<NewEntry>,
         now_ms: u64,
     ) -> Result<Vec<EntryId>, StoreError> {
-        self.write_durably(Remembered::default(), entries, now_ms)
-            .await
+        let (ids, _) = self
+            .write_durably(Remembered::default(), entries, now_ms)
+            .await?;
+        Ok(ids)
     }
 
     /// [`crate::store::Store::accept`]: a command's records and its entry.
@@ -210,11 +219,15 @@ impl PgStore {
         remembered: Remembered,
         entry: Option<NewEntry>,
         now_ms: u64,
-    ) -> Result<Option<EntryId>, StoreError> {
-        let ids = self
+    ) -> Result<Accepted, StoreError> {
+        let at_ms = remembered.audit.as_ref().map(|record| record.at_ms);
+        let (ids, audit) = self
             .write_durably(remembered, entry.into_iter().collect(), now_ms)
             .await?;
-        Ok(ids.into_iter().next())
+        Ok(Accepted {
+            entry: ids.into_iter().next(),
+            audit: at_ms.zip(audit).map(|(at_ms, id)| AuditKey { at_ms, id }),
+        })
     }
 
     /// Records and entries in one statement ([`ACCEPT`]) whose transaction commits with
@@ -225,7 +238,7 @@ impl PgStore {
         remembered: Remembered,
         entries: Vec<NewEntry>,
         now_ms: u64,
-    ) -> Result<Vec<EntryId>, StoreError> {
+    ) -> Result<(Vec<EntryId>, Option<u64>), StoreError> {
         let (profile_user, profile) = match &remembered.profile {
             Some(p) => (
                 Some(p.user_id.clone()),
@@ -248,6 +261,14 @@ impl PgStore {
             None => (None, None, None),
         };
         let (template_user, template) = remembered.template.unzip();
+        let (audit_at, audit_user, audit) = match &remembered.audit {
+            Some(record) => (
+                Some(to_i64(record.at_ms)),
+                record.user_id().map(str::to_owned),
+                Some(json(record, "an audit record")?),
+            ),
+            None => (None, None, None),
+        };
         let count = entries.len();
         let mut columns: [Vec<String>; 6] = Default::default();
         for e in entries {
@@ -290,11 +311,18 @@ impl PgStore {
                             calls,
                             clients,
                             origins,
+                            &audit_at,
+                            &audit_user,
+                            &audit,
                         ],
                     )
                     .await?;
                 let mut ids = Vec::with_capacity(count);
+                let mut audited = None;
                 for row in &rows {
+                    if let Some(id) = row.try_get::<_, Option<i64>>(2)? {
+                        audited = Some(to_u64(id, "audit record id")?);
+                    }
                     let setting: String = row.try_get(0)?;
                     if setting != "on" {
                         return Err(OpError::from(StoreError::Io(format!(
@@ -311,7 +339,13 @@ impl PgStore {
                         ids.len()
                     ))));
                 }
-                Ok(ids)
+                if audited.is_none() && audit.is_some() {
+                    return Err(OpError::from(StoreError::Io(
+                        "PostgreSQL did not store a command's audit record: not acknowledged"
+                            .to_owned(),
+                    )));
+                }
+                Ok((ids, audited))
             })
         })
         .await

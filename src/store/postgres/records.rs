@@ -11,15 +11,15 @@ use super::outbox::{RECORD_CUSTOMER, SAVE_PROFILE};
 use super::{Access, OpError, PgStore, durable_transaction, to_i64};
 use crate::oci::UserProfile;
 use crate::store::{
-    AuditEvent, AuditQuery, AuditRecord, Customer, ReconcileReport, StoreError, TokenRecord,
-    UserRecord,
+    AuditEvent, AuditKey, AuditQuery, AuditRecord, Customer, ReconcileReport, StoreError,
+    TokenRecord, UserRecord,
 };
 
 /// Unknown documents kept at most (as on sled): a misbehaving AS cannot push real command
 /// records out of the audit.
 const MAX_DOCUMENTS: i64 = 1000;
 
-fn json<T: Serialize>(value: &T, what: &str) -> Result<String, StoreError> {
+pub(super) fn json<T: Serialize>(value: &T, what: &str) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Io(format!("cannot encode {what}: {e}")))
 }
 
@@ -233,30 +233,44 @@ impl PgStore {
                 })
                 .await
             }
-            event => {
-                let user = match event {
-                    AuditEvent::Command { user_id, .. } => user_id.clone(),
-                    _ => None,
-                };
-                let (sender, written) = oneshot::channel();
-                let lead = {
-                    let mut queue = self.audit_queue();
-                    queue.waiting.push(((at, user, raw), sender));
-                    !std::mem::replace(&mut queue.writing, true)
-                };
-                if lead {
-                    let Some(runtime) = &self.inner.runtime else {
-                        return Err(StoreError::Io("the PostgreSQL store is closed".to_owned()));
-                    };
-                    runtime.spawn(self.clone().write_audit_batches());
-                }
-                written.await.unwrap_or_else(|_| {
-                    Err(StoreError::Io(
-                        "the audit writer stopped before writing a record".to_owned(),
-                    ))
-                })
+            _ => {
+                let user = record.user_id().map(str::to_owned);
+                self.queue_audit((None, at, user, raw)).await
             }
         }
+    }
+
+    pub async fn complete_audit(
+        &self,
+        key: AuditKey,
+        record: &AuditRecord,
+    ) -> Result<(), StoreError> {
+        let raw = json(record, "an audit record")?;
+        let id = to_i64(key.id);
+        self.queue_audit((Some(id), to_i64(key.at_ms), None, raw))
+            .await
+    }
+
+    /// Hand a record to [`PgStore::write_audit_batches`], starting it if it does not run, and
+    /// wait until its batch is written.
+    async fn queue_audit(&self, row: AuditRow) -> Result<(), StoreError> {
+        let (sender, written) = oneshot::channel();
+        let lead = {
+            let mut queue = self.audit_queue();
+            queue.waiting.push((row, sender));
+            !std::mem::replace(&mut queue.writing, true)
+        };
+        if lead {
+            let Some(runtime) = &self.inner.runtime else {
+                return Err(StoreError::Io("the PostgreSQL store is closed".to_owned()));
+            };
+            runtime.spawn(self.clone().write_audit_batches());
+        }
+        written.await.unwrap_or_else(|_| {
+            Err(StoreError::Io(
+                "the audit writer stopped before writing a record".to_owned(),
+            ))
+        })
     }
 
     fn audit_queue(&self) -> std::sync::MutexGuard<'_, AuditQueue> {
@@ -266,7 +280,8 @@ impl PgStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Write the queued audit records, all that are waiting in one statement, until none are.
+    /// Write the queued audit records, all that are waiting in one statement, until none are:
+    /// new records inserted, completed ones (with the id an accept gave them) replaced.
     /// A record queued while a batch is being written goes with the next: under load a batch
     /// holds the records of every request answered meanwhile, one statement for them all
     /// instead of one each; alone, a record is written at once. Runs as a task of its own, so
@@ -282,24 +297,34 @@ impl PgStore {
                 std::mem::take(&mut queue.waiting)
             };
             let (rows, senders): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            let mut columns: (Vec<i64>, Vec<Option<String>>, Vec<String>) = Default::default();
-            for (at, user, raw) in rows {
-                columns.0.push(at);
-                columns.1.push(user);
-                columns.2.push(raw);
+            let (mut ids, mut times, mut users, mut records) = (
+                Vec::with_capacity(rows.len()),
+                Vec::with_capacity(rows.len()),
+                Vec::with_capacity(rows.len()),
+                Vec::with_capacity(rows.len()),
+            );
+            for (id, at, user, raw) in rows {
+                ids.push(id);
+                times.push(at);
+                users.push(user);
+                records.push(raw);
             }
             let written = self
                 .run("write audit records", Access::Write, move |c| {
                     Box::pin(async move {
                         let statement = c
                             .prepare_cached(
-                                "INSERT INTO audit (at_ms, user_id, record) \
-                                 SELECT at_ms, user_id, record::json \
-                                 FROM unnest($1::bigint[], $2::text[], $3::text[]) \
-                                 WITH ORDINALITY AS r (at_ms, user_id, record, n) ORDER BY n",
+                                "WITH r AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], \
+                                 $3::text[], $4::text[]) \
+                                 WITH ORDINALITY AS r (id, at_ms, user_id, record, n)), \
+                                 completed AS (UPDATE audit SET record = r.record::json FROM r \
+                                 WHERE r.id IS NOT NULL AND audit.id = r.id) \
+                                 INSERT INTO audit (at_ms, user_id, record) \
+                                 SELECT at_ms, user_id, record::json FROM r \
+                                 WHERE r.id IS NULL ORDER BY n",
                             )
                             .await?;
-                        c.execute(&statement, &[&columns.0, &columns.1, &columns.2])
+                        c.execute(&statement, &[&ids, &times, &users, &records])
                             .await?;
                         Ok(())
                     })
@@ -520,5 +545,6 @@ pub(super) struct AuditQueue {
     waiting: Vec<(AuditRow, oneshot::Sender<Result<(), StoreError>>)>,
 }
 
-/// An audit record's columns: time, user, the record as JSON text.
-type AuditRow = (i64, Option<String>, String);
+/// An audit record's columns: the id of the record it replaces (none for a new one), time,
+/// user, the record as JSON text.
+type AuditRow = (Option<i64>, i64, Option<String>, String);
