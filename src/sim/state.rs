@@ -293,6 +293,11 @@ impl SimState {
         &self.calls
     }
 
+    /// A counter's value, 0 when never counted.
+    pub fn counter(&self, what: &str) -> u64 {
+        self.counters.get(what).copied().unwrap_or(0)
+    }
+
     pub fn count(&mut self, what: &str) {
         *self.counters.entry(what.to_owned()).or_default() += 1;
     }
