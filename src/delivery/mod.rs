@@ -248,6 +248,10 @@ struct Schedule {
     paused_until: Option<Instant>,
     /// Spacing of attempts once Webex has answered 429.
     pacer: pace::Pacer,
+    /// Work has waited for the pace without a break since the scheduler last slept for it: a
+    /// start that comes late was held up, and its missed slots are owed (`Pacer::started`).
+    /// A pause, an idle moment or full slots owe nothing.
+    waiting_for_pace: bool,
     /// While Webex is failing: the user whose retry finds out when it is back.
     probe: Option<String>,
     /// Users waiting for the probe to get through (also in `delayed`).
@@ -611,6 +615,7 @@ impl Engine {
         }
         if let Some(until) = s.paused_until {
             if until > now {
+                s.waiting_for_pace = false;
                 return Next::Sleep(Some(until));
             }
             s.paused_until = None;
@@ -620,9 +625,11 @@ impl Engine {
         // One slot stays for live work while bulk work runs (when there is more than one).
         let bulk_allowed = free > usize::from(self.inner.limits.max_parallel_users > 1);
         if free == 0 || (s.ready.is_empty() && (!bulk_allowed || s.bulk_ready.is_empty())) {
+            s.waiting_for_pace = false;
             return Next::Sleep(next_due);
         }
         if let Some(at) = s.pacer.wait_until(now) {
+            s.waiting_for_pace = true;
             return Next::Sleep(Some(next_due.map_or(at, |due| due.min(at))));
         }
         while let Some(user) = s
@@ -638,7 +645,8 @@ impl Engine {
                 s.parked.push(user);
                 continue;
             }
-            s.pacer.started(now);
+            let waited = s.waiting_for_pace;
+            s.pacer.started(now, waited);
             s.busy.insert(user.clone());
             return Next::User(user);
         }
@@ -669,14 +677,14 @@ impl Engine {
                 let called = claim.head.is_some() && paused_for.is_zero() && !probing_elsewhere;
                 let (reschedule, answered) = match claim.head {
                     // Another node met a 429 since this user was picked: wait as it does.
-                    Some(_) if !paused_for.is_zero() => (Reschedule::After(paused_for), false),
+                    Some(_) if !paused_for.is_zero() => (Reschedule::After(paused_for), None),
                     // Webex fails and another node's user probes it: wait for that probe.
-                    Some(_) if probing_elsewhere => (Reschedule::Upstream(Duration::ZERO), false),
+                    Some(_) if probing_elsewhere => (Reschedule::Upstream(Duration::ZERO), None),
                     Some(entry) => {
                         let picked = (claimed_at.into_std(), std::time::Instant::now());
                         self.try_under_lease(entry, &tenure, picked).await
                     }
-                    None => (Reschedule::Idle, false),
+                    None => (Reschedule::Idle, None),
                 };
                 // A lane the try's end handed back is back; one taken over is not ours.
                 let more = if let Some(more) = tenure.handed_back.get() {
@@ -696,7 +704,7 @@ impl Engine {
                 };
                 (reschedule, answered, more, called)
             }
-            Ok(None) => (Reschedule::HeldElsewhere, false, false, false),
+            Ok(None) => (Reschedule::HeldElsewhere, None, false, false),
             Err(e) => {
                 // A store already known to fail was logged once when it failed (and `/readyz`
                 // names it): a line per waiting user and retry would bury that line.
@@ -705,12 +713,7 @@ impl Engine {
                 } else {
                     tracing::error!(user_id = user, error = %e, "cannot claim a delivery lane; will retry");
                 }
-                (
-                    Reschedule::After(after_claim_failure()),
-                    false,
-                    false,
-                    false,
-                )
+                (Reschedule::After(after_claim_failure()), None, false, false)
             }
         };
         // One user of one node probes while Webex fails: a user that would be this node's
@@ -754,12 +757,12 @@ impl Engine {
             }
             s.busy.remove(user);
             let again = s.again.remove(user);
-            if answered {
-                s.pacer.accepted(now);
+            if let Some(at) = answered {
+                s.pacer.accepted(at, claimed_at);
             }
             let probe_ended =
                 s.probe.as_deref() == Some(user) && !matches!(reschedule, Reschedule::Upstream(_));
-            if answered || probe_ended {
+            if answered.is_some() || probe_ended {
                 end_shared_probe |= s.probe.is_some();
                 s.release_parked(user);
             }
@@ -805,7 +808,7 @@ impl Engine {
         entry: Entry,
         tenure: &Tenure,
         picked: (std::time::Instant, std::time::Instant),
-    ) -> (Reschedule, bool) {
+    ) -> (Reschedule, Option<Instant>) {
         let length = self.inner.limits.lease;
         let lease_ms = u64::try_from(length.as_millis()).unwrap_or(u64::MAX);
         let attempt = self.try_entry(entry, tenure, picked);
@@ -825,14 +828,16 @@ impl Engine {
         }
     }
 
-    /// One try of an entry, and whether Webex answered it (not 429, not unreachable). `picked`:
-    /// when the engine started on the lane and when its claim came back, for the trace.
+    /// One try of an entry, and when Webex answered it if it did (not 429, not unreachable): the
+    /// pace counts what Webex took by its answers, not by the end of the store write after it,
+    /// which PostgreSQL under load holds up past the second that counts. `picked`: when the
+    /// engine started on the lane and when its claim came back, for the trace.
     async fn try_entry(
         &self,
         entry: Entry,
         tenure: &Tenure,
         (picked, claimed): (std::time::Instant, std::time::Instant),
-    ) -> (Reschedule, bool) {
+    ) -> (Reschedule, Option<Instant>) {
         let lease = tenure.lease();
         let age = Duration::from_millis(now_ms().saturating_sub(entry.created_ms));
         let id = entry.id;
@@ -854,6 +859,7 @@ impl Engine {
             (self.inner.attempt)(entry, tenure.clone()).await
         };
         let answered = std::time::Instant::now();
+        let answered_at = Instant::from_std(answered);
         let store = &self.inner.store;
         let mut last_call = None;
         let mut user_map = None;
@@ -899,19 +905,19 @@ impl Engine {
             ),
             Attempt::RetryUser { after, reason } => {
                 self.record_failure(id, &reason, lease).await;
-                return (Reschedule::After(after), true);
+                return (Reschedule::After(after), Some(answered_at));
             }
             Attempt::RetryUpstream { after, reason } => {
                 self.record_failure(id, &reason, lease).await;
-                return (Reschedule::Upstream(after), false);
+                return (Reschedule::Upstream(after), None);
             }
             Attempt::PauseAll { after, reason } => {
                 self.record_failure(id, &reason, lease).await;
-                return (Reschedule::PauseAll(after), false);
+                return (Reschedule::PauseAll(after), None);
             }
             Attempt::LeaseExpired => {
                 tracing::warn!(entry = id, user_id = %lease.user_id, "the delivery lease ran out before a Webex call; the call was not made and the node holding the user now delivers it");
-                return (Reschedule::HeldElsewhere, false);
+                return (Reschedule::HeldElsewhere, None);
             }
         };
         // Webex took the call: the AS hears so now, and the end is stored after. Losing that
@@ -940,11 +946,14 @@ impl Engine {
             }
             Err(e @ StoreError::LeaseLost { .. }) => {
                 tracing::warn!(entry = id, error = %e, "a delivery outcome came too late");
-                return (Reschedule::HeldElsewhere, false);
+                return (Reschedule::HeldElsewhere, None);
             }
             Err(e) => {
                 tracing::error!(entry = id, error = %e, "cannot record the end of an outbox entry; it will be tried again");
-                return (Reschedule::After(Duration::from_secs(5)), !too_old);
+                return (
+                    Reschedule::After(Duration::from_secs(5)),
+                    (!too_old).then_some(answered_at),
+                );
             }
         };
         // No flush here: if this state is lost in a crash the entry is tried again, and a
@@ -958,7 +967,7 @@ impl Engine {
         if !answered_in_time {
             audit_end(store, &ended, &finished).await;
         }
-        (reschedule, !too_old)
+        (reschedule, (!too_old).then_some(answered_at))
     }
 
     /// Tell the requests waiting on an entry how it ended; whether one still listened.

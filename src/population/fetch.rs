@@ -76,11 +76,13 @@ pub async fn list_scope(
             .into_iter()
             .chain([next_allowed])
             .max();
+        // The next page is always waiting: a wake-up for its slot that comes late is owed it.
+        let waited = pacer.wait_until(now).is_some();
         if let Some(at) = at.filter(|at| *at > now) {
             tokio::time::sleep_until(at).await;
         }
         let now = Instant::now();
-        pacer.started(now);
+        pacer.started(now, waited);
         if let Some(spacing) = spacing {
             next_allowed = now + spacing;
         }
@@ -88,7 +90,7 @@ pub async fn list_scope(
             Ok(page) => {
                 failures = 0;
                 stats.pages += 1;
-                pacer.accepted(Instant::now());
+                pacer.accepted(Instant::now(), now);
                 for subscriber in page.items {
                     if scope.holds(&subscriber) && seen.insert(subscriber.id.clone()) {
                         out.push(subscriber);
