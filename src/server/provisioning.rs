@@ -126,14 +126,10 @@ struct AboutCommand {
 }
 
 impl CommandStep {
+    /// A command answered before the store: its record is written with the answer.
     fn new(request: &Request, template: Option<String>, step: Step) -> CommandStep {
         CommandStep {
-            command: AboutCommand {
-                name: request.name.clone(),
-                kind: command_kind(&request.command),
-                user_id: mapping::command_user_id(&request.command).map(str::to_owned),
-                template,
-            },
+            command: AboutCommand::of(request, template),
             step,
             audit: Audit::Unwritten,
         }
@@ -141,6 +137,15 @@ impl CommandStep {
 }
 
 impl AboutCommand {
+    fn of(request: &Request, template: Option<String>) -> AboutCommand {
+        AboutCommand {
+            name: request.name.clone(),
+            kind: command_kind(&request.command),
+            user_id: mapping::command_user_id(&request.command).map(str::to_owned),
+            template,
+        }
+    }
+
     /// Its audit record, answered as `outcome`.
     fn record(&self, at_ms: u64, client: &str, outcome: String, end: CommandEnd) -> AuditRecord {
         AuditRecord {
@@ -491,26 +496,18 @@ async fn map_and_store(
             };
         let user = plan.user_id().unwrap_or_default().to_owned();
         let queued = call.is_some();
-        let answer_now = plan.response(request.echo.clone());
-        let mut step = CommandStep::new(
-            request,
-            Some(template_name.clone()),
-            Step::Answered(answer_now),
-        );
+        let about = AboutCommand::of(request, Some(template_name.clone()));
+        let response = plan.response(request.echo.clone());
         // The record goes in with the command: `accepted` for one that waits for Webex (the
         // store names its entry), the final one for a command answered here.
         let at_ms = now_ms();
-        let outcome = match &step.step {
-            Step::Answered(response) if !queued => outcome_label(response),
-            _ => ACCEPTED.to_owned(),
-        };
-        let latency_ms = if queued {
-            0
+        let (outcome, latency_ms) = if queued {
+            (ACCEPTED.to_owned(), 0)
         } else {
-            elapsed_ms(timeline.start())
+            (outcome_label(&response), elapsed_ms(timeline.start()))
         };
         let remembered = Remembered {
-            audit: Some(step.command.record(
+            audit: Some(about.record(
                 at_ms,
                 client,
                 outcome,
@@ -539,19 +536,27 @@ async fn map_and_store(
         timeline.accepted(accepting.elapsed());
         match stored {
             Ok(accepted) => {
-                step.audit = match accepted.audit {
+                let audit = match accepted.audit {
                     Some(key) if queued => Audit::Accepted(key),
                     Some(_) => Audit::Final,
                     None => Audit::Unwritten,
                 };
-                if let Some(id) = accepted.entry {
-                    users.push(user);
-                    step.step = Step::Queued {
-                        id,
-                        on_delivery: plan.response(request.echo.clone()),
-                        echo: request.echo.clone(),
-                    };
-                }
+                let step = match accepted.entry {
+                    Some(id) => {
+                        users.push(user);
+                        Step::Queued {
+                            id,
+                            on_delivery: response,
+                            echo: request.echo.clone(),
+                        }
+                    }
+                    None => Step::Answered(response),
+                };
+                steps.push(CommandStep {
+                    command: about,
+                    step,
+                    audit,
+                });
             }
             Err(e) => {
                 engine.unwatch(watches.iter().map(|(id, _)| *id));
@@ -559,7 +564,6 @@ async fn map_and_store(
                 return Err(Box::new(store_refused(state)));
             }
         }
-        steps.push(step);
     }
     Ok(Accepted {
         steps,
