@@ -476,7 +476,18 @@ mod tests {
         }
         let per_second = starts.len() as f64 / 10.0;
         assert!(per_second > rate * 0.99, "{per_second} of {rate}");
-        let most_in_a_second = starts
+        let most_in_a_second = most_within_a_second(&starts);
+        // The pace plus one catch-up burst, under the 1,000 Webex accepted.
+        let bound = rate * (1.0 + CATCH_UP.as_secs_f64()) + 1.0;
+        assert!(
+            most_in_a_second as f64 <= bound && bound < 1000.0,
+            "{most_in_a_second} starts within one second at a pace of {rate}"
+        );
+    }
+
+    /// The most starts that fall within any one second (Webex's limits are per second).
+    fn most_within_a_second(starts: &[Instant]) -> usize {
+        starts
             .iter()
             .enumerate()
             .map(|(i, from)| {
@@ -486,13 +497,7 @@ mod tests {
                     .count()
             })
             .max()
-            .unwrap();
-        // The pace plus one catch-up burst, under the 1,000 Webex accepted.
-        let bound = rate * (1.0 + CATCH_UP.as_secs_f64()) + 1.0;
-        assert!(
-            most_in_a_second as f64 <= bound && bound < 1000.0,
-            "{most_in_a_second} starts within one second at a pace of {rate}"
-        );
+            .unwrap_or(0)
     }
 
     /// `bench/population.sh` on a loaded machine: the engine, busy, wakes 1 ms after most slots
@@ -525,17 +530,7 @@ mod tests {
         }
         let per_second = starts.len() as f64 / 10.0;
         assert!(per_second >= rate * 0.99, "{per_second} of {rate}");
-        let most_in_a_second = starts
-            .iter()
-            .enumerate()
-            .map(|(i, from)| {
-                starts[i..]
-                    .iter()
-                    .take_while(|t| **t - *from < Duration::from_secs(1))
-                    .count()
-            })
-            .max()
-            .unwrap();
+        let most_in_a_second = most_within_a_second(&starts);
         assert!(
             most_in_a_second as f64 <= rate,
             "{most_in_a_second} starts within one second at a pace of {rate}"
