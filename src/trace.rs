@@ -263,7 +263,7 @@ pub struct Summary {
     pub stages: Vec<StageSummary>,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StageSummary {
     pub stage: &'static str,
     /// The stage's own distribution, over the requests that passed it.
@@ -274,7 +274,7 @@ pub struct StageSummary {
     pub tail_passed: usize,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Spread {
     pub count: usize,
     pub p50_us: Option<u32>,
@@ -364,18 +364,12 @@ mod tests {
     }
 
     fn stage(summary: &Summary, name: &str) -> StageSummary {
-        let found = summary.stages.iter().find(|s| s.stage == name).unwrap();
-        StageSummary {
-            stage: found.stage,
-            spread: Spread {
-                count: found.spread.count,
-                p50_us: found.spread.p50_us,
-                p99_us: found.spread.p99_us,
-                max_us: found.spread.max_us,
-            },
-            tail_mean_us: found.tail_mean_us,
-            tail_passed: found.tail_passed,
-        }
+        summary
+            .stages
+            .iter()
+            .find(|s| s.stage == name)
+            .cloned()
+            .unwrap()
     }
 
     #[test]

@@ -747,7 +747,7 @@ async fn answer(
                         tracing::info!(
                             entry = id,
                             command = %command.name,
-                            waited_ms = started.elapsed().as_millis() as u64,
+                            waited_ms = elapsed_ms(started),
                             "answered 7020: not delivered within server.ack_deadline_ms; delivery \
                              continues (see `flowthrough outbox show {id}`)"
                         );
@@ -813,7 +813,11 @@ async fn settle_audit(
         }
         for (key, record) in &completions {
             if let Err(e) = store.complete_audit(*key, record).await {
-                tracing::warn!(error = %e, "cannot complete an audit record; it says `accepted`, and the outbox entry it names says how the command ended");
+                let entry = match &record.event {
+                    AuditEvent::Command { outbox_id, .. } => *outbox_id,
+                    _ => None,
+                };
+                tracing::warn!(error = %e, entry, "cannot complete a command's audit record: it stays `accepted`; `flowthrough outbox show <entry>` says how the command ended");
             }
         }
     });
