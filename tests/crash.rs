@@ -418,6 +418,24 @@ async fn a_connection_lost_during_the_commit_is_never_acknowledged() {
         );
     }
 
+    // The AS hears Webex's answer before the entry's end and the audit record's completion are
+    // written: wait for those, or their statements, swallowed, hold the pool's connections
+    // and the commands below never reach PostgreSQL.
+    let settled = eventually(Duration::from_secs(30), || {
+        cluster.psql(
+            &db,
+            "SELECT (SELECT count(*) FROM outbox WHERE user_id LIKE 'before-%' AND state = 'pending') \
+             + (SELECT count(*) FROM audit WHERE user_id LIKE 'before-%' AND record->>'outcome' = 'accepted')",
+        )
+        .trim()
+            == "0"
+    })
+    .await;
+    assert!(
+        settled,
+        "the commands sent before the cut were not delivered and audited"
+    );
+
     proxy.set(Link::SwallowAnswers);
     let lost: Vec<String> = (0..LOST)
         .map(|i| format!("lost-{i}@acme.example"))
