@@ -92,7 +92,7 @@ macro_rules! both_backends {
 both_backends!(
     per_user_order_is_arrival_order_and_finishing_advances_the_head,
     a_user_id_that_prefixes_another_does_not_see_its_queue,
-    dead_entries_leave_the_queue_and_retry_puts_them_back,
+    a_dead_entry_holds_its_lane_until_retried_or_dropped,
     attempts_are_counted_and_survive_reopening,
     acknowledged_entries_and_records_survive_reopening,
     several_entries_are_stored_in_order_and_announced,
@@ -717,8 +717,8 @@ async fn per_user_order_is_arrival_order_and_finishing_advances_the_head(h: Harn
     );
     assert_eq!(store.progress(ids[2] + 100).await.unwrap(), None);
     assert_eq!(store.pending_summary().await.unwrap(), (2, Some(1)));
-    assert!(store.has_pending("alice").await.unwrap());
-    assert!(!store.has_pending("carol").await.unwrap());
+    assert!(store.has_queued("alice").await.unwrap());
+    assert!(!store.has_queued("carol").await.unwrap());
 }
 
 async fn a_user_id_that_prefixes_another_does_not_see_its_queue(h: Harness) {
@@ -729,24 +729,77 @@ async fn a_user_id_that_prefixes_another_does_not_see_its_queue(h: Harness) {
     assert!(store.head_of("").await.unwrap().is_none());
 }
 
-async fn dead_entries_leave_the_queue_and_retry_puts_them_back(h: Harness) {
+/// SPEC §11: a dead entry stays at the head of its user's queue and holds the lane until the
+/// operator acts; the user's later entries wait behind it, other users go on. A retry makes it
+/// pending where it stands (its age counted anew); a drop lets the next entry go. While it
+/// holds the lane it is never pruned with age.
+async fn a_dead_entry_holds_its_lane_until_retried_or_dropped(h: Harness) {
     let store = h.store();
-    let ids = store.enqueue(vec![entry("alice", "add")], 1).await.unwrap();
+    let ids = store
+        .enqueue(
+            vec![
+                entry("alice", "add"),
+                entry("alice", "modify"),
+                entry("bob", "add"),
+            ],
+            1,
+        )
+        .await
+        .unwrap();
     assert!(
         !store.retry(ids[0]).await.unwrap(),
         "a pending entry is not retried"
     );
     store.finish(ids[0], dead(5), None, None).await.unwrap();
-    assert!(store.head_of("alice").await.unwrap().is_none());
-    assert!(!store.has_pending("alice").await.unwrap());
-    assert_eq!(store.list(Filter::Dead, 10).await.unwrap().len(), 1);
+    let head = store.head_of("alice").await.unwrap().unwrap();
+    assert!(head.id == ids[0] && head.is_dead(), "{head:?}");
+    assert!(store.has_queued("alice").await.unwrap());
+    assert_eq!(claimable(store, "node-a").await, vec!["bob"]);
+    assert_eq!(ids_listed(store, Filter::Dead, 10).await, vec![ids[0]]);
+    assert_eq!(
+        ids_listed(store, Filter::Pending, 10).await,
+        vec![ids[1], ids[2]]
+    );
+    assert_eq!(store.pending_summary().await.unwrap(), (2, Some(1)));
+    // A claim finds the dead head; the hand-back says nothing can go.
+    let claim = store
+        .claim_head("alice", "node-a", 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claim.head.map(|e| e.id), Some(ids[0]));
+    assert!(!store.release_lane(&claim.lease, 0).await.unwrap());
+    assert_eq!(
+        store.prune_finished(u64::MAX, u64::MAX).await.unwrap(),
+        0,
+        "a dead entry holding its lane is not pruned"
+    );
+
     assert!(store.retry(ids[0]).await.unwrap());
     let revived = store.head_of("alice").await.unwrap().unwrap();
-    assert_eq!((revived.id, revived.state), (ids[0], EntryState::Pending));
+    assert_eq!((revived.id, &revived.state), (ids[0], &EntryState::Pending));
+    assert!(revived.created_ms > 5, "its age counts from the retry");
+    assert_eq!(claimable(store, "node-a").await, vec!["alice", "bob"]);
     assert!(!store.retry(ids[0]).await.unwrap(), "retried once only");
+
+    // Dead again at the end of a try: the hand-back with it says nothing can go.
+    let claim = store
+        .claim_head("alice", "node-a", 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let (ended, more) = store
+        .finish_try(ids[0], dead(6), Some("FLOWTHROUGH_2"), &claim.lease, None)
+        .await
+        .unwrap();
+    assert!(ended.is_dead() && !more, "{ended:?} {more}");
+    assert_eq!(store.head_of("alice").await.unwrap().unwrap().id, ids[0]);
+    assert_eq!(claimable(store, "node-a").await, vec!["bob"]);
+
     let dropped = store.drop_entry(ids[0]).await.unwrap().unwrap();
     assert_eq!(dropped.id, ids[0]);
-    assert!(store.head_of("alice").await.unwrap().is_none());
+    assert_eq!(store.head_of("alice").await.unwrap().unwrap().id, ids[1]);
+    assert_eq!(claimable(store, "node-a").await, vec!["alice", "bob"]);
     assert!(store.entry(ids[0]).await.unwrap().is_none());
     assert!(store.drop_entry(ids[0]).await.unwrap().is_none());
     assert!(!store.retry(ids[0]).await.unwrap());
@@ -761,6 +814,18 @@ async fn dead_entries_leave_the_queue_and_retry_puts_them_back(h: Harness) {
             "{result:?}"
         );
     }
+
+    // With nothing behind it, a dead entry still holds the lane for what comes next.
+    store.finish(ids[2], dead(7), None, None).await.unwrap();
+    assert!(store.has_queued("bob").await.unwrap());
+    let later = store
+        .enqueue(vec![entry("bob", "modify")], 8)
+        .await
+        .unwrap();
+    assert_eq!(store.head_of("bob").await.unwrap().unwrap().id, ids[2]);
+    assert_eq!(claimable(store, "node-a").await, vec!["alice"]);
+    store.drop_entry(ids[2]).await.unwrap().unwrap();
+    assert_eq!(store.head_of("bob").await.unwrap().unwrap().id, later[0]);
 }
 
 async fn attempts_are_counted_and_survive_reopening(mut h: Harness) {
@@ -939,17 +1004,28 @@ async fn every_change_returns_the_stored_entry(h: Harness) {
 async fn prune_removes_only_old_finished_entries(h: Harness) {
     let store = h.store();
     let ids = store
-        .enqueue(vec![entry("a", "1"), entry("b", "2")], 10)
+        .enqueue(vec![entry("a", "1"), entry("b", "2"), entry("d", "4")], 10)
         .await
         .unwrap();
     let late = store.enqueue(vec![entry("c", "3")], 100).await.unwrap();
-    store.finish(ids[0], dead(11), None, None).await.unwrap();
-    store.finish(late[0], dead(101), None, None).await.unwrap();
+    store
+        .finish(ids[0], delivered(11), None, None)
+        .await
+        .unwrap();
+    store.finish(ids[2], dead(11), None, None).await.unwrap();
+    store
+        .finish(late[0], delivered(101), None, None)
+        .await
+        .unwrap();
     assert_eq!(store.prune_finished(50, u64::MAX).await.unwrap(), 1);
     assert!(store.entry(ids[0]).await.unwrap().is_none());
     assert!(
         store.entry(ids[1]).await.unwrap().is_some(),
         "pending entries are never pruned"
+    );
+    assert!(
+        store.entry(ids[2]).await.unwrap().is_some(),
+        "nor a dead entry holding its lane"
     );
     assert!(store.entry(late[0]).await.unwrap().is_some());
 }
@@ -1050,7 +1126,13 @@ async fn dead_count_follows_finish_retry_drop_and_prune(h: Harness) {
         "oldest first across users"
     );
     store.drop_entry(ids[0]).await.unwrap();
-    assert_eq!(store.prune_finished(100, u64::MAX).await.unwrap(), 2);
+    assert_eq!(
+        store.prune_finished(100, u64::MAX).await.unwrap(),
+        1,
+        "the delivered entry; the dead one holds its lane"
+    );
+    assert_eq!(store.dead_count().await.unwrap(), 1);
+    store.drop_entry(ids[1]).await.unwrap();
     assert_eq!(store.dead_count().await.unwrap(), 0);
     assert!(store.list(Filter::Dead, 10).await.unwrap().is_empty());
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::pg::PgCluster;
 use common::*;
 use flowthrough::sim::SimOptions;
+use flowthrough::store::postgres::SCHEMA_VERSION;
 use flowthrough::store::{
     AuditQuery, Customer, EntryState, Filter, ReconcileReport, Store, StoreError,
 };
@@ -42,7 +43,9 @@ async fn migrate_applies_once_checks_and_refuses_a_newer_schema() {
     let (code, out, err) = run(&[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains("0 → 3") && out.contains("applied 001_init") && out.contains("003_cluster"),
+        out.contains(&format!("0 → {SCHEMA_VERSION}"))
+            && out.contains("applied 001_init")
+            && out.contains("004_held_lanes"),
         "{out}"
     );
     let (code, out, _) = run(&[]);
@@ -50,7 +53,10 @@ async fn migrate_applies_once_checks_and_refuses_a_newer_schema() {
     assert!(out.contains("nothing to apply"), "{out}");
     let (code, out, _) = run(&["--check"]);
     assert_eq!(code, 0);
-    assert!(out.contains("schema version 3 (current)"), "{out}");
+    assert!(
+        out.contains(&format!("schema version {SCHEMA_VERSION} (current)")),
+        "{out}"
+    );
 
     // A database a newer flowthrough migrated: refused, by the tools and by serve.
     cluster.psql(
@@ -393,10 +399,11 @@ async fn tls_is_used_as_configured_and_doctor_reports_the_database() {
     let config = dir.path().join("flowthrough.toml");
     std::fs::write(&config, section(&verified)).unwrap();
     let (_, out, err) = flowthrough(&["doctor", "--offline", "--config", path(&config)]);
+    let current = format!("✓ PostgreSQL schema: version {SCHEMA_VERSION} (current)");
     for line in [
         "✓ PostgreSQL reachable: 127.0.0.1:",
         "✓ PostgreSQL TLS: verify-full",
-        "✓ PostgreSQL schema: version 3 (current)",
+        current.as_str(),
         "✓ PostgreSQL durability: fsync = on, synchronous_commit = on",
         "✓ PostgreSQL commit: one commit took",
         "✓ store: 0 pending, 0 dead",
@@ -409,7 +416,7 @@ async fn tls_is_used_as_configured_and_doctor_reports_the_database() {
     let (_, out, err) = flowthrough(&["doctor", "--offline", "--config", path(&config)]);
     assert!(
         out.contains(
-            "! PostgreSQL schema: version 0, 001_init, 002_population, 003_cluster to apply"
+            "! PostgreSQL schema: version 0, 001_init, 002_population, 003_cluster, 004_held_lanes"
         ),
         "{out}{err}"
     );

@@ -342,11 +342,7 @@ async fn import(args: &ImportArgs, sources: &Sources) -> Result<Vec<Row>, String
             }
             // A user with work left in the outbox (an interrupted run) is delivered from there,
             // and reported when it ends.
-            if store
-                .has_pending(user_id)
-                .await
-                .map_err(|e| e.to_string())?
-            {
+            if store.has_queued(user_id).await.map_err(|e| e.to_string())? {
                 continue;
             }
             match &step.fix {
@@ -396,6 +392,9 @@ async fn import(args: &ImportArgs, sources: &Sources) -> Result<Vec<Row>, String
                     webex_status.clone().unwrap_or_default(),
                 ),
                 Finished::Dead { reason } => ("failed", reason.clone()),
+                Finished::Held { behind, reason } => {
+                    ("held", Finished::held_advice(*behind, reason))
+                }
             };
             rows.push(row(&end.user_id, action, outcome, detail));
         }
@@ -409,12 +408,7 @@ async fn import(args: &ImportArgs, sources: &Sources) -> Result<Vec<Row>, String
                 .await
                 .map_err(|e| e.to_string())?
                 .is_some_and(|u| u.subscriber_id.is_some());
-            if known
-                || store
-                    .has_pending(user_id)
-                    .await
-                    .map_err(|e| e.to_string())?
-            {
+            if known || store.has_queued(user_id).await.map_err(|e| e.to_string())? {
                 rows.push(row(user_id, "skip", "known", "flowthrough already maps or queues this user; `flowthrough reconcile` compares its fields".to_owned()));
                 continue;
             }

@@ -447,9 +447,20 @@ async fn repair(
     .await?;
     let mut failed = 0;
     for end in &ended {
-        if let Finished::Dead { reason } = &end.finished {
-            failed += 1;
-            println!("failed {}: {reason}", end.user_id);
+        match &end.finished {
+            Finished::Delivered { .. } => {}
+            Finished::Dead { reason } => {
+                failed += 1;
+                println!("failed {}: {reason}", end.user_id);
+            }
+            Finished::Held { behind, reason } => {
+                failed += 1;
+                println!(
+                    "not repaired {}: {}",
+                    end.user_id,
+                    Finished::held_advice(*behind, reason)
+                );
+            }
         }
     }
     println!(

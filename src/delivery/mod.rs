@@ -49,7 +49,8 @@ pub enum Attempt {
     LeaseExpired,
 }
 
-/// How an entry ended, for whoever waits on it (the AS's request, until its deadline).
+/// How an entry ended, for whoever waits on it (the AS's request, until its deadline), or why
+/// it will not move without an operator.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finished {
     Delivered {
@@ -63,9 +64,25 @@ pub enum Finished {
     Dead {
         reason: String,
     },
+    /// Not ended: the entry waits behind a dead entry of its user, `behind`, which holds the
+    /// user's lane (SPEC §11) until an operator retries or drops it. The waiter hears this at
+    /// once rather than a silent 7020 at the deadline.
+    Held {
+        behind: EntryId,
+        reason: String,
+    },
 }
 
 impl Finished {
+    /// What an operator reads about an entry held behind a dead one, and what to do.
+    pub fn held_advice(behind: EntryId, reason: &str) -> String {
+        format!(
+            "it waits behind dead outbox entry {behind} of the same user ({reason}), which holds \
+             the user's lane; fix the cause and run `flowthrough outbox retry {behind}`, or \
+             `flowthrough outbox drop {behind}` to go on without it"
+        )
+    }
+
     /// How a stored entry ended; `None` while it is pending.
     pub(crate) fn of(progress: &Progress) -> Option<Finished> {
         match &progress.state {
@@ -256,7 +273,7 @@ struct Schedule {
     probe: Option<String>,
     /// Users waiting for the probe to get through (also in `delayed`).
     parked: Vec<String>,
-    waiters: HashMap<EntryId, Vec<oneshot::Sender<Finished>>>,
+    waiters: HashMap<EntryId, Watchers>,
     stopping: bool,
     /// The nodes' count of 429s this node has heeded (its own included).
     rate_limits_seen: u64,
@@ -265,6 +282,28 @@ struct Schedule {
     /// Another node's user probes Webex while it fails: this node's users wait for it (parked)
     /// as they wait for a probe of this node's.
     remote_probe: bool,
+}
+
+/// Who waits for one entry's end, and whose entry it is: a dead entry holds its user's lane, and
+/// the requests waiting on the user's later entries are told so ([`Finished::Held`]).
+struct Watchers {
+    user: String,
+    waiting: Vec<oneshot::Sender<Finished>>,
+}
+
+impl Schedule {
+    fn watch(&mut self, id: EntryId, user: &str) -> oneshot::Receiver<Finished> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .entry(id)
+            .or_insert_with(|| Watchers {
+                user: user.to_owned(),
+                waiting: Vec::new(),
+            })
+            .waiting
+            .push(tx);
+        rx
+    }
 }
 
 /// The delivery engine. Cheap to clone.
@@ -479,11 +518,10 @@ impl Engine {
     /// user's next one at once, which can be before that one's request has asked to watch it
     /// (a user's delete arriving while its add is delivered). Waiting for that end would answer
     /// 7020 at the deadline for a command Webex took in time.
-    pub async fn watch(&self, id: EntryId) -> oneshot::Receiver<Finished> {
+    pub async fn watch(&self, id: EntryId, user: &str) -> oneshot::Receiver<Finished> {
         // The waiter is in place before the read: `finish` stores the end before it takes the
         // waiters, so either the read sees the end or the waiter gets it.
-        let (tx, rx) = oneshot::channel();
-        self.lock().waiters.entry(id).or_default().push(tx);
+        let rx = self.lock().watch(id, user);
         // A read error leaves the wait to the deadline, as for an entry not yet ended.
         let ended = self.inner.store.progress(id).await.ok().flatten();
         let Some(finished) = ended.as_ref().and_then(Finished::of) else {
@@ -494,9 +532,9 @@ impl Engine {
         drop(rx);
         {
             let mut schedule = self.lock();
-            if let Some(waiters) = schedule.waiters.get_mut(&id) {
-                waiters.retain(|waiter| !waiter.is_closed());
-                if waiters.is_empty() {
+            if let Some(watchers) = schedule.waiters.get_mut(&id) {
+                watchers.waiting.retain(|waiter| !waiter.is_closed());
+                if watchers.waiting.is_empty() {
                     schedule.waiters.remove(&id);
                 }
             }
@@ -510,10 +548,8 @@ impl Engine {
     /// [`Store::enqueue_announced`] before it was written. Nothing can have ended it, so unlike
     /// [`Engine::watch`] this reads nothing; that read, of an entry just written, cost each
     /// request a twentieth of its handler's CPU, under the lock the engine needs.
-    pub fn watch_new(&self, id: EntryId) -> oneshot::Receiver<Finished> {
-        let (tx, rx) = oneshot::channel();
-        self.lock().waiters.entry(id).or_default().push(tx);
-        rx
+    pub fn watch_new(&self, id: EntryId, user: &str) -> oneshot::Receiver<Finished> {
+        self.lock().watch(id, user)
     }
 
     /// Give up the watches of these entries (a request that answers without waiting, after its
@@ -676,6 +712,12 @@ impl Engine {
                 let probing_elsewhere = self.lock().remote_probe;
                 let called = claim.head.is_some() && paused_for.is_zero() && !probing_elsewhere;
                 let (reschedule, answered) = match claim.head {
+                    // A dead entry holds the lane: the user waits for the operator, and the
+                    // requests waiting on its later entries hear why.
+                    Some(dead) if dead.is_dead() => {
+                        self.notify_held(&dead);
+                        (Reschedule::Idle, None)
+                    }
                     // Another node met a 429 since this user was picked: wait as it does.
                     Some(_) if !paused_for.is_zero() => (Reschedule::After(paused_for), None),
                     // Webex fails and another node's user probes it: wait for that probe.
@@ -961,6 +1003,7 @@ impl Engine {
         // AS's acknowledgement depends only on the enqueue, which the handler flushed.
         if matches!(finished, Finished::Dead { .. }) {
             answered_in_time = self.notify(id, &finished);
+            self.notify_held(&ended);
         }
         // A request still waiting writes the command's audit record with this outcome in it;
         // past its deadline, this record says how the entry ended.
@@ -972,12 +1015,37 @@ impl Engine {
 
     /// Tell the requests waiting on an entry how it ended; whether one still listened.
     fn notify(&self, id: EntryId, finished: &Finished) -> bool {
-        let waiters = self.lock().waiters.remove(&id).unwrap_or_default();
+        let watchers = self.lock().waiters.remove(&id);
         let mut heard = false;
-        for waiter in waiters {
+        for waiter in watchers.map(|w| w.waiting).unwrap_or_default() {
             heard |= waiter.send(finished.clone()).is_ok();
         }
         heard
+    }
+
+    /// Tell the requests waiting on the later entries of a dead entry's user that they wait
+    /// behind it. A walk of the waiters: few at a time, and only when a lane is found held.
+    fn notify_held(&self, dead: &Entry) {
+        let EntryState::Dead { reason, .. } = &dead.state else {
+            return;
+        };
+        let held = Finished::Held {
+            behind: dead.id,
+            reason: reason.clone(),
+        };
+        let behind: Vec<Watchers> = {
+            let mut s = self.lock();
+            let ids: Vec<EntryId> = s
+                .waiters
+                .iter()
+                .filter(|(id, w)| **id != dead.id && w.user == dead.new.user_id)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| s.waiters.remove(id)).collect()
+        };
+        for waiter in behind.into_iter().flat_map(|w| w.waiting) {
+            let _ = waiter.send(held.clone());
+        }
     }
 
     async fn record_failure(&self, id: EntryId, reason: &str, lease: &Lease) {
@@ -1043,6 +1111,7 @@ async fn audit_end(store: &Store, entry: &Entry, finished: &Finished) {
     let (outcome, webex_status) = match finished {
         Finished::Delivered { webex_status, .. } => ("delivered".to_owned(), webex_status.clone()),
         Finished::Dead { reason } => (format!("dead: {reason}"), None),
+        Finished::Held { behind, .. } => (format!("held behind entry {behind}"), None),
     };
     let record = AuditRecord {
         at_ms: now_ms(),
@@ -1157,6 +1226,12 @@ mod tests {
         }
     }
 
+    /// A watch of a stored entry, under its user.
+    async fn watched(engine: &Engine, store: &Store, id: EntryId) -> oneshot::Receiver<Finished> {
+        let entry = store.entry(id).await.unwrap().unwrap();
+        engine.watch(id, &entry.new.user_id).await
+    }
+
     fn delivered() -> Attempt {
         Attempt::Delivered {
             subscriber_id: Some("sub".into()),
@@ -1222,7 +1297,7 @@ mod tests {
             .enqueue(vec![new_entry("live", "add")], now_ms())
             .await
             .unwrap();
-        let done = engine.watch(live[0]).await;
+        let done = watched(&engine, &store, live[0]).await;
         engine.submit("live");
         assert!(matches!(done.await.unwrap(), Finished::Delivered { .. }));
         let log = log.lock().unwrap().clone();
@@ -1250,8 +1325,8 @@ mod tests {
             .collect();
         entries.push(new_entry("z-live", "add"));
         let ids = store.enqueue(entries, now_ms()).await.unwrap();
-        let engine = Engine::new(store, attempt, limits(1));
-        let last = engine.watch(ids[4]).await;
+        let engine = Engine::new(store.clone(), attempt, limits(1));
+        let last = watched(&engine, &store, ids[4]).await;
         engine.start().await.unwrap();
         assert!(matches!(last.await.unwrap(), Finished::Delivered { .. }));
         let log = log.lock().unwrap().clone();
@@ -1283,7 +1358,7 @@ mod tests {
             .await
             .unwrap();
         let engine = Engine::new(store.clone(), attempt, limits(4));
-        let last = engine.watch(ids[1]).await;
+        let last = watched(&engine, &store, ids[1]).await;
         engine.start().await.unwrap();
         assert!(matches!(last.await.unwrap(), Finished::Delivered { .. }));
         assert_eq!(
@@ -1329,12 +1404,20 @@ mod tests {
         }
         assert_eq!(*log.lock().unwrap(), vec!["dave:add", "dave:delete"]);
 
-        let late = tokio::time::timeout(Duration::from_secs(1), engine.watch(ids[0]).await).await;
+        let late = tokio::time::timeout(
+            Duration::from_secs(1),
+            watched(&engine, &store, ids[0]).await,
+        )
+        .await;
         assert!(
             matches!(late, Ok(Ok(Finished::Delivered { .. }))),
             "{late:?}"
         );
-        let late = tokio::time::timeout(Duration::from_secs(1), engine.watch(ids[1]).await).await;
+        let late = tokio::time::timeout(
+            Duration::from_secs(1),
+            watched(&engine, &store, ids[1]).await,
+        )
+        .await;
         assert_eq!(
             late.unwrap().unwrap(),
             Finished::Dead {
@@ -1343,34 +1426,88 @@ mod tests {
         );
     }
 
+    /// SPEC §11: a dead entry holds its user's lane until the operator acts. The user's later
+    /// entries wait (their requests told why at once, not at their deadline), another user goes
+    /// meanwhile, and once the operator drops the dead entry the rest follow in order.
     #[tokio::test(start_paused = true)]
-    async fn dead_entries_end_and_the_next_one_proceeds() {
+    async fn a_dead_entry_holds_its_users_lane_and_never_another_users() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let attempt = scripted(log, dead_for("bad", "400: invalid"));
+        let attempt = scripted(log.clone(), dead_for("bad", "400: invalid"));
         let ids = store
             .enqueue(
-                vec![new_entry("bob", "bad"), new_entry("bob", "good")],
+                vec![
+                    new_entry("bob", "bad"),
+                    new_entry("bob", "good"),
+                    new_entry("carol", "add"),
+                ],
                 now_ms(),
             )
             .await
             .unwrap();
         let engine = Engine::new(store.clone(), attempt, limits(1));
-        let first = engine.watch(ids[0]).await;
-        let second = engine.watch(ids[1]).await;
+        let first = watched(&engine, &store, ids[0]).await;
+        let second = watched(&engine, &store, ids[1]).await;
+        let other_user = watched(&engine, &store, ids[2]).await;
         engine.start().await.unwrap();
+        let reason = "400: invalid".to_owned();
         assert_eq!(
             first.await.unwrap(),
             Finished::Dead {
-                reason: "400: invalid".into()
+                reason: reason.clone()
             }
         );
-        assert!(matches!(second.await.unwrap(), Finished::Delivered { .. }));
+        let held = Finished::Held {
+            behind: ids[0],
+            reason: reason.clone(),
+        };
+        assert_eq!(second.await.unwrap(), held);
         assert!(matches!(
-            store.entry(ids[0]).await.unwrap().unwrap().state,
-            EntryState::Dead { .. }
+            other_user.await.unwrap(),
+            Finished::Delivered { .. }
         ));
+        let head = store.head_of("bob").await.unwrap().unwrap();
+        assert_eq!(head.id, ids[0]);
+        assert!(head.is_dead(), "{head:?}");
+        assert!(store.entry(ids[1]).await.unwrap().unwrap().is_pending());
+
+        // A command for the held user arriving now is told at once.
+        let later = store
+            .enqueue(vec![new_entry("bob", "later")], now_ms())
+            .await
+            .unwrap()[0];
+        let told = engine.watch_new(later, "bob");
+        engine.submit("bob");
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(5), told)
+                .await
+                .unwrap()
+                .unwrap(),
+            held
+        );
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec!["bob:bad", "carol:add"],
+            "nothing of bob's went past the dead entry"
+        );
+
+        // The operator drops it: the rest of bob's queue goes, in order.
+        store.drop_entry(ids[0]).await.unwrap().unwrap();
+        let rest = [
+            watched(&engine, &store, ids[1]).await,
+            watched(&engine, &store, later).await,
+        ];
+        engine.submit("bob");
+        for end in rest {
+            let end = tokio::time::timeout(Duration::from_secs(5), end).await;
+            assert!(matches!(end, Ok(Ok(Finished::Delivered { .. }))), "{end:?}");
+        }
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec!["bob:bad", "carol:add", "bob:good", "bob:later"]
+        );
+        engine.stop();
     }
 
     /// Webex's acceptance reaches the waiting request before the end is stored: an end the
@@ -1402,8 +1539,8 @@ mod tests {
             .await
             .unwrap();
         let engine = Engine::new(store.clone(), attempt, limits(2));
-        let added = engine.watch(ids[0]).await;
-        let refused = engine.watch(ids[1]).await;
+        let added = watched(&engine, &store, ids[0]).await;
+        let refused = watched(&engine, &store, ids[1]).await;
         engine.start().await.unwrap();
         let told = tokio::time::timeout(Duration::from_secs(5), added).await;
         assert!(
@@ -1447,7 +1584,7 @@ mod tests {
             .await
             .unwrap();
         let engine = Engine::new(store.clone(), attempt, Limits { lease, ..limits(1) });
-        let end = engine.watch(ids[0]).await;
+        let end = watched(&engine, &store, ids[0]).await;
         engine.start().await.unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(10), end).await;
         assert!(
@@ -1495,14 +1632,14 @@ mod tests {
             .enqueue(vec![new_entry("dave", "add")], now_ms())
             .await
             .unwrap();
-        let first_done = engine.watch(first[0]).await;
+        let first_done = watched(&engine, &store, first[0]).await;
         engine.submit("dave");
         // Stored while the add is under way and never submitted: the engine takes it up the
         // moment the add ends, with nobody to read its end after the fact.
         let mut watches = Vec::new();
         store
             .enqueue_announced(vec![new_entry("dave", "modify")], now_ms(), |id| {
-                watches.push(engine.watch_new(id))
+                watches.push(engine.watch_new(id, "dave"))
             })
             .await
             .unwrap();
@@ -1523,8 +1660,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let attempt = scripted(Arc::default(), |_, _| delivered());
-        let engine = Engine::new(store, attempt, limits(1));
-        let watched = engine.watch_new(42);
+        let engine = Engine::new(store.clone(), attempt, limits(1));
+        let watched = engine.watch_new(42, "nobody");
         engine.unwatch([42]);
         assert!(engine.lock().waiters.is_empty());
         assert!(watched.await.is_err(), "the waiter should be gone");
@@ -1540,8 +1677,8 @@ mod tests {
             .enqueue(vec![new_entry("carol", "add")], 1)
             .await
             .unwrap();
-        let engine = Engine::new(store, attempt, limits(1));
-        let done = engine.watch(ids[0]).await;
+        let engine = Engine::new(store.clone(), attempt, limits(1));
+        let done = watched(&engine, &store, ids[0]).await;
         engine.start().await.unwrap();
         match done.await.unwrap() {
             Finished::Dead { reason } => {
@@ -1574,8 +1711,8 @@ mod tests {
             )
             .await
             .unwrap();
-        let engine = Engine::new(store, attempt, limits(1));
-        let second = engine.watch(ids[1]).await;
+        let engine = Engine::new(store.clone(), attempt, limits(1));
+        let second = watched(&engine, &store, ids[1]).await;
         let started = Instant::now();
         engine.start().await.unwrap();
         second.await.unwrap();
@@ -1612,7 +1749,7 @@ mod tests {
         let engine = Engine::new(store.clone(), attempt, limits(4));
         let mut waits = Vec::new();
         for id in &ids {
-            waits.push(engine.watch(*id).await);
+            waits.push(watched(&engine, &store, *id).await);
         }
         engine.start().await.unwrap();
         for w in waits {
@@ -1652,7 +1789,7 @@ mod tests {
         let engine = Engine::new(store.clone(), attempt, limits(4));
         let mut waits = Vec::new();
         for id in &ids {
-            waits.push(engine.watch(*id).await);
+            waits.push(watched(&engine, &store, *id).await);
         }
         let started = Instant::now();
         engine.start().await.unwrap();
@@ -1692,13 +1829,13 @@ mod tests {
             .await
             .unwrap();
         let engine = Engine::new(store.clone(), attempt, limits(4));
-        let mut waits = vec![engine.watch(first[0]).await];
+        let mut waits = vec![watched(&engine, &store, first[0]).await];
         engine.start().await.unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
         // u0 failed and probes; three more users arrive during the outage.
         let later: Vec<NewEntry> = (1..4).map(|i| new_entry(&format!("u{i}"), "add")).collect();
         for id in store.enqueue(later, now_ms()).await.unwrap() {
-            waits.push(engine.watch(id).await);
+            waits.push(watched(&engine, &store, id).await);
         }
         for i in 1..4 {
             engine.submit(&format!("u{i}"));
@@ -1761,7 +1898,7 @@ mod tests {
         let engine = Engine::new(store.clone(), attempt, limits(1));
         let mut waits = Vec::new();
         for id in &ids {
-            waits.push(engine.watch(*id).await);
+            waits.push(watched(&engine, &store, *id).await);
         }
         engine.start().await.unwrap();
         for w in waits {

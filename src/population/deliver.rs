@@ -2,6 +2,7 @@
 //! attempt of `serve` ([`crate::delivery`]), run by the command itself on the configured store,
 //! until the work it stands for has ended.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use crate::config::Config;
 use crate::delivery::webex::Deliverer;
 use crate::delivery::{AttemptFn, Engine, Finished, Limits};
 use crate::metrics::Metrics;
-use crate::store::{Call, Filter, NewEntry, Origin, Store, StoreError};
+use crate::store::{Call, EntryState, Filter, NewEntry, Origin, Store, StoreError};
 use crate::webex::{TokenManager, Transport, TransportOptions, WebexClient};
 
 /// The outbox entry of a fix (bulk origin: delivery takes live commands first). `None` for a
@@ -144,15 +145,45 @@ pub async fn standalone(
         .list(Filter::Pending, usize::MAX)
         .await
         .map_err(|e| e.to_string())?;
+    // A user whose lane a dead entry holds is not delivered (SPEC §11): its pending entries are
+    // reported held at once, since no end would come for them.
+    let mut held = HashMap::new();
+    for dead in store
+        .list(Filter::Dead, usize::MAX)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        let head = store
+            .head_of(&dead.new.user_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let (Some(head), EntryState::Dead { reason, .. }) = (head, &dead.state)
+            && head.id == dead.id
+        {
+            held.insert(dead.new.user_id.clone(), (dead.id, reason.clone()));
+        }
+    }
+    let mut done = Vec::with_capacity(pending.len());
     let watches: FuturesUnordered<_> = FuturesUnordered::new();
     for entry in &pending {
-        let watch = engine.watch(entry.id).await;
         let user_id = entry.new.user_id.clone();
+        if let Some((behind, reason)) = held.get(&user_id) {
+            let end = Ended {
+                user_id,
+                finished: Finished::Held {
+                    behind: *behind,
+                    reason: reason.clone(),
+                },
+            };
+            ended(&end);
+            done.push(end);
+            continue;
+        }
+        let watch = engine.watch(entry.id, &user_id).await;
         watches.push(async move { (user_id, watch.await) });
     }
     let mut watches = watches;
     let scheduler = engine.start().await.map_err(|e| e.to_string())?;
-    let mut done = Vec::with_capacity(watches.len());
     while let Some((user_id, finished)) = watches.next().await {
         let Ok(finished) = finished else {
             return Err(format!(

@@ -367,6 +367,10 @@ async fn outbox_drop(state: web::Data<AppState>, id: web::Path<u64>) -> HttpResp
     match state.store.drop_entry(*id).await {
         Ok(Some(entry)) => {
             let _ = state.store.flush().await;
+            // A dead entry held its user's lane: what waited behind it goes now.
+            if let Some(engine) = &state.engine {
+                engine.submit(&entry.new.user_id);
+            }
             HttpResponse::Ok().json(entry)
         }
         Ok(None) => {
@@ -407,7 +411,7 @@ async fn import(state: web::Data<AppState>, body: web::Json<ImportBody>) -> Http
             .user(&user_id)
             .await
             .map(|u| u.is_some_and(|u| u.subscriber_id.is_some()));
-        let pending = state.store.has_pending(&user_id).await;
+        let pending = state.store.has_queued(&user_id).await;
         let (known, pending) = if body.skip_known {
             (known, pending)
         } else {

@@ -530,7 +530,7 @@ async fn map_and_store(
         let stored = state
             .store
             .accept(remembered, entry, at_ms, |id| {
-                watches.push((id, engine.watch_new(id)));
+                watches.push((id, engine.watch_new(id, &user)));
             })
             .await;
         timeline.accepted(accepting.elapsed());
@@ -737,6 +737,13 @@ async fn answer(
                     Some(Finished::Dead { reason }) => {
                         OciError::WebexRejected.response(echo, Some(reason.clone()))
                     }
+                    Some(Finished::Held { behind, reason }) => OciError::Pending.response(
+                        echo,
+                        Some(format!(
+                            "outbox entry {id} is stored but not delivered: {}",
+                            Finished::held_advice(*behind, reason)
+                        )),
+                    ),
                     None if credentials_invalid => OciError::UpstreamCredentials.response(
                         echo,
                         Some(format!(

@@ -1,5 +1,5 @@
 //! `store copy`: a sled store moved into PostgreSQL — every outbox entry (pending, dead and the
-//! delivered history) with its id and state, the user map, profiles, customers, the token, the
+//! delivered history) with its id and state (and a dead entry's hold on its user's lane), the user map, profiles, customers, the token, the
 //! audit and the last reconcile run's counts. Read in key order in batches, written a batch per
 //! transaction; a record the database already holds is left alone, so a copy can be run again
 //! or resumed after an interruption. At the end, every kind's count in the source is compared
@@ -88,7 +88,15 @@ pub async fn sled_to_postgres(
             let n = batch.len() as u64;
             copied.source += n;
             copied.target += match tree {
-                outbox::OUTBOX => pg.import_entries(decoded(&batch, "outbox entry")?).await?,
+                outbox::OUTBOX => {
+                    let entries: Vec<outbox::Entry> = decoded(&batch, "outbox entry")?;
+                    let mut held = Vec::with_capacity(entries.len());
+                    for entry in entries {
+                        let holds = sled.holds_lane(&entry)?;
+                        held.push((entry, holds));
+                    }
+                    pg.import_entries(held).await?
+                }
                 users::USERS => {
                     let records = batch
                         .iter()

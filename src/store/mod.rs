@@ -161,13 +161,16 @@ domain_operations! {
     fn entry(&self, id: EntryId) -> Option<Entry>;
     /// Where an entry is in its life, without its body.
     fn progress(&self, id: EntryId) -> Option<Progress>;
-    /// The oldest pending entry of a user: the only one that may be delivered now.
+    /// The head of a user's queue: its oldest pending entry, the only one that may be
+    /// delivered now, or the dead entry that holds its lane. A dead entry stays at the head of
+    /// its queue (SPEC §11) until the operator retries it (pending again where it stands) or
+    /// drops it (the next entry goes); entries behind it wait, and other users never do.
     fn head_of(&self, user_id: &str) -> Option<Entry>;
-    /// Whether a user has a pending entry.
-    fn has_pending(&self, user_id: &str) -> bool;
-    /// Users with pending work whose lane `owner` may claim now (not leased by another node,
-    /// and on PostgreSQL not backing off), at most `limit`, each once, with the origin of its
-    /// head. Used at start-up to recover, and by the poll for work other nodes accepted or left.
+    /// Whether a user's queue holds anything: a pending entry, or a dead one holding its lane.
+    fn has_queued(&self, user_id: &str) -> bool;
+    /// Users with a pending head whose lane `owner` may claim now (not leased by another node,
+    /// not held by a dead entry, and on PostgreSQL not backing off), at most `limit`, each
+    /// once, with the origin of its head. Used at start-up to recover, and by the poll for work other nodes accepted or left.
     fn claimable_users(&self, owner: &str, limit: usize) -> Vec<(String, Origin)>;
     /// Record an attempt about to be made, so a crash after sending is known to maybe have
     /// reached Webex.
@@ -178,14 +181,15 @@ domain_operations! {
     fn record_failure(&self, id: EntryId, error: &str, lease: Option<&Lease>) -> Entry;
     /// The final subscriber status found by the follow-up of a delivered entry.
     fn set_webex_status(&self, id: EntryId, status: &str) -> Entry;
-    /// The entry reached its end (delivered or dead) and leaves its user's queue; `last_call`
-    /// is the TrackingID of the call that ended it, counted as an attempt in the same write.
+    /// The entry reached its end: delivered, it leaves its user's queue; dead, it stays at the
+    /// head and holds the lane ([`Store::head_of`]). `last_call` is the TrackingID of the call
+    /// that ended it, counted as an attempt in the same write.
     /// Under `lease`, as for `record_attempt`.
     fn finish(&self, id: EntryId, state: EntryState, last_call: Option<&str>, lease: Option<&Lease>) -> Entry;
     /// The end of a delivery try, in one write where there were three: [`Store::finish`] of
     /// its entry under `lease`, the change the end makes to the user's record, and the lane
-    /// handed back at once ([`Store::release_lane`]). Says whether the user still has pending
-    /// work.
+    /// handed back at once ([`Store::release_lane`]). Says whether the user has work that can
+    /// be delivered now (never after a dead end, which holds the lane).
     fn finish_try(&self, id: EntryId, state: EntryState, last_call: Option<&str>, lease: &Lease, user_map: Option<UserMapChange>) -> (Entry, bool);
     /// Claim the delivery lane of a user for `lease_ms`, with a fence higher than any before;
     /// `None` while another owner's lease runs. A lane its owner claims again is renewed.
@@ -194,8 +198,8 @@ domain_operations! {
     /// the same round trip.
     fn claim_head(&self, user_id: &str, owner: &str, lease_ms: u64) -> Option<Claim>;
     /// Hand a lane back at once, if this lease still holds it (another node may claim it now;
-    /// other nodes' polls leave it for `ready_in_ms`, a backoff); says whether the user still
-    /// has pending work.
+    /// other nodes' polls leave it for `ready_in_ms`, a backoff); says whether the head of the
+    /// user's queue is pending (not held by a dead entry).
     fn release_lane(&self, lease: &Lease, ready_in_ms: u64) -> bool;
     /// Push a lease that still holds `lease_ms` further; its new end, or `None` once it has
     /// run out or been claimed again.
@@ -220,7 +224,9 @@ domain_operations! {
     /// Run the chore `name` for `lease_ms` unless another owner's lease on it runs: true when
     /// this owner holds it now (claimed, or renewed).
     fn claim_chore(&self, name: &str, owner: &str, lease_ms: u64) -> bool;
-    /// Put a dead entry back in its user's queue. False if it was not dead.
+    /// Put a dead entry back in its user's queue, pending, its age counted from now (the
+    /// operator's retry starts a new wait under `store.max_entry_age_hours`). False if it was
+    /// not dead.
     fn retry(&self, id: EntryId) -> bool;
     /// Remove an entry for good (operator's `outbox drop`).
     fn drop_entry(&self, id: EntryId) -> Option<Entry>;
@@ -231,7 +237,8 @@ domain_operations! {
     /// How many entries are pending, and the creation time of the oldest.
     fn pending_summary(&self) -> (u64, Option<u64>);
     /// Delete finished entries created before `cutoff_ms`, then the oldest delivered entries
-    /// beyond `max_delivered`. Dead entries go only with age.
+    /// beyond `max_delivered`. Dead entries go only with age, and never one that holds its
+    /// lane (its user's later commands would go without anyone having acted).
     fn prune_finished(&self, cutoff_ms: u64, max_delivered: u64) -> u64;
     fn user(&self, user_id: &str) -> Option<UserRecord>;
     /// Every user the adapter knows, in userId order (byte order, as on sled).

@@ -2,9 +2,16 @@
 //! per-user arrival order until it is delivered or dead.
 //!
 //! Layout: `outbox` maps the entry id (u64, big-endian, monotonic) to the entry; `user_queue` holds
-//! one key `userId 0x00 id` per *pending* entry, so the head of a user's queue is the first key
-//! under its prefix and per-user order is the key order; `dead` holds the id of every dead entry,
-//! so the operator's views and the metrics never scan the delivered history.
+//! one key `userId 0x00 id` per entry in its user's queue — every *pending* entry, and a dead
+//! entry that holds its user's lane — so the head of a user's queue is the first key under its
+//! prefix and per-user order is the key order; `dead` holds the id of every dead entry, so the
+//! operator's views and the metrics never scan the delivered history.
+//!
+//! A dead entry stays in its queue (SPEC §11: it holds its lane until the operator acts): the
+//! user's later commands wait behind it, since an update delivered after its add failed, or a
+//! delete after its add was never made, would not be the user the AS meant. `outbox retry` makes
+//! it pending where it stands; `outbox drop` takes it out and the next entry goes. Entries that
+//! died under releases before this rule left their queues and hold nothing.
 //!
 //! The trees are written key by key, not in sled transactions: a multi-tree transaction seals and
 //! writes sled's log buffer twice (two `pwrite`s and two `sync_file_range`s per request under
@@ -243,6 +250,15 @@ impl Entry {
     pub fn is_pending(&self) -> bool {
         matches!(self.state, EntryState::Pending)
     }
+
+    pub fn is_dead(&self) -> bool {
+        matches!(self.state, EntryState::Dead { .. })
+    }
+
+    /// Pending or dead: what a queue key may stand for (a delivered entry has left its queue).
+    fn may_be_queued(&self) -> bool {
+        !matches!(self.state, EntryState::Delivered { .. })
+    }
 }
 
 /// Which entries `list` returns.
@@ -400,7 +416,8 @@ impl SledStore {
             .transpose()
     }
 
-    /// The oldest pending entry of a user: the only one that may be delivered now.
+    /// The head of a user's queue: its oldest pending entry, the only one that may be delivered
+    /// now, or the dead entry that holds its lane.
     pub fn head_of(&self, user_id: &str) -> Result<Option<Entry>, StoreError> {
         let queue = self.tree(USER_QUEUE)?;
         for item in queue.scan_prefix(queue_prefix(user_id)) {
@@ -409,7 +426,7 @@ impl SledStore {
             if let Some(entry) = self.fresh.get(id) {
                 return Ok(Some(entry));
             }
-            if let Some(entry) = self.entry(id)?.filter(Entry::is_pending) {
+            if let Some(entry) = self.entry(id)?.filter(Entry::may_be_queued) {
                 return Ok(Some(entry));
             }
             // The key looks stale, but an enqueue or a retry may be between its two writes: the
@@ -417,7 +434,7 @@ impl SledStore {
             // reads the user's queue). Looked at again where that cannot be.
             let _queueing = self.queueing();
             match self.entry(id)? {
-                Some(entry) if entry.is_pending() => return Ok(Some(entry)),
+                Some(entry) if entry.may_be_queued() => return Ok(Some(entry)),
                 // A key left by a change that ended concurrently (an operator's retry racing a
                 // drop, a finish removing its own key): the entry decides, the key goes.
                 _ => {
@@ -428,8 +445,9 @@ impl SledStore {
         Ok(None)
     }
 
-    /// Whether a user has a pending entry (without reading it).
-    pub fn has_pending(&self, user_id: &str) -> Result<bool, StoreError> {
+    /// Whether a user's queue holds anything: a pending entry, or a dead one holding its lane
+    /// (without reading it).
+    pub fn has_queued(&self, user_id: &str) -> Result<bool, StoreError> {
         Ok(self
             .tree(USER_QUEUE)?
             .scan_prefix(queue_prefix(user_id))
@@ -438,8 +456,8 @@ impl SledStore {
             .is_some())
     }
 
-    /// Every user with pending work, each once, in key order. Used at start-up to recover.
-    pub fn users_with_pending(&self) -> Result<Vec<String>, StoreError> {
+    /// Every user whose queue holds anything, each once, in key order.
+    pub fn users_with_queues(&self) -> Result<Vec<String>, StoreError> {
         let mut users: Vec<String> = Vec::new();
         for item in self.tree(USER_QUEUE)?.iter() {
             let (key, _) = item?;
@@ -486,10 +504,11 @@ impl SledStore {
         })
     }
 
-    /// The entry reached its end: delivered or dead. It leaves the user's queue in the same
-    /// transaction, so the next entry of that user becomes the head. `last_call` is the
-    /// TrackingID of the Webex call that ended it, counted as an attempt in the same write (a
-    /// successful call is recorded only here: one write of the entry instead of two).
+    /// The entry reached its end: delivered, it leaves the user's queue, so the next entry of
+    /// that user becomes the head; dead, it stays there and holds the lane (see the module
+    /// header). `last_call` is the TrackingID of the Webex call that ended it, counted as an
+    /// attempt in the same write (a successful call is recorded only here: one write of the
+    /// entry instead of two).
     pub fn finish(
         &self,
         id: EntryId,
@@ -520,12 +539,24 @@ impl SledStore {
                 return Err(error);
             }
         };
-        self.tree(USER_QUEUE)?
-            .remove(queue_key(&entry.new.user_id, id))?;
+        if !is_dead {
+            self.tree(USER_QUEUE)?
+                .remove(queue_key(&entry.new.user_id, id))?;
+        }
         Ok(entry)
     }
 
-    /// Put a dead entry back in its user's queue. Returns false if it was not dead.
+    /// Whether a dead entry holds its user's lane (is still in its queue).
+    pub(super) fn holds_lane(&self, entry: &Entry) -> Result<bool, StoreError> {
+        Ok(entry.is_dead()
+            && self
+                .tree(USER_QUEUE)?
+                .contains_key(queue_key(&entry.new.user_id, entry.id))?)
+    }
+
+    /// Put a dead entry back in its user's queue, pending, its age counted from now (the
+    /// operator's retry starts a new wait: `store.max_entry_age_hours` would otherwise end an
+    /// entry that died long ago again at once). Returns false if it was not dead.
     pub fn retry(&self, id: EntryId) -> Result<bool, StoreError> {
         let Some(entry) = self.entry(id)? else {
             return Ok(false);
@@ -543,6 +574,7 @@ impl SledStore {
             if revived {
                 entry.state = EntryState::Pending;
                 entry.last_error = None;
+                entry.created_ms = super::now_ms();
             }
         })?;
         self.tree(DEAD)?.remove(id.to_be_bytes())?;
@@ -639,12 +671,25 @@ impl SledStore {
     /// How many entries are pending, and the creation time of the oldest (for the age metric).
     pub fn pending_summary(&self) -> Result<(u64, Option<u64>), StoreError> {
         let queue = self.tree(USER_QUEUE)?;
+        // The queues also hold the dead entries that hold lanes: few, and all in `dead` (whose
+        // keys a crash may leave stale, so the entries say).
+        let mut dead = Vec::new();
+        self.dead_ids(&mut dead)?;
+        let dead: std::collections::HashSet<EntryId> = self
+            .entries(dead)?
+            .iter()
+            .filter(|entry| entry.is_dead())
+            .map(|entry| entry.id)
+            .collect();
         let mut count = 0;
         let mut oldest: Option<EntryId> = None;
         for item in queue.iter() {
             let (key, _) = item?;
-            count += 1;
             let id = id_from(&key[key.len() - 8..])?;
+            if dead.contains(&id) {
+                continue;
+            }
+            count += 1;
             oldest = Some(oldest.map_or(id, |o| o.min(id)));
         }
         let oldest_ms = match oldest {
@@ -656,14 +701,24 @@ impl SledStore {
 
     /// Delete finished entries created before `cutoff_ms`, then the oldest delivered entries
     /// beyond `max_delivered`. Dead entries go only with age, however many there are: each is
-    /// work an operator has yet to see through (`outbox retry` or `drop`).
+    /// work an operator has yet to see through (`outbox retry` or `drop`); one that holds its
+    /// lane never goes with age, since its user's later commands would then be delivered
+    /// without anyone having acted.
     pub fn prune_finished(&self, cutoff_ms: u64, max_delivered: u64) -> Result<u64, StoreError> {
         let outbox = self.tree(OUTBOX)?;
         let dead = self.tree(DEAD)?;
+        let queue = self.tree(USER_QUEUE)?;
         // Counted from the indexes, which a crash can leave with a stale key or two: the cap is
         // approximate by that much, never more.
         // The undelivered are few (pending and dead) and walked; the whole outbox is counted.
-        let undelivered = (self.tree(USER_QUEUE)?.len() + dead.len()) as u64;
+        // A dead entry that holds its lane is in both.
+        let mut dead_ids = Vec::new();
+        self.dead_ids(&mut dead_ids)?;
+        let mut held = 0;
+        for entry in self.entries(dead_ids)? {
+            held += usize::from(self.holds_lane(&entry)?);
+        }
+        let undelivered = (queue.len() + dead.len()).saturating_sub(held) as u64;
         let delivered = self.counts.outbox.of(&outbox).saturating_sub(undelivered);
         let mut excess = delivered.saturating_sub(max_delivered);
         let mut removed = 0;
@@ -675,7 +730,10 @@ impl SledStore {
                 break;
             }
             let is_delivered = Filter::Delivered.matches(&entry);
-            if (expired && !entry.is_pending()) || (is_delivered && excess > 0) {
+            let kept = entry.is_pending()
+                || (entry.is_dead()
+                    && queue.contains_key(queue_key(&entry.new.user_id, entry.id))?);
+            if (expired && !kept) || (is_delivered && excess > 0) {
                 if outbox.remove(&key)?.is_some() {
                     self.counts.outbox.removed(1);
                 }
@@ -728,7 +786,7 @@ impl SledStore {
 }
 
 /// Drop index keys a crash left behind (see the module header): a queued id whose entry is
-/// missing or no longer pending, a dead id whose entry is missing or no longer dead. Runs when the
+/// missing or delivered, a dead id whose entry is missing or no longer dead. Runs when the
 /// store opens, before anything reads the indexes; costs one read per pending or dead entry.
 /// Returns how many keys it dropped.
 pub(super) fn reconcile_indexes(db: &sled::Db) -> Result<usize, StoreError> {
@@ -744,7 +802,10 @@ pub(super) fn reconcile_indexes(db: &sled::Db) -> Result<usize, StoreError> {
     for item in queue.iter() {
         let (key, _) = item?;
         let id = id_from(&key[key.len().saturating_sub(8)..])?;
-        if !matches!(state_of(id)?, Some(EntryState::Pending)) {
+        if !matches!(
+            state_of(id)?,
+            Some(EntryState::Pending | EntryState::Dead { .. })
+        ) {
             queue.remove(&key)?;
             dropped += 1;
         }
@@ -933,7 +994,8 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(ids_listed(&store, Filter::Pending, 10), lost[..2]);
         assert_eq!(ids_listed(&store, Filter::Dead, 10), vec![lost[2]]);
-        assert_eq!(store.users_with_pending().unwrap(), vec!["a".to_owned()]);
+        // b's dead entry holds its lane.
+        assert_eq!(store.users_with_queues().unwrap(), vec!["a", "b"]);
     }
 
     /// The race the soak found: the engine reads a user's queue while a request for that user is
@@ -1008,8 +1070,10 @@ mod tests {
         };
         let store = Store::open(dir.path()).unwrap();
         assert!(store.head_of("a").unwrap().is_none());
-        assert!(!store.has_pending("ghost").unwrap());
-        assert_eq!(store.users_with_pending().unwrap(), vec!["b"]);
+        assert!(!store.has_queued("ghost").unwrap());
+        // c's dead entry holds its lane.
+        assert_eq!(store.users_with_queues().unwrap(), vec!["b", "c"]);
+        assert_eq!(store.head_of("c").unwrap().unwrap().id, kept);
         assert_eq!(store.head_of("b").unwrap().unwrap().id, dead_then_pending);
         let dead_ids = ids_listed(&store, Filter::Dead, 10);
         assert_eq!(dead_ids, vec![kept]);

@@ -254,6 +254,7 @@ impl SledStore {
         lease: &super::Lease,
         user_map: Option<super::UserMapChange>,
     ) -> Result<(super::Entry, bool), StoreError> {
+        let dead = matches!(state, super::EntryState::Dead { .. });
         let entry = self.finish(id, state, last_call, Some(lease))?;
         match user_map {
             Some(super::UserMapChange::Map {
@@ -263,12 +264,17 @@ impl SledStore {
             Some(super::UserMapChange::Forget) => self.unmap_subscriber(&lease.user_id)?,
             None => {}
         }
-        Ok((entry, self.release_lane(lease, 0)?))
+        self.lanes.release(lease, 0);
+        // A dead end holds the lane; otherwise whatever is queued next is pending (only a head
+        // dies), so the key tells without a read of the entry.
+        Ok((entry, !dead && self.has_queued(&lease.user_id)?))
     }
 
     pub fn release_lane(&self, lease: &super::Lease, ready_in_ms: u64) -> Result<bool, StoreError> {
         self.lanes.release(lease, ready_in_ms);
-        self.has_pending(&lease.user_id)
+        Ok(self
+            .head_of(&lease.user_id)?
+            .is_some_and(|head| head.is_pending()))
     }
 
     pub fn renew_lane(
@@ -285,14 +291,15 @@ impl SledStore {
         limit: usize,
     ) -> Result<Vec<(String, super::Origin)>, StoreError> {
         let mut found = Vec::new();
-        for user in self.users_with_pending()? {
+        for user in self.users_with_queues()? {
             if found.len() >= limit {
                 break;
             }
             if !self.lanes.claimable(&user, owner) {
                 continue;
             }
-            if let Some(head) = self.head_of(&user)? {
+            // A dead head holds the lane until the operator acts.
+            if let Some(head) = self.head_of(&user)?.filter(super::Entry::is_pending) {
                 found.push((user, head.new.origin));
             }
         }

@@ -14,10 +14,11 @@ fn json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
 }
 
 impl PgStore {
-    /// Outbox entries; returns how many of them the outbox holds now.
-    pub async fn import_entries(&self, entries: Vec<Entry>) -> Result<u64, StoreError> {
+    /// Outbox entries, each with whether it holds its user's lane (a dead entry at the head of
+    /// its queue); returns how many of them the outbox holds now.
+    pub async fn import_entries(&self, entries: Vec<(Entry, bool)>) -> Result<u64, StoreError> {
         let mut rows = Vec::with_capacity(entries.len());
-        for e in entries {
+        for (e, holds_lane) in entries {
             let (state, ended, subscriber, status, reason) = match e.state {
                 crate::store::EntryState::Pending => ("pending", None, None, None, None),
                 crate::store::EntryState::Delivered {
@@ -53,6 +54,7 @@ impl PgStore {
                 e.last_error,
                 e.tracking_id,
                 e.new.origin.name(),
+                holds_lane,
             ));
         }
         self.run("copy outbox entries", Access::Write, move |mut c| {
@@ -65,8 +67,8 @@ impl PgStore {
                     .prepare_cached(
                         "INSERT INTO outbox (id, created_ms, user_id, template, command, call, client, \
                          state, ended_ms, subscriber_id, webex_status, dead_reason, attempts, last_error, \
-                         tracking_id, origin) OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, \
-                         $6::text::json, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+                         tracking_id, origin, holds_lane) OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, \
+                         $4, $5, $6::text::json, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
                          ON CONFLICT (id) DO NOTHING",
                     )
                     .await?;
@@ -77,7 +79,7 @@ impl PgStore {
                         &insert,
                         &[
                             &r.0, &r.1, &r.2, &r.3, &r.4, &r.5, &r.6, &r.7, &r.8, &r.9, &r.10,
-                            &r.11, &r.12, &r.13, &r.14, &r.15,
+                            &r.11, &r.12, &r.13, &r.14, &r.15, &r.16,
                         ],
                     )
                     .await?;

@@ -4,7 +4,7 @@
 use tokio_postgres::Row;
 
 use super::cluster::{LIMITS, limits_from};
-use super::outbox::{COLUMNS, entry_from};
+use super::outbox::{HEAD_SQL, entry_from};
 use super::{Access, OpError, PgStore, to_i64, to_u64};
 use crate::store::{Claim, Lease, Origin, StoreError};
 
@@ -12,7 +12,8 @@ use crate::store::{Claim, Lease, Origin, StoreError};
 /// fence grows at every claim. The claim waits for a transaction that holds the lane row (an
 /// accept of the same user committing on another node) rather than skipping it, so a user just
 /// handed to this node is not passed over. The head is read in the same statement: one round
-/// trip from "user ready" to "entry in hand", with the rate limit the nodes share. Its snapshot predates a wait for the lane, so it
+/// trip from "user ready" to "entry in hand", with the rate limit the nodes share. The head may
+/// be a dead entry holding the lane: delivery then leaves the user to the operator. Its snapshot predates a wait for the lane, so it
 /// may miss an entry committed during that wait; `RELEASE` sees it and the user goes again.
 static CLAIM_HEAD_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
@@ -21,17 +22,22 @@ static CLAIM_HEAD_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
          WHERE user_id = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until <= now()) \
          RETURNING fence, (extract(epoch FROM lease_until) * 1000)::bigint AS until_ms) \
          SELECT head.*, claimed.fence, claimed.until_ms, {LIMITS} FROM claimed CROSS JOIN control \
-         LEFT JOIN LATERAL \
-         (SELECT {COLUMNS} FROM outbox WHERE user_id = $1 AND state = 'pending' ORDER BY id LIMIT 1) \
-         head ON true"
+         LEFT JOIN LATERAL ({}) head ON true",
+        *HEAD_SQL
     )
 });
 
 /// Hands the lane back, not ready for other nodes' polls before `$3` ms (a backoff), and says
-/// whether the user still has work (the statement's snapshot is taken after the release's own).
-const RELEASE: &str = "WITH released AS (UPDATE lanes SET lease_owner = NULL, lease_until = NULL, \
-     ready_at = now() + $3 * interval '1 millisecond' WHERE user_id = $1 AND fence = $2) \
-     SELECT EXISTS (SELECT 1 FROM outbox WHERE user_id = $1 AND state = 'pending')";
+/// whether the head of the user's queue is pending (the statement's snapshot is taken after the
+/// release's own).
+static RELEASE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH released AS (UPDATE lanes SET lease_owner = NULL, lease_until = NULL, \
+         ready_at = now() + $3 * interval '1 millisecond' WHERE user_id = $1 AND fence = $2) \
+         SELECT coalesce((SELECT head.state = 'pending' FROM ({}) head), false)",
+        *HEAD_SQL
+    )
+});
 
 /// Extends a lease that still holds: same fence, not yet run out.
 const RENEW: &str = "UPDATE lanes SET lease_until = now() + $3 * interval '1 millisecond' \
@@ -39,11 +45,14 @@ const RENEW: &str = "UPDATE lanes SET lease_until = now() + $3 * interval '1 mil
      RETURNING (extract(epoch FROM lease_until) * 1000)::bigint";
 
 /// Users with pending work that this node may claim now, with the origin of each one's head:
-/// driven by the pending rows (a partial index), not by every lane ever created.
+/// driven by the pending rows (a partial index), not by every lane ever created. A user whose
+/// lane a dead entry holds (an older one) is left to the operator.
 const CLAIMABLE: &str = "SELECT p.user_id, p.origin FROM \
-     (SELECT DISTINCT ON (user_id) user_id, origin FROM outbox WHERE state = 'pending' \
+     (SELECT DISTINCT ON (user_id) user_id, id, origin FROM outbox WHERE state = 'pending' \
       ORDER BY user_id, id) p JOIN lanes l USING (user_id) \
      WHERE l.ready_at <= now() AND (l.lease_owner IS NULL OR l.lease_owner = $1 OR l.lease_until <= now()) \
+     AND NOT EXISTS (SELECT 1 FROM outbox h WHERE h.user_id = p.user_id AND h.holds_lane \
+     AND h.id < p.id) \
      LIMIT $2";
 
 fn lease_from(row: &Row, at: usize, user: String, owner: String) -> Result<Lease, OpError> {
@@ -102,7 +111,7 @@ impl PgStore {
         let ready_in = ready_in_ms as f64;
         self.run("hand back a delivery lane", Access::Write, move |c| {
             Box::pin(async move {
-                let release = c.prepare_cached(RELEASE).await?;
+                let release = c.prepare_cached(&RELEASE).await?;
                 Ok(c.query_one(&release, &[&user, &fence, &ready_in])
                     .await?
                     .try_get(0)?)

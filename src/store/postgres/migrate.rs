@@ -17,6 +17,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("migrations/002_population.sql"),
     ),
     (3, "cluster", include_str!("migrations/003_cluster.sql")),
+    (
+        4,
+        "held_lanes",
+        include_str!("migrations/004_held_lanes.sql"),
+    ),
 ];
 
 /// The schema version this binary reads and writes.

@@ -1,6 +1,7 @@
 //! The outbox on PostgreSQL: one row per entry; a user's queue is its pending rows in id order
-//! (a partial index), the dead and delivered views are partial indexes too. Each change is one
-//! statement, so an entry's state and its place in the queue change together.
+//! and the dead row that holds its lane (`holds_lane`), each a partial index, as are the dead
+//! and delivered views. Each change is one statement, so an entry's state and its place in the
+//! queue change together.
 
 use tokio_postgres::Row;
 
@@ -14,6 +15,17 @@ use crate::store::{
 pub(super) const COLUMNS: &str = "id, created_ms, user_id, template, command, call::text, client, state, \
                        ended_ms, subscriber_id, webex_status, dead_reason, attempts, last_error, \
                        tracking_id, origin";
+
+/// The head of user `$1`'s queue ([`crate::store::Store::head_of`]): its oldest pending entry
+/// or the dead entry that holds its lane, whichever is older, each found by its own partial
+/// index (an `OR` of the two would read the user's whole history).
+pub(super) static HEAD_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "(SELECT {COLUMNS} FROM outbox WHERE user_id = $1 AND state = 'pending' ORDER BY id LIMIT 1) \
+         UNION ALL (SELECT {COLUMNS} FROM outbox WHERE user_id = $1 AND holds_lane ORDER BY id LIMIT 1) \
+         ORDER BY id LIMIT 1"
+    )
+});
 
 /// Rows deleted per statement when pruning: a long delete would hold back the commits that
 /// acknowledgements wait for.
@@ -63,7 +75,7 @@ ORDER BY entries.id";
 /// [`PgStore::finish_try`]: the entry's end under the lease's fence (as `change` writes it),
 /// the user map as the end changes it, and the lane handed back ready at once, in one
 /// statement; then whether the user has pending work besides this entry (the statement's
-/// snapshot still shows it pending). An entry another node's accept adds while this statement
+/// snapshot still shows it pending), never after a dead end, which holds the lane. An entry another node's accept adds while this statement
 /// waits for the lane is not seen here; that node hands its user to its own engine, and the
 /// poll finds it otherwise.
 static FINISH_TRY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -77,15 +89,16 @@ static FINISH_TRY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
          WHERE $12 AND user_id = (SELECT user_id FROM ended)), \
          released AS (UPDATE lanes SET lease_owner = NULL, lease_until = NULL, ready_at = now() \
          WHERE user_id = (SELECT user_id FROM ended) AND fence = $9) \
-         SELECT ended.*, EXISTS (SELECT 1 FROM outbox WHERE user_id = ended.user_id \
-         AND state = 'pending' AND id <> ended.id) FROM ended",
+         SELECT ended.*, $2 <> 'dead' AND EXISTS (SELECT 1 FROM outbox \
+         WHERE user_id = ended.user_id AND state = 'pending' AND id <> ended.id) FROM ended",
         change_sql(END, 9)
     )
 });
 
-/// The columns an entry's end sets ([`ChangeParams::End`]).
+/// The columns an entry's end sets ([`ChangeParams::End`]); a dead end holds the lane.
 const END: &str = "state = $2, ended_ms = $3, subscriber_id = $4, webex_status = $5, \
-     dead_reason = $6, attempts = attempts + $7, tracking_id = coalesce($8, tracking_id)";
+     dead_reason = $6, attempts = attempts + $7, tracking_id = coalesce($8, tracking_id), \
+     holds_lane = ($2 = 'dead')";
 
 /// A change of one entry by id (`$1`) that returns it as it is now; under a lease (its fence
 /// in parameter `fence_param`, NULL for none) only while the lease still holds the user's lane:
@@ -442,22 +455,25 @@ impl PgStore {
     }
 
     pub async fn head_of(&self, user_id: &str) -> Result<Option<Entry>, StoreError> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM outbox WHERE user_id = $1 AND state = 'pending' ORDER BY id LIMIT 1"
-        );
         Ok(self
-            .entries("read the outbox", sql, None, Some(user_id.to_owned()))
+            .entries(
+                "read the outbox",
+                HEAD_SQL.clone(),
+                None,
+                Some(user_id.to_owned()),
+            )
             .await?
             .pop())
     }
 
-    pub async fn has_pending(&self, user_id: &str) -> Result<bool, StoreError> {
+    pub async fn has_queued(&self, user_id: &str) -> Result<bool, StoreError> {
         let user = user_id.to_owned();
         self.run("read the outbox", Access::Read, move |c| {
             Box::pin(async move {
                 let statement = c
                     .prepare_cached(
-                        "SELECT EXISTS (SELECT 1 FROM outbox WHERE user_id = $1 AND state = 'pending')",
+                        "SELECT EXISTS (SELECT 1 FROM outbox WHERE user_id = $1 AND state = 'pending') \
+                         OR EXISTS (SELECT 1 FROM outbox WHERE user_id = $1 AND holds_lane)",
                     )
                     .await?;
                 Ok(c.query_one(&statement, &[&user]).await?.try_get(0)?)
@@ -585,7 +601,7 @@ impl PgStore {
     }
 
     pub async fn retry(&self, id: EntryId) -> Result<bool, StoreError> {
-        let key = to_i64(id);
+        let (key, now) = (to_i64(id), to_i64(crate::store::now_ms()));
         self.run(
             "put an entry back in its queue",
             Access::Write,
@@ -595,8 +611,9 @@ impl PgStore {
                     let revived = tx
                     .execute(
                         "UPDATE outbox SET state = 'pending', ended_ms = NULL, dead_reason = NULL, \
-                         last_error = NULL WHERE id = $1 AND state = 'dead'",
-                        &[&key],
+                         last_error = NULL, holds_lane = false, created_ms = $2 \
+                         WHERE id = $1 AND state = 'dead'",
+                        &[&key, &now],
                     )
                     .await?;
                     tx.commit().await?;
@@ -670,7 +687,7 @@ impl PgStore {
         let expired = self
             .prune_batches(
                 "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state <> 'pending' \
-                 AND created_ms < $2 ORDER BY id LIMIT $1)",
+                 AND NOT holds_lane AND created_ms < $2 ORDER BY id LIMIT $1)",
                 Some(to_i64(cutoff_ms)),
                 None,
             )
