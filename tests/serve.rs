@@ -309,6 +309,38 @@ async fn every_error_code_is_reachable(backend: Backend) {
         "Webex's errorCode is in the detail: {body}"
     );
 
+    // The refused rename is dead and holds its user's lane (SPEC §11): the user's next command
+    // waits behind it, and the AS hears why (the deadline's 7020 would say Webex has not
+    // answered yet); dropped by the operator, it lets the waiting command through.
+    let next = r#"<command xsi:type="UserModifyRequest22" xmlns=""><userId>one@acme.example</userId><firstName>Eins</firstName></command>"#;
+    let (_, body) = post(&client, &url, document(next)).await;
+    let a = only(&body);
+    assert_eq!(a.code, Some(7020), "{body}");
+    let dead = get_json(&format!("{}/admin/outbox?state=dead", server.admin)).await;
+    let dead_id = dead[0]["id"].as_u64().unwrap();
+    assert!(
+        a.text
+            .contains(&format!("waits behind dead outbox entry {dead_id}")),
+        "{body}"
+    );
+    assert_ne!(
+        world.subscriber("one@acme.example").unwrap()["firstName"],
+        "Eins"
+    );
+    let dropped = reqwest::Client::new()
+        .delete(format!("{}/admin/outbox/{dead_id}", server.admin))
+        .send()
+        .await
+        .unwrap();
+    assert!(dropped.status().is_success(), "{dropped:?}");
+    assert!(
+        eventually(SETTLE, || world
+            .subscriber("one@acme.example")
+            .is_some_and(|s| s["firstName"] == "Eins"))
+        .await,
+        "the held command is delivered once the dead entry is dropped"
+    );
+
     // 7021: an email change cannot be carried by an update.
     let email = r#"<command xsi:type="UserModifyRequest22" xmlns=""><userId>one@acme.example</userId><firstName>Uno</firstName><emailAddress>uno@acme.example</emailAddress></command>"#;
     let (_, body) = post(&client, &url, document(email)).await;

@@ -331,6 +331,22 @@ async fn a_sled_store_copied_into_postgres_is_served_from_there() {
         .unwrap();
     let body = response.text().await.unwrap();
     assert_eq!(answers(&body)[0].kind, "SuccessResponse", "{body}");
+    // The copied dead entry still holds its user's lane: a command for that user waits behind
+    // it, and the AS hears so at once.
+    let modify = r#"<command xsi:type="UserModifyRequest22" xmlns=""><userId>dead@acme.example</userId><firstName>Held</firstName></command>"#;
+    let response = client
+        .post(&url)
+        .header("content-type", "text/xml")
+        .body(document(modify))
+        .send()
+        .await
+        .unwrap();
+    let body = response.text().await.unwrap();
+    assert_eq!(answers(&body)[0].code, Some(7020), "{body}");
+    assert!(
+        body.contains(&format!("waits behind dead outbox entry {dead_id}")),
+        "{body}"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 
