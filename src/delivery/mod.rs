@@ -710,7 +710,10 @@ impl Engine {
                 let tenure = Tenure::new(claim.lease, claimed_at, limits.lease);
                 let paused_for = self.heed(claim.limits);
                 let probing_elsewhere = self.lock().remote_probe;
-                let called = claim.head.is_some() && paused_for.is_zero() && !probing_elsewhere;
+                // A dead head (the lane held for the operator) makes no call either.
+                let called = claim.head.as_ref().is_some_and(Entry::is_pending)
+                    && paused_for.is_zero()
+                    && !probing_elsewhere;
                 let (reschedule, answered) = match claim.head {
                     // A dead entry holds the lane: the user waits for the operator, and the
                     // requests waiting on its later entries hear why.
