@@ -486,6 +486,55 @@ impl Engine {
         self.submit_as(user_id, Origin::Live);
     }
 
+    /// A user has new pending work from the AS, to be started on the caller's thread when the
+    /// engine would start it at once anyway: a slot free, no user queued before it, no pause,
+    /// pace or probe to wait for, the user neither busy, queued nor backing off. Returns that
+    /// delivery, for the caller to run on its own thread (it holds the slot until it ends);
+    /// otherwise hands the user over as [`Engine::submit`] does and returns `None`.
+    ///
+    /// Why: at the rates an AS sends, the threads of the engine and of the request are asleep,
+    /// and each hand-over between them is a wake-up of another thread (0.47 and 0.33 ms of the
+    /// slowest requests at 100 req/s: bench/RESULTS.md, fourteenth sitting). Run where the
+    /// request runs, with that thread's own Webex connections (`webex::transport`), a command's
+    /// path wakes no other thread but the store's.
+    pub fn start_here(&self, user_id: &str) -> Option<impl Future<Output = ()> + use<>> {
+        let permit = {
+            let mut s = self.lock();
+            let now = Instant::now();
+            let at_once = !s.stopping
+                && s.ready.is_empty()
+                && !s.bulk_ready.contains(user_id)
+                && !s.busy.contains(user_id)
+                && !s.delayed.contains(user_id)
+                && s.paused_until.is_none_or(|until| until <= now)
+                && s.probe.is_none()
+                && !s.remote_probe
+                && s.pacer.wait_until(now).is_none();
+            match at_once
+                .then(|| self.inner.slots.clone().try_acquire_owned().ok())
+                .flatten()
+            {
+                Some(permit) => {
+                    s.bulk.remove(user_id);
+                    s.pacer.started(now, false);
+                    s.busy.insert(user_id.to_owned());
+                    permit
+                }
+                None => {
+                    drop(s);
+                    self.submit(user_id);
+                    return None;
+                }
+            }
+        };
+        let (engine, user) = (self.clone(), user_id.to_owned());
+        Some(async move {
+            engine.deliver_head(&user).await;
+            drop(permit);
+            engine.inner.wake.notify_one();
+        })
+    }
+
     /// A user has new pending work of this origin; bulk work waits while live work is ready.
     pub fn submit_as(&self, user_id: &str, origin: Origin) {
         {
@@ -1509,6 +1558,62 @@ mod tests {
         assert_eq!(
             *log.lock().unwrap(),
             vec!["bob:bad", "carol:add", "bob:good", "bob:later"]
+        );
+        engine.stop();
+    }
+
+    /// A live command starts on the caller's thread when the engine would start it at once,
+    /// and goes through the engine otherwise (no slot free, its user busy): in order, and once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_free_users_command_starts_on_the_thread_that_accepted_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let seen = threads.clone();
+        let attempt: AttemptFn = Arc::new(move |entry: Entry, _tenure: Tenure| {
+            seen.lock().unwrap().push((
+                format!("{}:{}", entry.new.user_id, entry.new.command),
+                std::thread::current().id(),
+            ));
+            Box::pin(async { delivered() })
+        });
+        let engine = Engine::new(store.clone(), attempt, limits(1));
+        engine.start().await.unwrap();
+        let ids = store
+            .enqueue(vec![new_entry("a", "1"), new_entry("b", "1")], now_ms())
+            .await
+            .unwrap();
+        let ends = [
+            watched(&engine, &store, ids[0]).await,
+            watched(&engine, &store, ids[1]).await,
+        ];
+        let here = engine.start_here("a").expect("a slot is free");
+        assert!(
+            engine.start_here("b").is_none(),
+            "the only slot is taken: b goes through the engine"
+        );
+        let later = store
+            .enqueue(vec![new_entry("a", "2")], now_ms())
+            .await
+            .unwrap()[0];
+        let last = watched(&engine, &store, later).await;
+        assert!(engine.start_here("a").is_none(), "a is busy");
+        here.await;
+        for end in ends.into_iter().chain([last]) {
+            let end = tokio::time::timeout(Duration::from_secs(5), end).await;
+            assert!(matches!(end, Ok(Ok(Finished::Delivered { .. }))), "{end:?}");
+        }
+        let threads = threads.lock().unwrap().clone();
+        let test_thread = std::thread::current().id();
+        assert_eq!(threads[0], ("a:1".to_owned(), test_thread));
+        let mut rest: Vec<_> = threads[1..].iter().map(|(call, _)| call.as_str()).collect();
+        rest.sort();
+        assert_eq!(rest, vec!["a:2", "b:1"], "each once, a's in order");
+        assert!(
+            threads[1..]
+                .iter()
+                .all(|(_, thread)| *thread != test_thread),
+            "the engine's own deliveries run on its runtime's threads: {threads:?}"
         );
         engine.stop();
     }

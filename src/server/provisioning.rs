@@ -591,7 +591,9 @@ async fn conclude(
     // and sends the command again, and a provision sent again looks the user up first.
     let flushing = state.store.start_flush();
     for user in &accepted.users {
-        engine.submit(user);
+        if let Some(delivery) = engine.start_here(user) {
+            actix_rt::spawn(delivery);
+        }
     }
     let deadline = tokio::time::Instant::from_std(started) + state.settings.ack_deadline;
     let finished = wait(&state, &engine, accepted.watches, deadline).await;

@@ -94,7 +94,11 @@ struct Inner {
     opts: TransportOptions,
     roots: Vec<reqwest::Certificate>,
     routes: Mutex<HashMap<(String, u16), Failover>>,
-    clients: Mutex<HashMap<(String, SocketAddr), reqwest::Client>>,
+    /// A client per thread as well: a pooled connection's I/O runs as a task on the runtime
+    /// that opened it, so a request sent from another thread's runtime wakes that one twice
+    /// (there and back). Each thread keeps its own, and a delivery started on the thread of the
+    /// AS's request (`Engine::start_here`) wakes no other thread for its Webex call.
+    clients: Mutex<HashMap<(String, SocketAddr, std::thread::ThreadId), reqwest::Client>>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -242,7 +246,7 @@ impl Transport {
     }
 
     fn client_for(&self, host: &str, addr: SocketAddr) -> Result<reqwest::Client, TransportError> {
-        let key = (host.to_owned(), addr);
+        let key = (host.to_owned(), addr, std::thread::current().id());
         if let Some(c) = lock(&self.inner.clients).get(&key) {
             return Ok(c.clone());
         }
