@@ -1029,6 +1029,9 @@ impl Engine {
                 notified: std::time::Instant::now(),
             });
             answered_in_time = self.notify(id, &finished);
+            // Started on the request's thread (`start_here`), the request runs only when this
+            // task lets go of the thread: it answers the AS first, the end is stored after.
+            tokio::task::yield_now().await;
         }
         let stored = store
             .finish_try(id, state, last_call.as_deref(), lease, user_map)
