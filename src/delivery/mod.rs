@@ -275,6 +275,11 @@ struct Schedule {
     parked: Vec<String>,
     waiters: HashMap<EntryId, Watchers>,
     stopping: bool,
+    /// Deliveries under way on requests' threads ([`Engine::start_here`]), and whether more may
+    /// start there: a server that stops its request threads first waits for these (dropped with
+    /// their thread, they would leave a delivered entry pending and its lane leased).
+    here: usize,
+    here_closed: bool,
     /// The nodes' count of 429s this node has heeded (its own included).
     rate_limits_seen: u64,
     /// The pace this node last told the other nodes.
@@ -306,6 +311,21 @@ impl Schedule {
     }
 }
 
+/// A delivery under way on a request's thread: its slot, given back with its count when it
+/// ends, or when it is dropped with its thread.
+struct Here {
+    engine: Engine,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Here {
+    fn drop(&mut self) {
+        self.engine.lock().here -= 1;
+        self.engine.inner.here_done.notify_waiters();
+        self.engine.inner.wake.notify_one();
+    }
+}
+
 /// The delivery engine. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -318,6 +338,8 @@ struct Inner {
     limits: Limits,
     schedule: Mutex<Schedule>,
     wake: Notify,
+    /// A delivery started on a request's thread has ended.
+    here_done: Notify,
     slots: Arc<Semaphore>,
 }
 
@@ -331,6 +353,7 @@ impl Engine {
                 limits,
                 schedule: Mutex::new(Schedule::default()),
                 wake: Notify::new(),
+                here_done: Notify::new(),
                 slots,
             }),
         }
@@ -502,6 +525,7 @@ impl Engine {
             let mut s = self.lock();
             let now = Instant::now();
             let at_once = !s.stopping
+                && !s.here_closed
                 && s.ready.is_empty()
                 && !s.bulk_ready.contains(user_id)
                 && !s.busy.contains(user_id)
@@ -518,6 +542,7 @@ impl Engine {
                     s.bulk.remove(user_id);
                     s.pacer.started(now, false);
                     s.busy.insert(user_id.to_owned());
+                    s.here += 1;
                     permit
                 }
                 None => {
@@ -527,12 +552,32 @@ impl Engine {
                 }
             }
         };
-        let (engine, user) = (self.clone(), user_id.to_owned());
+        let here = Here {
+            engine: self.clone(),
+            _slot: permit,
+        };
+        let user = user_id.to_owned();
         Some(async move {
-            engine.deliver_head(&user).await;
-            drop(permit);
-            engine.inner.wake.notify_one();
+            here.engine.deliver_head(&user).await;
+            drop(here);
         })
+    }
+
+    /// Start nothing more on requests' threads, and wait until what started there has ended:
+    /// a server stopping its request threads calls this first, so that no delivery is dropped
+    /// half done with them. Their commands go through the engine's own threads from now on.
+    pub async fn close_here(&self) {
+        loop {
+            let done = self.inner.here_done.notified();
+            {
+                let mut s = self.lock();
+                s.here_closed = true;
+                if s.here == 0 {
+                    return;
+                }
+            }
+            done.await;
+        }
     }
 
     /// A user has new pending work of this origin; bulk work waits while live work is ready.
@@ -1430,6 +1475,8 @@ mod tests {
                 .as_deref(),
             Some("503")
         );
+        // Told before its end is stored: stored once the engine is idle.
+        engine.idle().await;
         assert!(store.head_of("alice").await.unwrap().is_none());
     }
 
@@ -1601,7 +1648,15 @@ mod tests {
             .unwrap()[0];
         let last = watched(&engine, &store, later).await;
         assert!(engine.start_here("a").is_none(), "a is busy");
+        let mut closing = Box::pin(engine.close_here());
+        assert!(
+            futures_util::poll!(&mut closing).is_pending(),
+            "closing waits for the delivery under way here"
+        );
         here.await;
+        tokio::time::timeout(Duration::from_secs(5), closing)
+            .await
+            .expect("closed once it ended");
         for end in ends.into_iter().chain([last]) {
             let end = tokio::time::timeout(Duration::from_secs(5), end).await;
             assert!(matches!(end, Ok(Ok(Finished::Delivered { .. }))), "{end:?}");
@@ -1618,6 +1673,17 @@ mod tests {
                 .all(|(_, thread)| *thread != test_thread),
             "the engine's own deliveries run on its runtime's threads: {threads:?}"
         );
+        let after = store
+            .enqueue(vec![new_entry("c", "1")], now_ms())
+            .await
+            .unwrap()[0];
+        let end = watched(&engine, &store, after).await;
+        assert!(
+            engine.start_here("c").is_none(),
+            "closed: the engine takes it"
+        );
+        let end = tokio::time::timeout(Duration::from_secs(5), end).await;
+        assert!(matches!(end, Ok(Ok(Finished::Delivered { .. }))), "{end:?}");
         engine.stop();
     }
 
@@ -1707,6 +1773,7 @@ mod tests {
             vec![(false, true); 4],
             "800 ms under a 300 ms lease: renewed throughout, never claimable by another node"
         );
+        engine.idle().await;
         assert!(matches!(
             store.entry(ids[0]).await.unwrap().unwrap().state,
             EntryState::Delivered { .. }
@@ -1867,6 +1934,7 @@ mod tests {
             w.await.unwrap();
         }
         assert_eq!(peak.load(Ordering::SeqCst), 4);
+        engine.idle().await;
         assert_eq!(store.pending_summary().await.unwrap().0, 0);
     }
 
@@ -1926,6 +1994,7 @@ mod tests {
         }
         assert_eq!(Instant::now() - started, Duration::from_secs(30));
         assert_eq!(engine.waiting_for_webex(), 0);
+        engine.idle().await;
         assert_eq!(store.pending_summary().await.unwrap().0, 0);
     }
 

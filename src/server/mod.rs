@@ -181,6 +181,16 @@ impl Running {
         };
         let provisioning = async {
             if let Some((handle, _)) = &self.provisioning {
+                // Deliveries started on the request threads end before those threads do.
+                if let Some(engine) = &self.engine
+                    && tokio::time::timeout(grace, engine.close_here())
+                        .await
+                        .is_err()
+                {
+                    tracing::warn!(
+                        "deliveries on the request threads did not end within the drain; those cut short are tried again at the next start"
+                    );
+                }
                 handle.stop(true).await;
             }
         };
