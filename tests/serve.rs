@@ -49,6 +49,7 @@ on_both_backends!(
     commands_whose_as_hangs_up_mid_request_are_still_delivered_and_audited,
     a_command_whose_as_hangs_up_while_webex_is_slow_is_audited,
     each_request_is_traced_stage_by_stage,
+    sigterm_lets_the_deliveries_on_request_threads_end,
 );
 
 struct Server {
@@ -1081,4 +1082,45 @@ async fn each_request_is_traced_stage_by_stage(backend: Backend) {
     assert_eq!(empty["requests"], 0, "{empty}");
     assert_eq!(empty["total"]["p99_us"], serde_json::Value::Null, "{empty}");
     server.stop().await;
+}
+
+/// A live command starts on its request's thread (`Engine::start_here`); SIGTERM stops those
+/// threads, and lets the deliveries under way there end first rather than drop them half done:
+/// commands answered 7020 while Webex is slow are delivered, and stored as delivered, by the
+/// time `serve` exits, so the next start has nothing to send again.
+async fn sigterm_lets_the_deliveries_on_request_threads_end(backend: Backend) {
+    let world = World::on(SimOptions::default(), backend).await;
+    let served = serve_config(&world, "ack_deadline_ms = 100");
+    let mut child = spawn(&served.config, "warn", std::process::Stdio::inherit());
+    wait_ready(&served.admin).await;
+    world.sim.control(json!({"latency_ms": 800})).unwrap();
+    let client = world.as_client();
+    let users: Vec<String> = (0..4).map(|i| format!("drain{i}@acme.example")).collect();
+    for user in &users {
+        let (status, body) =
+            post(&client, &served.url, document(&user_add(user, Some(user)))).await;
+        assert_eq!((status, only(&body).code), (200, Some(7020)), "{body}");
+    }
+    let status = get_json(&format!("http://{}/status", served.admin)).await;
+    assert_ne!(
+        status["outbox"]["pending"], 0,
+        "deliveries are under way at the SIGTERM: {status}"
+    );
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let exited = child.wait().unwrap();
+    assert_eq!(exited.code(), Some(0), "SIGTERM drains and exits 0");
+    for user in &users {
+        assert!(world.subscriber(user).is_some(), "{user} was not delivered");
+    }
+    let store = flowthrough::store::Store::open_configured(&world.config("", "").store)
+        .await
+        .unwrap();
+    let pending = store
+        .list(flowthrough::store::Filter::Pending, 10)
+        .await
+        .unwrap();
+    assert!(
+        pending.is_empty(),
+        "left pending, to be sent again: {pending:?}"
+    );
 }
