@@ -42,7 +42,7 @@ async fn migrate_applies_once_checks_and_refuses_a_newer_schema() {
     let (code, out, err) = run(&[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains("0 → 3") && out.contains("applied 001_init") && out.contains("003_cluster"),
+        out.contains("0 → 5") && out.contains("applied 001_init") && out.contains("005_shares"),
         "{out}"
     );
     let (code, out, _) = run(&[]);
@@ -50,7 +50,7 @@ async fn migrate_applies_once_checks_and_refuses_a_newer_schema() {
     assert!(out.contains("nothing to apply"), "{out}");
     let (code, out, _) = run(&["--check"]);
     assert_eq!(code, 0);
-    assert!(out.contains("schema version 3 (current)"), "{out}");
+    assert!(out.contains("schema version 5 (current)"), "{out}");
 
     // A database a newer flowthrough migrated: refused, by the tools and by serve.
     cluster.psql(
@@ -396,7 +396,7 @@ async fn tls_is_used_as_configured_and_doctor_reports_the_database() {
     for line in [
         "✓ PostgreSQL reachable: 127.0.0.1:",
         "✓ PostgreSQL TLS: verify-full",
-        "✓ PostgreSQL schema: version 3 (current)",
+        "✓ PostgreSQL schema: version 5 (current)",
         "✓ PostgreSQL durability: fsync = on, synchronous_commit = on",
         "✓ PostgreSQL commit: one commit took",
         "✓ store: 0 pending, 0 dead",

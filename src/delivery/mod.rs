@@ -173,9 +173,14 @@ pub struct Limits {
     pub lease: Duration,
 }
 
-/// Paces closer than this share are the same pace: nodes do not trade changes of a few tenths
-/// of an attempt per second.
+/// Paces closer than this part of one are the same pace: nodes do not trade changes of a few
+/// tenths of an attempt per second.
 const PACE_TOLERANCE: f64 = 0.02;
+
+/// Whether two paces are the same within [`PACE_TOLERANCE`] of `b`.
+fn same_pace(a: f64, b: f64) -> bool {
+    (a - b).abs() <= b * PACE_TOLERANCE
+}
 
 /// Users taken from one look for work other nodes accepted or left: enough to fill every slot
 /// many times over before the next look, few enough that a look stays one short query.
@@ -260,8 +265,8 @@ struct Schedule {
     stopping: bool,
     /// The nodes' count of 429s this node has heeded (its own included).
     rate_limits_seen: u64,
-    /// The pace this node last told the other nodes.
-    published_pace: Option<f64>,
+    /// The share of Webex's limit this node last told the other nodes (`Pacer::share_in_force`).
+    published_share: Option<f64>,
     /// Another node's user probes Webex while it fails: this node's users wait for it (parked)
     /// as they wait for a probe of this node's.
     remote_probe: bool,
@@ -337,7 +342,7 @@ impl Engine {
             match self.inner.store.shared_limits().await {
                 Ok(shared) => {
                     self.heed(shared);
-                    self.publish_pace().await;
+                    self.publish_share().await;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot read the shared rate limit; will look again");
@@ -371,14 +376,16 @@ impl Engine {
 
     /// Heed the rate limit as the nodes share it. A 429 another node met since the last look
     /// pauses this node as long, and makes its pacer learn from what this node had Webex take
-    /// in the last second (its own share of the limit, which [`Engine::publish_pace`] then tells
-    /// the others). Otherwise, while paced, this node takes up the average pace of the live
-    /// nodes: each learns from its own share, which at the first 429 is rarely an even one (one
-    /// node learned 15/s and the other 62/s under a limit of 100/s, and together they kept to
-    /// 77/s), so the nodes even out at the average and split the limit between them. A pace of
-    /// this node's that the others have not heard of yet (a raise, a new learning) is kept until
-    /// they have. While another node's user probes Webex, this node's users wait for it too, and
-    /// go once the probe is over. Returns how long deliveries are paused now.
+    /// in the last second (its own share of the limit, which [`Engine::publish_share`] then
+    /// tells the others). Otherwise, while paced, this node paces at the average of the live
+    /// nodes' shares: what Webex took from each is rarely an even part of the limit (one node
+    /// learned 15/s and the other 62/s under a limit of 100/s, and together they kept to
+    /// 77/s), so the nodes even out at the average and keep together what Webex took from all.
+    /// The shares stay each node's own measure, never the average: averaging paces already
+    /// averaged lost what the calls under way at the first 429 added on one side. A share of
+    /// this node's that the others have not heard of yet (a raise, a new learning) is kept as
+    /// its pace until they have. While another node's user probes Webex, this node's users wait
+    /// for it too, and go once the probe is over. Returns how long deliveries are paused now.
     fn heed(&self, shared: SharedLimits) -> Duration {
         let now = Instant::now();
         let mut s = self.lock();
@@ -400,45 +407,46 @@ impl Engine {
             // The other node's probe got through (or its node died): this node's users go.
             s.release_parked("");
         }
-        // Just learned from a new 429: the others hear this node's new pace before it takes up
-        // theirs.
+        // Just learned from a new 429: the others hear this node's new share before it takes
+        // up the average.
         if !new_429
-            && let (Some(average), Some(own)) = (shared.pace_per_s, s.pacer.in_force(now))
-            && s.published_pace == Some(own)
-            && (average - own).abs() > own * PACE_TOLERANCE
+            && let (Some(average), Some(rate)) = (shared.share_per_s, s.pacer.in_force(now))
+            && let Some(share) = s.pacer.share_in_force(now)
+            && s.published_share
+                .is_some_and(|heard| same_pace(heard, share))
+            && !same_pace(average, rate)
         {
-            s.pacer.share(average);
-            s.published_pace = Some(average);
+            s.pacer.take_up(average);
         }
         s.paused_until
             .map_or(Duration::ZERO, |until| until.saturating_duration_since(now))
     }
 
-    /// Tell the other nodes this node's pace when it has changed (learned from a 429, raised,
+    /// Tell the other nodes this node's share when it has changed (learned from a 429, raised,
     /// forgotten) since they last heard it.
-    async fn publish_pace(&self) {
-        let pace = {
+    async fn publish_share(&self) {
+        let share = {
             let mut s = self.lock();
-            let pace = s.pacer.in_force(Instant::now());
-            let heard = match (pace, s.published_pace) {
+            let share = s.pacer.share_in_force(Instant::now());
+            let heard = match (share, s.published_share) {
                 (None, None) => true,
-                (Some(pace), Some(published)) => (pace - published).abs() <= pace * PACE_TOLERANCE,
+                (Some(share), Some(published)) => same_pace(published, share),
                 _ => false,
             };
             if heard {
                 return;
             }
-            s.published_pace = pace;
-            pace
+            s.published_share = share;
+            share
         };
         if let Err(e) = self
             .inner
             .store
-            .share_pace(&self.inner.limits.node_id, pace)
+            .publish_share(&self.inner.limits.node_id, share)
             .await
         {
-            tracing::debug!(error = %e, "cannot tell the other nodes this node's pace; will try at the next change");
-            self.lock().published_pace = None;
+            tracing::debug!(error = %e, "cannot tell the other nodes this node's share of the rate limit; will try at the next change");
+            self.lock().published_share = None;
         }
     }
 
@@ -797,7 +805,7 @@ impl Engine {
         if end_shared_probe && let Err(e) = store.end_probe(&limits.node_id).await {
             tracing::warn!(error = %e, "cannot tell the other nodes that Webex answers again; their users wait until this node's probe runs out");
         }
-        self.publish_pace().await;
+        self.publish_share().await;
     }
 
     /// [`Engine::try_entry`], renewing the lease every third of its length while the try lasts

@@ -17,6 +17,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("migrations/002_population.sql"),
     ),
     (3, "cluster", include_str!("migrations/003_cluster.sql")),
+    (5, "shares", include_str!("migrations/005_shares.sql")),
 ];
 
 /// The schema version this binary reads and writes.
