@@ -133,6 +133,10 @@ async fn nodes_share_rate_limits_heartbeats_and_chores(h: Harness) {
         (55_000..=60_000).contains(&first.pause_left_ms),
         "{first:?}"
     );
+    assert!(
+        first.limited_ms_ago.is_some_and(|ago| ago < 5_000),
+        "when the latest 429 was noted: {first:?}"
+    );
     let second = store.note_rate_limited(1_000).await.unwrap();
     assert_eq!(second.rate_limited, before.rate_limited + 2);
     assert!(

@@ -251,6 +251,9 @@ struct Schedule {
     again: HashSet<String>,
     /// No delivery starts before this (a 429 from Webex).
     paused_until: Option<Instant>,
+    /// The end of the latest pause for a 429, kept once it has passed: a 429 from before it is
+    /// one the pacer already learned from (see [`Schedule::learns_from`]).
+    pause_end: Option<Instant>,
     /// Spacing of attempts once Webex has answered 429.
     pacer: pace::Pacer,
     /// Work has waited for the pace without a break since the scheduler last slept for it: a
@@ -377,7 +380,8 @@ impl Engine {
     /// Heed the rate limit as the nodes share it. A 429 another node met since the last look
     /// pauses this node as long, and makes its pacer learn from what this node had Webex take
     /// in the last second (its own share of the limit, which [`Engine::publish_share`] then
-    /// tells the others). Otherwise, while paced, this node paces at the average of the live
+    /// tells the others), unless it was met while this node was paused already
+    /// ([`Schedule::learns_from`]). Otherwise, while paced, this node paces at the average of the live
     /// nodes' shares: what Webex took from each is rarely an even part of the limit (one node
     /// learned 15/s and the other 62/s under a limit of 100/s, and together they kept to
     /// 77/s), so the nodes even out at the average and keep together what Webex took from all.
@@ -392,9 +396,13 @@ impl Engine {
         let new_429 = shared.rate_limited > s.rate_limits_seen;
         if new_429 {
             s.rate_limits_seen = shared.rate_limited;
-            s.pacer.limited(now);
-            let until = now + Duration::from_millis(shared.pause_left_ms);
-            s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
+            let noted = shared.limited_ms_ago.map_or(now, |ago| {
+                now.checked_sub(Duration::from_millis(ago)).unwrap_or(now)
+            });
+            if s.learns_from(noted) {
+                s.pacer.limited(now);
+            }
+            s.pause(now + Duration::from_millis(shared.pause_left_ms));
         }
         let probing_elsewhere = shared
             .probe_owner
@@ -791,9 +799,10 @@ impl Engine {
                     }
                 }
                 Reschedule::PauseAll(delay) => {
-                    s.pacer.limited(now);
-                    let until = now + delay;
-                    s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
+                    if s.learns_from(claimed_at) {
+                        s.pacer.limited(now);
+                    }
+                    s.pause(now + delay);
                     if s.bulk.contains(user) {
                         s.bulk_ready.push_front(user.to_owned());
                     } else {
@@ -1001,6 +1010,23 @@ impl Engine {
 }
 
 impl Schedule {
+    /// Pause every delivery until `until` for a 429 (a later pause already set holds).
+    fn pause(&mut self, until: Instant) {
+        self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+        self.pause_end = Some(self.pause_end.map_or(until, |p| p.max(until)));
+    }
+
+    /// Whether a 429 met at `at` (noted by another node then, or answering a call this node
+    /// started then) teaches the pacer. One from before this node's latest pause ended does
+    /// not: it belongs to a second the pacer already learned from (calls under way at the
+    /// first 429, another node's calls answered meanwhile), and this node, paused, took
+    /// nothing since. A node hears of another's 429s only at its first claim after its own
+    /// pause, and learning then from a second spent paused taught a share of 1/s, which took
+    /// 8 s of raises to climb back from (two nodes, fifteenth sitting).
+    fn learns_from(&self, at: Instant) -> bool {
+        self.pause_end.is_none_or(|end| at >= end)
+    }
+
     /// Queue a user last in the queue of its kind of work.
     fn make_ready(&mut self, user: &str) {
         if self.bulk.contains(user) {
@@ -1794,5 +1820,49 @@ mod tests {
             "{:?}",
             starts[30] - starts[11]
         );
+    }
+
+    /// Another node's 429 that this node hears of only at its first claim after its own pause
+    /// (it claims nothing while paused) is of the second this node already learned from: its
+    /// pace stays what it learned then, not what it had Webex take in a second spent paused.
+    #[tokio::test]
+    async fn a_429_another_node_met_during_this_nodes_pause_teaches_its_pacer_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let attempt: AttemptFn = Arc::new(move |_entry, _lease| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if n == 10 {
+                    Attempt::PauseAll {
+                        after: Duration::from_secs(1),
+                        reason: "429".into(),
+                    }
+                } else {
+                    delivered()
+                }
+            })
+        });
+        let entries: Vec<NewEntry> = (0..20)
+            .map(|i| new_entry(&format!("u{i}"), "add"))
+            .collect();
+        let ids = store.enqueue(entries, now_ms()).await.unwrap();
+        let engine = Engine::new(store.clone(), attempt, limits(1));
+        let mut waits = Vec::new();
+        for id in &ids {
+            waits.push(engine.watch(*id).await);
+        }
+        engine.start().await.unwrap();
+        while calls.load(Ordering::SeqCst) <= 10 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Another node's call under way at the first 429, answered 429 meanwhile.
+        store.note_rate_limited(1).await.unwrap();
+        for w in waits {
+            w.await.unwrap();
+        }
+        assert_eq!(engine.pace(), Some(9.0));
     }
 }

@@ -15,6 +15,8 @@ pub struct SharedLimits {
     pub rate_limited: u64,
     /// How long every node still pauses after the latest of them.
     pub pause_left_ms: u64,
+    /// How long ago the latest of them was noted (`None`: never).
+    pub limited_ms_ago: Option<u64>,
     /// The average share of the live nodes that keep one (attempts per second each: the pace
     /// each node's own answers from Webex support): every node paces at it, so that together
     /// they keep the sum of what Webex took from each, split evenly.
@@ -68,7 +70,8 @@ pub struct NodeStatus {
 
 #[derive(Debug, Default)]
 struct State {
-    limits: (u64, u64),
+    /// The count of 429s, the end of the pause and when the latest was noted.
+    limits: (u64, u64, Option<u64>),
     /// Each node's share, by node id (on sled: this node's alone).
     shares: HashMap<String, f64>,
     /// Who probes Webex, until when.
@@ -91,25 +94,22 @@ impl MemoryCluster {
 
     pub(super) fn note_rate_limited(&self, pause_ms: u64) -> SharedLimits {
         let now = now_ms();
-        let (seq, until) = {
+        {
             let state = &mut self.lock().limits;
             state.0 += 1;
             state.1 = state.1.max(now + pause_ms);
-            *state
-        };
-        SharedLimits {
-            rate_limited: seq,
-            pause_left_ms: until.saturating_sub(now),
-            ..SharedLimits::default()
+            state.2 = Some(now);
         }
-        .with_pace(self)
+        self.shared_limits()
     }
 
     pub(super) fn shared_limits(&self) -> SharedLimits {
-        let (seq, until) = self.lock().limits;
+        let (seq, until, noted) = self.lock().limits;
+        let now = now_ms();
         SharedLimits {
             rate_limited: seq,
-            pause_left_ms: until.saturating_sub(now_ms()),
+            pause_left_ms: until.saturating_sub(now),
+            limited_ms_ago: noted.map(|at| now.saturating_sub(at)),
             ..SharedLimits::default()
         }
         .with_pace(self)

@@ -8,7 +8,7 @@ use super::{Access, OpError, PgStore, to_u64};
 use crate::store::{NodeStatus, SharedLimits, StoreError};
 
 /// A 429: one more for every node to see, and a pause at least this long.
-const RATE_LIMITED: &str = "UPDATE control SET limited_seq = limited_seq + 1, \
+const RATE_LIMITED: &str = "UPDATE control SET limited_seq = limited_seq + 1, limited_at = now(), \
      paused_until = greatest(coalesce(paused_until, now()), now() + $1 * interval '1 millisecond')";
 
 /// The columns of [`SharedLimits`], from the `control` row and the live nodes' shares (a node
@@ -18,7 +18,12 @@ pub(super) const LIMITS: &str = "control.limited_seq, \
      (SELECT avg(share_per_s) FROM nodes WHERE stopped_at IS NULL AND share_per_s IS NOT NULL \
       AND heartbeat_at > now() - interval '1 minute'), \
      CASE WHEN control.probe_until > now() THEN control.probe_owner END, \
-     greatest(0, coalesce(extract(epoch FROM (control.probe_until - now())) * 1000, 0))::bigint";
+     greatest(0, coalesce(extract(epoch FROM (control.probe_until - now())) * 1000, 0))::bigint, \
+     CASE WHEN control.limited_at IS NOT NULL \
+     THEN greatest(0, extract(epoch FROM (now() - control.limited_at)) * 1000)::bigint END";
+
+/// How many columns [`LIMITS`] has.
+pub(super) const LIMITS_COLUMNS: usize = 6;
 
 /// The probe is taken when nobody holds it, its holder renews it, or its time ran out.
 const CLAIM_PROBE: &str = "UPDATE control SET probe_owner = $1, \
@@ -180,5 +185,9 @@ pub(super) fn limits_from(row: &Row, at: usize) -> Result<SharedLimits, OpError>
         share_per_s: row.try_get(at + 2)?,
         probe_owner: row.try_get(at + 3)?,
         probe_left_ms: to_u64(row.try_get(at + 4)?, "probe time")?,
+        limited_ms_ago: row
+            .try_get::<_, Option<i64>>(at + 5)?
+            .map(|ms| to_u64(ms, "time since the latest 429"))
+            .transpose()?,
     })
 }
