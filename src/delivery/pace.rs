@@ -345,8 +345,12 @@ impl Pacer {
             };
             self.target = Some(pace_for(recent.max(self.accepted.len())));
         }
-        self.rate = Some(self.rate.map_or(learned, |rate| rate.min(learned)));
-        self.share = Some(self.share.map_or(learned, |share| share.min(learned)));
+        let rate = self.rate.map_or(learned, |rate| rate.min(learned));
+        self.rate = Some(rate);
+        // Measured anew at the pace this node kept: a share kept from a second in which the
+        // nodes took uneven parts (31/s of 98 on one node) stayed when the other node's was
+        // measured anew at the even pace, and the pair kept 80/s under a limit of 100/s.
+        self.share = Some(rate);
         self.changed = Some(now);
         self.last_429 = Some(now);
     }
@@ -439,6 +443,15 @@ mod tests {
             (a.rate(), a.share_in_force(at)),
             (Some(rate + 2.0), Some(share + 2.0))
         );
+        // A later 429, both nodes at the even pace: each share is measured anew there, not
+        // kept from the uneven second.
+        let later = at + Duration::from_secs(3);
+        a.take_up(49.0);
+        for i in 0..50 {
+            answered_at_once(&mut a, later - Duration::from_millis(990 - i * 19));
+        }
+        a.limited(later);
+        assert_eq!(a.share_in_force(later), Some(pace_for(50)));
     }
 
     #[test]
