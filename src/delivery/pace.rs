@@ -345,6 +345,15 @@ impl Pacer {
             };
             self.target = Some(pace_for(recent.max(self.accepted.len())));
         }
+        if let (Some(rate), Some(share)) = (self.rate, self.share) {
+            // The share is measured anew below, at the pace this node kept, so the rate to
+            // return to moves from this node's own part to that pace too: raising towards a
+            // part of an uneven second from the even pace took the pair over the limit again
+            // and again (0.79 R, fifteenth sitting). Alone, a node keeps its share: no move.
+            self.target = self
+                .target
+                .map(|target| (target + rate - share).max(MIN_RATE));
+        }
         let rate = self.rate.map_or(learned, |rate| rate.min(learned));
         self.rate = Some(rate);
         // Measured anew at the pace this node kept: a share kept from a second in which the
@@ -450,8 +459,11 @@ mod tests {
         for i in 0..50 {
             answered_at_once(&mut a, later - Duration::from_millis(990 - i * 19));
         }
+        let (rate, share, target) = (a.rate().unwrap(), a.share.unwrap(), a.target.unwrap());
         a.limited(later);
         assert_eq!(a.share_in_force(later), Some(pace_for(50)));
+        // And the rate to return to moves with it, from this node's part to the even pace.
+        assert_eq!(a.target, Some(target + rate - share));
     }
 
     #[test]
