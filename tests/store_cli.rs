@@ -60,13 +60,13 @@ async fn migrate_applies_once_checks_and_refuses_a_newer_schema() {
     let (code, out, err) = run(&["--check"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
-        err.contains("version 99") && err.contains("versions up to 3"),
+        err.contains("version 99") && err.contains("versions up to 5"),
         "{err}"
     );
     match Store::open_configured(&cluster.store_config(&db)).await {
         Err(StoreError::SchemaTooNew {
             found: 99,
-            known: 3,
+            known: 5,
         }) => {}
         other => panic!("a newer schema must be refused, got {other:?}"),
     }
@@ -88,7 +88,7 @@ async fn nodes_starting_together_migrate_once() {
     let db = config.postgres.as_ref().unwrap().dbname.clone().unwrap();
     assert_eq!(
         cluster.psql(&db, "SELECT count(*) FROM flowthrough_schema"),
-        "3",
+        "4",
         "each migration applied once"
     );
 }
@@ -409,7 +409,7 @@ async fn tls_is_used_as_configured_and_doctor_reports_the_database() {
     let (_, out, err) = flowthrough(&["doctor", "--offline", "--config", path(&config)]);
     assert!(
         out.contains(
-            "! PostgreSQL schema: version 0, 001_init, 002_population, 003_cluster to apply"
+            "! PostgreSQL schema: version 0, 001_init, 002_population, 003_cluster, 005_shares to apply"
         ),
         "{out}{err}"
     );
