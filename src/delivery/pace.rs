@@ -34,9 +34,10 @@
 //!
 //! Nodes sharing Webex's limit (SPEC §11) each learn from their own answers, and at the first
 //! 429 what Webex took from each is rarely an even part of the limit. Each node therefore keeps
-//! apart its *share* — the pace its own answers support: learned at its 429s, raised by its own
-//! raises and probes — and the pace it keeps, which it takes up from the average of the nodes'
-//! shares ([`Pacer::take_up`]). The nodes then keep together the sum of what Webex took from
+//! apart its *share* — the pace its own answers support: learned at the first 429 from what
+//! Webex took from it, measured anew at later ones at the pace it kept, raised by its own raises
+//! and probes — and the pace it keeps, which it takes up from the average of the nodes' shares
+//! ([`Pacer::take_up`]). The nodes then keep together the sum of what Webex took from
 //! each. Averaging the paces themselves lost that sum: a node that had taken up the average
 //! forgot its own measure, and the calls under way that came back later raised only one side
 //! (two nodes kept 0.58–0.99 R, median 0.91 R, fourteenth sitting). Alone, a node's share is
