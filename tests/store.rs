@@ -121,8 +121,8 @@ both_backends!(
 
 /// What nodes tell each other: each 429 counts once and pauses all at least as long as asked
 /// (a shorter one never cuts a longer pause), a claim brings the limits along; heartbeats list
-/// the nodes with the lanes they hold; paces are averaged; the Webex probe and a chore are held
-/// by one owner at a time until their lease ends.
+/// the nodes with the lanes they hold; their shares of the rate limit are averaged; the Webex
+/// probe and a chore are held by one owner at a time until their lease ends.
 async fn nodes_share_rate_limits_heartbeats_and_chores(h: Harness) {
     let store = h.store();
     let before = store.shared_limits().await.unwrap();
@@ -132,6 +132,10 @@ async fn nodes_share_rate_limits_heartbeats_and_chores(h: Harness) {
     assert!(
         (55_000..=60_000).contains(&first.pause_left_ms),
         "{first:?}"
+    );
+    assert!(
+        first.limited_ms_ago.is_some_and(|ago| ago < 5_000),
+        "when the latest 429 was noted: {first:?}"
     );
     let second = store.note_rate_limited(1_000).await.unwrap();
     assert_eq!(second.rate_limited, before.rate_limited + 2);
@@ -185,17 +189,17 @@ async fn nodes_share_rate_limits_heartbeats_and_chores(h: Harness) {
         "{nodes:?}"
     );
 
-    // Paces: the average of the live nodes that keep one.
-    assert_eq!(store.shared_limits().await.unwrap().pace_per_s, None);
+    // Shares: the average of the live nodes that keep one.
+    assert_eq!(store.shared_limits().await.unwrap().share_per_s, None);
     store
         .heartbeat("node-b", "1.2.4", 2_000, false)
         .await
         .unwrap();
-    store.share_pace("node-a", Some(40.0)).await.unwrap();
-    store.share_pace("node-b", Some(60.0)).await.unwrap();
-    assert_eq!(store.shared_limits().await.unwrap().pace_per_s, Some(50.0));
-    store.share_pace("node-b", None).await.unwrap();
-    assert_eq!(store.shared_limits().await.unwrap().pace_per_s, Some(40.0));
+    store.publish_share("node-a", Some(40.0)).await.unwrap();
+    store.publish_share("node-b", Some(60.0)).await.unwrap();
+    assert_eq!(store.shared_limits().await.unwrap().share_per_s, Some(50.0));
+    store.publish_share("node-b", None).await.unwrap();
+    assert_eq!(store.shared_limits().await.unwrap().share_per_s, Some(40.0));
 
     // The Webex probe: one owner at a time, renewed by its owner, taken over once run out, shown
     // with the limits, ended by its owner only.

@@ -45,7 +45,8 @@ async fn migrate_applies_once_checks_and_refuses_a_newer_schema() {
     assert!(
         out.contains(&format!("0 → {SCHEMA_VERSION}"))
             && out.contains("applied 001_init")
-            && out.contains("004_held_lanes"),
+            && out.contains("004_held_lanes")
+            && out.contains("005_shares"),
         "{out}"
     );
     let (code, out, _) = run(&[]);

@@ -190,9 +190,14 @@ pub struct Limits {
     pub lease: Duration,
 }
 
-/// Paces closer than this share are the same pace: nodes do not trade changes of a few tenths
-/// of an attempt per second.
+/// Paces closer than this part of one are the same pace: nodes do not trade changes of a few
+/// tenths of an attempt per second.
 const PACE_TOLERANCE: f64 = 0.02;
+
+/// Whether two paces are the same within [`PACE_TOLERANCE`] of `b`.
+fn same_pace(a: f64, b: f64) -> bool {
+    (a - b).abs() <= b * PACE_TOLERANCE
+}
 
 /// Users taken from one look for work other nodes accepted or left: enough to fill every slot
 /// many times over before the next look, few enough that a look stays one short query.
@@ -263,6 +268,9 @@ struct Schedule {
     again: HashSet<String>,
     /// No delivery starts before this (a 429 from Webex).
     paused_until: Option<Instant>,
+    /// The end of the latest pause for a 429, kept once it has passed: a 429 from before it is
+    /// one the pacer already learned from (see [`Schedule::learns_from`]).
+    pause_end: Option<Instant>,
     /// Spacing of attempts once Webex has answered 429.
     pacer: pace::Pacer,
     /// Work has waited for the pace without a break since the scheduler last slept for it: a
@@ -282,8 +290,8 @@ struct Schedule {
     here_closed: bool,
     /// The nodes' count of 429s this node has heeded (its own included).
     rate_limits_seen: u64,
-    /// The pace this node last told the other nodes.
-    published_pace: Option<f64>,
+    /// The share of Webex's limit this node last told the other nodes (`Pacer::share_in_force`).
+    published_share: Option<f64>,
     /// Another node's user probes Webex while it fails: this node's users wait for it (parked)
     /// as they wait for a probe of this node's.
     remote_probe: bool,
@@ -399,7 +407,7 @@ impl Engine {
             match self.inner.store.shared_limits().await {
                 Ok(shared) => {
                     self.heed(shared);
-                    self.publish_pace().await;
+                    self.publish_share().await;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot read the shared rate limit; will look again");
@@ -433,23 +441,30 @@ impl Engine {
 
     /// Heed the rate limit as the nodes share it. A 429 another node met since the last look
     /// pauses this node as long, and makes its pacer learn from what this node had Webex take
-    /// in the last second (its own share of the limit, which [`Engine::publish_pace`] then tells
-    /// the others). Otherwise, while paced, this node takes up the average pace of the live
-    /// nodes: each learns from its own share, which at the first 429 is rarely an even one (one
-    /// node learned 15/s and the other 62/s under a limit of 100/s, and together they kept to
-    /// 77/s), so the nodes even out at the average and split the limit between them. A pace of
-    /// this node's that the others have not heard of yet (a raise, a new learning) is kept until
-    /// they have. While another node's user probes Webex, this node's users wait for it too, and
-    /// go once the probe is over. Returns how long deliveries are paused now.
+    /// in the last second (its own share of the limit, which [`Engine::publish_share`] then
+    /// tells the others), unless it was met while this node was paused already
+    /// ([`Schedule::learns_from`]). Otherwise, while paced, this node paces at the average of the live
+    /// nodes' shares: what Webex took from each is rarely an even part of the limit (one node
+    /// learned 15/s and the other 62/s under a limit of 100/s, and together they kept to
+    /// 77/s), so the nodes even out at the average and keep together what Webex took from all.
+    /// The shares stay each node's own measure, never the average: averaging paces already
+    /// averaged lost what the calls under way at the first 429 added on one side. A share of
+    /// this node's that the others have not heard of yet (a raise, a new learning) is kept as
+    /// its pace until they have. While another node's user probes Webex, this node's users wait
+    /// for it too, and go once the probe is over. Returns how long deliveries are paused now.
     fn heed(&self, shared: SharedLimits) -> Duration {
         let now = Instant::now();
         let mut s = self.lock();
         let new_429 = shared.rate_limited > s.rate_limits_seen;
         if new_429 {
             s.rate_limits_seen = shared.rate_limited;
-            s.pacer.limited(now);
-            let until = now + Duration::from_millis(shared.pause_left_ms);
-            s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
+            let noted = shared.limited_ms_ago.map_or(now, |ago| {
+                now.checked_sub(Duration::from_millis(ago)).unwrap_or(now)
+            });
+            if s.learns_from(noted) {
+                s.pacer.limited(now);
+            }
+            s.pause(now + Duration::from_millis(shared.pause_left_ms));
         }
         let probing_elsewhere = shared
             .probe_owner
@@ -462,45 +477,46 @@ impl Engine {
             // The other node's probe got through (or its node died): this node's users go.
             s.release_parked("");
         }
-        // Just learned from a new 429: the others hear this node's new pace before it takes up
-        // theirs.
+        // Just learned from a new 429: the others hear this node's new share before it takes
+        // up the average.
         if !new_429
-            && let (Some(average), Some(own)) = (shared.pace_per_s, s.pacer.in_force(now))
-            && s.published_pace == Some(own)
-            && (average - own).abs() > own * PACE_TOLERANCE
+            && let (Some(average), Some(rate)) = (shared.share_per_s, s.pacer.in_force(now))
+            && let Some(share) = s.pacer.share_in_force(now)
+            && s.published_share
+                .is_some_and(|heard| same_pace(heard, share))
+            && !same_pace(average, rate)
         {
-            s.pacer.share(average);
-            s.published_pace = Some(average);
+            s.pacer.take_up(average);
         }
         s.paused_until
             .map_or(Duration::ZERO, |until| until.saturating_duration_since(now))
     }
 
-    /// Tell the other nodes this node's pace when it has changed (learned from a 429, raised,
+    /// Tell the other nodes this node's share when it has changed (learned from a 429, raised,
     /// forgotten) since they last heard it.
-    async fn publish_pace(&self) {
-        let pace = {
+    async fn publish_share(&self) {
+        let share = {
             let mut s = self.lock();
-            let pace = s.pacer.in_force(Instant::now());
-            let heard = match (pace, s.published_pace) {
+            let share = s.pacer.share_in_force(Instant::now());
+            let heard = match (share, s.published_share) {
                 (None, None) => true,
-                (Some(pace), Some(published)) => (pace - published).abs() <= pace * PACE_TOLERANCE,
+                (Some(share), Some(published)) => same_pace(published, share),
                 _ => false,
             };
             if heard {
                 return;
             }
-            s.published_pace = pace;
-            pace
+            s.published_share = share;
+            share
         };
         if let Err(e) = self
             .inner
             .store
-            .share_pace(&self.inner.limits.node_id, pace)
+            .publish_share(&self.inner.limits.node_id, share)
             .await
         {
-            tracing::debug!(error = %e, "cannot tell the other nodes this node's pace; will try at the next change");
-            self.lock().published_pace = None;
+            tracing::debug!(error = %e, "cannot tell the other nodes this node's share of the rate limit; will try at the next change");
+            self.lock().published_share = None;
         }
     }
 
@@ -926,9 +942,10 @@ impl Engine {
                     }
                 }
                 Reschedule::PauseAll(delay) => {
-                    s.pacer.limited(now);
-                    let until = now + delay;
-                    s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
+                    if s.learns_from(claimed_at) {
+                        s.pacer.limited(now);
+                    }
+                    s.pause(now + delay);
                     if s.bulk.contains(user) {
                         s.bulk_ready.push_front(user.to_owned());
                     } else {
@@ -940,7 +957,7 @@ impl Engine {
         if end_shared_probe && let Err(e) = store.end_probe(&limits.node_id).await {
             tracing::warn!(error = %e, "cannot tell the other nodes that Webex answers again; their users wait until this node's probe runs out");
         }
-        self.publish_pace().await;
+        self.publish_share().await;
     }
 
     /// [`Engine::try_entry`], renewing the lease every third of its length while the try lasts
@@ -1165,6 +1182,23 @@ impl Engine {
 }
 
 impl Schedule {
+    /// Pause every delivery until `until` for a 429 (a later pause already set holds).
+    fn pause(&mut self, until: Instant) {
+        self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+        self.pause_end = Some(self.pause_end.map_or(until, |p| p.max(until)));
+    }
+
+    /// Whether a 429 met at `at` (noted by another node then, or answering a call this node
+    /// started then) teaches the pacer. One from before this node's latest pause ended does
+    /// not: it belongs to a second the pacer already learned from (calls under way at the
+    /// first 429, another node's calls answered meanwhile), and this node, paused, took
+    /// nothing since. A node hears of another's 429s only at its first claim after its own
+    /// pause, and learning then from a second spent paused taught a share of 1/s, which took
+    /// 8 s of raises to climb back from (two nodes, fifteenth sitting).
+    fn learns_from(&self, at: Instant) -> bool {
+        self.pause_end.is_none_or(|end| at >= end)
+    }
+
     /// Queue a user last in the queue of its kind of work.
     fn make_ready(&mut self, user: &str) {
         if self.bulk.contains(user) {
@@ -2107,5 +2141,49 @@ mod tests {
             "{:?}",
             starts[30] - starts[11]
         );
+    }
+
+    /// Another node's 429 that this node hears of only at its first claim after its own pause
+    /// (it claims nothing while paused) is of the second this node already learned from: its
+    /// pace stays what it learned then, not what it had Webex take in a second spent paused.
+    #[tokio::test]
+    async fn a_429_another_node_met_during_this_nodes_pause_teaches_its_pacer_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let attempt: AttemptFn = Arc::new(move |_entry, _lease| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if n == 10 {
+                    Attempt::PauseAll {
+                        after: Duration::from_secs(1),
+                        reason: "429".into(),
+                    }
+                } else {
+                    delivered()
+                }
+            })
+        });
+        let entries: Vec<NewEntry> = (0..20)
+            .map(|i| new_entry(&format!("u{i}"), "add"))
+            .collect();
+        let ids = store.enqueue(entries, now_ms()).await.unwrap();
+        let engine = Engine::new(store.clone(), attempt, limits(1));
+        let mut waits = Vec::new();
+        for id in &ids {
+            waits.push(watched(&engine, &store, *id).await);
+        }
+        engine.start().await.unwrap();
+        while calls.load(Ordering::SeqCst) <= 10 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Another node's call under way at the first 429, answered 429 meanwhile.
+        store.note_rate_limited(1).await.unwrap();
+        for w in waits {
+            w.await.unwrap();
+        }
+        assert_eq!(engine.pace(), Some(9.0));
     }
 }

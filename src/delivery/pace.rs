@@ -32,6 +32,17 @@
 //! ever carries more starts than the pace, so that the made-up slots never crowd a second past
 //! the limit. Making up only 5 ms lost 5 % of the pace on a loaded machine.
 //!
+//! Nodes sharing Webex's limit (SPEC §11) each learn from their own answers, and at the first
+//! 429 what Webex took from each is rarely an even part of the limit. Each node therefore keeps
+//! apart its *share* — the pace its own answers support: learned at the first 429 from what
+//! Webex took from it, measured anew at later ones at the pace it kept, raised by its own raises
+//! and probes — and the pace it keeps, which it takes up from the average of the nodes' shares
+//! ([`Pacer::take_up`]). The nodes then keep together the sum of what Webex took from
+//! each. Averaging the paces themselves lost that sum: a node that had taken up the average
+//! forgot its own measure, and the calls under way that came back later raised only one side
+//! (two nodes kept 0.58–0.99 R, median 0.91 R, fourteenth sitting). Alone, a node's share is
+//! its pace.
+//!
 //! Plain data with the clock passed in: the scheduler owns one and tests drive it directly.
 
 use std::collections::VecDeque;
@@ -83,6 +94,9 @@ const MIN_RATE: f64 = 1.0;
 pub struct Pacer {
     /// Attempts per second; `None` until the first 429.
     rate: Option<f64>,
+    /// The pace this node's own answers from Webex support (see the module's notes); set and
+    /// dropped with `rate`, and equal to it unless [`Pacer::take_up`] moved the rate.
+    share: Option<f64>,
     /// The earliest start of the next attempt.
     next_start: Option<Instant>,
     /// When the pace last changed (a 429 or a probe step).
@@ -118,6 +132,7 @@ impl Pacer {
     pub fn new() -> Pacer {
         Pacer {
             rate: None,
+            share: None,
             next_start: None,
             changed: None,
             last_429: None,
@@ -144,6 +159,12 @@ impl Pacer {
     /// engine would otherwise report a pace it no longer keeps).
     pub fn in_force(&self, now: Instant) -> Option<f64> {
         self.rate.filter(|_| !self.forgotten(now))
+    }
+
+    /// This node's share while its pace is in force: what it tells the other nodes sharing
+    /// Webex's limit.
+    pub fn share_in_force(&self, now: Instant) -> Option<f64> {
+        self.share.filter(|_| !self.forgotten(now))
     }
 
     fn forgotten(&self, now: Instant) -> bool {
@@ -204,7 +225,10 @@ impl Pacer {
         // back long after).
         let tolerance = Duration::from_secs_f64(1.0 / rate).max(CATCH_UP);
         let held_back = due.is_some_and(|at| now.saturating_duration_since(at) < tolerance);
-        let target = self.target.filter(|target| *target > rate * ROOM);
+        // Raises and probes move this node's share, and the pace by as much: the rate to
+        // return to is what Webex took from this node, so it is its share that returns to it.
+        let share = self.share.unwrap_or(rate);
+        let target = self.target.filter(|target| *target > share * ROOM);
         let every = if target.is_some() {
             RETURN_EVERY
         } else {
@@ -215,12 +239,12 @@ impl Pacer {
             let raised = match target {
                 Some(target) => {
                     self.raised = Some(now);
-                    (rate + target) / 2.0
+                    (share + target) / 2.0
                 }
-                None => rate * PROBE_STEP,
+                None => share * PROBE_STEP,
             };
-            self.rate = Some(raised);
-            raised
+            self.grow_share(raised);
+            self.rate.unwrap_or(rate)
         } else {
             rate
         };
@@ -233,12 +257,25 @@ impl Pacer {
         self.next_start = Some(from + interval);
     }
 
-    /// Take up the pace the nodes sharing Webex's limit keep on average (see
-    /// `Engine::heed`). Only a pace in force is replaced, and the moment of the last change is
-    /// kept: the raises towards the rate Webex took before go on at their own rhythm.
-    pub fn share(&mut self, rate: f64) {
+    /// Take up the average of the shares of the nodes sharing Webex's limit (see
+    /// `Engine::heed`) as the pace. Only a pace in force is replaced; this node's share stays
+    /// what its own answers said, and the moment of the last change is kept: the raises
+    /// towards the rate Webex took before go on at their own rhythm.
+    pub fn take_up(&mut self, average: f64) {
         if self.rate.is_some() {
-            self.rate = Some(rate.max(MIN_RATE));
+            self.rate = Some(average.max(MIN_RATE));
+        }
+    }
+
+    /// Raise this node's share to `share`, and the pace by as much: until the next look at
+    /// the other nodes' shares, the pace keeps the sum the nodes learned plus this raise.
+    fn grow_share(&mut self, share: f64) {
+        let Some(own) = self.share else {
+            return;
+        };
+        if share > own {
+            self.share = Some(share);
+            self.rate = self.rate.map(|rate| rate + (share - own));
         }
     }
 
@@ -278,7 +315,7 @@ impl Pacer {
         {
             self.taken += 1;
             let taken = pace_for(self.taken);
-            self.rate = self.rate.map(|rate| rate.max(taken));
+            self.grow_share(taken);
             self.target = self.target.map(|target| target.max(taken));
         }
     }
@@ -296,10 +333,10 @@ impl Pacer {
         }
         let learned = pace_for(self.accepted.len());
         if self.raised.take().is_some_and(|at| now - at < RETURN_EVERY)
-            && let Some(rate) = self.rate
+            && let Some(share) = self.share
         {
             // The raise went too far: return no higher than this from now on.
-            self.target = Some(self.target.map_or(rate, |target| target.min(rate)));
+            self.target = Some(self.target.map_or(share, |target| target.min(share)));
         }
         if self.target.is_none() {
             let recent = if self.peak_is_recent(now) {
@@ -309,7 +346,21 @@ impl Pacer {
             };
             self.target = Some(pace_for(recent.max(self.accepted.len())));
         }
-        self.rate = Some(self.rate.map_or(learned, |rate| rate.min(learned)));
+        if let (Some(rate), Some(share)) = (self.rate, self.share) {
+            // The share is measured anew below, at the pace this node kept, so the rate to
+            // return to moves from this node's own part to that pace too: raising towards a
+            // part of an uneven second from the even pace took the pair over the limit again
+            // and again (0.79 R, fifteenth sitting). Alone, a node keeps its share: no move.
+            self.target = self
+                .target
+                .map(|target| (target + rate - share).max(MIN_RATE));
+        }
+        let rate = self.rate.map_or(learned, |rate| rate.min(learned));
+        self.rate = Some(rate);
+        // Measured anew at the pace this node kept: a share kept from a second in which the
+        // nodes took uneven parts (31/s of 98 on one node) stayed when the other node's was
+        // measured anew at the even pace, and the pair kept 80/s under a limit of 100/s.
+        self.share = Some(rate);
         self.changed = Some(now);
         self.last_429 = Some(now);
     }
@@ -345,16 +396,75 @@ mod tests {
     fn a_shared_pace_replaces_one_in_force_only() {
         let now = Instant::now();
         let mut pacer = Pacer::new();
-        pacer.share(50.0);
+        pacer.take_up(50.0);
         assert_eq!(pacer.rate(), None, "unpaced stays unpaced");
         for i in 0..10 {
             answered_at_once(&mut pacer, now + Duration::from_millis(i * 10));
         }
         pacer.limited(now + Duration::from_millis(100));
-        pacer.share(40.0);
+        pacer.take_up(40.0);
         assert_eq!(pacer.rate(), Some(40.0));
-        pacer.share(0.1);
+        pacer.take_up(0.1);
         assert_eq!(pacer.rate(), Some(MIN_RATE));
+    }
+
+    /// Two nodes under a limit of 100/s: in the second of the first 429 Webex took 40 calls
+    /// from one, 10 of them still under way at the 429, and 60 from the other. Each paces at
+    /// the average of the shares and keeps its own share to tell the other, so the calls that
+    /// come back after the average was taken up still count: the pair keeps 98/s. Averaging
+    /// the paces kept 88 (29 and 59 averaged, and the 10 calls raised 44 to no more than 39).
+    #[test]
+    fn a_node_keeps_its_share_apart_from_the_average_pace_it_takes_up() {
+        let t0 = Instant::now();
+        let at = t0 + Duration::from_millis(500);
+        let (mut a, mut b) = (Pacer::new(), Pacer::new());
+        for i in 0..30 {
+            answered_at_once(&mut a, t0 + Duration::from_millis(i * 10));
+        }
+        for i in 0..60 {
+            answered_at_once(&mut b, t0 + Duration::from_millis(i * 8));
+        }
+        a.limited(at);
+        b.limited(at);
+        let average = |a: &Pacer, b: &Pacer| {
+            (a.share_in_force(at).unwrap() + b.share_in_force(at).unwrap()) / 2.0
+        };
+        let shared = average(&a, &b);
+        a.take_up(shared);
+        b.take_up(shared);
+        assert_eq!(a.share_in_force(at), Some(pace_for(30)));
+        assert_eq!(b.share_in_force(at), Some(pace_for(60)));
+        for i in 0..10 {
+            a.accepted(
+                at + Duration::from_millis(1 + i),
+                at - Duration::from_millis(5),
+            );
+        }
+        assert_eq!(a.share_in_force(at), Some(pace_for(40)));
+        let shared = average(&a, &b);
+        a.take_up(shared);
+        b.take_up(shared);
+        let together = a.rate().unwrap() + b.rate().unwrap();
+        assert_eq!(together, pace_for(40) + pace_for(60));
+        // A raise moves the share, and the pace by as much.
+        let (rate, share) = (a.rate().unwrap(), a.share_in_force(at).unwrap());
+        a.grow_share(share + 2.0);
+        assert_eq!(
+            (a.rate(), a.share_in_force(at)),
+            (Some(rate + 2.0), Some(share + 2.0))
+        );
+        // A later 429, both nodes at the even pace: each share is measured anew there, not
+        // kept from the uneven second.
+        let later = at + Duration::from_secs(3);
+        a.take_up(49.0);
+        for i in 0..50 {
+            answered_at_once(&mut a, later - Duration::from_millis(990 - i * 19));
+        }
+        let (rate, share, target) = (a.rate().unwrap(), a.share.unwrap(), a.target.unwrap());
+        a.limited(later);
+        assert_eq!(a.share_in_force(later), Some(pace_for(50)));
+        // And the rate to return to moves with it, from this node's part to the even pace.
+        assert_eq!(a.target, Some(target + rate - share));
     }
 
     #[test]

@@ -15,9 +15,12 @@ pub struct SharedLimits {
     pub rate_limited: u64,
     /// How long every node still pauses after the latest of them.
     pub pause_left_ms: u64,
-    /// The average pace of the live nodes that keep one (attempts per second each): every node
-    /// paces at it, so that together they split Webex's limit evenly.
-    pub pace_per_s: Option<f64>,
+    /// How long ago the latest of them was noted (`None`: never).
+    pub limited_ms_ago: Option<u64>,
+    /// The average share of the live nodes that keep one (attempts per second each: the pace
+    /// each node's own answers from Webex support): every node paces at it, so that together
+    /// they keep the sum of what Webex took from each, split evenly.
+    pub share_per_s: Option<f64>,
     /// The node whose user probes Webex while it fails, and for how much longer.
     pub probe_owner: Option<String>,
     pub probe_left_ms: u64,
@@ -40,7 +43,7 @@ impl SharedLimits {
             .clone()
             .filter(|(_, until)| *until > now);
         SharedLimits {
-            pace_per_s: cluster.average_pace(),
+            share_per_s: cluster.average_share(),
             probe_left_ms: probe.as_ref().map_or(0, |(_, until)| until - now),
             probe_owner: probe.map(|(owner, _)| owner),
             ..self
@@ -67,9 +70,10 @@ pub struct NodeStatus {
 
 #[derive(Debug, Default)]
 struct State {
-    limits: (u64, u64),
-    /// Each node's pace, by node id (on sled: this node's alone).
-    paces: HashMap<String, f64>,
+    /// The count of 429s, the end of the pause and when the latest was noted.
+    limits: (u64, u64, Option<u64>),
+    /// Each node's share, by node id (on sled: this node's alone).
+    shares: HashMap<String, f64>,
     /// Who probes Webex, until when.
     probe: Option<(String, u64)>,
     nodes: HashMap<String, (String, u64, u64, bool)>,
@@ -90,25 +94,22 @@ impl MemoryCluster {
 
     pub(super) fn note_rate_limited(&self, pause_ms: u64) -> SharedLimits {
         let now = now_ms();
-        let (seq, until) = {
+        {
             let state = &mut self.lock().limits;
             state.0 += 1;
             state.1 = state.1.max(now + pause_ms);
-            *state
-        };
-        SharedLimits {
-            rate_limited: seq,
-            pause_left_ms: until.saturating_sub(now),
-            ..SharedLimits::default()
+            state.2 = Some(now);
         }
-        .with_pace(self)
+        self.shared_limits()
     }
 
     pub(super) fn shared_limits(&self) -> SharedLimits {
-        let (seq, until) = self.lock().limits;
+        let (seq, until, noted) = self.lock().limits;
+        let now = now_ms();
         SharedLimits {
             rate_limited: seq,
-            pause_left_ms: until.saturating_sub(now_ms()),
+            pause_left_ms: until.saturating_sub(now),
+            limited_ms_ago: noted.map(|at| now.saturating_sub(at)),
             ..SharedLimits::default()
         }
         .with_pace(self)
@@ -134,17 +135,17 @@ impl MemoryCluster {
         }
     }
 
-    pub(super) fn share_pace(&self, node_id: &str, pace: Option<f64>) {
-        let paces = &mut self.lock().paces;
-        match pace {
-            Some(pace) => paces.insert(node_id.to_owned(), pace),
-            None => paces.remove(node_id),
+    pub(super) fn publish_share(&self, node_id: &str, share: Option<f64>) {
+        let shares = &mut self.lock().shares;
+        match share {
+            Some(share) => shares.insert(node_id.to_owned(), share),
+            None => shares.remove(node_id),
         };
     }
 
-    fn average_pace(&self) -> Option<f64> {
-        let paces = &self.lock().paces;
-        (!paces.is_empty()).then(|| paces.values().sum::<f64>() / paces.len() as f64)
+    fn average_share(&self) -> Option<f64> {
+        let shares = &self.lock().shares;
+        (!shares.is_empty()).then(|| shares.values().sum::<f64>() / shares.len() as f64)
     }
 
     pub(super) fn heartbeat(&self, node_id: &str, version: &str, started_ms: u64, stopped: bool) {

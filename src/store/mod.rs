@@ -214,9 +214,10 @@ domain_operations! {
     fn claim_probe(&self, owner: &str, for_ms: u64) -> bool;
     /// The probe got through (or gave up): every node's waiting users go.
     fn end_probe(&self, owner: &str) -> ();
-    /// This node's pace under the rate limit (`None`: it keeps none), averaged with the other
-    /// live nodes' into [`SharedLimits::pace_per_s`].
-    fn share_pace(&self, node_id: &str, pace: Option<f64>) -> ();
+    /// This node's share of the rate limit: the pace its own answers from Webex support
+    /// (`None`: it keeps none), averaged with the other live nodes' into
+    /// [`SharedLimits::share_per_s`].
+    fn publish_share(&self, node_id: &str, share: Option<f64>) -> ();
     /// This node is alive (or, `stopped`, has left on SIGTERM), at the store's clock.
     fn heartbeat(&self, node_id: &str, version: &str, started_ms: u64, stopped: bool) -> ();
     /// Every node that has written a heartbeat, with the lanes it holds, by node id.

@@ -221,8 +221,8 @@ impl SledStore {
         Ok(())
     }
 
-    pub fn share_pace(&self, node_id: &str, pace: Option<f64>) -> Result<(), StoreError> {
-        self.cluster.share_pace(node_id, pace);
+    pub fn publish_share(&self, node_id: &str, share: Option<f64>) -> Result<(), StoreError> {
+        self.cluster.publish_share(node_id, share);
         Ok(())
     }
 

@@ -8,17 +8,22 @@ use super::{Access, OpError, PgStore, to_u64};
 use crate::store::{NodeStatus, SharedLimits, StoreError};
 
 /// A 429: one more for every node to see, and a pause at least this long.
-const RATE_LIMITED: &str = "UPDATE control SET limited_seq = limited_seq + 1, \
+const RATE_LIMITED: &str = "UPDATE control SET limited_seq = limited_seq + 1, limited_at = now(), \
      paused_until = greatest(coalesce(paused_until, now()), now() + $1 * interval '1 millisecond')";
 
-/// The columns of [`SharedLimits`], from the `control` row and the live nodes' paces (a node
+/// The columns of [`SharedLimits`], from the `control` row and the live nodes' shares (a node
 /// silent for a minute no longer counts).
 pub(super) const LIMITS: &str = "control.limited_seq, \
      greatest(0, coalesce(extract(epoch FROM (control.paused_until - now())) * 1000, 0))::bigint, \
-     (SELECT avg(pace_per_s) FROM nodes WHERE stopped_at IS NULL AND pace_per_s IS NOT NULL \
+     (SELECT avg(share_per_s) FROM nodes WHERE stopped_at IS NULL AND share_per_s IS NOT NULL \
       AND heartbeat_at > now() - interval '1 minute'), \
      CASE WHEN control.probe_until > now() THEN control.probe_owner END, \
-     greatest(0, coalesce(extract(epoch FROM (control.probe_until - now())) * 1000, 0))::bigint";
+     greatest(0, coalesce(extract(epoch FROM (control.probe_until - now())) * 1000, 0))::bigint, \
+     CASE WHEN control.limited_at IS NOT NULL \
+     THEN greatest(0, extract(epoch FROM (now() - control.limited_at)) * 1000)::bigint END";
+
+/// How many columns [`LIMITS`] has.
+pub(super) const LIMITS_COLUMNS: usize = 6;
 
 /// The probe is taken when nobody holds it, its holder renews it, or its time ran out.
 const CLAIM_PROBE: &str = "UPDATE control SET probe_owner = $1, \
@@ -28,7 +33,7 @@ const CLAIM_PROBE: &str = "UPDATE control SET probe_owner = $1, \
 const END_PROBE: &str =
     "UPDATE control SET probe_owner = NULL, probe_until = NULL WHERE probe_owner = $1";
 
-const SHARE_PACE: &str = "UPDATE nodes SET pace_per_s = $2 WHERE node_id = $1";
+const PUBLISH_SHARE: &str = "UPDATE nodes SET share_per_s = $2 WHERE node_id = $1";
 
 const HEARTBEAT: &str = "INSERT INTO nodes (node_id, version, started_at, heartbeat_at, stopped_at) \
      VALUES ($1, $2, to_timestamp($3::float8 / 1000), now(), CASE WHEN $4 THEN now() END) \
@@ -99,12 +104,12 @@ impl PgStore {
         .await
     }
 
-    pub async fn share_pace(&self, node_id: &str, pace: Option<f64>) -> Result<(), StoreError> {
+    pub async fn publish_share(&self, node_id: &str, share: Option<f64>) -> Result<(), StoreError> {
         let node = node_id.to_owned();
-        self.run("share this node's pace", Access::Write, move |c| {
+        self.run("publish this node's share", Access::Write, move |c| {
             Box::pin(async move {
-                let statement = c.prepare_cached(SHARE_PACE).await?;
-                c.execute(&statement, &[&node, &pace]).await?;
+                let statement = c.prepare_cached(PUBLISH_SHARE).await?;
+                c.execute(&statement, &[&node, &share]).await?;
                 Ok(())
             })
         })
@@ -177,8 +182,12 @@ pub(super) fn limits_from(row: &Row, at: usize) -> Result<SharedLimits, OpError>
     Ok(SharedLimits {
         rate_limited: to_u64(row.try_get(at)?, "rate-limit count")?,
         pause_left_ms: to_u64(row.try_get(at + 1)?, "pause")?,
-        pace_per_s: row.try_get(at + 2)?,
+        share_per_s: row.try_get(at + 2)?,
         probe_owner: row.try_get(at + 3)?,
         probe_left_ms: to_u64(row.try_get(at + 4)?, "probe time")?,
+        limited_ms_ago: row
+            .try_get::<_, Option<i64>>(at + 5)?
+            .map(|ms| to_u64(ms, "time since the latest 429"))
+            .transpose()?,
     })
 }

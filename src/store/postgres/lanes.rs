@@ -3,7 +3,7 @@
 
 use tokio_postgres::Row;
 
-use super::cluster::{LIMITS, limits_from};
+use super::cluster::{LIMITS, LIMITS_COLUMNS, limits_from};
 use super::outbox::{HEAD_SQL, entry_from};
 use super::{Access, OpError, PgStore, to_i64, to_u64};
 use crate::store::{Claim, Lease, Origin, StoreError};
@@ -95,7 +95,7 @@ impl PgStore {
                     Some(_) => Some(entry_from(&row)?),
                     None => None,
                 };
-                let at = row.len() - 7;
+                let at = row.len() - 2 - LIMITS_COLUMNS;
                 Ok(Some(Claim {
                     lease: lease_from(&row, at, user, holder)?,
                     head,

@@ -22,6 +22,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "held_lanes",
         include_str!("migrations/004_held_lanes.sql"),
     ),
+    (5, "shares", include_str!("migrations/005_shares.sql")),
 ];
 
 /// The schema version this binary reads and writes.
