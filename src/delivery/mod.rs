@@ -1370,6 +1370,44 @@ mod tests {
         engine.watch(id, &entry.new.user_id).await
     }
 
+    /// An attempt function that answers 429 (a 1 s pause) at its eleventh call and delivers
+    /// every other, counting its calls and noting when each started.
+    fn limited_at_the_eleventh_call(
+        calls: Arc<AtomicUsize>,
+        starts: Arc<Mutex<Vec<Instant>>>,
+    ) -> AttemptFn {
+        Arc::new(move |_entry, _lease| {
+            starts.lock().unwrap().push(Instant::now());
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if n == 10 {
+                    Attempt::PauseAll {
+                        after: Duration::from_secs(1),
+                        reason: "429".into(),
+                    }
+                } else {
+                    delivered()
+                }
+            })
+        })
+    }
+
+    /// One add for each of `users` users, stored, each watched.
+    async fn users_watched(
+        engine: &Engine,
+        store: &Store,
+        users: usize,
+    ) -> Vec<oneshot::Receiver<Finished>> {
+        let entries: Vec<NewEntry> = (0..users)
+            .map(|i| new_entry(&format!("u{i}"), "add"))
+            .collect();
+        let mut waits = Vec::new();
+        for id in store.enqueue(entries, now_ms()).await.unwrap() {
+            waits.push(watched(engine, store, id).await);
+        }
+        waits
+    }
+
     fn delivered() -> Attempt {
         Attempt::Delivered {
             subscriber_id: Some("sub".into()),
@@ -2093,31 +2131,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let starts = Arc::new(Mutex::new(Vec::new()));
-        let calls = Arc::new(AtomicUsize::new(0));
-        let (st, c) = (starts.clone(), calls.clone());
-        let attempt: AttemptFn = Arc::new(move |_entry, _lease| {
-            st.lock().unwrap().push(Instant::now());
-            let n = c.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async move {
-                if n == 10 {
-                    Attempt::PauseAll {
-                        after: Duration::from_secs(1),
-                        reason: "429".into(),
-                    }
-                } else {
-                    delivered()
-                }
-            })
-        });
-        let entries: Vec<NewEntry> = (0..30)
-            .map(|i| new_entry(&format!("u{i}"), "add"))
-            .collect();
-        let ids = store.enqueue(entries, now_ms()).await.unwrap();
+        let attempt = limited_at_the_eleventh_call(Arc::default(), starts.clone());
         let engine = Engine::new(store.clone(), attempt, limits(1));
-        let mut waits = Vec::new();
-        for id in &ids {
-            waits.push(watched(&engine, &store, *id).await);
-        }
+        let waits = users_watched(&engine, &store, 30).await;
         engine.start().await.unwrap();
         for w in waits {
             w.await.unwrap();
@@ -2151,29 +2167,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
-        let c = calls.clone();
-        let attempt: AttemptFn = Arc::new(move |_entry, _lease| {
-            let n = c.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async move {
-                if n == 10 {
-                    Attempt::PauseAll {
-                        after: Duration::from_secs(1),
-                        reason: "429".into(),
-                    }
-                } else {
-                    delivered()
-                }
-            })
-        });
-        let entries: Vec<NewEntry> = (0..20)
-            .map(|i| new_entry(&format!("u{i}"), "add"))
-            .collect();
-        let ids = store.enqueue(entries, now_ms()).await.unwrap();
+        let attempt = limited_at_the_eleventh_call(calls.clone(), Arc::default());
         let engine = Engine::new(store.clone(), attempt, limits(1));
-        let mut waits = Vec::new();
-        for id in &ids {
-            waits.push(watched(&engine, &store, *id).await);
-        }
+        let waits = users_watched(&engine, &store, 20).await;
         engine.start().await.unwrap();
         while calls.load(Ordering::SeqCst) <= 10 {
             tokio::time::sleep(Duration::from_millis(5)).await;
