@@ -266,11 +266,10 @@ struct Schedule {
     delayed: HashSet<String>,
     /// Users made ready while busy: looked at again when their attempt ends.
     again: HashSet<String>,
-    /// No delivery starts before this (a 429 from Webex).
+    /// The end of the latest pause for a 429: no delivery starts before it, and it is kept
+    /// once passed, since a 429 from before it is one the pacer already learned from
+    /// ([`Schedule::learns_from`]).
     paused_until: Option<Instant>,
-    /// The end of the latest pause for a 429, kept once it has passed: a 429 from before it is
-    /// one the pacer already learned from (see [`Schedule::learns_from`]).
-    pause_end: Option<Instant>,
     /// Spacing of attempts once Webex has answered 429.
     pacer: pace::Pacer,
     /// Work has waited for the pace without a break since the scheduler last slept for it: a
@@ -541,9 +540,10 @@ impl Engine {
             let mut s = self.lock();
             let now = Instant::now();
             // Only while no other delivery is under way: the rates an AS sends. Under load the
-            // engine's runtime spreads deliveries over every thread, where a request's thread
-            // keeps its own (13 % less at max throughput when every free user started here,
-            // bench/RESULTS.md, fifteenth sitting).
+            // engine's runtime spreads deliveries over every thread, where the two request
+            // threads would carry them all (a version that started every free user here read
+            // less at max throughput, on a machine too loaded to tell how much: bench/RESULTS.md,
+            // fifteenth sitting).
             let at_once = !s.stopping
                 && !s.here_closed
                 && s.busy.is_empty()
@@ -763,12 +763,9 @@ impl Engine {
                 }
             }
         }
-        if let Some(until) = s.paused_until {
-            if until > now {
-                s.waiting_for_pace = false;
-                return Next::Sleep(Some(until));
-            }
-            s.paused_until = None;
+        if let Some(until) = s.paused_until.filter(|until| *until > now) {
+            s.waiting_for_pace = false;
+            return Next::Sleep(Some(until));
         }
         let next_due = s.later.keys().next().copied();
         let free = self.inner.slots.available_permits();
@@ -1185,7 +1182,6 @@ impl Schedule {
     /// Pause every delivery until `until` for a 429 (a later pause already set holds).
     fn pause(&mut self, until: Instant) {
         self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
-        self.pause_end = Some(self.pause_end.map_or(until, |p| p.max(until)));
     }
 
     /// Whether a 429 met at `at` (noted by another node then, or answering a call this node
@@ -1196,7 +1192,7 @@ impl Schedule {
     /// pause, and learning then from a second spent paused taught a share of 1/s, which took
     /// 8 s of raises to climb back from (two nodes, fifteenth sitting).
     fn learns_from(&self, at: Instant) -> bool {
-        self.pause_end.is_none_or(|end| at >= end)
+        self.paused_until.is_none_or(|end| at >= end)
     }
 
     /// Queue a user last in the queue of its kind of work.
