@@ -554,6 +554,20 @@ impl SledStore {
                 .contains_key(queue_key(&entry.new.user_id, entry.id))?)
     }
 
+    /// The dead entries that hold their users' lanes: few, and all in `dead` (whose keys a
+    /// crash may leave stale, so the entries say).
+    fn holding_lanes(&self) -> Result<std::collections::HashSet<EntryId>, StoreError> {
+        let mut dead = Vec::new();
+        self.dead_ids(&mut dead)?;
+        let mut held = std::collections::HashSet::new();
+        for entry in self.entries(dead)? {
+            if self.holds_lane(&entry)? {
+                held.insert(entry.id);
+            }
+        }
+        Ok(held)
+    }
+
     /// Put a dead entry back in its user's queue, pending, its age counted from now (the
     /// operator's retry starts a new wait: `store.max_entry_age_hours` would otherwise end an
     /// entry that died long ago again at once). Returns false if it was not dead.
@@ -671,22 +685,14 @@ impl SledStore {
     /// How many entries are pending, and the creation time of the oldest (for the age metric).
     pub fn pending_summary(&self) -> Result<(u64, Option<u64>), StoreError> {
         let queue = self.tree(USER_QUEUE)?;
-        // The queues also hold the dead entries that hold lanes: few, and all in `dead` (whose
-        // keys a crash may leave stale, so the entries say).
-        let mut dead = Vec::new();
-        self.dead_ids(&mut dead)?;
-        let dead: std::collections::HashSet<EntryId> = self
-            .entries(dead)?
-            .iter()
-            .filter(|entry| entry.is_dead())
-            .map(|entry| entry.id)
-            .collect();
+        // The queues also hold the dead entries that hold lanes.
+        let held = self.holding_lanes()?;
         let mut count = 0;
         let mut oldest: Option<EntryId> = None;
         for item in queue.iter() {
             let (key, _) = item?;
             let id = id_from(&key[key.len() - 8..])?;
-            if dead.contains(&id) {
+            if held.contains(&id) {
                 continue;
             }
             count += 1;
@@ -712,12 +718,7 @@ impl SledStore {
         // approximate by that much, never more.
         // The undelivered are few (pending and dead) and walked; the whole outbox is counted.
         // A dead entry that holds its lane is in both.
-        let mut dead_ids = Vec::new();
-        self.dead_ids(&mut dead_ids)?;
-        let mut held = 0;
-        for entry in self.entries(dead_ids)? {
-            held += usize::from(self.holds_lane(&entry)?);
-        }
+        let held = self.holding_lanes()?.len();
         let undelivered = (queue.len() + dead.len()).saturating_sub(held) as u64;
         let delivered = self.counts.outbox.of(&outbox).saturating_sub(undelivered);
         let mut excess = delivered.saturating_sub(max_delivered);
@@ -730,9 +731,7 @@ impl SledStore {
                 break;
             }
             let is_delivered = Filter::Delivered.matches(&entry);
-            let kept = entry.is_pending()
-                || (entry.is_dead()
-                    && queue.contains_key(queue_key(&entry.new.user_id, entry.id))?);
+            let kept = entry.is_pending() || self.holds_lane(&entry)?;
             if (expired && !kept) || (is_delivered && excess > 0) {
                 if outbox.remove(&key)?.is_some() {
                     self.counts.outbox.removed(1);
