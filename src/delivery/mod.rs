@@ -322,11 +322,14 @@ impl Schedule {
 /// ends, or when it is dropped with its thread.
 struct Here {
     engine: Engine,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for Here {
     fn drop(&mut self) {
+        // The slot first: the run loop woken below must find it free, or it sleeps again with
+        // nobody left to wake it.
+        drop(self.slot.take());
         self.engine.lock().here -= 1;
         self.engine.inner.here_done.notify_waiters();
         self.engine.inner.wake.notify_one();
@@ -574,7 +577,7 @@ impl Engine {
         };
         let here = Here {
             engine: self.clone(),
-            _slot: permit,
+            slot: Some(permit),
         };
         let user = user_id.to_owned();
         Some(async move {
