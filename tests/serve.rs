@@ -1084,7 +1084,7 @@ async fn each_request_is_traced_stage_by_stage(backend: Backend) {
     server.stop().await;
 }
 
-/// A live command starts on its request's thread (`Engine::start_here`); SIGTERM stops those
+/// A live command starts on its request's thread (`Engine::reserve_here`); SIGTERM stops those
 /// threads, and lets the deliveries under way there end first rather than drop them half done:
 /// commands answered 7020 while Webex is slow are delivered, and stored as delivered, by the
 /// time `serve` exits, so the next start has nothing to send again.

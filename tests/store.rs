@@ -11,7 +11,7 @@ use common::pg::PgCluster;
 use flowthrough::oci::UserProfile;
 use flowthrough::secret::Secret;
 use flowthrough::store::{
-    Accepted, AuditEvent, AuditQuery, AuditRecord, Call, Claim, Customer, EntryId, EntryState,
+    AuditEvent, AuditQuery, AuditRecord, Call, Claim, ClaimRequest, Customer, EntryId, EntryState,
     Filter, NewEntry, Origin, Progress, ReconcileReport, Remembered, Store, StoreError,
     TokenRecord, TokenState, UserMapChange,
 };
@@ -375,6 +375,7 @@ async fn a_failed_accept_stores_nothing_on_postgres() {
             remembered,
             Some(entry("half\0@acme.example", "add")),
             1,
+            None,
             |_| panic!("nothing is announced that was not stored"),
         )
         .await;
@@ -391,6 +392,7 @@ async fn a_failed_accept_stores_nothing_on_postgres() {
                 Remembered::default(),
                 Some(entry(&format!("u{i}"), "add")),
                 2,
+                None,
                 |_| {},
             )
             .await
@@ -399,6 +401,110 @@ async fn a_failed_accept_stores_nothing_on_postgres() {
     }
     assert_eq!(store.pending_summary().await.unwrap().0, 20);
     assert_eq!(store.write_failure(), None, "a bad record is not an outage");
+}
+
+/// On PostgreSQL a claim asked for with an accept comes back with it, made after the commit:
+/// its head is the user's oldest pending entry (the one accepted or an older one), a lane
+/// another node holds is left to it (the command is stored all the same), and a lane claimed
+/// for a command whose accept failed is handed back at once rather than kept from the other
+/// nodes for its lease. On sled no claim comes back: delivery makes it in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_brings_its_lane_claimed_on_postgres() {
+    let h = Harness::postgres().await;
+    let store = h.store();
+    let node_a = ClaimRequest {
+        owner: "node-a".into(),
+        lease_ms: 60_000,
+    };
+    let accept = |user: &'static str, audit_user: &'static str| {
+        let request = node_a.clone();
+        async move {
+            store
+                .accept(
+                    Remembered {
+                        audit: Some(command(1, audit_user)),
+                        ..Remembered::default()
+                    },
+                    Some(entry(user, "add")),
+                    1,
+                    Some(&request),
+                    |_| {},
+                )
+                .await
+        }
+    };
+
+    let alice = accept("alice", "alice").await.unwrap();
+    let claim = alice.claim.expect("a free lane is claimed with the accept");
+    assert_eq!(claim.lease.owner, "node-a");
+    assert_eq!(
+        claim.head.map(|e| e.id),
+        alice.entry,
+        "its head is the new entry"
+    );
+    assert!(
+        store
+            .claim_head("alice", "node-b", 60_000)
+            .await
+            .unwrap()
+            .is_none(),
+        "node-a holds it"
+    );
+
+    let older = store.enqueue(vec![entry("bob", "add")], 1).await.unwrap()[0];
+    let bob = accept("bob", "bob").await.unwrap();
+    assert_eq!(
+        bob.claim.and_then(|claim| claim.head).map(|e| e.id),
+        Some(older),
+        "an older pending entry of the user is the head"
+    );
+
+    store.enqueue(vec![entry("carol", "add")], 1).await.unwrap();
+    store
+        .claim_head("carol", "node-b", 60_000)
+        .await
+        .unwrap()
+        .expect("a free lane");
+    let carol = accept("carol", "carol").await.unwrap();
+    assert!(carol.entry.is_some(), "stored all the same");
+    assert!(carol.claim.is_none(), "node-b holds carol's lane");
+
+    // An audit record PostgreSQL cannot take fails the accept; the claim after it still ran.
+    store
+        .finish(alice.entry.unwrap(), delivered(2), None, Some(&claim.lease))
+        .await
+        .unwrap();
+    store.release_lane(&claim.lease, 0).await.unwrap();
+    let failed = accept("alice", "al\0ice").await;
+    assert!(
+        matches!(failed, Err(StoreError::Database { .. })),
+        "{failed:?}"
+    );
+    assert!(
+        store
+            .claim_head("alice", "node-b", 60_000)
+            .await
+            .unwrap()
+            .is_some(),
+        "the lane claimed for the failed accept was handed back"
+    );
+
+    let sled = Harness::sled();
+    let on_sled = sled
+        .store()
+        .accept(
+            Remembered::default(),
+            Some(entry("dave", "add")),
+            1,
+            Some(&node_a),
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert!(
+        on_sled.entry.is_some() && on_sled.claim.is_none(),
+        "{on_sled:?}"
+    );
 }
 
 fn entry(user: &str, command: &str) -> NewEntry {
@@ -1416,6 +1522,7 @@ async fn accepting_a_command_writes_its_records_and_its_entry(h: Harness) {
             },
             Some(entry("new@acme.example", "add")),
             7,
+            None,
             |id| announced.push(id),
         )
         .await
@@ -1458,18 +1565,17 @@ async fn accepting_a_command_writes_its_records_and_its_entry(h: Harness) {
     );
     assert_eq!(store.customers().await.unwrap(), vec![customer]);
     let nothing_queued = store
-        .accept(Remembered::default(), None, 8, |_| {
+        .accept(Remembered::default(), None, 8, None, |_| {
             panic!("no entry, no id")
         })
         .await
         .unwrap();
     assert_eq!(
-        nothing_queued,
-        Accepted {
-            entry: None,
-            audit: None
-        }
+        (nothing_queued.entry, nothing_queued.audit),
+        (None, None),
+        "{nothing_queued:?}"
     );
+    assert!(nothing_queued.claim.is_none(), "{nothing_queued:?}");
     // A command answered at its accept: its record is final and names no entry.
     let final_record = command(9, "other@acme.example");
     let answered_now = store
@@ -1480,6 +1586,7 @@ async fn accepting_a_command_writes_its_records_and_its_entry(h: Harness) {
             },
             None,
             9,
+            None,
             |_| panic!("no entry, no id"),
         )
         .await

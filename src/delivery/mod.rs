@@ -19,8 +19,8 @@ use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
 
 use crate::store::{
-    AuditEvent, AuditRecord, Call, Entry, EntryId, EntryState, Lease, Origin, Progress,
-    SharedLimits, Store, StoreError, UserMapChange, now_ms,
+    AuditEvent, AuditRecord, Call, Claim, ClaimRequest, Entry, EntryId, EntryState, Lease, Origin,
+    Progress, SharedLimits, Store, StoreError, UserMapChange, now_ms,
 };
 use crate::trace::DeliveryMarks;
 
@@ -282,7 +282,7 @@ struct Schedule {
     parked: Vec<String>,
     waiters: HashMap<EntryId, Watchers>,
     stopping: bool,
-    /// Deliveries under way on requests' threads ([`Engine::start_here`]), and whether more may
+    /// Deliveries under way on requests' threads ([`Engine::reserve_here`]), and whether more may
     /// start there: a server that stops its request threads first waits for these (dropped with
     /// their thread, they would leave a delivered entry pending and its lane leased).
     here: usize,
@@ -315,6 +315,61 @@ impl Schedule {
             .waiting
             .push(tx);
         rx
+    }
+}
+
+/// How many deliveries may run on requests' threads at once ([`Engine::reserve_here`]): at the
+/// rates an AS sends, a command arriving while one or two others are under way still starts
+/// at once (at 100 commands/s, each under way for 3.5 ms, 4 are under way together less than
+/// 0.05 % of the time); under load the engine's threads take them.
+const HERE_AT_MOST: usize = 4;
+
+/// A slot reserved for a command's delivery on its request's thread ([`Engine::reserve_here`]).
+/// Dropped unstarted (the command was not stored), it gives the slot and the user back.
+pub struct HereSlot {
+    here: Option<Here>,
+    user: String,
+    reserved_at: Instant,
+}
+
+impl HereSlot {
+    /// The claim of the user's lane to ask for with the command's accept.
+    pub fn claim(&self) -> ClaimRequest {
+        let limits = &self.engine().inner.limits;
+        ClaimRequest {
+            owner: limits.node_id.clone(),
+            lease_ms: u64::try_from(limits.lease.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// The delivery of the user's head entry, for the caller to run on its own thread; it holds
+    /// the slot until it ends. `claimed`: the lane as the accept claimed it, if it did.
+    pub fn start(mut self, claimed: Option<Claim>) -> impl Future<Output = ()> + use<> {
+        let here = self.here.take();
+        let user = std::mem::take(&mut self.user);
+        let claimed = claimed.map(|claim| (claim, self.reserved_at));
+        async move {
+            if let Some(here) = here {
+                here.engine.deliver_head(&user, claimed).await;
+                drop(here);
+            }
+        }
+    }
+
+    fn engine(&self) -> &Engine {
+        // `here` is taken only by `start`, which consumes the slot.
+        match &self.here {
+            Some(here) => &here.engine,
+            None => unreachable!("a started slot is consumed"),
+        }
+    }
+}
+
+impl Drop for HereSlot {
+    fn drop(&mut self) {
+        if let Some(here) = self.here.take() {
+            here.engine.give_back(&self.user);
+        }
     }
 }
 
@@ -527,62 +582,53 @@ impl Engine {
         self.submit_as(user_id, Origin::Live);
     }
 
-    /// A user has new pending work from the AS, to be started on the caller's thread when the
-    /// engine would start it at once anyway and has nothing else under way: no user queued or
-    /// busy, no pause, pace or probe to wait for, the user not backing off. Returns that
-    /// delivery, for the caller to run on its own thread (it holds the slot until it ends);
-    /// otherwise hands the user over as [`Engine::submit`] does and returns `None`.
+    /// A slot for a live command of `user_id`'s on the caller's thread, reserved before the
+    /// command is stored, when the engine would start it at once anyway and has nothing of its
+    /// own under way: no user queued or busy but those started this way (at most
+    /// [`HERE_AT_MOST`]), no pause, pace or probe to wait for, the user not backing off. The
+    /// user counts as busy from now on, so that nothing else on this node claims its lane
+    /// before [`HereSlot::start`] does (on PostgreSQL with the accept: [`HereSlot::claim`]).
+    /// `None`: hand the user over with [`Engine::submit`] once stored.
     ///
     /// Why: at the rates an AS sends, the threads of the engine and of the request are asleep,
     /// and each hand-over between them is a wake-up of another thread (0.47 and 0.33 ms of the
     /// slowest requests at 100 req/s: bench/RESULTS.md, fourteenth sitting). Run where the
     /// request runs, with that thread's own Webex connections (`webex::transport`), a command's
     /// path wakes no other thread but the store's.
-    pub fn start_here(&self, user_id: &str) -> Option<impl Future<Output = ()> + use<>> {
-        let permit = {
-            let mut s = self.lock();
-            let now = Instant::now();
-            // Only while no other delivery is under way: the rates an AS sends. Under load the
-            // engine's runtime spreads deliveries over every thread, where the two request
-            // threads would carry them all (a version that started every free user here read
-            // less at max throughput, on a machine too loaded to tell how much: bench/RESULTS.md,
-            // fifteenth sitting).
-            let at_once = !s.stopping
-                && !s.here_closed
-                && s.busy.is_empty()
-                && s.ready.is_empty()
-                && !s.bulk_ready.contains(user_id)
-                && !s.delayed.contains(user_id)
-                && s.paused_until.is_none_or(|until| until <= now)
-                && s.probe.is_none()
-                && !s.remote_probe
-                && s.pacer.wait_until(now).is_none();
-            match at_once
-                .then(|| self.inner.slots.clone().try_acquire_owned().ok())
-                .flatten()
-            {
-                Some(permit) => {
-                    s.bulk.remove(user_id);
-                    s.pacer.started(now, false);
-                    s.busy.insert(user_id.to_owned());
-                    s.here += 1;
-                    permit
-                }
-                None => {
-                    drop(s);
-                    self.submit(user_id);
-                    return None;
-                }
-            }
-        };
-        let here = Here {
-            engine: self.clone(),
-            slot: Some(permit),
-        };
-        let user = user_id.to_owned();
-        Some(async move {
-            here.engine.deliver_head(&user).await;
-            drop(here);
+    pub fn reserve_here(&self, user_id: &str) -> Option<HereSlot> {
+        let mut s = self.lock();
+        let now = Instant::now();
+        // Only while the engine runs nothing of its own: the rates an AS sends. Under load the
+        // engine's runtime spreads deliveries over every thread, where the two request threads
+        // would carry them all (a version that started every free user here read less at max
+        // throughput, on a machine too loaded to tell how much: bench/RESULTS.md, fifteenth
+        // sitting).
+        let at_once = !s.stopping
+            && !s.here_closed
+            && s.busy.len() == s.here
+            && s.here < HERE_AT_MOST
+            && !s.busy.contains(user_id)
+            && s.ready.is_empty()
+            && !s.bulk_ready.contains(user_id)
+            && !s.delayed.contains(user_id)
+            && s.paused_until.is_none_or(|until| until <= now)
+            && s.probe.is_none()
+            && !s.remote_probe
+            && s.pacer.wait_until(now).is_none();
+        let permit = at_once
+            .then(|| self.inner.slots.clone().try_acquire_owned().ok())
+            .flatten()?;
+        s.bulk.remove(user_id);
+        s.pacer.started(now, false);
+        s.busy.insert(user_id.to_owned());
+        s.here += 1;
+        Some(HereSlot {
+            here: Some(Here {
+                engine: self.clone(),
+                slot: Some(permit),
+            }),
+            user: user_id.to_owned(),
+            reserved_at: now,
         })
     }
 
@@ -600,6 +646,17 @@ impl Engine {
                 }
             }
             done.await;
+        }
+    }
+
+    /// A reserved slot left unstarted: the user is no longer busy here (work for it submitted
+    /// meanwhile goes to the engine) and the pace gets its slot back.
+    fn give_back(&self, user: &str) {
+        let mut s = self.lock();
+        s.busy.remove(user);
+        s.pacer.skipped(Instant::now());
+        if s.again.remove(user) {
+            s.make_ready(user);
         }
     }
 
@@ -742,7 +799,7 @@ impl Engine {
             };
             let engine = self.clone();
             tokio::spawn(async move {
-                engine.deliver_head(&user).await;
+                engine.deliver_head(&user, None).await;
                 drop(permit);
                 engine.inner.wake.notify_one();
             });
@@ -809,17 +866,21 @@ impl Engine {
     /// user's lane, renewed while the try lasts and handed back when it ends (with the backoff
     /// the try asked for, which other nodes' polls respect). A lane another node holds is left
     /// to it; the poll looks again, so the user is found if that node dies.
-    async fn deliver_head(&self, user: &str) {
+    /// `claimed`: the lane as the command's accept claimed it, and when that claim was asked for.
+    async fn deliver_head(&self, user: &str, claimed: Option<(Claim, Instant)>) {
         let store = &self.inner.store;
         let limits = &self.inner.limits;
         let lease_ms = u64::try_from(limits.lease.as_millis()).unwrap_or(u64::MAX);
-        let claimed_at = Instant::now();
+        let (claimed_at, claim) = match claimed {
+            Some((claim, asked_at)) => (asked_at, Ok(Some(claim))),
+            None => (
+                Instant::now(),
+                store.claim_head(user, &limits.node_id, lease_ms).await,
+            ),
+        };
         // `called`: whether the try had an entry to make a call for; a try without one gives
         // its slot of the pace back.
-        let (reschedule, answered, more, called) = match store
-            .claim_head(user, &limits.node_id, lease_ms)
-            .await
-        {
+        let (reschedule, answered, more, called) = match claim {
             Ok(Some(claim)) => {
                 let tenure = Tenure::new(claim.lease, claimed_at, limits.lease);
                 let paused_for = self.heed(claim.limits);
@@ -1095,7 +1156,7 @@ impl Engine {
                 notified: std::time::Instant::now(),
             });
             answered_in_time = self.notify(id, &finished);
-            // Started on the request's thread (`start_here`), the request runs only when this
+            // Started on the request's thread (`reserve_here`), the request runs only when this
             // task lets go of the thread: it answers the AS first, the end is stored after.
             tokio::task::yield_now().await;
         }
@@ -1704,6 +1765,11 @@ mod tests {
         });
         let engine = Engine::new(store.clone(), attempt, limits(1));
         engine.start().await.unwrap();
+        let slot = engine.reserve_here("a").expect("a slot is free");
+        assert!(
+            engine.reserve_here("b").is_none(),
+            "the one slot is reserved: b goes through the engine"
+        );
         let ids = store
             .enqueue(vec![new_entry("a", "1"), new_entry("b", "1")], now_ms())
             .await
@@ -1712,17 +1778,15 @@ mod tests {
             watched(&engine, &store, ids[0]).await,
             watched(&engine, &store, ids[1]).await,
         ];
-        let here = engine.start_here("a").expect("a slot is free");
-        assert!(
-            engine.start_here("b").is_none(),
-            "a delivery is under way: b goes through the engine"
-        );
+        engine.submit("b");
+        let here = slot.start(None);
         let later = store
             .enqueue(vec![new_entry("a", "2")], now_ms())
             .await
             .unwrap()[0];
         let last = watched(&engine, &store, later).await;
-        assert!(engine.start_here("a").is_none(), "a is busy");
+        assert!(engine.reserve_here("a").is_none(), "a is busy");
+        engine.submit("a");
         let mut closing = Box::pin(engine.close_here());
         assert!(
             futures_util::poll!(&mut closing).is_pending(),
@@ -1748,17 +1812,44 @@ mod tests {
                 .all(|(_, thread)| *thread != test_thread),
             "the engine's own deliveries run on its runtime's threads: {threads:?}"
         );
-        let after = store
-            .enqueue(vec![new_entry("c", "1")], now_ms())
-            .await
-            .unwrap()[0];
-        let end = watched(&engine, &store, after).await;
+        engine.idle().await;
         assert!(
-            engine.start_here("c").is_none(),
+            engine.reserve_here("c").is_none(),
             "closed: the engine takes it"
         );
+        engine.stop();
+    }
+
+    /// A slot reserved for a command that then was not stored gives back what it held: the slot
+    /// (the engine delivers with it) and the user (work for it submitted meanwhile goes on).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reserved_slot_left_unstarted_gives_the_user_and_the_slot_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let engine = Engine::new(
+            store.clone(),
+            scripted(log.clone(), |_, _| delivered()),
+            limits(1),
+        );
+        engine.start().await.unwrap();
+        let slot = engine.reserve_here("a").expect("a slot is free");
+        assert!(engine.reserve_here("b").is_none(), "the one slot is taken");
+        let id = store
+            .enqueue(vec![new_entry("a", "add")], now_ms())
+            .await
+            .unwrap()[0];
+        let end = watched(&engine, &store, id).await;
+        engine.submit("a");
+        drop(slot);
         let end = tokio::time::timeout(Duration::from_secs(5), end).await;
         assert!(matches!(end, Ok(Ok(Finished::Delivered { .. }))), "{end:?}");
+        assert_eq!(*log.lock().unwrap(), vec!["a:add"]);
+        engine.idle().await;
+        let again = engine
+            .reserve_here("a")
+            .expect("slot and user are free again");
+        drop(again);
         engine.stop();
     }
 

@@ -16,15 +16,15 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use tracing::Instrument;
 
 use super::AppState;
-use crate::delivery::{Engine, Finished};
+use crate::delivery::{Engine, Finished, HereSlot};
 use crate::mapping::{self, MapContext, OciError, Plan, Rejection};
 use crate::oci::{
     self, Command, Document, ErrorClass, ParseLimits, Request, ResponseCommand, Session,
 };
 use crate::secret::BasicCredentials;
 use crate::store::{
-    AuditEvent, AuditKey, AuditRecord, Call, Customer, EntryId, NewEntry, Origin, Remembered,
-    Store, StoreError, now_ms,
+    AuditEvent, AuditKey, AuditRecord, Call, Claim, Customer, EntryId, NewEntry, Origin,
+    Remembered, Store, StoreError, now_ms,
 };
 use crate::trace::Timeline;
 
@@ -179,12 +179,19 @@ struct CommandEnd {
 /// the command ended.
 const ACCEPTED: &str = "accepted";
 
+/// A stored command's user, for delivery: on the slot reserved for it on this thread (with the
+/// user's lane as its accept claimed it, if it did), or handed to the engine.
+struct Delivery {
+    user: String,
+    here: Option<(HereSlot, Option<Claim>)>,
+}
+
 /// What the durable accept hands to the rest of the request, none of which needs the AS.
 struct Accepted {
     /// Every command of the document, in order.
     steps: Vec<CommandStep>,
-    /// The user of each stored command, for delivery.
-    users: Vec<String>,
+    /// Each stored command's delivery.
+    deliveries: Vec<Delivery>,
     /// The stored commands' ends, watched before they were stored.
     watches: Vec<(EntryId, Watch)>,
 }
@@ -437,7 +444,7 @@ async fn map_and_store(
     timeline: &mut Timeline,
 ) -> Stage<Accepted> {
     let mut steps = Vec::with_capacity(document.commands.len());
-    let mut users: Vec<String> = Vec::new();
+    let mut deliveries: Vec<Delivery> = Vec::new();
     // Watched before stored: the engine may take an entry up as soon as it is stored, before
     // this request is done (its user's previous entry ends), and a watch set before then leaves
     // it no window to end unseen.
@@ -526,10 +533,17 @@ async fn map_and_store(
             client: client.to_owned(),
             origin: Origin::Live,
         });
+        // Reserved before the command is stored, so that its lane can be claimed with it; a
+        // later command of the same user in this document goes after it, through the engine.
+        let here = entry
+            .as_ref()
+            .filter(|_| !deliveries.iter().any(|d| d.user == user))
+            .and_then(|_| engine.reserve_here(&user));
+        let claim = here.as_ref().map(HereSlot::claim);
         let accepting = Instant::now();
         let stored = state
             .store
-            .accept(remembered, entry, at_ms, |id| {
+            .accept(remembered, entry, at_ms, claim.as_ref(), |id| {
                 watches.push((id, engine.watch_new(id, &user)));
             })
             .await;
@@ -543,7 +557,10 @@ async fn map_and_store(
                 };
                 let step = match accepted.entry {
                     Some(id) => {
-                        users.push(user);
+                        deliveries.push(Delivery {
+                            user,
+                            here: here.map(|slot| (slot, accepted.claim)),
+                        });
                         Step::Queued {
                             id,
                             on_delivery: response,
@@ -567,7 +584,7 @@ async fn map_and_store(
     }
     Ok(Accepted {
         steps,
-        users,
+        deliveries,
         watches,
     })
 }
@@ -590,9 +607,12 @@ async fn conclude(
     // it ends can leave a Webex call whose command the store lost, but then the AS got no answer
     // and sends the command again, and a provision sent again looks the user up first.
     let flushing = state.store.start_flush();
-    for user in &accepted.users {
-        if let Some(delivery) = engine.start_here(user) {
-            actix_rt::spawn(delivery);
+    for delivery in accepted.deliveries {
+        match delivery.here {
+            Some((slot, claimed)) => {
+                actix_rt::spawn(slot.start(claimed));
+            }
+            None => engine.submit(&delivery.user),
         }
     }
     let deadline = tokio::time::Instant::from_std(started) + state.settings.ack_deadline;

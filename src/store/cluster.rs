@@ -34,6 +34,16 @@ pub struct Claim {
     pub limits: SharedLimits,
 }
 
+/// A claim of the lane of the user whose command is being accepted, asked for with the accept
+/// ([`super::Store::accept`]) by a node about to deliver it at once: on PostgreSQL the claim is
+/// sent in the accept's round trip and runs right after its commit, so the delivery starts
+/// without a round trip of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    pub owner: String,
+    pub lease_ms: u64,
+}
+
 impl SharedLimits {
     fn with_pace(self, cluster: &MemoryCluster) -> SharedLimits {
         let now = now_ms();

@@ -25,7 +25,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use audit::{AuditEvent, AuditKey, AuditQuery, AuditRecord};
-pub use cluster::{Claim, NodeStatus, SharedLimits};
+pub use cluster::{Claim, ClaimRequest, NodeStatus, SharedLimits};
 pub use lanes::Lease;
 pub use outbox::{Call, Entry, EntryId, EntryState, Filter, NewEntry, Origin, Progress};
 pub use population::ReconcileReport;
@@ -123,11 +123,14 @@ pub struct Remembered {
 }
 
 /// What [`Store::accept`] stored: the command's outbox entry, if it has one, and where its
-/// audit record is, if it came with one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// audit record is, if it came with one; and the claim of the entry's lane, if one was asked
+/// for and the backend made it with the accept (PostgreSQL; a lane another node holds, or a
+/// claim that failed, gives none, and delivery claims the lane itself).
+#[derive(Debug, Clone)]
 pub struct Accepted {
     pub entry: Option<EntryId>,
     pub audit: Option<AuditKey>,
+    pub claim: Option<Claim>,
 }
 
 /// A request's place in the store's durability: on sled, its place in the group commit; on
@@ -355,12 +358,14 @@ impl Store {
     /// Write what one command leaves behind: the records it changes, its outbox entry and its
     /// audit record, the entry's id told to `announce` as [`Store::enqueue_announced`] does.
     /// On PostgreSQL one statement, committed with `synchronous_commit = on`: one round trip
-    /// to the acknowledgement. On sled durable after the next flush, as every write.
+    /// to the acknowledgement, which also brings the entry's lane claimed when `claim` asks
+    /// for it ([`ClaimRequest`]). On sled durable after the next flush, as every write.
     pub async fn accept(
         &self,
         remembered: Remembered,
         entry: Option<NewEntry>,
         now_ms: u64,
+        claim: Option<&ClaimRequest>,
         mut announce: impl FnMut(EntryId),
     ) -> Result<Accepted, StoreError> {
         match &self.backend {
@@ -387,10 +392,15 @@ impl Store {
                     }
                     None => None,
                 };
-                Ok(Accepted { entry, audit })
+                // A claim here is a lookup in memory: delivery makes it when it starts.
+                Ok(Accepted {
+                    entry,
+                    audit,
+                    claim: None,
+                })
             }
             Backend::Postgres(p) => {
-                let accepted = p.accept(remembered, entry, now_ms).await?;
+                let accepted = p.accept(remembered, entry, now_ms, claim).await?;
                 accepted.entry.into_iter().for_each(&mut announce);
                 Ok(accepted)
             }

@@ -97,7 +97,7 @@ struct Inner {
     /// A client per thread as well: a pooled connection's I/O runs as a task on the runtime
     /// that opened it, so a request sent from another thread's runtime wakes that one twice
     /// (there and back). Each thread keeps its own, and a delivery started on the thread of the
-    /// AS's request (`Engine::start_here`) wakes no other thread for its Webex call.
+    /// AS's request (`Engine::reserve_here`) wakes no other thread for its Webex call.
     clients: Mutex<HashMap<(String, SocketAddr, std::thread::ThreadId), reqwest::Client>>,
 }
 

@@ -15,7 +15,7 @@ use crate::store::{Claim, Lease, Origin, StoreError};
 /// trip from "user ready" to "entry in hand", with the rate limit the nodes share. The head may
 /// be a dead entry holding the lane: delivery then leaves the user to the operator. Its snapshot predates a wait for the lane, so it
 /// may miss an entry committed during that wait; `RELEASE` sees it and the user goes again.
-static CLAIM_HEAD_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+pub(super) static CLAIM_HEAD_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH claimed AS (UPDATE lanes SET lease_owner = $2, \
          lease_until = now() + $3 * interval '1 millisecond', fence = fence + 1 \
@@ -64,6 +64,33 @@ fn lease_from(row: &Row, at: usize, user: String, owner: String) -> Result<Lease
     })
 }
 
+/// A row of [`CLAIM_HEAD_SQL`] as the claim it made.
+pub(super) fn claim_from(row: &Row, user: String, holder: String) -> Result<Claim, OpError> {
+    let head = match row.try_get::<_, Option<i64>>(0)? {
+        Some(_) => Some(entry_from(row)?),
+        None => None,
+    };
+    let at = row.len() - 2 - LIMITS_COLUMNS;
+    Ok(Claim {
+        lease: lease_from(row, at, user, holder)?,
+        head,
+        limits: limits_from(row, at + 2)?,
+    })
+}
+
+/// Hand back a lane claimed for a command that was then not accepted, on the connection that
+/// claimed it; a failure leaves the lease to run out, as a node that died would.
+pub(super) async fn release_unused(client: &deadpool_postgres::Object, lease: &Lease) {
+    let (user, fence) = (&lease.user_id, to_i64(lease.fence));
+    let released = async {
+        let release = client.prepare_cached(&RELEASE).await?;
+        client.query_one(&release, &[user, &fence, &0.0_f64]).await
+    };
+    if let Err(e) = released.await {
+        tracing::debug!(user_id = %user, error = %e, "cannot hand back a lane claimed for a command not accepted; its lease runs out");
+    }
+}
+
 impl PgStore {
     pub async fn claim_lane(
         &self,
@@ -88,19 +115,10 @@ impl PgStore {
         self.run("claim a delivery lane", Access::Write, move |c| {
             Box::pin(async move {
                 let claim = c.prepare_cached(&CLAIM_HEAD_SQL).await?;
-                let Some(row) = c.query_opt(&claim, &[&user, &holder, &ms]).await? else {
-                    return Ok(None);
-                };
-                let head = match row.try_get::<_, Option<i64>>(0)? {
-                    Some(_) => Some(entry_from(&row)?),
-                    None => None,
-                };
-                let at = row.len() - 2 - LIMITS_COLUMNS;
-                Ok(Some(Claim {
-                    lease: lease_from(&row, at, user, holder)?,
-                    head,
-                    limits: limits_from(&row, at + 2)?,
-                }))
+                match c.query_opt(&claim, &[&user, &holder, &ms]).await? {
+                    Some(row) => Ok(Some(claim_from(&row, user, holder)?)),
+                    None => Ok(None),
+                }
             })
         })
         .await

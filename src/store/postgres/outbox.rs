@@ -5,11 +5,12 @@
 
 use tokio_postgres::Row;
 
+use super::lanes::{CLAIM_HEAD_SQL, claim_from, release_unused};
 use super::records::json;
 use super::{Access, OpError, PgStore, durable_transaction, to_i64, to_u64};
 use crate::store::{
-    Accepted, AuditKey, Call, Entry, EntryId, EntryState, Filter, Lease, NewEntry, Origin,
-    Progress, Remembered, StoreError, UserMapChange,
+    Accepted, AuditKey, Call, Claim, ClaimRequest, Entry, EntryId, EntryState, Filter, Lease,
+    NewEntry, Origin, Progress, Remembered, StoreError, UserMapChange,
 };
 
 pub(super) const COLUMNS: &str = "id, created_ms, user_id, template, command, call::text, client, state, \
@@ -220,8 +221,8 @@ impl PgStore {
         entries: Vec<NewEntry>,
         now_ms: u64,
     ) -> Result<Vec<EntryId>, StoreError> {
-        let (ids, _) = self
-            .write_durably(Remembered::default(), entries, now_ms)
+        let (ids, _, _) = self
+            .write_durably(Remembered::default(), entries, now_ms, None)
             .await?;
         Ok(ids)
     }
@@ -232,26 +233,35 @@ impl PgStore {
         remembered: Remembered,
         entry: Option<NewEntry>,
         now_ms: u64,
+        claim: Option<&ClaimRequest>,
     ) -> Result<Accepted, StoreError> {
         let at_ms = remembered.audit.as_ref().map(|record| record.at_ms);
-        let (ids, audit) = self
-            .write_durably(remembered, entry.into_iter().collect(), now_ms)
+        let (ids, audit, claim) = self
+            .write_durably(remembered, entry.into_iter().collect(), now_ms, claim)
             .await?;
         Ok(Accepted {
             entry: ids.into_iter().next(),
             audit: at_ms.zip(audit).map(|(at_ms, id)| AuditKey { at_ms, id }),
+            claim,
         })
     }
 
     /// Records and entries in one statement ([`ACCEPT`]) whose transaction commits with
     /// `synchronous_commit = on` before the answer comes: the commit is one round trip away,
     /// and an error — a connection lost during the commit included — is never taken for it.
+    ///
+    /// With `claim`, the claim of the (one) entry's lane is pipelined behind it
+    /// ([`CLAIM_HEAD_SQL`], as delivery sends it): sent without waiting for the accept's
+    /// answer, run by PostgreSQL after the accept has committed, in a statement of its own
+    /// whose snapshot sees the entry and every older one of its user. A claim that fails or
+    /// finds the lane held gives none, and delivery claims as it would have.
     async fn write_durably(
         &self,
         remembered: Remembered,
         entries: Vec<NewEntry>,
         now_ms: u64,
-    ) -> Result<(Vec<EntryId>, Option<u64>), StoreError> {
+        claim: Option<&ClaimRequest>,
+    ) -> Result<(Vec<EntryId>, Option<u64>, Option<Claim>), StoreError> {
         let (profile_user, profile) = match &remembered.profile {
             Some(p) => (
                 Some(p.user_id.clone()),
@@ -301,35 +311,74 @@ impl PgStore {
         lane_users.sort_unstable();
         lane_users.dedup();
         let created = to_i64(now_ms);
+        let claim = match (claim, columns[0].as_slice()) {
+            (Some(claim), [user]) => {
+                Some((user.clone(), claim.owner.clone(), claim.lease_ms as f64))
+            }
+            _ => None,
+        };
         self.run("store the command", Access::Write, move |c| {
             Box::pin(async move {
                 let accept = c.prepare_cached(ACCEPT).await?;
+                let claim_head = match &claim {
+                    Some(_) => Some(c.prepare_cached(&CLAIM_HEAD_SQL).await?),
+                    None => None,
+                };
                 let [users, templates, commands, calls, clients, origins] = &columns;
-                let rows = c
-                    .query(
-                        &accept,
-                        &[
-                            &created,
-                            &profile_user,
-                            &profile,
-                            &template_user,
-                            &template,
-                            &service_provider,
-                            &group,
-                            &customer,
-                            &lane_users,
-                            users,
-                            templates,
-                            commands,
-                            calls,
-                            clients,
-                            origins,
-                            &audit_at,
-                            &audit_user,
-                            &audit,
-                        ],
-                    )
-                    .await?;
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 18] = [
+                        &created,
+                        &profile_user,
+                        &profile,
+                        &template_user,
+                        &template,
+                        &service_provider,
+                        &group,
+                        &customer,
+                        &lane_users,
+                        users,
+                        templates,
+                        commands,
+                        calls,
+                        clients,
+                        origins,
+                        &audit_at,
+                        &audit_user,
+                        &audit,
+                ];
+                let accepting = c.query(&accept, &params);
+                // `join` sends the accept first: tokio-postgres writes a request when its future
+                // is first polled, and PostgreSQL answers requests in the order they came.
+                let (rows, claimed) = match (&claim_head, &claim) {
+                    (Some(claim_head), Some((user, owner, ms))) => {
+                        let (rows, claimed) = futures_util::future::join(
+                            accepting,
+                            c.query_opt(claim_head, &[user, owner, ms]),
+                        )
+                        .await;
+                        let claimed = match claimed {
+                            Ok(row) => row.and_then(|row| {
+                                claim_from(&row, user.clone(), owner.clone()).ok()
+                            }),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "the claim sent with an accept failed; delivery claims the lane itself");
+                                None
+                            }
+                        };
+                        (rows, claimed)
+                    }
+                    _ => (accepting.await, None),
+                };
+                let rows = match rows {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        // Not accepted: a lane claimed for nothing is handed back rather than
+                        // kept from the other nodes until its lease runs out.
+                        if let Some(lease) = claimed.map(|claim| claim.lease) {
+                            release_unused(&c, &lease).await;
+                        }
+                        return Err(e.into());
+                    }
+                };
                 let mut ids = Vec::with_capacity(count);
                 let mut audited = None;
                 for row in &rows {
@@ -358,7 +407,7 @@ impl PgStore {
                             .to_owned(),
                     )));
                 }
-                Ok((ids, audited))
+                Ok((ids, audited, claimed))
             })
         })
         .await
