@@ -871,6 +871,8 @@ impl Engine {
         let store = &self.inner.store;
         let limits = &self.inner.limits;
         let lease_ms = u64::try_from(limits.lease.as_millis()).unwrap_or(u64::MAX);
+        // For the trace: a claim that came with the accept took its time inside the accept.
+        let started = std::time::Instant::now();
         let (claimed_at, claim) = match claimed {
             Some((claim, asked_at)) => (asked_at, Ok(Some(claim))),
             None => (
@@ -901,7 +903,7 @@ impl Engine {
                     // Webex fails and another node's user probes it: wait for that probe.
                     Some(_) if probing_elsewhere => (Reschedule::Upstream(Duration::ZERO), None),
                     Some(entry) => {
-                        let picked = (claimed_at.into_std(), std::time::Instant::now());
+                        let picked = (started, std::time::Instant::now());
                         self.try_under_lease(entry, &tenure, picked).await
                     }
                     None => (Reschedule::Idle, None),
