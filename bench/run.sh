@@ -842,6 +842,10 @@ for round in $(seq 1 "$ROUNDS"); do
   for t in a b c d; do "target_$t" -c "$CONNS" --rate "$HALF" --duration "$DUR" --json >"$R/half-$t-$round.json"; done
 done
 
+# The rates an AS sends, for all four: what a plain proxy and the stack's floor add there is what
+# flowthrough's added p99 is measured against (issue 24).
+low_rate_rounds a b c d
+
 say "new-connection handshakes (GET /tls-probe, answered locally), 16 clients"
 for t in a b c d; do
   "target_$t" --new-connection --method GET --path /tls-probe -c 16 --duration "$DUR" --json >"$R/handshake-$t.json"
@@ -916,6 +920,13 @@ CMD="bench/run.sh${1:+ $1}"
     "$(percentiles a)" "$(percentiles b)" "$(percentiles c)" "$(percentiles d)"
   printf '| p99 added over direct at %s req/s (ms): median (range) of %s rounds | — | %s | %s | %s | | | b ≤ 1 ms |\n' \
     "$HALF" "$ROUNDS" "$(added b)" "$(added c)" "$(added d)"
+  for rate in "${LOW_RATES[@]}"; do
+    printf '| p99 at %s req/s, 4 connections (ms), medians of %s rounds | %s | %s | %s | %s | | | |\n' "$rate" "$ROUNDS" \
+      "$(per_round .latency_ms.p99 "low$rate" a | median)" "$(per_round .latency_ms.p99 "low$rate" b | median)" \
+      "$(per_round .latency_ms.p99 "low$rate" c | median)" "$(per_round .latency_ms.p99 "low$rate" d | median)"
+    printf '| p99 added over direct at %s req/s (ms): median (range) of %s rounds | — | %s | %s | %s | | | b ≤ 1 ms |\n' \
+      "$rate" "$ROUNDS" "$(added b "low$rate")" "$(added c "low$rate")" "$(added d "low$rate")"
+  done
   printf '| new-connection mTLS handshakes/s | %.0f | %.0f | %.0f | %.0f | %s | %s | b/c ≥ 1.0 |\n' \
     "$(j .answered_per_s handshake-a.json)" "$HS_B" "$HS_C" "$HS_D" "$(ratio "$HS_B" "$HS_C")" "$(ratio "$HS_D" "$HS_C")"
   rss() { j .server.rss_mib "idle-$1.json"; }
@@ -946,7 +957,9 @@ CMD="bench/run.sh${1:+ $1}"
   for s in max handshake; do
     echo "- $s: $(jq -c .errors "$R/$s-a.json") / $(jq -c .errors "$R/$s-b.json") / $(jq -c .errors "$R/$s-c.json") / $(jq -c .errors "$R/$s-d.json")"
   done
-  echo "- half, all rounds: $(errors_of half a) / $(errors_of half b) / $(errors_of half c) / $(errors_of half d)"
+  for m in half low100 low10; do
+    echo "- $m, all rounds: $(errors_of $m a) / $(errors_of $m b) / $(errors_of $m c) / $(errors_of $m d)"
+  done
   echo
   echo "Raw reports: \`BENCH_KEEP=1 $CMD\` keeps them in the work directory (results/*.json)."
   echo "<!-- bench:end -->"
