@@ -264,6 +264,50 @@ async fn the_as_hears_a_refusal_another_node_met() {
     nodes.stop().await;
 }
 
+/// The lane's holder finds its own entry dead, which now holds the user's lane, and keeps its
+/// lease: `serve` cannot claim the lane, so its engine never sees the dead head, but the AS
+/// still hears at once (not at the deadline, a minute off) that its command waits behind that
+/// entry, and what the operator can do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_as_hears_at_once_that_its_command_waits_behind_another_nodes_dead_entry() {
+    let nodes = TwoNodes::start(GENEROUS_DEADLINE_MS).await;
+    let answer = nodes.send_modify();
+    let id = nodes.stored_by_serve().await;
+    nodes
+        .store
+        .finish(
+            nodes.first,
+            EntryState::Dead {
+                at_ms: now_ms(),
+                reason: "Webex answered 400: userId refused".to_owned(),
+            },
+            Some("TRACKING_FIRST"),
+            Some(&nodes.lease),
+        )
+        .await
+        .unwrap();
+    let (status, body) = tokio::time::timeout(SETTLE, answer)
+        .await
+        .expect("no answer long after the dead entry took the lane, though the deadline is far off")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let a = only(&body);
+    assert_eq!(a.code, Some(7020), "{body}");
+    assert!(
+        a.text.contains("userId refused")
+            && a.text.contains(&format!("outbox retry {}", nodes.first)),
+        "the detail names the dead entry, its reason and the way on: {body}"
+    );
+    let progress = nodes.store.progress(id).await.unwrap().unwrap();
+    assert_eq!(
+        progress.state,
+        EntryState::Pending,
+        "still queued behind it"
+    );
+    assert_eq!(nodes.webex_calls(), 0);
+    nodes.stop().await;
+}
+
 /// Nobody delivers: the AS hears 7020 at the deadline, and the command is still pending in the
 /// shared store behind the other node's entry, for whoever holds the lane next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,8 +23,8 @@ use crate::oci::{
 };
 use crate::secret::BasicCredentials;
 use crate::store::{
-    AuditEvent, AuditKey, AuditRecord, Call, Claim, Customer, EntryId, NewEntry, Origin,
-    Remembered, Store, StoreError, now_ms,
+    AuditEvent, AuditKey, AuditRecord, Call, Claim, Customer, EntryId, EntryState, NewEntry,
+    Origin, Remembered, Store, StoreError, now_ms,
 };
 use crate::trace::Timeline;
 
@@ -193,7 +193,16 @@ struct Accepted {
     /// Each stored command's delivery.
     deliveries: Vec<Delivery>,
     /// The stored commands' ends, watched before they were stored.
-    watches: Vec<(EntryId, Watch)>,
+    watches: Vec<Watched>,
+}
+
+/// A stored command the request waits for: the engine's watch of its entry, and its user (on a
+/// shared store the request also reads the user's queue, which another node may hold behind a
+/// dead entry).
+struct Watched {
+    id: EntryId,
+    user: String,
+    end: Watch,
 }
 
 pub async fn handle(
@@ -544,7 +553,11 @@ async fn map_and_store(
         let stored = state
             .store
             .accept(remembered, entry, at_ms, claim.as_ref(), |id| {
-                watches.push((id, engine.watch_new(id, &user)));
+                watches.push(Watched {
+                    id,
+                    user: user.clone(),
+                    end: engine.watch_new(id, &user),
+                });
             })
             .await;
         timeline.accepted(accepting.elapsed());
@@ -576,7 +589,7 @@ async fn map_and_store(
                 });
             }
             Err(e) => {
-                engine.unwatch(watches.iter().map(|(id, _)| *id));
+                engine.unwatch(watches.iter().map(|w| w.id));
                 tracing::error!(error = %e, "cannot write to the store");
                 return Err(Box::new(store_refused(state)));
             }
@@ -649,18 +662,19 @@ async fn conclude(
 async fn wait(
     state: &AppState,
     engine: &Engine,
-    watches: Vec<(EntryId, Watch)>,
+    watches: Vec<Watched>,
     deadline: tokio::time::Instant,
 ) -> HashMap<EntryId, Finished> {
     // On a shared store another node may deliver a command (it holds the user's lane), and
     // only the store learns how it ended.
     let shared = state.settings.shared_store.then_some(&state.store);
-    let watched: Option<Vec<EntryId>> = shared.map(|_| watches.iter().map(|(id, _)| *id).collect());
+    let watched: Option<Vec<EntryId>> = shared.map(|_| watches.iter().map(|w| w.id).collect());
     let mut finished = HashMap::new();
     if !state.credentials_invalid() {
         let deliveries = async {
-            for (id, watch) in watches {
-                if let Some(end) = end_of(id, watch, shared, deadline).await {
+            for watched in watches {
+                let id = watched.id;
+                if let Some(end) = end_of(watched, shared, deadline).await {
                     finished.insert(id, end);
                 }
             }
@@ -684,31 +698,33 @@ async fn wait(
     finished
 }
 
-/// How one stored command ended, if it did by the deadline: from this node's engine, or on a
-/// shared store from the stored entry, whichever tells first.
+/// How one stored command ended, if it did by the deadline (or that it waits behind a dead
+/// entry): from this node's engine, or on a shared store from the stored entries, whichever
+/// tells first.
 async fn end_of(
-    id: EntryId,
-    watch: Watch,
+    Watched { id, user, end }: Watched,
     shared: Option<&Store>,
     deadline: tokio::time::Instant,
 ) -> Option<Finished> {
     let Some(store) = shared else {
-        return tokio::time::timeout_at(deadline, watch).await.ok()?.ok();
+        return tokio::time::timeout_at(deadline, end).await.ok()?.ok();
     };
     tokio::time::timeout_at(deadline, async {
         tokio::select! {
-            Ok(end) = watch => end,
-            end = stored_end(store, id) => end,
+            Ok(end) = end => end,
+            end = stored_end(store, id, &user) => end,
         }
     })
     .await
     .ok()
 }
 
-/// Look at an entry's stored progress until it has ended, more rarely as time goes on. A read
-/// that fails counts as "not yet": the command was committed, so it is answered 7020 at the
-/// deadline, never with an error.
-async fn stored_end(store: &Store, id: EntryId) -> Finished {
+/// Look at an entry's stored progress until it has ended, more rarely as time goes on; while
+/// it is pending, also at the head of its user's queue: a dead entry there holds the lane, and
+/// this node's engine hears of it only if it can claim the lane (another node may hold it). A
+/// read that fails counts as "not yet": the command was committed, so it is answered 7020 at
+/// the deadline, never with an error.
+async fn stored_end(store: &Store, id: EntryId, user: &str) -> Finished {
     let mut pause = FIRST_STORE_LOOK;
     loop {
         tokio::time::sleep(pause).await;
@@ -717,6 +733,15 @@ async fn stored_end(store: &Store, id: EntryId) -> Finished {
             Ok(progress) => {
                 if let Some(end) = progress.as_ref().and_then(Finished::of) {
                     return end;
+                }
+                if let Ok(Some(head)) = store.head_of(user).await
+                    && head.id != id
+                    && let EntryState::Dead { reason, .. } = head.state
+                {
+                    return Finished::Held {
+                        behind: head.id,
+                        reason,
+                    };
                 }
             }
             Err(e) => {
