@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -45,7 +45,7 @@ struct Node {
     admin: String,
     url: String,
     log: PathBuf,
-    child: Option<Child>,
+    child: Option<ServeChild>,
 }
 
 impl Node {

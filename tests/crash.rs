@@ -136,7 +136,7 @@ async fn kill_9_under_load(backend: Backend) {
 /// with SIGXFSZ ignored so a write past it fails with EFBIG instead of killing the process):
 /// what a full data volume looks like to the store. Its log goes nowhere, since a log file past
 /// the limit would fail too.
-fn spawn_with_file_size_limit(config: &std::path::Path, bytes: u64) -> std::process::Child {
+fn spawn_with_file_size_limit(config: &std::path::Path, bytes: u64) -> ServeChild {
     use std::os::unix::process::CommandExt;
     let mut command = serve_command(config, "warn", Stdio::null());
     // SAFETY: between fork and exec only async-signal-safe calls are made (setrlimit, signal).
@@ -154,7 +154,7 @@ fn spawn_with_file_size_limit(config: &std::path::Path, bytes: u64) -> std::proc
             Ok(())
         });
     }
-    command.spawn().unwrap()
+    ServeChild(command.spawn().unwrap())
 }
 
 /// A store that cannot grow (a full volume; here a file size limit): the AS hears 503 and why,
@@ -400,7 +400,7 @@ async fn a_connection_lost_during_the_commit_is_never_acknowledged() {
     } = serve_config(&world, "ack_deadline_ms = 1000");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, proxy.route(&text)).unwrap();
-    let _serving = Serving(spawn(&config, "warn", Stdio::inherit()));
+    let _serving = spawn(&config, "warn", Stdio::inherit());
     wait_ready(&admin).await;
     let client = world.as_client();
 
@@ -531,16 +531,6 @@ async fn a_connection_lost_during_the_commit_is_never_acknowledged() {
         "every entry ends delivered: {}",
         cluster.psql(&db, "SELECT user_id, state FROM outbox ORDER BY id")
     );
-}
-
-/// `flowthrough serve` as a child process, killed when the test ends (a failed assertion too).
-struct Serving(std::process::Child);
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A UserAdd for each of `users`, all sent at once; each one's HTTP status and body, in order.

@@ -353,8 +353,35 @@ pub fn serve_command(config: &Path, level: &str, stderr: Stdio) -> Command {
 }
 
 /// `flowthrough serve` as a child process, its log at `level` to `stderr`.
-pub fn spawn(config: &Path, level: &str, stderr: Stdio) -> Child {
-    serve_command(config, level, stderr).spawn().unwrap()
+pub fn spawn(config: &Path, level: &str, stderr: Stdio) -> ServeChild {
+    ServeChild(serve_command(config, level, stderr).spawn().unwrap())
+}
+
+/// A child process killed when dropped, so that a test failing before it stops its `serve`
+/// leaves none running (with its ports, its store and its CPU) behind the test run. A child
+/// the test already ended is only reaped.
+pub struct ServeChild(pub Child);
+
+impl std::ops::Deref for ServeChild {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ServeChild {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
 }
 
 /// Wait until the child's admin listener answers and says it is ready.
