@@ -330,16 +330,13 @@ pub struct HereSlot {
     here: Option<Here>,
     user: String,
     reserved_at: Instant,
+    claim: ClaimRequest,
 }
 
 impl HereSlot {
     /// The claim of the user's lane to ask for with the command's accept.
-    pub fn claim(&self) -> ClaimRequest {
-        let limits = &self.engine().inner.limits;
-        ClaimRequest {
-            owner: limits.node_id.clone(),
-            lease_ms: u64::try_from(limits.lease.as_millis()).unwrap_or(u64::MAX),
-        }
+    pub fn claim(&self) -> &ClaimRequest {
+        &self.claim
     }
 
     /// The delivery of the user's head entry, for the caller to run on its own thread; it holds
@@ -353,14 +350,6 @@ impl HereSlot {
                 here.engine.deliver_head(&user, claimed).await;
                 drop(here);
             }
-        }
-    }
-
-    fn engine(&self) -> &Engine {
-        // `here` is taken only by `start`, which consumes the slot.
-        match &self.here {
-            Some(here) => &here.engine,
-            None => unreachable!("a started slot is consumed"),
         }
     }
 }
@@ -629,6 +618,10 @@ impl Engine {
             }),
             user: user_id.to_owned(),
             reserved_at: now,
+            claim: ClaimRequest {
+                owner: self.inner.limits.node_id.clone(),
+                lease_ms: u64::try_from(self.inner.limits.lease.as_millis()).unwrap_or(u64::MAX),
+            },
         })
     }
 

@@ -548,17 +548,22 @@ async fn map_and_store(
             .as_ref()
             .filter(|_| !deliveries.iter().any(|d| d.user == user))
             .and_then(|_| engine.reserve_here(&user));
-        let claim = here.as_ref().map(HereSlot::claim);
         let accepting = Instant::now();
         let stored = state
             .store
-            .accept(remembered, entry, at_ms, claim.as_ref(), |id| {
-                watches.push(Watched {
-                    id,
-                    user: user.clone(),
-                    end: engine.watch_new(id, &user),
-                });
-            })
+            .accept(
+                remembered,
+                entry,
+                at_ms,
+                here.as_ref().map(HereSlot::claim),
+                |id| {
+                    watches.push(Watched {
+                        id,
+                        user: user.clone(),
+                        end: engine.watch_new(id, &user),
+                    });
+                },
+            )
             .await;
         timeline.accepted(accepting.elapsed());
         match stored {
