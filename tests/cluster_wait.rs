@@ -142,6 +142,22 @@ impl TwoNodes {
             .unwrap();
     }
 
+    /// The other node's end of one entry as dead, written under its lease (which it keeps).
+    async fn give_up(&self, id: EntryId, reason: &str, tracking_id: &str) {
+        self.store
+            .finish(
+                id,
+                EntryState::Dead {
+                    at_ms: now_ms(),
+                    reason: reason.to_owned(),
+                },
+                Some(tracking_id),
+                Some(&self.lease),
+            )
+            .await
+            .unwrap();
+    }
+
     /// Calls that reached the Webex simulator's subscriber API, from anyone.
     fn webex_calls(&self) -> u64 {
         ["provision", "validate", "update", "remove", "get", "list"]
@@ -241,18 +257,12 @@ async fn the_as_hears_a_refusal_another_node_met() {
     let id = nodes.stored_by_serve().await;
     nodes.deliver(nodes.first, "TRACKING_FIRST").await;
     nodes
-        .store
-        .finish(
+        .give_up(
             id,
-            EntryState::Dead {
-                at_ms: now_ms(),
-                reason: "Webex answered 400: firstName refused".to_owned(),
-            },
-            Some("TRACKING_OTHER"),
-            Some(&nodes.lease),
+            "Webex answered 400: firstName refused",
+            "TRACKING_OTHER",
         )
-        .await
-        .unwrap();
+        .await;
     let (status, body) = tokio::time::timeout(SETTLE, answer)
         .await
         .expect("no answer long after the other node gave up, though the deadline is far off")
@@ -274,18 +284,12 @@ async fn the_as_hears_at_once_that_its_command_waits_behind_another_nodes_dead_e
     let answer = nodes.send_modify();
     let id = nodes.stored_by_serve().await;
     nodes
-        .store
-        .finish(
+        .give_up(
             nodes.first,
-            EntryState::Dead {
-                at_ms: now_ms(),
-                reason: "Webex answered 400: userId refused".to_owned(),
-            },
-            Some("TRACKING_FIRST"),
-            Some(&nodes.lease),
+            "Webex answered 400: userId refused",
+            "TRACKING_FIRST",
         )
-        .await
-        .unwrap();
+        .await;
     let (status, body) = tokio::time::timeout(SETTLE, answer)
         .await
         .expect("no answer long after the dead entry took the lane, though the deadline is far off")
