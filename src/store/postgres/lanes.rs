@@ -78,17 +78,19 @@ pub(super) fn claim_from(row: &Row, user: String, holder: String) -> Result<Clai
     })
 }
 
-/// Hand back a lane claimed for a command that was then not accepted, on the connection that
-/// claimed it; a failure leaves the lease to run out, as a node that died would.
-pub(super) async fn release_unused(client: &deadpool_postgres::Object, lease: &Lease) {
-    let (user, fence) = (&lease.user_id, to_i64(lease.fence));
-    let released = async {
-        let release = client.prepare_cached(&RELEASE).await?;
-        client.query_one(&release, &[user, &fence, &0.0_f64]).await
-    };
-    if let Err(e) = released.await {
-        tracing::debug!(user_id = %user, error = %e, "cannot hand back a lane claimed for a command not accepted; its lease runs out");
-    }
+/// [`RELEASE`] on a connection the caller holds: the lane handed back if `lease` still holds
+/// it, ready for other nodes' polls in `ready_in_ms`; whether the user's head is pending.
+pub(super) async fn release_on(
+    client: &deadpool_postgres::Object,
+    lease: &Lease,
+    ready_in_ms: u64,
+) -> Result<bool, OpError> {
+    let (fence, ready_in) = (to_i64(lease.fence), ready_in_ms as f64);
+    let release = client.prepare_cached(&RELEASE).await?;
+    Ok(client
+        .query_one(&release, &[&lease.user_id, &fence, &ready_in])
+        .await?
+        .try_get(0)?)
 }
 
 impl PgStore {
@@ -125,15 +127,9 @@ impl PgStore {
     }
 
     pub async fn release_lane(&self, lease: &Lease, ready_in_ms: u64) -> Result<bool, StoreError> {
-        let (user, fence) = (lease.user_id.clone(), to_i64(lease.fence));
-        let ready_in = ready_in_ms as f64;
+        let lease = lease.clone();
         self.run("hand back a delivery lane", Access::Write, move |c| {
-            Box::pin(async move {
-                let release = c.prepare_cached(&RELEASE).await?;
-                Ok(c.query_one(&release, &[&user, &fence, &ready_in])
-                    .await?
-                    .try_get(0)?)
-            })
+            Box::pin(async move { release_on(&c, &lease, ready_in_ms).await })
         })
         .await
     }

@@ -104,6 +104,15 @@ pub(super) enum OpError {
     Store(StoreError),
 }
 
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpError::Pg(e) => f.write_str(&describe(e)),
+            OpError::Store(e) => e.fmt(f),
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for OpError {
     fn from(e: tokio_postgres::Error) -> Self {
         OpError::Pg(e)

@@ -5,7 +5,7 @@
 
 use tokio_postgres::Row;
 
-use super::lanes::{CLAIM_HEAD_SQL, claim_from, release_unused};
+use super::lanes::{CLAIM_HEAD_SQL, claim_from, release_on};
 use super::records::json;
 use super::{Access, OpError, PgStore, durable_transaction, to_i64, to_u64};
 use crate::store::{
@@ -214,6 +214,44 @@ fn filter_clause(filter: Filter) -> &'static str {
     }
 }
 
+/// The rows of a committed [`ACCEPT`] as the entries' ids and the audit record's, checked: a
+/// commit without `synchronous_commit = on`, a missing entry or a missing audit record is not
+/// acknowledged.
+fn committed(
+    rows: &[Row],
+    count: usize,
+    audit_expected: bool,
+) -> Result<(Vec<EntryId>, Option<u64>), OpError> {
+    let mut ids = Vec::with_capacity(count);
+    let mut audited = None;
+    for row in rows {
+        if let Some(id) = row.try_get::<_, Option<i64>>(2)? {
+            audited = Some(to_u64(id, "audit record id")?);
+        }
+        let setting: String = row.try_get(0)?;
+        if setting != "on" {
+            return Err(OpError::from(StoreError::Io(format!(
+                "PostgreSQL committed a command with synchronous_commit = {setting}, not on: not acknowledged"
+            ))));
+        }
+        if let Some(id) = row.try_get::<_, Option<i64>>(1)? {
+            ids.push(to_u64(id, "outbox entry id")?);
+        }
+    }
+    if ids.len() != count {
+        return Err(OpError::from(StoreError::Io(format!(
+            "PostgreSQL stored {} of {count} outbox entries of a command: not acknowledged",
+            ids.len()
+        ))));
+    }
+    if audited.is_none() && audit_expected {
+        return Err(OpError::from(StoreError::Io(
+            "PostgreSQL did not store a command's audit record: not acknowledged".to_owned(),
+        )));
+    }
+    Ok((ids, audited))
+}
+
 impl PgStore {
     /// New entries, in order, in one durable transaction.
     pub async fn enqueue(
@@ -317,97 +355,73 @@ impl PgStore {
             }
             _ => None,
         };
+        let audit_expected = audit.is_some();
         self.run("store the command", Access::Write, move |c| {
             Box::pin(async move {
                 let accept = c.prepare_cached(ACCEPT).await?;
-                let claim_head = match &claim {
-                    Some(_) => Some(c.prepare_cached(&CLAIM_HEAD_SQL).await?),
+                let claim = match claim {
+                    Some(claim) => Some((c.prepare_cached(&CLAIM_HEAD_SQL).await?, claim)),
                     None => None,
                 };
                 let [users, templates, commands, calls, clients, origins] = &columns;
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 18] = [
-                        &created,
-                        &profile_user,
-                        &profile,
-                        &template_user,
-                        &template,
-                        &service_provider,
-                        &group,
-                        &customer,
-                        &lane_users,
-                        users,
-                        templates,
-                        commands,
-                        calls,
-                        clients,
-                        origins,
-                        &audit_at,
-                        &audit_user,
-                        &audit,
+                    &created,
+                    &profile_user,
+                    &profile,
+                    &template_user,
+                    &template,
+                    &service_provider,
+                    &group,
+                    &customer,
+                    &lane_users,
+                    users,
+                    templates,
+                    commands,
+                    calls,
+                    clients,
+                    origins,
+                    &audit_at,
+                    &audit_user,
+                    &audit,
                 ];
                 let accepting = c.query(&accept, &params);
                 // `join` sends the accept first: tokio-postgres writes a request when its future
                 // is first polled, and PostgreSQL answers requests in the order they came.
-                let (rows, claimed) = match (&claim_head, &claim) {
-                    (Some(claim_head), Some((user, owner, ms))) => {
+                let (rows, claimed) = match &claim {
+                    Some((claim_head, (user, owner, ms))) => {
                         let (rows, claimed) = futures_util::future::join(
                             accepting,
                             c.query_opt(claim_head, &[user, owner, ms]),
                         )
                         .await;
-                        let claimed = match claimed {
-                            Ok(row) => row.and_then(|row| {
-                                claim_from(&row, user.clone(), owner.clone()).ok()
-                            }),
-                            Err(e) => {
-                                tracing::debug!(error = %e, "the claim sent with an accept failed; delivery claims the lane itself");
-                                None
-                            }
-                        };
+                        let claimed = claimed.map_err(OpError::from).and_then(|row| {
+                            row.map(|row| claim_from(&row, user.clone(), owner.clone()))
+                                .transpose()
+                        });
                         (rows, claimed)
                     }
-                    _ => (accepting.await, None),
+                    None => (accepting.await, Ok(None)),
                 };
-                let rows = match rows {
-                    Ok(rows) => rows,
+                let claimed = claimed.unwrap_or_else(|e| {
+                    tracing::debug!(error = %e, "the claim sent with an accept failed; delivery claims the lane itself");
+                    None
+                });
+                match rows
+                    .map_err(OpError::from)
+                    .and_then(|rows| committed(&rows, count, audit_expected))
+                {
+                    Ok((ids, audited)) => Ok((ids, audited, claimed)),
                     Err(e) => {
-                        // Not accepted: a lane claimed for nothing is handed back rather than
-                        // kept from the other nodes until its lease runs out.
-                        if let Some(lease) = claimed.map(|claim| claim.lease) {
-                            release_unused(&c, &lease).await;
+                        // Not acknowledged: a lane claimed for nothing is handed back rather
+                        // than kept from the other nodes until its lease runs out.
+                        if let Some(claim) = claimed
+                            && let Err(release) = release_on(&c, &claim.lease, 0).await
+                        {
+                            tracing::debug!(user_id = %claim.lease.user_id, error = %release, "cannot hand back a lane claimed for a command not accepted; its lease runs out");
                         }
-                        return Err(e.into());
-                    }
-                };
-                let mut ids = Vec::with_capacity(count);
-                let mut audited = None;
-                for row in &rows {
-                    if let Some(id) = row.try_get::<_, Option<i64>>(2)? {
-                        audited = Some(to_u64(id, "audit record id")?);
-                    }
-                    let setting: String = row.try_get(0)?;
-                    if setting != "on" {
-                        return Err(OpError::from(StoreError::Io(format!(
-                            "PostgreSQL committed a command with synchronous_commit = {setting}, not on: not acknowledged"
-                        ))));
-                    }
-                    if let Some(id) = row.try_get::<_, Option<i64>>(1)? {
-                        ids.push(to_u64(id, "outbox entry id")?);
+                        Err(e)
                     }
                 }
-                if ids.len() != count {
-                    return Err(OpError::from(StoreError::Io(format!(
-                        "PostgreSQL stored {} of {count} outbox entries of a command: not acknowledged",
-                        ids.len()
-                    ))));
-                }
-                if audited.is_none() && audit.is_some() {
-                    return Err(OpError::from(StoreError::Io(
-                        "PostgreSQL did not store a command's audit record: not acknowledged"
-                            .to_owned(),
-                    )));
-                }
-                Ok((ids, audited, claimed))
             })
         })
         .await
