@@ -507,6 +507,94 @@ async fn an_accept_brings_its_lane_claimed_on_postgres() {
     );
 }
 
+/// A user-map change that leaves the record as it is writes no new row version: every
+/// delivered UserModify maps its user to the subscriber and template it already has, and
+/// each needless version is a dead tuple and WAL for PostgreSQL to carry. Checked on the
+/// row's `xmin` through every statement that changes the map: the accept's template, the
+/// end of a try, and the plain upsert and unmap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_map_change_to_what_is_stored_writes_no_row_version_on_postgres() {
+    let cluster = PgCluster::shared();
+    let dbname = cluster.database();
+    let store = Store::open_configured(&cluster.store_config(&dbname))
+        .await
+        .unwrap();
+    let version = || cluster.psql(&dbname, "SELECT xmin FROM user_map WHERE user_id = 'alice'");
+    let remembered = || Remembered {
+        template: Some(("alice".into(), "acme".into())),
+        ..Remembered::default()
+    };
+    let accepted = store
+        .accept(remembered(), Some(entry("alice", "add")), 1, None, |_| {})
+        .await
+        .unwrap();
+    let first = version();
+    assert!(!first.is_empty(), "the accept maps alice to her template");
+
+    let modify = store
+        .accept(
+            remembered(),
+            Some(entry("alice", "modify")),
+            2,
+            None,
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(version(), first, "the same template again");
+
+    let end = |id: EntryId, subscriber: &'static str| {
+        let store = store.clone();
+        async move {
+            let claim = store
+                .claim_head("alice", "node-a", 60_000)
+                .await
+                .unwrap()
+                .expect("a free lane");
+            assert_eq!(claim.head.map(|e| e.id), Some(id));
+            store
+                .finish_try(
+                    id,
+                    EntryState::Delivered {
+                        at_ms: 3,
+                        subscriber_id: Some(subscriber.into()),
+                        webex_status: None,
+                    },
+                    None,
+                    &claim.lease,
+                    Some(UserMapChange::Map {
+                        subscriber_id: subscriber.into(),
+                        template: "acme".into(),
+                    }),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    end(accepted.entry.unwrap(), "sub-1").await;
+    let mapped = version();
+    assert_ne!(mapped, first, "the first delivery learns the subscriber");
+    end(modify.entry.unwrap(), "sub-1").await;
+    assert_eq!(version(), mapped, "a delivery that learns nothing new");
+
+    store
+        .map_user("alice", Some("sub-1"), Some("acme"))
+        .await
+        .unwrap();
+    store.map_user("alice", None, Some("acme")).await.unwrap();
+    assert_eq!(version(), mapped, "upserts of what is stored");
+    store.unmap_subscriber("alice").await.unwrap();
+    let unmapped = version();
+    assert_ne!(unmapped, mapped);
+    store.unmap_subscriber("alice").await.unwrap();
+    assert_eq!(version(), unmapped, "an unmap of an unmapped user");
+    let record = store.user("alice").await.unwrap().unwrap();
+    assert_eq!(
+        (record.subscriber_id, record.template.as_deref()),
+        (None, Some("acme"))
+    );
+}
+
 fn entry(user: &str, command: &str) -> NewEntry {
     NewEntry {
         user_id: user.to_owned(),

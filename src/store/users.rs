@@ -84,35 +84,34 @@ impl SledStore {
 
     /// Read, change and write a user record as one step: the handler (a user's template) and
     /// the delivery engine (its subscriber id) change the same record concurrently, and a plain
-    /// read then write would let one undo the other.
+    /// read then write would let one undo the other. A change that leaves the record as it is
+    /// writes nothing: every delivered UserModify maps its user to the subscriber and template
+    /// it already has, and sled's compare-and-swap would log the same bytes again.
     fn update_user(
         &self,
         user_id: &str,
         change: impl Fn(Option<UserRecord>) -> Option<UserRecord>,
     ) -> Result<(), StoreError> {
-        let mut failure = None;
-        self.tree(USERS)?.fetch_and_update(user_id, |old| {
-            // Called again when another writer got in first: only the last call counts.
-            failure = None;
-            let current = match old.map(|raw| decode::<UserRecord>(raw, "user record")) {
-                Some(Err(e)) => {
-                    // Left as it is: an unreadable record is reported, not overwritten.
-                    failure = Some(e);
-                    return old.map(<[u8]>::to_vec);
-                }
-                Some(Ok(record)) => Some(record),
-                None => None,
+        let users = self.tree(USERS)?;
+        let mut current = users.get(user_id)?;
+        loop {
+            let record = current
+                .as_ref()
+                .map(|raw| decode::<UserRecord>(raw, "user record"))
+                // An unreadable record is reported, not overwritten.
+                .transpose()?;
+            let Some(changed) = change(record.clone()) else {
+                return Ok(());
             };
-            match change(current).map(|record| encode(&record)) {
-                Some(Ok(raw)) => Some(raw),
-                Some(Err(e)) => {
-                    failure = Some(e);
-                    old.map(<[u8]>::to_vec)
-                }
-                None => old.map(<[u8]>::to_vec),
+            if record.as_ref() == Some(&changed) {
+                return Ok(());
             }
-        })?;
-        failure.map_or(Ok(()), Err)
+            match users.compare_and_swap(user_id, current.as_ref(), Some(encode(&changed)?))? {
+                Ok(()) => return Ok(()),
+                // Another writer got in first: change what it wrote.
+                Err(conflict) => current = conflict.current,
+            }
+        }
     }
 
     pub fn profile(&self, user_id: &str) -> Result<Option<UserProfile>, StoreError> {
@@ -145,5 +144,65 @@ impl SledStore {
                 decode(&raw, "customer")
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How many writes `users` saw since the last call: sled tells a subscriber of every
+    /// insert, the same bytes again included, before the insert returns.
+    fn writes_seen(seen: &mut sled::Subscriber) -> usize {
+        std::iter::from_fn(|| seen.next_timeout(std::time::Duration::from_millis(20)).ok()).count()
+    }
+
+    #[test]
+    fn a_user_record_change_that_changes_nothing_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut seen = store.tree(USERS).unwrap().watch_prefix(b"alice");
+        store
+            .map_user("alice", Some("sub-1"), Some("acme"))
+            .unwrap();
+        assert_eq!(writes_seen(&mut seen), 1);
+
+        store
+            .map_user("alice", Some("sub-1"), Some("acme"))
+            .unwrap();
+        store.map_user("alice", None, Some("acme")).unwrap();
+        store.map_user("alice", None, None).unwrap();
+        assert_eq!(writes_seen(&mut seen), 0, "the record is as asked already");
+
+        store.map_user("alice", Some("sub-2"), None).unwrap();
+        store.unmap_subscriber("alice").unwrap();
+        assert_eq!(writes_seen(&mut seen), 2);
+        store.unmap_subscriber("alice").unwrap();
+        store.unmap_subscriber("nobody").unwrap();
+        assert_eq!(writes_seen(&mut seen), 0, "nothing to forget");
+        assert_eq!(
+            store.user("alice").unwrap(),
+            Some(UserRecord {
+                subscriber_id: None,
+                template: Some("acme".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn an_unreadable_user_record_is_reported_and_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store
+            .tree(USERS)
+            .unwrap()
+            .insert("alice", &b"{not json"[..])
+            .unwrap();
+        let error = store.map_user("alice", Some("sub-1"), None).unwrap_err();
+        assert!(matches!(error, StoreError::Corrupt { .. }), "{error}");
+        assert_eq!(
+            store.tree(USERS).unwrap().get("alice").unwrap().as_deref(),
+            Some(&b"{not json"[..])
+        );
     }
 }

@@ -57,7 +57,8 @@ locked AS MATERIALIZED (SELECT (SELECT count(*) FROM lanes) AS lanes, \
 profile AS (INSERT INTO profiles (user_id, profile) SELECT $2, $3::text::json FROM locked \
     WHERE $2::text IS NOT NULL ON CONFLICT (user_id) DO UPDATE SET profile = excluded.profile), \
 template AS (INSERT INTO user_map (user_id, template) SELECT $4, $5 FROM locked \
-    WHERE $4::text IS NOT NULL ON CONFLICT (user_id) DO UPDATE SET template = excluded.template), \
+    WHERE $4::text IS NOT NULL ON CONFLICT (user_id) DO UPDATE SET template = excluded.template \
+    WHERE user_map.template IS DISTINCT FROM excluded.template), \
 customer AS (INSERT INTO customers (service_provider_id, group_id, record) \
     SELECT $6, $7, $8::text::json FROM locked WHERE $6::text IS NOT NULL \
     ON CONFLICT (service_provider_id, group_id) DO UPDATE SET record = excluded.record), \
@@ -85,9 +86,10 @@ static FINISH_TRY_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
          mapped AS (INSERT INTO user_map (user_id, subscriber_id, template) \
          SELECT user_id, $10, $11 FROM ended WHERE $10::text IS NOT NULL \
          ON CONFLICT (user_id) DO UPDATE SET subscriber_id = excluded.subscriber_id, \
-         template = excluded.template), \
+         template = excluded.template WHERE (user_map.subscriber_id, user_map.template) \
+         IS DISTINCT FROM (excluded.subscriber_id, excluded.template)), \
          forgotten AS (UPDATE user_map SET subscriber_id = NULL \
-         WHERE $12 AND user_id = (SELECT user_id FROM ended)), \
+         WHERE $12 AND user_id = (SELECT user_id FROM ended) AND subscriber_id IS NOT NULL), \
          released AS (UPDATE lanes SET lease_owner = NULL, lease_until = NULL, ready_at = now() \
          WHERE user_id = (SELECT user_id FROM ended) AND fence = $9) \
          SELECT ended.*, $2 <> 'dead' AND EXISTS (SELECT 1 FROM outbox \

@@ -138,7 +138,10 @@ impl PgStore {
             "INSERT INTO user_map (user_id, subscriber_id, template) VALUES ($1, $2, $3) \
              ON CONFLICT (user_id) DO UPDATE SET \
              subscriber_id = coalesce(excluded.subscriber_id, user_map.subscriber_id), \
-             template = coalesce(excluded.template, user_map.template)",
+             template = coalesce(excluded.template, user_map.template) \
+             WHERE (user_map.subscriber_id, user_map.template) IS DISTINCT FROM \
+             (coalesce(excluded.subscriber_id, user_map.subscriber_id), \
+             coalesce(excluded.template, user_map.template))",
             vec![
                 Some(user_id.to_owned()),
                 subscriber_id.map(str::to_owned),
@@ -151,7 +154,7 @@ impl PgStore {
     pub async fn unmap_subscriber(&self, user_id: &str) -> Result<(), StoreError> {
         self.write(
             "write the user map",
-            "UPDATE user_map SET subscriber_id = NULL WHERE user_id = $1",
+            "UPDATE user_map SET subscriber_id = NULL WHERE user_id = $1 AND subscriber_id IS NOT NULL",
             vec![Some(user_id.to_owned())],
         )
         .await
