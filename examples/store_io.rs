@@ -17,6 +17,10 @@
 
 use flowthrough::store::{Call, EntryState, NewEntry, Origin, Store, now_ms};
 
+// The server's allocator, so that the figures are the server's.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
