@@ -168,8 +168,8 @@ fn refused(why: &'static str) -> actix_http::error::DispatchError {
 }
 
 /// The identity of the client certificate of the connection a request came on.
-pub fn client_identity(req: &actix_web::HttpRequest) -> Option<ClientIdentity> {
-    req.conn_data::<ClientIdentity>().cloned()
+pub fn client_identity(req: &actix_web::HttpRequest) -> Option<&ClientIdentity> {
+    req.conn_data::<ClientIdentity>()
 }
 
 /// True when the connection of this request is older than `max_age`: the response then carries

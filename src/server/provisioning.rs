@@ -213,13 +213,14 @@ pub async fn handle(
 ) -> HttpResponse {
     let started = Instant::now();
     let template = path.as_deref().map(String::as_str);
+    let client = super::client_label(&req);
     let span = tracing::info_span!(
         "provisioning",
-        client = %super::client_label(&req),
+        client = %client,
         template = template.unwrap_or("-"),
     );
     let mut timeline = Timeline::new(started);
-    let mut response = process(&req, &body, &state, template, &mut timeline)
+    let mut response = process(&req, client, &body, &state, template, &mut timeline)
         .instrument(span)
         .await
         .unwrap_or_else(|answered_early| *answered_early);
@@ -248,13 +249,13 @@ pub async fn handle(
 /// The stages in order; each one that can end the request early does so through `?`.
 async fn process(
     req: &HttpRequest,
+    client: String,
     body: &[u8],
     state: &web::Data<AppState>,
     explicit: Option<&str>,
     timeline: &mut Timeline,
 ) -> Stage<HttpResponse> {
     let engine = admit(req, state)?;
-    let client = super::client_label(req);
     let document = parse(state, &client, body).await?;
     timeline.parsed(Instant::now());
     let chosen = choose_templates(req.headers(), state, &document, explicit).await?;
