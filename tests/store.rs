@@ -507,6 +507,77 @@ async fn an_accept_brings_its_lane_claimed_on_postgres() {
     );
 }
 
+/// The accept locks the lane of a user it knows without writing it: the upsert's `DO UPDATE
+/// ... WHERE false` takes the row lock and leaves no new row version (its dead tuple and WAL,
+/// on every command of a known user). The lock is what orders a user's commands across nodes:
+/// while another transaction holds the lane, the accept waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_locks_a_known_users_lane_without_writing_it_on_postgres() {
+    use std::io::Write;
+    let cluster = PgCluster::shared();
+    let dbname = cluster.database();
+    let store = Store::open_configured(&cluster.store_config(&dbname))
+        .await
+        .unwrap();
+    let sql = |query: &str| cluster.psql(&dbname, query);
+    let accept = |command: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .accept(
+                    Remembered::default(),
+                    Some(entry("alice", command)),
+                    1,
+                    None,
+                    |_| {},
+                )
+                .await
+        }
+    };
+    accept("add").await.unwrap();
+    let lane = sql("SELECT xmin FROM lanes WHERE user_id = 'alice'");
+    assert!(!lane.is_empty(), "the first accept creates the lane");
+    accept("modify").await.unwrap();
+    assert_eq!(
+        sql("SELECT xmin FROM lanes WHERE user_id = 'alice'"),
+        lane,
+        "a known user's lane is locked, not written"
+    );
+
+    let mut holder = cluster.psql_session(&dbname);
+    let mut to_holder = holder.stdin.take().unwrap();
+    to_holder
+        .write_all(b"BEGIN; SELECT 1 FROM lanes WHERE user_id = 'alice' FOR UPDATE;\n")
+        .unwrap();
+    to_holder.flush().unwrap();
+    let waiting_on = |state: &str| {
+        format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{dbname}' AND {state}")
+    };
+    let seen = |query: &str| {
+        (0..600).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            sql(query) == "1"
+        })
+    };
+    assert!(
+        seen(&waiting_on("state = 'idle in transaction'")),
+        "the holder's transaction never held the lane"
+    );
+    let blocked = tokio::spawn(accept("delete"));
+    assert!(
+        seen(&waiting_on(
+            "wait_event_type = 'Lock' AND query LIKE 'WITH durable%'"
+        )),
+        "the accept never waited for the lane's lock"
+    );
+    assert!(!blocked.is_finished(), "the accept went past a held lane");
+    to_holder.write_all(b"COMMIT;\n").unwrap();
+    drop(to_holder);
+    assert!(holder.wait().unwrap().success());
+    let accepted = blocked.await.unwrap().unwrap();
+    assert!(accepted.entry.is_some());
+}
+
 /// A user-map change that leaves the record as it is writes no new row version: every
 /// delivered UserModify maps its user to the subscriber and template it already has, and
 /// each needless version is a dead tuple and WAL for PostgreSQL to carry. Checked on the

@@ -244,6 +244,30 @@ impl PgCluster {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// A `psql` session as the superuser in `dbname`, reading its SQL from stdin as it comes:
+    /// for a transaction held open while a test looks at what waits for it.
+    pub fn psql_session(&self, dbname: &str) -> std::process::Child {
+        self.command("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                &self.user,
+                "-d",
+                dbname,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-Atq",
+            ])
+            .current_dir(self.dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// A new, empty database with a name no other test of this process uses.
     pub fn database(&self) -> String {
         static NEXT: AtomicU32 = AtomicU32::new(0);

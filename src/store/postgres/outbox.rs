@@ -37,8 +37,11 @@ const PRUNE_BATCH: i64 = 5000;
 /// template, lanes, entries, commit) is what PostgreSQL spends most of a command's CPU on.
 ///
 /// The sub-statements of a `WITH` run in no set order, so the order that matters is made by
-/// data: `locked` counts the lanes the statement created or locked, and everything else reads
-/// `locked`, so the lanes are locked first. The lanes are taken in user order (two statements
+/// data: `locked` counts the lanes the statement created, and everything else reads `locked`,
+/// so the lanes are created or locked first. A lane that exists is locked by the upsert's
+/// `DO UPDATE … WHERE false`: PostgreSQL locks the conflicting row before it evaluates the
+/// condition, and the false condition spares a new row version (its dead tuple and WAL) on
+/// every command of a known user. The lanes are taken in user order (two statements
 /// sharing lanes cannot deadlock) before any entry id is drawn: a second command for a user
 /// (on another node) waits here until the first has committed, so its entries' ids are drawn
 /// after the first's are visible, and per user id order is commit order — delivery, which
@@ -51,7 +54,7 @@ const PRUNE_BATCH: i64 = 5000;
 const ACCEPT: &str = "\
 WITH durable AS MATERIALIZED (SELECT set_config('synchronous_commit', 'on', true) AS setting), \
 lanes AS (INSERT INTO lanes (user_id) SELECT u FROM unnest($9::text[]) AS u ORDER BY u \
-    ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id RETURNING 1), \
+    ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id WHERE false RETURNING 1), \
 locked AS MATERIALIZED (SELECT (SELECT count(*) FROM lanes) AS lanes, \
     (SELECT setting FROM durable) AS setting), \
 profile AS (INSERT INTO profiles (user_id, profile) SELECT $2, $3::text::json FROM locked \
