@@ -26,7 +26,8 @@ struct Harness {
 enum Reopen {
     Sled(tempfile::TempDir),
     Postgres {
-        _cluster: Arc<PgCluster>,
+        cluster: Arc<PgCluster>,
+        dbname: String,
         config: Box<flowthrough::config::StoreConfig>,
     },
 }
@@ -42,14 +43,33 @@ impl Harness {
 
     async fn postgres() -> Harness {
         let cluster = PgCluster::shared();
-        let config = Box::new(cluster.store_config(&cluster.database()));
+        let dbname = cluster.database();
+        let config = Box::new(cluster.store_config(&dbname));
         Harness {
             open: Some(Store::open_configured(&config).await.unwrap()),
             reopen: Reopen::Postgres {
-                _cluster: cluster,
+                cluster,
+                dbname,
                 config,
             },
         }
+    }
+
+    /// The PostgreSQL cluster and database of the store, for what only SQL shows (a row's
+    /// version, who waits for a lock).
+    fn database(&self) -> (&PgCluster, &str) {
+        match &self.reopen {
+            Reopen::Postgres {
+                cluster, dbname, ..
+            } => (cluster, dbname),
+            Reopen::Sled(_) => panic!("a sled store has no database"),
+        }
+    }
+
+    /// Run SQL in the store's PostgreSQL database.
+    fn psql(&self, sql: &str) -> String {
+        let (cluster, dbname) = self.database();
+        cluster.psql(dbname, sql)
     }
 
     fn store(&self) -> &Store {
@@ -514,12 +534,10 @@ async fn an_accept_brings_its_lane_claimed_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accept_locks_a_known_users_lane_without_writing_it_on_postgres() {
     use std::io::Write;
-    let cluster = PgCluster::shared();
-    let dbname = cluster.database();
-    let store = Store::open_configured(&cluster.store_config(&dbname))
-        .await
-        .unwrap();
-    let sql = |query: &str| cluster.psql(&dbname, query);
+    let h = Harness::postgres().await;
+    let store = h.store();
+    let (cluster, dbname) = h.database();
+    let lane = || h.psql("SELECT xmin FROM lanes WHERE user_id = 'alice'");
     let accept = |command: &'static str| {
         let store = store.clone();
         async move {
@@ -535,16 +553,16 @@ async fn an_accept_locks_a_known_users_lane_without_writing_it_on_postgres() {
         }
     };
     accept("add").await.unwrap();
-    let lane = sql("SELECT xmin FROM lanes WHERE user_id = 'alice'");
-    assert!(!lane.is_empty(), "the first accept creates the lane");
+    let created = lane();
+    assert!(!created.is_empty(), "the first accept creates the lane");
     accept("modify").await.unwrap();
     assert_eq!(
-        sql("SELECT xmin FROM lanes WHERE user_id = 'alice'"),
-        lane,
+        lane(),
+        created,
         "a known user's lane is locked, not written"
     );
 
-    let mut holder = cluster.psql_session(&dbname);
+    let mut holder = cluster.psql_session(dbname);
     let mut to_holder = holder.stdin.take().unwrap();
     to_holder
         .write_all(b"BEGIN; SELECT 1 FROM lanes WHERE user_id = 'alice' FOR UPDATE;\n")
@@ -556,7 +574,7 @@ async fn an_accept_locks_a_known_users_lane_without_writing_it_on_postgres() {
     let seen = |query: &str| {
         (0..600).any(|_| {
             std::thread::sleep(std::time::Duration::from_millis(50));
-            sql(query) == "1"
+            h.psql(query) == "1"
         })
     };
     assert!(
@@ -585,12 +603,9 @@ async fn an_accept_locks_a_known_users_lane_without_writing_it_on_postgres() {
 /// end of a try, and the plain upsert and unmap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_map_change_to_what_is_stored_writes_no_row_version_on_postgres() {
-    let cluster = PgCluster::shared();
-    let dbname = cluster.database();
-    let store = Store::open_configured(&cluster.store_config(&dbname))
-        .await
-        .unwrap();
-    let version = || cluster.psql(&dbname, "SELECT xmin FROM user_map WHERE user_id = 'alice'");
+    let h = Harness::postgres().await;
+    let store = h.store();
+    let version = || h.psql("SELECT xmin FROM user_map WHERE user_id = 'alice'");
     let remembered = || Remembered {
         template: Some(("alice".into(), "acme".into())),
         ..Remembered::default()

@@ -869,12 +869,6 @@ mod tests {
         }
     }
 
-    fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        (dir, store)
-    }
-
     #[test]
     fn entries_are_read_and_written_in_the_format_stores_already_hold() {
         // As schema 3 wrote them (a derive with `flatten` and a tagged `call`).
@@ -1004,7 +998,7 @@ mod tests {
     /// entry stays queued and is the head.
     #[test]
     fn a_key_whose_enqueue_is_in_progress_is_not_taken_for_a_stale_one() {
-        let (_dir, store) = store();
+        let (_dir, store) = Store::temporary();
         let id: EntryId = 7_000;
         let enqueue_in_progress = store.queueing();
         store
@@ -1085,7 +1079,7 @@ mod tests {
 
     #[test]
     fn a_stale_queue_key_met_at_run_time_is_skipped_and_removed() {
-        let (_dir, store) = store();
+        let (_dir, store) = Store::temporary();
         let ids = store
             .enqueue(vec![entry("a", "1"), entry("a", "2")], 10)
             .unwrap();
@@ -1106,7 +1100,7 @@ mod tests {
     /// delivery send an entry the store no longer holds.
     #[test]
     fn entries_remembered_after_enqueue_are_the_stored_ones_until_changed() {
-        let (_dir, store) = store();
+        let (_dir, store) = Store::temporary();
         let ids = store
             .enqueue(vec![entry("alice", "add"), entry("bob", "add")], 1)
             .unwrap();
@@ -1157,7 +1151,7 @@ mod tests {
     /// stored, not to the copy: the swap fails and the read-modify-write takes over.
     #[test]
     fn a_change_applies_to_the_stored_entry_when_it_differs_from_the_remembered_one() {
-        let (_dir, store) = store();
+        let (_dir, store) = Store::temporary();
         let id = store.enqueue(vec![entry("alice", "add")], 1).unwrap()[0];
         let mut behind = store.entry(id).unwrap().unwrap();
         behind.attempts = 5;
@@ -1176,7 +1170,7 @@ mod tests {
     /// Past the cap, entries are read from the store; nothing is lost either side of it.
     #[test]
     fn entries_past_the_memory_cap_are_read_from_the_store() {
-        let (_dir, store) = store();
+        let (_dir, store) = Store::temporary();
         let users: Vec<String> = (0..FRESH_MAX + 20).map(|i| format!("user{i}")).collect();
         let ids = store
             .enqueue(users.iter().map(|u| entry(u, "add")).collect(), 1)

@@ -346,6 +346,14 @@ impl SledStore {
     pub(super) fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
         Ok(self.db.open_tree(name)?)
     }
+
+    /// A new store in a temporary directory, removed when the directory is dropped.
+    #[cfg(test)]
+    pub(super) fn temporary() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        (dir, store)
+    }
 }
 
 #[cfg(test)]
@@ -378,8 +386,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_flushes_all_complete() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
+        let (_dir, store) = SledStore::temporary();
         let mut tasks = Vec::new();
         for i in 0..64u32 {
             let store = store.clone();

@@ -65,8 +65,7 @@ mod tests {
 
     #[test]
     fn a_corrupt_record_is_an_error_not_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let (_dir, store) = Store::temporary();
         store
             .tree(TOKENS_TREE)
             .unwrap()

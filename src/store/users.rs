@@ -159,8 +159,7 @@ mod tests {
 
     #[test]
     fn a_user_record_change_that_changes_nothing_writes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
+        let (_dir, store) = SledStore::temporary();
         let mut seen = store.tree(USERS).unwrap().watch_prefix(b"alice");
         store
             .map_user("alice", Some("sub-1"), Some("acme"))
@@ -191,8 +190,7 @@ mod tests {
 
     #[test]
     fn an_unreadable_user_record_is_reported_and_left_as_it_is() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
+        let (_dir, store) = SledStore::temporary();
         store
             .tree(USERS)
             .unwrap()

@@ -223,23 +223,16 @@ impl PgCluster {
 
     /// Run SQL as the superuser in `dbname`; panics with psql's error when it fails.
     pub fn psql(&self, dbname: &str, sql: &str) -> String {
-        let out = self.run_ok(
-            "psql",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                &self.user,
-                "-d",
-                dbname,
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-At",
-                "-c",
-                sql,
-            ],
+        let out = self
+            .psql_command(dbname)
+            .args(["-c", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql {sql:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
@@ -247,7 +240,19 @@ impl PgCluster {
     /// A `psql` session as the superuser in `dbname`, reading its SQL from stdin as it comes:
     /// for a transaction held open while a test looks at what waits for it.
     pub fn psql_session(&self, dbname: &str) -> std::process::Child {
-        self.command("psql")
+        self.psql_command(dbname)
+            .arg("-q")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// `psql` as the superuser in `dbname`, stopping at the first error, printing unaligned
+    /// tuples only.
+    fn psql_command(&self, dbname: &str) -> Command {
+        let mut command = self.command("psql");
+        command
             .args([
                 "-h",
                 "127.0.0.1",
@@ -259,13 +264,10 @@ impl PgCluster {
                 dbname,
                 "-v",
                 "ON_ERROR_STOP=1",
-                "-Atq",
+                "-At",
             ])
-            .current_dir(self.dir.path())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
+            .current_dir(self.dir.path());
+        command
     }
 
     /// A new, empty database with a name no other test of this process uses.
